@@ -1,0 +1,788 @@
+//! Snapshot → desired state: the pure heart of gitfleet.
+//!
+//! `compile` reads a `RepoSnapshot` and returns the published versions of every
+//! configuration, every fleet with the version it is assigned, and every problem found.
+//! It never fails: a broken file becomes a problem, and a fleet that cannot be resolved
+//! keeps its last good state (`LastGoodFleet`), so collectors keep receiving what they had.
+//!
+//! Published versions are immutable: the first content seen for a tag (`SeenVersion`,
+//! remembered by the store) wins over whatever the tag points at later.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use crate::problem::{Problem, Severity};
+use crate::repo::hash::single_file_hash;
+use crate::repo::manifest::{FleetSpec, VersionSelector, parse_fleet};
+use crate::repo::version::compare_versions;
+use crate::repo::{
+    CONFIG_EXTENSIONS, FileContent, MAX_CONFIG_BYTES, MAX_FLEET_FILE_BYTES, RepoFile, RepoSnapshot,
+    TagSnapshot, content_type_for_path, lint, names,
+};
+
+/// One published version of a configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Version {
+    pub config: String,
+    pub version: String,
+    /// `<config>/<version>`.
+    pub tag: String,
+    pub commit: String,
+    /// Tag time (tagger time, or committer time for lightweight tags), Unix seconds.
+    pub time: i64,
+    pub note: Option<String>,
+    /// Path of the file at the tagged commit, e.g. `configs/gateway.yaml`.
+    pub file: String,
+    pub content_type: String,
+    pub body: Arc<[u8]>,
+    pub config_hash: [u8; 32],
+    /// Git blob id of `body` as first seen.
+    pub blob_id: String,
+}
+
+impl Version {
+    /// Equality without comparing bodies: equal blob ids and hashes mean equal content.
+    fn same_as(&self, other: &Version) -> bool {
+        (
+            &self.tag,
+            &self.commit,
+            &self.blob_id,
+            &self.config_hash,
+            self.time,
+            &self.note,
+            &self.file,
+        ) == (
+            &other.tag,
+            &other.commit,
+            &other.blob_id,
+            &other.config_hash,
+            other.time,
+            &other.note,
+            &other.file,
+        )
+    }
+}
+
+/// What the store remembers of a version the first time it is seen.
+pub type SeenVersion = Version;
+
+/// A configuration: its file at the branch tip (if any) and its published versions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Configuration {
+    pub name: String,
+    pub head_file: Option<String>,
+    /// Ascending in version order; the last one is `latest`.
+    pub versions: Vec<Arc<Version>>,
+}
+
+impl Configuration {
+    pub fn find(&self, version: &str) -> Option<&Arc<Version>> {
+        self.versions.iter().find(|v| v.version == version)
+    }
+
+    pub fn latest(&self) -> Option<&Arc<Version>> {
+        self.versions.last()
+    }
+}
+
+/// A fleet with its resolved assignment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fleet {
+    pub spec: FleetSpec,
+    /// The version its instances should run; `None` for observe-only fleets and fleets
+    /// that have never had a good assignment.
+    pub assignment: Option<Arc<Version>>,
+    /// True when the spec or the assignment was kept from an earlier commit because the
+    /// current one is broken.
+    pub kept_last_good: bool,
+}
+
+impl Fleet {
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+}
+
+/// What a fleet last resolved to without errors; persisted so that a restart keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastGoodFleet {
+    /// The fleet file's text when it last parsed cleanly.
+    pub source: String,
+    /// The tag it was assigned (`None` for observe-only).
+    pub tag: Option<String>,
+}
+
+/// The desired state of every fleet at one commit.
+#[derive(Clone, Debug, Default)]
+pub struct DesiredState {
+    pub commit: String,
+    pub branch: String,
+    pub commit_time: i64,
+    pub configs: BTreeMap<String, Configuration>,
+    pub fleets: BTreeMap<String, Fleet>,
+    /// Sorted by file, then line.
+    pub problems: Vec<Problem>,
+    /// Fleets that resolved cleanly at this commit, to be remembered as last good.
+    pub last_good: BTreeMap<String, LastGoodFleet>,
+    cache: Cache,
+}
+
+impl DesiredState {
+    pub fn error_count(&self) -> usize {
+        self.problems.iter().filter(|p| p.is_error()).count()
+    }
+
+    pub fn version(&self, tag: &str) -> Option<&Arc<Version>> {
+        let (config, version) = tag.split_once('/')?;
+        self.configs.get(config)?.find(version)
+    }
+}
+
+/// Work from an earlier compile that can be reused when the same blobs come back.
+#[derive(Clone, Debug, Default)]
+struct Cache {
+    /// By tag name.
+    versions: HashMap<String, Arc<Version>>,
+    /// By `path\0blob_id`.
+    lint: HashMap<String, Arc<Vec<Problem>>>,
+    /// By `path\0blob_id`.
+    fleets: HashMap<String, (Option<FleetSpec>, Vec<Problem>)>,
+    /// Config hashes by `content_type\0blob_id`: hashing every tag's body again on each
+    /// compile would dominate an incremental reconcile.
+    hashes: HashMap<String, [u8; 32]>,
+}
+
+/// Everything `compile` reads besides the snapshot.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Memory<'a> {
+    /// Versions first seen earlier, by tag (from the store).
+    pub seen: Option<&'a BTreeMap<String, SeenVersion>>,
+    /// Last good fleets (from the store, or the previous compile).
+    pub last_good: Option<&'a BTreeMap<String, LastGoodFleet>>,
+    /// The previous compile, for reuse only; it never changes the result.
+    pub previous: Option<&'a DesiredState>,
+}
+
+/// The result of a compile: the desired state and the versions seen for the first time,
+/// which the caller must remember before serving them.
+#[derive(Debug)]
+pub struct Compiled {
+    pub desired: DesiredState,
+    pub newly_seen: Vec<SeenVersion>,
+}
+
+pub fn compile(snapshot: &RepoSnapshot, memory: Memory<'_>) -> Compiled {
+    let empty_seen = BTreeMap::new();
+    let empty_last_good = BTreeMap::new();
+    let seen = memory.seen.unwrap_or(&empty_seen);
+    let last_good = memory.last_good.unwrap_or(&empty_last_good);
+    let previous_cache = memory.previous.map(|p| &p.cache);
+
+    let mut problems = Vec::new();
+    let mut cache = Cache::default();
+
+    let head_configs = head_configurations(snapshot, &mut problems);
+    let (mut configs, newly_seen) = published_versions(
+        snapshot,
+        seen,
+        &head_configs,
+        previous_cache,
+        &mut cache,
+        &mut problems,
+    );
+    for (name, path) in &head_configs {
+        configs
+            .entry(name.clone())
+            .or_insert_with(|| Configuration {
+                name: name.clone(),
+                head_file: None,
+                versions: Vec::new(),
+            })
+            .head_file = Some(path.clone());
+    }
+
+    // Lint every configuration at the branch tip.
+    let mut lint_errors_by_blob: HashMap<String, bool> = HashMap::new();
+    for path in head_configs.values() {
+        let file = &snapshot.files[path];
+        if let FileContent::Blob(body) = &file.content {
+            let found = lint_cached(path, &file.blob_id, body, previous_cache, &mut cache);
+            lint_errors_by_blob.insert(file.blob_id.clone(), found.iter().any(Problem::is_error));
+            problems.extend(found.iter().cloned());
+        }
+    }
+
+    let mut fleets = BTreeMap::new();
+    let mut good = BTreeMap::new();
+    for (path, file) in &snapshot.files {
+        let Some(rest) = path.strip_prefix("fleets/") else {
+            continue;
+        };
+        let Some(name) = fleet_name(path, rest, file, &mut problems) else {
+            continue;
+        };
+        let text = match &file.content {
+            FileContent::Blob(body) => match std::str::from_utf8(body) {
+                Ok(text) => Some(text),
+                Err(_) => {
+                    problems.push(Problem::error(path, None, "fleet file is not valid UTF-8"));
+                    None
+                }
+            },
+            _ => None,
+        };
+        let parsed = text.map(|text| {
+            let key = format!("{path}\0{}", file.blob_id);
+            let entry = previous_cache
+                .and_then(|c| c.fleets.get(&key))
+                .cloned()
+                .unwrap_or_else(|| parse_fleet(&name, path, text));
+            cache.fleets.insert(key, entry.clone());
+            entry
+        });
+        let (spec, fleet_problems) = parsed.unwrap_or((None, Vec::new()));
+        problems.extend(fleet_problems);
+        let fleet = resolve_fleet(
+            &name,
+            path,
+            spec,
+            text,
+            &configs,
+            seen,
+            last_good,
+            &lint_errors_by_blob,
+            previous_cache,
+            &mut cache,
+            &mut problems,
+        );
+        if let Some((fleet, clean)) = fleet {
+            if let Some(clean) = clean {
+                good.insert(name.clone(), clean);
+            }
+            fleets.insert(name, fleet);
+        }
+    }
+
+    problems.sort_by(|a, b| {
+        (&a.file, a.line, a.severity, &a.message).cmp(&(&b.file, b.line, b.severity, &b.message))
+    });
+    problems.dedup();
+    Compiled {
+        desired: DesiredState {
+            commit: snapshot.commit.clone(),
+            branch: snapshot.branch.clone(),
+            commit_time: snapshot.commit_time,
+            configs,
+            fleets,
+            problems,
+            last_good: good,
+            cache,
+        },
+        newly_seen,
+    }
+}
+
+/// `configs/<name>.<ext>` files at the branch tip, by configuration name.
+fn head_configurations(
+    snapshot: &RepoSnapshot,
+    problems: &mut Vec<Problem>,
+) -> BTreeMap<String, String> {
+    let mut by_name: BTreeMap<String, String> = BTreeMap::new();
+    for (path, file) in &snapshot.files {
+        let Some(rest) = path.strip_prefix("configs/") else {
+            continue;
+        };
+        if rest.contains('/') {
+            problems.push(Problem::warning(
+                path,
+                None,
+                "ignored: configurations live directly in configs/",
+            ));
+            continue;
+        }
+        if is_documentation(rest) {
+            continue;
+        }
+        let Some((stem, extension)) = rest
+            .rsplit_once('.')
+            .filter(|(_, ext)| CONFIG_EXTENSIONS.contains(ext))
+        else {
+            problems.push(Problem::warning(
+                path,
+                None,
+                "ignored: configuration files end in .yaml, .yml or .json",
+            ));
+            continue;
+        };
+        let _ = extension;
+        if let Err(message) = names::check_name(stem) {
+            problems.push(Problem::error(
+                path,
+                None,
+                format!("configuration {message}"),
+            ));
+            continue;
+        }
+        if !check_content(path, file, MAX_CONFIG_BYTES, problems) {
+            continue;
+        }
+        if let Some(other) = by_name.get(stem) {
+            problems.push(Problem::error(
+                path,
+                None,
+                format!(
+                    "configuration `{stem}` is defined twice ({other} and {path}); keep one file"
+                ),
+            ));
+            continue;
+        }
+        by_name.insert(stem.to_owned(), path.clone());
+    }
+    by_name
+}
+
+fn is_documentation(file_name: &str) -> bool {
+    file_name.starts_with('.')
+        || file_name.to_ascii_lowercase().starts_with("readme")
+        || file_name.ends_with(".md")
+}
+
+/// Reports files gitfleet will not read; true when the content can be used.
+fn check_content(path: &str, file: &RepoFile, limit: u64, problems: &mut Vec<Problem>) -> bool {
+    match &file.content {
+        FileContent::Blob(_) => true,
+        FileContent::TooLarge { size } => {
+            problems.push(Problem::error(
+                path,
+                None,
+                format!("file is {size} bytes; the limit is {limit} bytes"),
+            ));
+            false
+        }
+        FileContent::Symlink => {
+            problems.push(Problem::error(
+                path,
+                None,
+                "symbolic links are not followed; commit the file itself",
+            ));
+            false
+        }
+        FileContent::NotAFile => {
+            problems.push(Problem::error(
+                path,
+                None,
+                "expected a file, found a directory or submodule",
+            ));
+            false
+        }
+    }
+}
+
+/// The fleet name of `fleets/<rest>`, or `None` (with a problem where one is due).
+fn fleet_name(
+    path: &str,
+    rest: &str,
+    file: &RepoFile,
+    problems: &mut Vec<Problem>,
+) -> Option<String> {
+    if rest.contains('/') {
+        problems.push(Problem::warning(
+            path,
+            None,
+            "ignored: fleet files live directly in fleets/",
+        ));
+        return None;
+    }
+    if is_documentation(rest) {
+        return None;
+    }
+    let Some(stem) = rest.strip_suffix(".toml") else {
+        problems.push(Problem::warning(
+            path,
+            None,
+            "ignored: fleet files end in .toml",
+        ));
+        return None;
+    };
+    if let Err(message) = names::check_name(stem) {
+        problems.push(Problem::error(path, None, format!("fleet {message}")));
+        return None;
+    }
+    if !check_content(path, file, MAX_FLEET_FILE_BYTES, problems) {
+        // The fleet still exists (it keeps its last good state); its file is unreadable.
+        return Some(stem.to_owned());
+    }
+    Some(stem.to_owned())
+}
+
+fn published_versions(
+    snapshot: &RepoSnapshot,
+    seen: &BTreeMap<String, SeenVersion>,
+    head_configs: &BTreeMap<String, String>,
+    previous: Option<&Cache>,
+    cache: &mut Cache,
+    problems: &mut Vec<Problem>,
+) -> (BTreeMap<String, Configuration>, Vec<SeenVersion>) {
+    let mut configs: BTreeMap<String, Configuration> = BTreeMap::new();
+    let mut newly_seen = Vec::new();
+    for tag in &snapshot.tags {
+        let location = format!("refs/tags/{}", tag.name);
+        let Some((config, version)) = tag.name.split_once('/') else {
+            problems.push(Problem::warning(
+                location,
+                None,
+                format!(
+                    "tag `{}` is not <configuration>/<version>; ignored",
+                    tag.name
+                ),
+            ));
+            continue;
+        };
+        if let Err(message) = names::check_name(config).and_then(|()| names::check_version(version))
+        {
+            problems.push(Problem::warning(
+                location,
+                None,
+                format!("tag `{}` ignored: {message}", tag.name),
+            ));
+            continue;
+        }
+        let mut hash_of = |content_type: &str, blob_id: &str, body: &[u8]| {
+            let key = format!("{content_type}\0{blob_id}");
+            let hash = previous
+                .and_then(|c| c.hashes.get(&key).copied())
+                .unwrap_or_else(|| single_file_hash(content_type, body));
+            cache.hashes.insert(key, hash);
+            hash
+        };
+        let Some(version) = read_tag(
+            tag,
+            config,
+            version,
+            head_configs.contains_key(config),
+            &location,
+            &mut hash_of,
+            problems,
+        ) else {
+            continue;
+        };
+        let version = match seen.get(&tag.name) {
+            Some(first) if first.config_hash != version.config_hash => {
+                problems.push(Problem::error(
+                    location,
+                    None,
+                    format!(
+                        "tag `{}` was moved to different content (first seen at commit {}, now {}); published versions are immutable, so the first content is kept: publish a new version instead",
+                        tag.name,
+                        short(&first.commit),
+                        short(&version.commit)
+                    ),
+                ));
+                Version {
+                    note: version.note,
+                    time: version.time,
+                    ..first.clone()
+                }
+            }
+            Some(first) => Version {
+                note: version.note,
+                time: version.time,
+                ..first.clone()
+            },
+            None => {
+                newly_seen.push(version.clone());
+                version
+            }
+        };
+        let version = match previous.and_then(|c| c.versions.get(&tag.name)) {
+            Some(reused) if reused.same_as(&version) => Arc::clone(reused),
+            _ => Arc::new(version),
+        };
+        cache
+            .versions
+            .insert(tag.name.clone(), Arc::clone(&version));
+        configs
+            .entry(version.config.clone())
+            .or_insert_with(|| Configuration {
+                name: version.config.clone(),
+                head_file: None,
+                versions: Vec::new(),
+            })
+            .versions
+            .push(version);
+    }
+    for configuration in configs.values_mut() {
+        configuration
+            .versions
+            .sort_by(|a, b| compare_versions(&a.version, &b.version));
+    }
+    (configs, newly_seen)
+}
+
+/// The version a tag publishes, or `None` with a problem.
+fn read_tag(
+    tag: &TagSnapshot,
+    config: &str,
+    version: &str,
+    config_exists: bool,
+    location: &str,
+    hash_of: &mut dyn FnMut(&str, &str, &[u8]) -> [u8; 32],
+    problems: &mut Vec<Problem>,
+) -> Option<Version> {
+    let Some(commit) = &tag.commit else {
+        problems.push(Problem::error(
+            location,
+            None,
+            format!("tag `{}` does not point at a commit", tag.name),
+        ));
+        return None;
+    };
+    let mut candidates = tag.files.iter();
+    let Some((path, file)) = candidates.next() else {
+        let message = format!(
+            "tag `{}` points at commit {}, which has no configs/{config}.yaml, .yml or .json",
+            tag.name,
+            short(commit)
+        );
+        problems.push(if config_exists {
+            Problem::error(location, None, message)
+        } else {
+            Problem::warning(location, None, format!("{message}; ignored"))
+        });
+        return None;
+    };
+    if let Some((other, _)) = candidates.next() {
+        problems.push(Problem::error(
+            location,
+            None,
+            format!(
+                "tag `{}` is ambiguous: commit {} has both {path} and {other}",
+                tag.name,
+                short(commit)
+            ),
+        ));
+        return None;
+    }
+    let body = match &file.content {
+        FileContent::Blob(body) => Arc::clone(body),
+        FileContent::TooLarge { size } => {
+            problems.push(Problem::error(
+                location,
+                None,
+                format!(
+                    "tag `{}`: {path} is {size} bytes; the limit is {MAX_CONFIG_BYTES} bytes",
+                    tag.name
+                ),
+            ));
+            return None;
+        }
+        FileContent::Symlink => {
+            problems.push(Problem::error(
+                location,
+                None,
+                format!(
+                    "tag `{}`: {path} is a symbolic link, which is not followed",
+                    tag.name
+                ),
+            ));
+            return None;
+        }
+        FileContent::NotAFile => {
+            problems.push(Problem::error(
+                location,
+                None,
+                format!("tag `{}`: {path} is not a file", tag.name),
+            ));
+            return None;
+        }
+    };
+    let content_type = content_type_for_path(path).expect("candidates have a config extension");
+    Some(Version {
+        config: config.to_owned(),
+        version: version.to_owned(),
+        tag: tag.name.clone(),
+        commit: commit.clone(),
+        time: tag.time,
+        note: tag.note.clone(),
+        file: path.clone(),
+        content_type: content_type.to_owned(),
+        config_hash: hash_of(content_type, &file.blob_id, &body),
+        body,
+        blob_id: file.blob_id.clone(),
+    })
+}
+
+fn lint_cached(
+    path: &str,
+    blob_id: &str,
+    body: &[u8],
+    previous: Option<&Cache>,
+    cache: &mut Cache,
+) -> Arc<Vec<Problem>> {
+    let key = format!("{path}\0{blob_id}");
+    let found = previous
+        .and_then(|c| c.lint.get(&key))
+        .cloned()
+        .unwrap_or_else(|| Arc::new(lint::lint(path, body)));
+    cache.lint.insert(key, Arc::clone(&found));
+    found
+}
+
+/// Resolves one fleet. Returns the fleet (if it exists at all) and, when it resolved with
+/// no error, what to remember as its last good state.
+#[allow(clippy::too_many_arguments)]
+fn resolve_fleet(
+    name: &str,
+    path: &str,
+    spec: Option<FleetSpec>,
+    text: Option<&str>,
+    configs: &BTreeMap<String, Configuration>,
+    seen: &BTreeMap<String, SeenVersion>,
+    last_good: &BTreeMap<String, LastGoodFleet>,
+    lint_errors_by_blob: &HashMap<String, bool>,
+    previous: Option<&Cache>,
+    cache: &mut Cache,
+    problems: &mut Vec<Problem>,
+) -> Option<(Fleet, Option<LastGoodFleet>)> {
+    let remembered = last_good.get(name);
+    let (spec, mut kept) = match spec {
+        Some(spec) => (spec, false),
+        None => {
+            let Some(remembered) = remembered else {
+                return None;
+            };
+            let (Some(spec), _) = parse_fleet(name, path, &remembered.source) else {
+                return None;
+            };
+            problems.push(Problem::warning(
+                path,
+                None,
+                format!("fleet `{name}` keeps its last good settings until this file is fixed"),
+            ));
+            (spec, true)
+        }
+    };
+    let location_line = spec.version_line;
+    let resolved: Result<Option<Arc<Version>>, String> = match (&spec.version, &spec.config) {
+        (None, _) => Ok(None),
+        (Some(_), None) => Err("no configuration named".to_owned()),
+        (Some(selector), Some(config)) => match configs.get(config) {
+            None => Err(format!(
+                "configuration `{config}` does not exist (no configs/{config}.yaml and no {config}/* tags)"
+            )),
+            Some(configuration) if configuration.versions.is_empty() => Err(format!(
+                "configuration `{config}` has no published versions yet; publish one with `git tag {config}/v1 && git push --tags`"
+            )),
+            Some(configuration) => match selector {
+                VersionSelector::Latest => Ok(configuration.latest().cloned()),
+                VersionSelector::Exact(version) => configuration
+                    .find(version)
+                    .cloned()
+                    .map(Some)
+                    .ok_or_else(|| {
+                        let published: Vec<&str> = configuration
+                            .versions
+                            .iter()
+                            .rev()
+                            .take(5)
+                            .map(|v| v.version.as_str())
+                            .collect();
+                        format!(
+                            "`{config}/{version}` is not published (latest published: {})",
+                            published.join(", ")
+                        )
+                    }),
+            },
+        },
+    };
+    let resolved = resolved.and_then(|assignment| match &assignment {
+        Some(version)
+            if version_has_errors(version, lint_errors_by_blob, previous, cache, problems) =>
+        {
+            Err(format!(
+                "`{}` has configuration errors (see {}:{}) and is not rolled out",
+                version.tag, version.tag, version.file
+            ))
+        }
+        _ => Ok(assignment),
+    });
+    let assignment = match resolved {
+        Ok(assignment) => assignment,
+        Err(reason) => {
+            let fallback = remembered
+                .and_then(|r| r.tag.as_deref())
+                .and_then(|tag| find_version(tag, configs, seen))
+                .filter(|v| Some(&v.config) == spec.config.as_ref());
+            let message = match &fallback {
+                Some(version) => format!(
+                    "fleet `{name}`: {reason}; it keeps running `{}`",
+                    version.tag
+                ),
+                None => format!("fleet `{name}`: {reason}; it has no version to roll out"),
+            };
+            problems.push(Problem {
+                file: Some(path.to_owned()),
+                line: location_line,
+                severity: Severity::Error,
+                message,
+            });
+            kept = kept || fallback.is_some();
+            return Some((
+                Fleet {
+                    spec,
+                    assignment: fallback,
+                    kept_last_good: kept,
+                },
+                None,
+            ));
+        }
+    };
+    let clean = (!kept).then(|| LastGoodFleet {
+        source: text.unwrap_or_default().to_owned(),
+        tag: assignment.as_ref().map(|v| v.tag.clone()),
+    });
+    Some((
+        Fleet {
+            spec,
+            assignment,
+            kept_last_good: kept,
+        },
+        clean,
+    ))
+}
+
+/// Lints a version about to be assigned (once per blob) and reports its problems under
+/// `<tag>:<path>`; true when it has errors.
+fn version_has_errors(
+    version: &Version,
+    at_head: &HashMap<String, bool>,
+    previous: Option<&Cache>,
+    cache: &mut Cache,
+    problems: &mut Vec<Problem>,
+) -> bool {
+    if let Some(has_errors) = at_head.get(&version.blob_id) {
+        return *has_errors;
+    }
+    let location = format!("{}:{}", version.tag, version.file);
+    let found = lint_cached(&location, &version.blob_id, &version.body, previous, cache);
+    problems.extend(found.iter().cloned());
+    found.iter().any(Problem::is_error)
+}
+
+/// A version by tag: published now, or remembered from before (for last good fleets whose
+/// tag was deleted).
+fn find_version(
+    tag: &str,
+    configs: &BTreeMap<String, Configuration>,
+    seen: &BTreeMap<String, SeenVersion>,
+) -> Option<Arc<Version>> {
+    let (config, version) = tag.split_once('/')?;
+    configs
+        .get(config)
+        .and_then(|c| c.find(version).cloned())
+        .or_else(|| seen.get(tag).map(|v| Arc::new(v.clone())))
+}
+
+pub fn short(commit: &str) -> &str {
+    commit.get(..12).unwrap_or(commit)
+}

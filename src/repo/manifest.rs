@@ -1,0 +1,550 @@
+//! Fleet files (`fleets/<fleet>.toml`): raw TOML → a validated `FleetSpec`, with every
+//! problem found (unknown keys, wrong types, bad durations) reported with its line.
+//!
+//! The file is walked by hand over `toml`'s spanned table instead of through serde so that
+//! all problems of a file are reported at once, not only the first.
+
+use std::time::Duration;
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::duration::parse_duration;
+use crate::problem::{Problem, line_of_offset};
+use crate::repo::names;
+
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(120);
+
+/// A fleet as its file declares it, before its version is resolved against the tags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetSpec {
+    pub name: String,
+    pub file: String,
+    pub description: String,
+    /// The configuration the fleet runs; `None` only for observe-only fleets.
+    pub config: Option<String>,
+    pub version: Option<VersionSelector>,
+    /// Line of `version` (or of `config`), where problems with the assignment point.
+    pub version_line: Option<u32>,
+    pub token: TokenPolicy,
+    pub install: InstallSettings,
+    pub health: HealthSettings,
+}
+
+impl FleetSpec {
+    pub fn observe_only(&self) -> bool {
+        self.version.is_none()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VersionSelector {
+    /// A published version such as `v7`.
+    Exact(String),
+    /// The highest published version.
+    Latest,
+}
+
+impl std::fmt::Display for VersionSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VersionSelector::Exact(version) => f.write_str(version),
+            VersionSelector::Latest => f.write_str("latest"),
+        }
+    }
+}
+
+/// The `[token]` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenPolicy {
+    /// `None` means the token never expires.
+    pub expires: Option<Duration>,
+    pub rotate: u32,
+    pub grace: Duration,
+    pub revoked: Vec<String>,
+}
+
+impl Default for TokenPolicy {
+    fn default() -> Self {
+        Self {
+            expires: None,
+            rotate: 0,
+            grace: DEFAULT_GRACE,
+            revoked: Vec::new(),
+        }
+    }
+}
+
+/// The `[install]` table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InstallSettings {
+    pub endpoint: Option<String>,
+    pub collector_version: Option<String>,
+    pub supervisor_version: Option<String>,
+}
+
+/// The `[health]` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthSettings {
+    pub stale_after: Duration,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            stale_after: DEFAULT_STALE_AFTER,
+        }
+    }
+}
+
+/// Parses one fleet file. Returns the spec when the file is usable (it may still carry
+/// warnings) and every problem found.
+pub fn parse_fleet(name: &str, file: &str, text: &str) -> (Option<FleetSpec>, Vec<Problem>) {
+    let mut walker = Walker {
+        file,
+        text,
+        problems: Vec::new(),
+    };
+    let table = match DeTable::parse(text) {
+        Ok(table) => table,
+        Err(error) => {
+            let line = error.span().map(|span| line_of_offset(text, span.start));
+            let message = error.message().trim().to_owned();
+            return (
+                None,
+                vec![Problem::error(
+                    file,
+                    line,
+                    format!("invalid TOML: {message}"),
+                )],
+            );
+        }
+    };
+    let table = table.get_ref();
+    walker.known_keys(
+        table,
+        "",
+        &[
+            "description",
+            "config",
+            "version",
+            "token",
+            "install",
+            "health",
+        ],
+    );
+
+    let description = walker
+        .string(table, "description")
+        .map(|(s, _)| s)
+        .unwrap_or_default();
+    let config = walker.string(table, "config");
+    let version = walker.string(table, "version");
+    let config_line = config.as_ref().map(|(_, line)| *line);
+    let config = config.and_then(|(config, line)| match names::check_name(&config) {
+        Ok(()) => Some(config),
+        Err(message) => {
+            walker.error(line, format!("`config`: {message}"));
+            None
+        }
+    });
+    let version_line = version.as_ref().map(|(_, line)| *line).or(config_line);
+    let version = version.and_then(|(version, line)| {
+        if version == "latest" {
+            return Some(VersionSelector::Latest);
+        }
+        match names::check_version(&version) {
+            Ok(()) => Some(VersionSelector::Exact(version)),
+            Err(message) => {
+                walker.error(line, format!("`version`: {message}"));
+                None
+            }
+        }
+    });
+    if version.is_some() && config.is_none() && config_line.is_none() {
+        walker.error(
+            version_line.unwrap_or(1),
+            "`version` is set but `config` is missing: which configuration should the fleet run?"
+                .to_owned(),
+        );
+    }
+
+    let token = walker.token(table);
+    let install = walker.install(table);
+    let health = walker.health(table);
+
+    walker.problems.sort_by_key(|problem| problem.line);
+    let usable = !walker.problems.iter().any(Problem::is_error);
+    let spec = usable.then(|| FleetSpec {
+        name: name.to_owned(),
+        file: file.to_owned(),
+        description,
+        config,
+        version,
+        version_line,
+        token,
+        install,
+        health,
+    });
+    (spec, walker.problems)
+}
+
+struct Walker<'a> {
+    file: &'a str,
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+type Entry<'i> = Spanned<DeValue<'i>>;
+
+impl<'a> Walker<'a> {
+    fn line(&self, offset: usize) -> u32 {
+        line_of_offset(self.text, offset)
+    }
+
+    fn error(&mut self, line: u32, message: String) {
+        self.problems
+            .push(Problem::error(self.file, Some(line), message));
+    }
+
+    fn known_keys(&mut self, table: &DeTable<'_>, prefix: &str, allowed: &[&str]) {
+        for key in table.keys() {
+            if !allowed.contains(&key.get_ref().as_ref()) {
+                let line = self.line(key.span().start);
+                self.error(
+                    line,
+                    format!(
+                        "unknown key `{prefix}{}` (allowed: {})",
+                        key.get_ref(),
+                        allowed.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
+    fn get<'t, 'i>(&self, table: &'t DeTable<'i>, key: &str) -> Option<&'t Entry<'i>> {
+        table
+            .iter()
+            .find(|(k, _)| k.get_ref().as_ref() == key)
+            .map(|(_, v)| v)
+    }
+
+    fn string(&mut self, table: &DeTable<'_>, key: &str) -> Option<(String, u32)> {
+        let value = self.get(table, key)?;
+        let line = self.line(value.span().start);
+        match value.get_ref().as_str() {
+            Some(text) => Some((text.to_owned(), line)),
+            None => {
+                self.error(
+                    line,
+                    format!(
+                        "`{key}` must be a string, found {}",
+                        value.get_ref().type_str()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn subtable<'t, 'i>(&mut self, table: &'t DeTable<'i>, key: &str) -> Option<&'t DeTable<'i>> {
+        let value = self.get(table, key)?;
+        match value.get_ref().as_table() {
+            Some(sub) => Some(sub),
+            None => {
+                let line = self.line(value.span().start);
+                self.error(
+                    line,
+                    format!(
+                        "`{key}` must be a table ([{key}]), found {}",
+                        value.get_ref().type_str()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, table: &DeTable<'_>, key: &str, qualified: &str) -> Option<Duration> {
+        let (text, line) = self.string(table, key)?;
+        match parse_duration(&text) {
+            Ok(duration) => Some(duration),
+            Err(message) => {
+                self.error(line, format!("`{qualified}`: {message}"));
+                None
+            }
+        }
+    }
+
+    fn token(&mut self, table: &DeTable<'_>) -> TokenPolicy {
+        let mut policy = TokenPolicy::default();
+        let Some(token) = self.subtable(table, "token") else {
+            return policy;
+        };
+        self.known_keys(token, "token.", &["expires", "rotate", "grace", "revoked"]);
+        if let Some((text, line)) = self.string(token, "expires") {
+            if text != "never" {
+                match parse_duration(&text) {
+                    Ok(duration) if duration.is_zero() => self.error(
+                        line,
+                        "`token.expires` must be longer than zero (or \"never\")".to_owned(),
+                    ),
+                    Ok(duration) => policy.expires = Some(duration),
+                    Err(message) => {
+                        self.error(line, format!("`token.expires`: {message} (or \"never\")"))
+                    }
+                }
+            }
+        }
+        if let Some(value) = self.get(token, "rotate") {
+            let line = self.line(value.span().start);
+            let parsed = value
+                .get_ref()
+                .as_integer()
+                .and_then(|integer| u32::from_str_radix(integer.as_str(), integer.radix()).ok());
+            match parsed {
+                Some(rotate) => policy.rotate = rotate,
+                None => self.error(
+                    line,
+                    "`token.rotate` must be a whole number from 0 (bump it to issue a new token)"
+                        .to_owned(),
+                ),
+            }
+        }
+        if let Some(grace) = self.duration(token, "grace", "token.grace") {
+            policy.grace = grace;
+        }
+        if let Some(value) = self.get(token, "revoked") {
+            let line = self.line(value.span().start);
+            match value.get_ref().as_array() {
+                None => self.error(
+                    line,
+                    "`token.revoked` must be a list of token ids".to_owned(),
+                ),
+                Some(items) => {
+                    for item in items {
+                        let item_line = self.line(item.span().start);
+                        match item.get_ref().as_str() {
+                            Some(id) if is_token_id(id) => policy.revoked.push(id.to_owned()),
+                            Some(id) => self.error(
+                                item_line,
+                                format!(
+                                    "`{}` in `token.revoked` is not a token id (like tk_4f9c2a1b)",
+                                    id.escape_default()
+                                ),
+                            ),
+                            None => self.error(
+                                item_line,
+                                "`token.revoked` must list token ids as strings".to_owned(),
+                            ),
+                        }
+                    }
+                }
+            }
+        }
+        policy
+    }
+
+    fn install(&mut self, table: &DeTable<'_>) -> InstallSettings {
+        let mut install = InstallSettings::default();
+        let Some(section) = self.subtable(table, "install") else {
+            return install;
+        };
+        self.known_keys(
+            section,
+            "install.",
+            &["endpoint", "collector_version", "supervisor_version"],
+        );
+        if let Some((endpoint, line)) = self.string(section, "endpoint") {
+            match check_endpoint(&endpoint) {
+                Ok(()) => install.endpoint = Some(endpoint),
+                Err(message) => self.error(line, format!("`install.endpoint`: {message}")),
+            }
+        }
+        for key in ["collector_version", "supervisor_version"] {
+            if let Some((version, line)) = self.string(section, key) {
+                let release = version.strip_prefix('v').unwrap_or(&version);
+                let parts: Vec<&str> = release.split('.').collect();
+                if parts.len() == 3
+                    && parts
+                        .iter()
+                        .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                {
+                    let value = Some(release.to_owned());
+                    if key == "collector_version" {
+                        install.collector_version = value
+                    } else {
+                        install.supervisor_version = value
+                    }
+                } else {
+                    self.error(
+                        line,
+                        format!(
+                            "`install.{key}` must be a release number like 0.115.0, found `{}`",
+                            version.escape_default()
+                        ),
+                    );
+                }
+            }
+        }
+        install
+    }
+
+    fn health(&mut self, table: &DeTable<'_>) -> HealthSettings {
+        let mut health = HealthSettings::default();
+        let Some(section) = self.subtable(table, "health") else {
+            return health;
+        };
+        self.known_keys(section, "health.", &["stale_after"]);
+        if let Some(stale_after) = self.duration(section, "stale_after", "health.stale_after") {
+            health.stale_after = stale_after;
+        }
+        health
+    }
+}
+
+/// Token ids are public: `tk_` followed by lowercase hex.
+pub fn is_token_id(id: &str) -> bool {
+    id.strip_prefix("tk_").is_some_and(|rest| {
+        (8..=32).contains(&rest.len())
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// What collectors dial: a ws(s) or http(s) URL with a host.
+fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    let Some((scheme, rest)) = endpoint.split_once("://") else {
+        return Err(format!(
+            "`{}` is not a URL (expected e.g. wss://fleet.example.com:4320/v1/opamp)",
+            endpoint.escape_default()
+        ));
+    };
+    if !matches!(scheme, "ws" | "wss" | "http" | "https") {
+        return Err(format!(
+            "scheme `{scheme}` is not one collectors dial (ws, wss, http or https)"
+        ));
+    }
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("`{}` has no valid host", endpoint.escape_default()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        parse_fleet("prod", "fleets/prod.toml", text)
+            .1
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_full_fleet_file() {
+        let text = r#"
+description = "Gateway collectors, prod"
+config  = "gateway"
+version = "v7"
+[token]
+expires = "180d"
+rotate  = 1
+grace   = "24h"
+revoked = ["tk_4f9c2a1b"]
+[install]
+endpoint = "wss://fleet.example.com:4320/v1/opamp"
+collector_version  = "0.115.0"
+supervisor_version = "0.115.0"
+[health]
+stale_after = "2m"
+"#;
+        let (spec, problems) = parse_fleet("prod", "fleets/prod.toml", text);
+        assert_eq!(problems, vec![]);
+        let spec = spec.expect("valid fleet");
+        assert_eq!(spec.config.as_deref(), Some("gateway"));
+        assert_eq!(spec.version, Some(VersionSelector::Exact("v7".to_owned())));
+        assert_eq!(spec.version_line, Some(4));
+        assert_eq!(
+            spec.token,
+            TokenPolicy {
+                expires: Some(Duration::from_secs(180 * 86_400)),
+                rotate: 1,
+                grace: Duration::from_secs(86_400),
+                revoked: vec!["tk_4f9c2a1b".to_owned()],
+            }
+        );
+        assert_eq!(
+            spec.install.endpoint.as_deref(),
+            Some("wss://fleet.example.com:4320/v1/opamp")
+        );
+        assert_eq!(spec.health.stale_after, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn observe_only_and_latest() {
+        let (spec, problems) =
+            parse_fleet("edge", "fleets/edge.toml", "description = \"watch only\"\n");
+        assert_eq!(problems, vec![]);
+        assert!(spec.expect("valid").observe_only());
+        let (spec, _) = parse_fleet(
+            "staging",
+            "fleets/staging.toml",
+            "config = \"gateway\"\nversion = \"latest\"\n",
+        );
+        assert_eq!(spec.expect("valid").version, Some(VersionSelector::Latest));
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported_with_its_line() {
+        assert_eq!(
+            problems(
+                "config = \"gateway\"\nverison = \"v7\"\n[token]\nexpire = \"1y\"\n[instal]\n"
+            ),
+            vec![
+                "fleets/prod.toml:2: error: unknown key `verison` (allowed: description, config, version, token, install, health)",
+                "fleets/prod.toml:4: error: unknown key `token.expire` (allowed: expires, rotate, grace, revoked)",
+                "fleets/prod.toml:5: error: unknown key `instal` (allowed: description, config, version, token, install, health)",
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_values() {
+        assert_eq!(
+            problems(
+                "config = \"../etc\"\nversion = 7\n[token]\nexpires = \"soon\"\nrotate = -1\nrevoked = [\"abc\"]\n[install]\nendpoint = \"ftp://x\"\ncollector_version = \"latest\"\n[health]\nstale_after = \"2\"\n"
+            ),
+            vec![
+                "fleets/prod.toml:1: error: `config`: name `../etc` must start with a lowercase letter or a digit",
+                "fleets/prod.toml:2: error: `version` must be a string, found integer",
+                "fleets/prod.toml:4: error: `token.expires`: `soon` is not a duration (expected e.g. 30s, 2m, 36h, 180d, 1y) (or \"never\")",
+                "fleets/prod.toml:5: error: `token.rotate` must be a whole number from 0 (bump it to issue a new token)",
+                "fleets/prod.toml:6: error: `abc` in `token.revoked` is not a token id (like tk_4f9c2a1b)",
+                "fleets/prod.toml:8: error: `install.endpoint`: scheme `ftp` is not one collectors dial (ws, wss, http or https)",
+                "fleets/prod.toml:9: error: `install.collector_version` must be a release number like 0.115.0, found `latest`",
+                "fleets/prod.toml:11: error: `health.stale_after`: `2` needs a unit (s, m, h, d, w or y)",
+            ]
+        );
+    }
+
+    #[test]
+    fn broken_toml_and_version_without_config() {
+        assert_eq!(
+            problems("config = \"gateway\nversion = \"v1\"\n"),
+            vec!["fleets/prod.toml:1: error: invalid TOML: invalid basic string, expected `\"`"]
+        );
+        assert_eq!(
+            problems("version = \"v1\"\n"),
+            vec![
+                "fleets/prod.toml:1: error: `version` is set but `config` is missing: which configuration should the fleet run?"
+            ]
+        );
+    }
+}
