@@ -12,21 +12,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = text;
     while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
         if digits == 0 {
-            return Err(format!(
-                "`{text}` is not a duration (expected e.g. 30s, 2m, 36h, 180d, 1y)"
-            ));
+            return Err(format!("`{text}` is not a duration (expected e.g. 30s, 2m, 36h, 180d, 1y)"));
         }
-        let number: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("`{text}`: number too large"))?;
+        let number: u64 = rest[..digits].parse().map_err(|_| format!("`{text}`: number too large"))?;
         rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
         let unit_seconds: u64 = match &rest[..unit_len] {
             "ms" => {
                 total += Duration::from_millis(number);
@@ -41,17 +33,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "y" => 365 * 86_400,
             "" => return Err(format!("`{text}` needs a unit (s, m, h, d, w or y)")),
             other => {
-                return Err(format!(
-                    "`{text}`: unknown unit `{other}` (use s, m, h, d, w or y)"
-                ));
+                return Err(format!("`{text}`: unknown unit `{other}` (use s, m, h, d, w or y)"));
             }
         };
-        let seconds = number
-            .checked_mul(unit_seconds)
-            .ok_or_else(|| format!("`{text}` is too long"))?;
-        total = total
-            .checked_add(Duration::from_secs(seconds))
-            .ok_or_else(|| format!("`{text}` is too long"))?;
+        let seconds = number.checked_mul(unit_seconds).ok_or_else(|| format!("`{text}` is too long"))?;
+        total = total.checked_add(Duration::from_secs(seconds)).ok_or_else(|| format!("`{text}` is too long"))?;
         rest = &rest[unit_len..];
     }
     Ok(total)
@@ -63,13 +49,7 @@ pub fn format_duration(duration: Duration) -> String {
     if duration.subsec_millis() != 0 || seconds == 0 {
         return format!("{}ms", duration.as_millis());
     }
-    for (unit, size) in [
-        ("y", 365 * 86_400),
-        ("w", 7 * 86_400),
-        ("d", 86_400),
-        ("h", 3600),
-        ("m", 60),
-    ] {
+    for (unit, size) in [("y", 365 * 86_400), ("w", 7 * 86_400), ("d", 86_400), ("h", 3600), ("m", 60)] {
         if seconds % size == 0 {
             return format!("{}{unit}", seconds / size);
         }
@@ -94,11 +74,7 @@ mod tests {
             ("2w", 14 * 86_400),
         ];
         for (text, seconds) in cases {
-            assert_eq!(
-                parse_duration(text),
-                Ok(Duration::from_secs(seconds)),
-                "{text}"
-            );
+            assert_eq!(parse_duration(text), Ok(Duration::from_secs(seconds)), "{text}");
         }
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
     }
@@ -106,14 +82,8 @@ mod tests {
     #[test]
     fn rejects_what_is_not_a_duration() {
         assert_eq!(parse_duration(""), Err("empty duration".to_owned()));
-        assert_eq!(
-            parse_duration("10"),
-            Err("`10` needs a unit (s, m, h, d, w or y)".to_owned())
-        );
-        assert_eq!(
-            parse_duration("3 days"),
-            Err("`3 days`: unknown unit ` days` (use s, m, h, d, w or y)".to_owned())
-        );
+        assert_eq!(parse_duration("10"), Err("`10` needs a unit (s, m, h, d, w or y)".to_owned()));
+        assert_eq!(parse_duration("3 days"), Err("`3 days`: unknown unit ` days` (use s, m, h, d, w or y)".to_owned()));
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("99999999999999999999y").is_err());
     }

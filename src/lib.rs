@@ -3,6 +3,17 @@
 //! See `ARCHITECTURE.md` for the map of this crate.
 #![forbid(unsafe_code)]
 
+pub mod app;
+pub mod bench;
+pub mod check;
+pub mod demo;
 pub mod duration;
+pub mod git;
+pub mod plan;
 pub mod problem;
+pub mod reconciler;
 pub mod repo;
+pub mod settings;
+pub mod store;
+pub mod time;
+pub mod web;

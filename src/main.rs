@@ -1,1 +1,104 @@
-fn main() {}
+//! The `gitfleet` command line: parses arguments, sets up logging, runs a sub-command and
+//! turns its outcome into an exit code.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use gitfleet::check::{self, CheckArgs};
+use gitfleet::demo::{self, DemoArgs};
+use gitfleet::settings::ServeArgs;
+use gitfleet::{app, bench};
+
+#[derive(Parser)]
+#[command(name = "gitfleet", version, about = "GitOps control plane for fleets of OpenTelemetry Collectors")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Watch a config repository and serve its desired state.
+    Serve(ServeArgs),
+    /// Validate a config repository and show what a change would do (for pull-request CI).
+    /// Exits 1 when the repository has errors.
+    Check(CheckArgs),
+    /// Run the whole product on this machine from the bundled example repository.
+    Demo(DemoArgs),
+    /// Measure gitfleet on generated repositories and print the figures.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Check(args) => match check::run(&args) {
+            Ok(plan) => {
+                print!("{}", check::render(&plan, args.format));
+                if plan.errors > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS }
+            }
+            Err(error) => {
+                eprintln!("gitfleet check: {error}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Serve(args) => report(serve(args)),
+        Command::Demo(args) => report(run_demo(args)),
+        Command::Bench(args) => report(bench::run(&args)),
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("gitfleet: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let settings = args.validate()?;
+    runtime()?.block_on(async {
+        let running = app::start(settings).await?;
+        app::shutdown_signal().await;
+        running.shutdown().await;
+        Ok(())
+    })
+}
+
+fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    let dir = std::fs::canonicalize(&args.dir).with_context(|| format!("cannot resolve {}", args.dir.display()))?;
+    let repo = demo::prepare_repository(&dir)?;
+    let settings = ServeArgs {
+        repo: repo.display().to_string(),
+        branch: "main".to_owned(),
+        data_dir: dir.join("data"),
+        web_listen: args.web_listen.clone(),
+        poll_interval: "30s".to_owned(),
+        webhook_secret: None,
+    }
+    .validate()?;
+    runtime()?.block_on(async {
+        let running = app::start(settings).await?;
+        println!("{}", demo::next_steps(&repo, &running.web_addr.to_string()));
+        app::shutdown_signal().await;
+        running.shutdown().await;
+        Ok(())
+    })
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,gix=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}

@@ -2,10 +2,10 @@
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How bad a problem is. Errors fail `gitfleet check`; warnings do not.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     Error,
@@ -22,7 +22,7 @@ impl fmt::Display for Severity {
 }
 
 /// One finding about the repository, tied to a file and line where there is one.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Problem {
     /// Path inside the repository, or a tag such as `refs/tags/gateway/v3`.
     pub file: Option<String>,
@@ -34,31 +34,16 @@ pub struct Problem {
 
 impl Problem {
     pub fn error(file: impl Into<String>, line: Option<u32>, message: impl Into<String>) -> Self {
-        Self {
-            file: Some(file.into()),
-            line,
-            severity: Severity::Error,
-            message: message.into(),
-        }
+        Self { file: Some(file.into()), line, severity: Severity::Error, message: message.into() }
     }
 
     pub fn warning(file: impl Into<String>, line: Option<u32>, message: impl Into<String>) -> Self {
-        Self {
-            file: Some(file.into()),
-            line,
-            severity: Severity::Warning,
-            message: message.into(),
-        }
+        Self { file: Some(file.into()), line, severity: Severity::Warning, message: message.into() }
     }
 
     /// A problem that belongs to no file, such as an unreachable remote.
     pub fn general(severity: Severity, message: impl Into<String>) -> Self {
-        Self {
-            file: None,
-            line: None,
-            severity,
-            message: message.into(),
-        }
+        Self { file: None, line: None, severity, message: message.into() }
     }
 
     pub fn is_error(&self) -> bool {
@@ -89,10 +74,7 @@ impl fmt::Display for Problem {
 /// 1-based line number of a byte offset in `text`.
 pub fn line_of_offset(text: &str, offset: usize) -> u32 {
     let end = offset.min(text.len());
-    let newlines = text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count();
+    let newlines = text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count();
     u32::try_from(newlines + 1).unwrap_or(u32::MAX)
 }
 
@@ -112,10 +94,7 @@ mod tests {
     #[test]
     fn display_puts_location_first() {
         let problem = Problem::error("fleets/prod.toml", Some(3), "unknown key `verison`");
-        assert_eq!(
-            problem.to_string(),
-            "fleets/prod.toml:3: error: unknown key `verison`"
-        );
+        assert_eq!(problem.to_string(), "fleets/prod.toml:3: error: unknown key `verison`");
         let general = Problem::general(Severity::Warning, "remote unreachable");
         assert_eq!(general.to_string(), "warning: remote unreachable");
     }

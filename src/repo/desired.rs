@@ -16,8 +16,8 @@ use crate::repo::hash::single_file_hash;
 use crate::repo::manifest::{FleetSpec, VersionSelector, parse_fleet};
 use crate::repo::version::compare_versions;
 use crate::repo::{
-    CONFIG_EXTENSIONS, FileContent, MAX_CONFIG_BYTES, MAX_FLEET_FILE_BYTES, RepoFile, RepoSnapshot,
-    TagSnapshot, content_type_for_path, lint, names,
+    CONFIG_EXTENSIONS, FileContent, MAX_CONFIG_BYTES, MAX_FLEET_FILE_BYTES, RepoFile, RepoSnapshot, TagSnapshot,
+    content_type_for_path, lint, names,
 };
 
 /// One published version of a configuration.
@@ -43,23 +43,8 @@ pub struct Version {
 impl Version {
     /// Equality without comparing bodies: equal blob ids and hashes mean equal content.
     fn same_as(&self, other: &Version) -> bool {
-        (
-            &self.tag,
-            &self.commit,
-            &self.blob_id,
-            &self.config_hash,
-            self.time,
-            &self.note,
-            &self.file,
-        ) == (
-            &other.tag,
-            &other.commit,
-            &other.blob_id,
-            &other.config_hash,
-            other.time,
-            &other.note,
-            &other.file,
-        )
+        (&self.tag, &self.commit, &self.blob_id, &self.config_hash, self.time, &self.note, &self.file)
+            == (&other.tag, &other.commit, &other.blob_id, &other.config_hash, other.time, &other.note, &other.file)
     }
 }
 
@@ -122,7 +107,8 @@ pub struct DesiredState {
     pub fleets: BTreeMap<String, Fleet>,
     /// Sorted by file, then line.
     pub problems: Vec<Problem>,
-    /// Fleets that resolved cleanly at this commit, to be remembered as last good.
+    /// The last good state of every fleet that exists at this commit: what it resolved to
+    /// now if it resolved cleanly, what was remembered otherwise.
     pub last_good: BTreeMap<String, LastGoodFleet>,
     cache: Cache,
 }
@@ -182,22 +168,12 @@ pub fn compile(snapshot: &RepoSnapshot, memory: Memory<'_>) -> Compiled {
     let mut cache = Cache::default();
 
     let head_configs = head_configurations(snapshot, &mut problems);
-    let (mut configs, newly_seen) = published_versions(
-        snapshot,
-        seen,
-        &head_configs,
-        previous_cache,
-        &mut cache,
-        &mut problems,
-    );
+    let (mut configs, newly_seen) =
+        published_versions(snapshot, seen, &head_configs, previous_cache, &mut cache, &mut problems);
     for (name, path) in &head_configs {
         configs
             .entry(name.clone())
-            .or_insert_with(|| Configuration {
-                name: name.clone(),
-                head_file: None,
-                versions: Vec::new(),
-            })
+            .or_insert_with(|| Configuration { name: name.clone(), head_file: None, versions: Vec::new() })
             .head_file = Some(path.clone());
     }
 
@@ -263,9 +239,7 @@ pub fn compile(snapshot: &RepoSnapshot, memory: Memory<'_>) -> Compiled {
         }
     }
 
-    problems.sort_by(|a, b| {
-        (&a.file, a.line, a.severity, &a.message).cmp(&(&b.file, b.line, b.severity, &b.message))
-    });
+    problems.sort_by(|a, b| (&a.file, a.line, a.severity, &a.message).cmp(&(&b.file, b.line, b.severity, &b.message)));
     problems.dedup();
     Compiled {
         desired: DesiredState {
@@ -283,44 +257,26 @@ pub fn compile(snapshot: &RepoSnapshot, memory: Memory<'_>) -> Compiled {
 }
 
 /// `configs/<name>.<ext>` files at the branch tip, by configuration name.
-fn head_configurations(
-    snapshot: &RepoSnapshot,
-    problems: &mut Vec<Problem>,
-) -> BTreeMap<String, String> {
+fn head_configurations(snapshot: &RepoSnapshot, problems: &mut Vec<Problem>) -> BTreeMap<String, String> {
     let mut by_name: BTreeMap<String, String> = BTreeMap::new();
     for (path, file) in &snapshot.files {
         let Some(rest) = path.strip_prefix("configs/") else {
             continue;
         };
         if rest.contains('/') {
-            problems.push(Problem::warning(
-                path,
-                None,
-                "ignored: configurations live directly in configs/",
-            ));
+            problems.push(Problem::warning(path, None, "ignored: configurations live directly in configs/"));
             continue;
         }
         if is_documentation(rest) {
             continue;
         }
-        let Some((stem, extension)) = rest
-            .rsplit_once('.')
-            .filter(|(_, ext)| CONFIG_EXTENSIONS.contains(ext))
-        else {
-            problems.push(Problem::warning(
-                path,
-                None,
-                "ignored: configuration files end in .yaml, .yml or .json",
-            ));
+        let Some((stem, extension)) = rest.rsplit_once('.').filter(|(_, ext)| CONFIG_EXTENSIONS.contains(ext)) else {
+            problems.push(Problem::warning(path, None, "ignored: configuration files end in .yaml, .yml or .json"));
             continue;
         };
         let _ = extension;
         if let Err(message) = names::check_name(stem) {
-            problems.push(Problem::error(
-                path,
-                None,
-                format!("configuration {message}"),
-            ));
+            problems.push(Problem::error(path, None, format!("configuration {message}")));
             continue;
         }
         if !check_content(path, file, MAX_CONFIG_BYTES, problems) {
@@ -330,9 +286,7 @@ fn head_configurations(
             problems.push(Problem::error(
                 path,
                 None,
-                format!(
-                    "configuration `{stem}` is defined twice ({other} and {path}); keep one file"
-                ),
+                format!("configuration `{stem}` is defined twice ({other} and {path}); keep one file"),
             ));
             continue;
         }
@@ -342,9 +296,7 @@ fn head_configurations(
 }
 
 fn is_documentation(file_name: &str) -> bool {
-    file_name.starts_with('.')
-        || file_name.to_ascii_lowercase().starts_with("readme")
-        || file_name.ends_with(".md")
+    file_name.starts_with('.') || file_name.to_ascii_lowercase().starts_with("readme") || file_name.ends_with(".md")
 }
 
 /// Reports files gitfleet will not read; true when the content can be used.
@@ -352,56 +304,31 @@ fn check_content(path: &str, file: &RepoFile, limit: u64, problems: &mut Vec<Pro
     match &file.content {
         FileContent::Blob(_) => true,
         FileContent::TooLarge { size } => {
-            problems.push(Problem::error(
-                path,
-                None,
-                format!("file is {size} bytes; the limit is {limit} bytes"),
-            ));
+            problems.push(Problem::error(path, None, format!("file is {size} bytes; the limit is {limit} bytes")));
             false
         }
         FileContent::Symlink => {
-            problems.push(Problem::error(
-                path,
-                None,
-                "symbolic links are not followed; commit the file itself",
-            ));
+            problems.push(Problem::error(path, None, "symbolic links are not followed; commit the file itself"));
             false
         }
         FileContent::NotAFile => {
-            problems.push(Problem::error(
-                path,
-                None,
-                "expected a file, found a directory or submodule",
-            ));
+            problems.push(Problem::error(path, None, "expected a file, found a directory or submodule"));
             false
         }
     }
 }
 
 /// The fleet name of `fleets/<rest>`, or `None` (with a problem where one is due).
-fn fleet_name(
-    path: &str,
-    rest: &str,
-    file: &RepoFile,
-    problems: &mut Vec<Problem>,
-) -> Option<String> {
+fn fleet_name(path: &str, rest: &str, file: &RepoFile, problems: &mut Vec<Problem>) -> Option<String> {
     if rest.contains('/') {
-        problems.push(Problem::warning(
-            path,
-            None,
-            "ignored: fleet files live directly in fleets/",
-        ));
+        problems.push(Problem::warning(path, None, "ignored: fleet files live directly in fleets/"));
         return None;
     }
     if is_documentation(rest) {
         return None;
     }
     let Some(stem) = rest.strip_suffix(".toml") else {
-        problems.push(Problem::warning(
-            path,
-            None,
-            "ignored: fleet files end in .toml",
-        ));
+        problems.push(Problem::warning(path, None, "ignored: fleet files end in .toml"));
         return None;
     };
     if let Err(message) = names::check_name(stem) {
@@ -431,20 +358,12 @@ fn published_versions(
             problems.push(Problem::warning(
                 location,
                 None,
-                format!(
-                    "tag `{}` is not <configuration>/<version>; ignored",
-                    tag.name
-                ),
+                format!("tag `{}` is not <configuration>/<version>; ignored", tag.name),
             ));
             continue;
         };
-        if let Err(message) = names::check_name(config).and_then(|()| names::check_version(version))
-        {
-            problems.push(Problem::warning(
-                location,
-                None,
-                format!("tag `{}` ignored: {message}", tag.name),
-            ));
+        if let Err(message) = names::check_name(config).and_then(|()| names::check_version(version)) {
+            problems.push(Problem::warning(location, None, format!("tag `{}` ignored: {message}", tag.name)));
             continue;
         }
         let mut hash_of = |content_type: &str, blob_id: &str, body: &[u8]| {
@@ -455,15 +374,9 @@ fn published_versions(
             cache.hashes.insert(key, hash);
             hash
         };
-        let Some(version) = read_tag(
-            tag,
-            config,
-            version,
-            head_configs.contains_key(config),
-            &location,
-            &mut hash_of,
-            problems,
-        ) else {
+        let Some(version) =
+            read_tag(tag, config, version, head_configs.contains_key(config), &location, &mut hash_of, problems)
+        else {
             continue;
         };
         let version = match seen.get(&tag.name) {
@@ -478,17 +391,9 @@ fn published_versions(
                         short(&version.commit)
                     ),
                 ));
-                Version {
-                    note: version.note,
-                    time: version.time,
-                    ..first.clone()
-                }
+                Version { note: version.note, time: version.time, ..first.clone() }
             }
-            Some(first) => Version {
-                note: version.note,
-                time: version.time,
-                ..first.clone()
-            },
+            Some(first) => Version { note: version.note, time: version.time, ..first.clone() },
             None => {
                 newly_seen.push(version.clone());
                 version
@@ -498,23 +403,15 @@ fn published_versions(
             Some(reused) if reused.same_as(&version) => Arc::clone(reused),
             _ => Arc::new(version),
         };
-        cache
-            .versions
-            .insert(tag.name.clone(), Arc::clone(&version));
+        cache.versions.insert(tag.name.clone(), Arc::clone(&version));
         configs
             .entry(version.config.clone())
-            .or_insert_with(|| Configuration {
-                name: version.config.clone(),
-                head_file: None,
-                versions: Vec::new(),
-            })
+            .or_insert_with(|| Configuration { name: version.config.clone(), head_file: None, versions: Vec::new() })
             .versions
             .push(version);
     }
     for configuration in configs.values_mut() {
-        configuration
-            .versions
-            .sort_by(|a, b| compare_versions(&a.version, &b.version));
+        configuration.versions.sort_by(|a, b| compare_versions(&a.version, &b.version));
     }
     (configs, newly_seen)
 }
@@ -530,11 +427,7 @@ fn read_tag(
     problems: &mut Vec<Problem>,
 ) -> Option<Version> {
     let Some(commit) = &tag.commit else {
-        problems.push(Problem::error(
-            location,
-            None,
-            format!("tag `{}` does not point at a commit", tag.name),
-        ));
+        problems.push(Problem::error(location, None, format!("tag `{}` does not point at a commit", tag.name)));
         return None;
     };
     let mut candidates = tag.files.iter();
@@ -555,11 +448,7 @@ fn read_tag(
         problems.push(Problem::error(
             location,
             None,
-            format!(
-                "tag `{}` is ambiguous: commit {} has both {path} and {other}",
-                tag.name,
-                short(commit)
-            ),
+            format!("tag `{}` is ambiguous: commit {} has both {path} and {other}", tag.name, short(commit)),
         ));
         return None;
     }
@@ -569,10 +458,7 @@ fn read_tag(
             problems.push(Problem::error(
                 location,
                 None,
-                format!(
-                    "tag `{}`: {path} is {size} bytes; the limit is {MAX_CONFIG_BYTES} bytes",
-                    tag.name
-                ),
+                format!("tag `{}`: {path} is {size} bytes; the limit is {MAX_CONFIG_BYTES} bytes", tag.name),
             ));
             return None;
         }
@@ -580,19 +466,12 @@ fn read_tag(
             problems.push(Problem::error(
                 location,
                 None,
-                format!(
-                    "tag `{}`: {path} is a symbolic link, which is not followed",
-                    tag.name
-                ),
+                format!("tag `{}`: {path} is a symbolic link, which is not followed", tag.name),
             ));
             return None;
         }
         FileContent::NotAFile => {
-            problems.push(Problem::error(
-                location,
-                None,
-                format!("tag `{}`: {path} is not a file", tag.name),
-            ));
+            problems.push(Problem::error(location, None, format!("tag `{}`: {path} is not a file", tag.name)));
             return None;
         }
     };
@@ -620,16 +499,13 @@ fn lint_cached(
     cache: &mut Cache,
 ) -> Arc<Vec<Problem>> {
     let key = format!("{path}\0{blob_id}");
-    let found = previous
-        .and_then(|c| c.lint.get(&key))
-        .cloned()
-        .unwrap_or_else(|| Arc::new(lint::lint(path, body)));
+    let found = previous.and_then(|c| c.lint.get(&key)).cloned().unwrap_or_else(|| Arc::new(lint::lint(path, body)));
     cache.lint.insert(key, Arc::clone(&found));
     found
 }
 
-/// Resolves one fleet. Returns the fleet (if it exists at all) and, when it resolved with
-/// no error, what to remember as its last good state.
+/// Resolves one fleet. Returns the fleet (if it exists at all) and what to remember as its
+/// last good state: the current file when it resolved cleanly, the remembered one otherwise.
 #[allow(clippy::too_many_arguments)]
 fn resolve_fleet(
     name: &str,
@@ -675,35 +551,19 @@ fn resolve_fleet(
             )),
             Some(configuration) => match selector {
                 VersionSelector::Latest => Ok(configuration.latest().cloned()),
-                VersionSelector::Exact(version) => configuration
-                    .find(version)
-                    .cloned()
-                    .map(Some)
-                    .ok_or_else(|| {
-                        let published: Vec<&str> = configuration
-                            .versions
-                            .iter()
-                            .rev()
-                            .take(5)
-                            .map(|v| v.version.as_str())
-                            .collect();
-                        format!(
-                            "`{config}/{version}` is not published (latest published: {})",
-                            published.join(", ")
-                        )
-                    }),
+                VersionSelector::Exact(version) => configuration.find(version).cloned().map(Some).ok_or_else(|| {
+                    let published: Vec<&str> =
+                        configuration.versions.iter().rev().take(5).map(|v| v.version.as_str()).collect();
+                    format!("`{config}/{version}` is not published (latest published: {})", published.join(", "))
+                }),
             },
         },
     };
     let resolved = resolved.and_then(|assignment| match &assignment {
-        Some(version)
-            if version_has_errors(version, lint_errors_by_blob, previous, cache, problems) =>
-        {
-            Err(format!(
-                "`{}` has configuration errors (see {}:{}) and is not rolled out",
-                version.tag, version.tag, version.file
-            ))
-        }
+        Some(version) if version_has_errors(version, lint_errors_by_blob, previous, cache, problems) => Err(format!(
+            "`{}` has configuration errors (see {}:{}) and is not rolled out",
+            version.tag, version.tag, version.file
+        )),
         _ => Ok(assignment),
     });
     let assignment = match resolved {
@@ -714,10 +574,7 @@ fn resolve_fleet(
                 .and_then(|tag| find_version(tag, configs, seen))
                 .filter(|v| Some(&v.config) == spec.config.as_ref());
             let message = match &fallback {
-                Some(version) => format!(
-                    "fleet `{name}`: {reason}; it keeps running `{}`",
-                    version.tag
-                ),
+                Some(version) => format!("fleet `{name}`: {reason}; it keeps running `{}`", version.tag),
                 None => format!("fleet `{name}`: {reason}; it has no version to roll out"),
             };
             problems.push(Problem {
@@ -727,28 +584,18 @@ fn resolve_fleet(
                 message,
             });
             kept = kept || fallback.is_some();
-            return Some((
-                Fleet {
-                    spec,
-                    assignment: fallback,
-                    kept_last_good: kept,
-                },
-                None,
-            ));
+            return Some((Fleet { spec, assignment: fallback, kept_last_good: kept }, remembered.cloned()));
         }
     };
-    let clean = (!kept).then(|| LastGoodFleet {
-        source: text.unwrap_or_default().to_owned(),
-        tag: assignment.as_ref().map(|v| v.tag.clone()),
-    });
-    Some((
-        Fleet {
-            spec,
-            assignment,
-            kept_last_good: kept,
-        },
-        clean,
-    ))
+    let clean = if kept {
+        remembered.cloned()
+    } else {
+        Some(LastGoodFleet {
+            source: text.unwrap_or_default().to_owned(),
+            tag: assignment.as_ref().map(|v| v.tag.clone()),
+        })
+    };
+    Some((Fleet { spec, assignment, kept_last_good: kept }, clean))
 }
 
 /// Lints a version about to be assigned (once per blob) and reports its problems under
@@ -777,12 +624,228 @@ fn find_version(
     seen: &BTreeMap<String, SeenVersion>,
 ) -> Option<Arc<Version>> {
     let (config, version) = tag.split_once('/')?;
-    configs
-        .get(config)
-        .and_then(|c| c.find(version).cloned())
-        .or_else(|| seen.get(tag).map(|v| Arc::new(v.clone())))
+    configs.get(config).and_then(|c| c.find(version).cloned()).or_else(|| seen.get(tag).map(|v| Arc::new(v.clone())))
 }
 
 pub fn short(commit: &str) -> &str {
     commit.get(..12).unwrap_or(commit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::TagSnapshot;
+
+    const GATEWAY_V1: &str = "receivers:\n  otlp: {}\nexporters:\n  debug: {}\nservice:\n  pipelines:\n    traces:\n      receivers: [otlp]\n      exporters: [debug]\n";
+    const GATEWAY_V2: &str = "receivers:\n  otlp: {}\nexporters:\n  debug: {}\n  otlphttp: {}\nservice:\n  pipelines:\n    traces:\n      receivers: [otlp]\n      exporters: [debug, otlphttp]\n";
+
+    fn blob(text: &str) -> RepoFile {
+        let id = hex::encode(&single_file_hash("blob", text.as_bytes())[..20]);
+        RepoFile { blob_id: id, content: FileContent::Blob(Arc::from(text.as_bytes())) }
+    }
+
+    fn tag(name: &str, commit: &str, config_text: &str) -> TagSnapshot {
+        let config = name.split_once('/').map(|(c, _)| c).unwrap_or(name);
+        TagSnapshot {
+            name: name.to_owned(),
+            commit: Some(commit.to_owned()),
+            time: 1_700_000_000,
+            note: None,
+            files: BTreeMap::from([(format!("configs/{config}.yaml"), blob(config_text))]),
+        }
+    }
+
+    fn snapshot(files: &[(&str, &str)], tags: Vec<TagSnapshot>) -> RepoSnapshot {
+        RepoSnapshot {
+            commit: "head".to_owned(),
+            branch: "main".to_owned(),
+            commit_time: 0,
+            files: files.iter().map(|(path, text)| ((*path).to_owned(), blob(text))).collect(),
+            tags,
+        }
+    }
+
+    fn messages(desired: &DesiredState) -> Vec<String> {
+        desired.problems.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn pinned_latest_and_observe_only_fleets() {
+        let snap = snapshot(
+            &[
+                ("configs/gateway.yaml", GATEWAY_V2),
+                ("fleets/prod.toml", "config = \"gateway\"\nversion = \"v1\"\n"),
+                ("fleets/staging.toml", "config = \"gateway\"\nversion = \"latest\"\n"),
+                ("fleets/edge.toml", "description = \"watch only\"\n"),
+            ],
+            vec![
+                tag("gateway/v1", "c1", GATEWAY_V1),
+                tag("gateway/v10", "c3", GATEWAY_V2),
+                tag("gateway/v2", "c2", GATEWAY_V2),
+            ],
+        );
+        let compiled = compile(&snap, Memory::default());
+        let desired = &compiled.desired;
+        assert_eq!(messages(desired), Vec::<String>::new());
+        let tag_of = |fleet: &str| desired.fleets[fleet].assignment.as_ref().map(|v| v.tag.clone());
+        assert_eq!(tag_of("prod").as_deref(), Some("gateway/v1"));
+        assert_eq!(tag_of("staging").as_deref(), Some("gateway/v10"));
+        assert_eq!(tag_of("edge"), None);
+        let versions: Vec<&str> = desired.configs["gateway"].versions.iter().map(|v| v.version.as_str()).collect();
+        assert_eq!(versions, vec!["v1", "v2", "v10"]);
+        assert_eq!(compiled.newly_seen.len(), 3);
+        assert_eq!(desired.last_good.keys().collect::<Vec<_>>(), vec!["edge", "prod", "staging"]);
+    }
+
+    #[test]
+    fn a_broken_fleet_file_keeps_the_last_good_state() {
+        let tags = vec![tag("gateway/v1", "c1", GATEWAY_V1), tag("gateway/v2", "c2", GATEWAY_V2)];
+        let good = compile(
+            &snapshot(
+                &[
+                    ("configs/gateway.yaml", GATEWAY_V2),
+                    ("fleets/prod.toml", "config = \"gateway\"\nversion = \"v1\"\n"),
+                ],
+                tags.clone(),
+            ),
+            Memory::default(),
+        )
+        .desired;
+        let broken = snapshot(
+            &[
+                ("configs/gateway.yaml", GATEWAY_V2),
+                ("fleets/prod.toml", "config = \"gateway\"\nversion = \"v2\"\nverison = 3\n"),
+            ],
+            tags.clone(),
+        );
+        let desired =
+            compile(&broken, Memory { last_good: Some(&good.last_good), previous: Some(&good), ..Default::default() })
+                .desired;
+        assert_eq!(
+            messages(&desired),
+            vec![
+                "fleets/prod.toml: warning: fleet `prod` keeps its last good settings until this file is fixed",
+                "fleets/prod.toml:3: error: unknown key `verison` (allowed: description, config, version, token, install, health)",
+            ]
+        );
+        let prod = &desired.fleets["prod"];
+        assert_eq!(prod.assignment.as_ref().map(|v| v.tag.as_str()), Some("gateway/v1"));
+        assert!(prod.kept_last_good);
+        assert_eq!(desired.last_good, good.last_good);
+
+        // Without anything remembered, a broken fleet has no state to keep.
+        let cold = compile(&broken, Memory::default()).desired;
+        assert!(!cold.fleets.contains_key("prod"));
+    }
+
+    #[test]
+    fn a_missing_version_keeps_the_assignment_it_had() {
+        let tags = vec![tag("gateway/v1", "c1", GATEWAY_V1)];
+        let good = compile(
+            &snapshot(&[("fleets/prod.toml", "config = \"gateway\"\nversion = \"v1\"\n")], tags.clone()),
+            Memory::default(),
+        )
+        .desired;
+        let desired = compile(
+            &snapshot(&[("fleets/prod.toml", "config = \"gateway\"\nversion = \"v9\"\n")], tags),
+            Memory { last_good: Some(&good.last_good), ..Default::default() },
+        )
+        .desired;
+        assert_eq!(
+            messages(&desired),
+            vec![
+                "fleets/prod.toml:2: error: fleet `prod`: `gateway/v9` is not published (latest published: v1); it keeps running `gateway/v1`"
+            ]
+        );
+        assert_eq!(desired.fleets["prod"].assignment.as_ref().map(|v| v.tag.as_str()), Some("gateway/v1"));
+    }
+
+    #[test]
+    fn a_moved_tag_keeps_its_first_content() {
+        let first = compile(&snapshot(&[], vec![tag("gateway/v1", "c1", GATEWAY_V1)]), Memory::default());
+        let seen: BTreeMap<String, SeenVersion> = first.newly_seen.into_iter().map(|v| (v.tag.clone(), v)).collect();
+        let moved = compile(
+            &snapshot(&[], vec![tag("gateway/v1", "c9", GATEWAY_V2)]),
+            Memory { seen: Some(&seen), ..Default::default() },
+        );
+        assert_eq!(
+            messages(&moved.desired),
+            vec![
+                "refs/tags/gateway/v1: error: tag `gateway/v1` was moved to different content (first seen at commit c1, now c9); published versions are immutable, so the first content is kept: publish a new version instead"
+            ]
+        );
+        let version = moved.desired.version("gateway/v1").expect("still published");
+        assert_eq!(&*version.body, GATEWAY_V1.as_bytes());
+        assert_eq!(version.commit, "c1");
+        assert!(moved.newly_seen.is_empty());
+    }
+
+    #[test]
+    fn a_version_with_lint_errors_is_not_rolled_out() {
+        let broken = "receivers:\n  otlp: {}\nservice:\n  pipelines:\n    traces:\n      receivers: [otlp]\n      exporters: [nope]\n";
+        let tags = vec![tag("gateway/v1", "c1", GATEWAY_V1), tag("gateway/v2", "c2", broken)];
+        let good = compile(
+            &snapshot(&[("fleets/prod.toml", "config = \"gateway\"\nversion = \"v1\"\n")], tags.clone()),
+            Memory::default(),
+        )
+        .desired;
+        let desired = compile(
+            &snapshot(&[("fleets/prod.toml", "config = \"gateway\"\nversion = \"v2\"\n")], tags),
+            Memory { last_good: Some(&good.last_good), ..Default::default() },
+        )
+        .desired;
+        assert_eq!(
+            messages(&desired),
+            vec![
+                "fleets/prod.toml:2: error: fleet `prod`: `gateway/v2` has configuration errors (see gateway/v2:configs/gateway.yaml) and is not rolled out; it keeps running `gateway/v1`",
+                "gateway/v2:configs/gateway.yaml:7: error: exporter `nope` is used in pipeline `traces` but not defined under `exporters` or `connectors`",
+            ]
+        );
+        assert_eq!(desired.fleets["prod"].assignment.as_ref().map(|v| v.tag.as_str()), Some("gateway/v1"));
+    }
+
+    #[test]
+    fn bad_names_files_and_tags() {
+        let mut snap = snapshot(
+            &[
+                ("configs/Gateway.yaml", GATEWAY_V1),
+                ("configs/notes.txt", "x"),
+                ("configs/README.md", "docs"),
+                ("fleets/../../etc.toml", "x = 1"),
+                ("fleets/prod.yaml", "config: gateway"),
+            ],
+            vec![
+                tag("v1.0", "c1", GATEWAY_V1),
+                tag("release/2024", "c2", GATEWAY_V1),
+                tag("gateway/latest", "c3", GATEWAY_V1),
+            ],
+        );
+        snap.tags[1].files.clear();
+        snap.files.insert(
+            "configs/big.yaml".into(),
+            RepoFile { blob_id: "b".into(), content: FileContent::TooLarge { size: 5_000_000 } },
+        );
+        snap.files.insert("configs/link.yaml".into(), RepoFile { blob_id: "l".into(), content: FileContent::Symlink });
+        snap.files.insert(
+            "fleets/bin.toml".into(),
+            RepoFile { blob_id: "n".into(), content: FileContent::Blob(Arc::from(&b"config = \"\xff\""[..])) },
+        );
+        let desired = compile(&snap, Memory::default()).desired;
+        assert_eq!(
+            messages(&desired),
+            vec![
+                "configs/Gateway.yaml: error: configuration name `Gateway` must start with a lowercase letter or a digit",
+                "configs/big.yaml: error: file is 5000000 bytes; the limit is 4194304 bytes",
+                "configs/link.yaml: error: symbolic links are not followed; commit the file itself",
+                "configs/notes.txt: warning: ignored: configuration files end in .yaml, .yml or .json",
+                "fleets/../../etc.toml: warning: ignored: fleet files live directly in fleets/",
+                "fleets/bin.toml: error: fleet file is not valid UTF-8",
+                "fleets/prod.yaml: warning: ignored: fleet files end in .toml",
+                "refs/tags/gateway/latest: warning: tag `gateway/latest` ignored: `latest` is reserved: it means the highest published version",
+                "refs/tags/release/2024: warning: tag `release/2024` points at commit c2, which has no configs/release.yaml, .yml or .json; ignored",
+                "refs/tags/v1.0: warning: tag `v1.0` is not <configuration>/<version>; ignored",
+            ]
+        );
+        assert!(desired.fleets.is_empty());
+    }
 }

@@ -34,11 +34,7 @@ pub fn config_hash(files: &[ConfigFile<'_>]) -> [u8; 32] {
 
 /// The hash of a single-file configuration, served under the key `""`.
 pub fn single_file_hash(content_type: &str, body: &[u8]) -> [u8; 32] {
-    config_hash(&[ConfigFile {
-        key: "",
-        content_type,
-        body,
-    }])
+    config_hash(&[ConfigFile { key: "", content_type, body }])
 }
 
 #[cfg(test)]
@@ -49,34 +45,19 @@ mod tests {
     fn the_hash_is_stable_across_releases() {
         // Pinned: changing the encoding would make every instance look out of date.
         let hash = single_file_hash("text/yaml", b"receivers: {}\n");
-        assert_eq!(
-            hex::encode(hash),
-            "65ddcc24edd42a580cd178e6d0a17bfca775010ef6345b7fc5a64d63779ee925"
-        );
+        assert_eq!(hex::encode(hash), "65ddcc24edd42a580cd178e6d0a17bfca775010ef6345b7fc5a64d63779ee925");
     }
 
     #[test]
     fn order_of_files_does_not_matter_but_every_field_does() {
-        let a = ConfigFile {
-            key: "a",
-            content_type: "text/yaml",
-            body: b"x",
-        };
-        let b = ConfigFile {
-            key: "b",
-            content_type: "text/yaml",
-            body: b"y",
-        };
+        let a = ConfigFile { key: "a", content_type: "text/yaml", body: b"x" };
+        let b = ConfigFile { key: "b", content_type: "text/yaml", body: b"y" };
         assert_eq!(config_hash(&[a, b]), config_hash(&[b, a]));
         let base = single_file_hash("text/yaml", b"x");
         assert_ne!(base, single_file_hash("application/json", b"x"));
         assert_ne!(base, single_file_hash("text/yaml", b"x "));
         // Moving bytes between fields changes the hash thanks to the length prefixes.
-        let shifted = config_hash(&[ConfigFile {
-            key: "",
-            content_type: "text/yamlx",
-            body: b"",
-        }]);
+        let shifted = config_hash(&[ConfigFile { key: "", content_type: "text/yamlx", body: b"" }]);
         assert_ne!(base, shifted);
     }
 }

@@ -10,14 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::problem::{Problem, line_of_offset};
 use crate::repo::yaml::{self, Node};
 
-const SECTIONS: [&str; 6] = [
-    "receivers",
-    "processors",
-    "exporters",
-    "connectors",
-    "extensions",
-    "service",
-];
+const SECTIONS: [&str; 6] = ["receivers", "processors", "exporters", "connectors", "extensions", "service"];
 const SAMPLERS: [&str; 2] = ["tail_sampling", "probabilistic_sampler"];
 const SIGNALS: [&str; 4] = ["traces", "metrics", "logs", "profiles"];
 
@@ -26,8 +19,7 @@ pub fn lint(path: &str, body: &[u8]) -> Vec<Problem> {
     let text = match std::str::from_utf8(body) {
         Ok(text) => text,
         Err(error) => {
-            let valid = std::str::from_utf8(&body[..error.valid_up_to()])
-                .expect("prefix up to valid_up_to is UTF-8");
+            let valid = std::str::from_utf8(&body[..error.valid_up_to()]).expect("prefix up to valid_up_to is UTF-8");
             let line = line_of_offset(valid, valid.len());
             return vec![Problem::error(path, Some(line), "file is not valid UTF-8")];
         }
@@ -35,28 +27,19 @@ pub fn lint(path: &str, body: &[u8]) -> Vec<Problem> {
     if path.ends_with(".json") {
         return match serde_json::from_str::<serde_json::Value>(text) {
             Ok(_) => Vec::new(),
-            Err(error) => vec![Problem::error(
-                path,
-                u32::try_from(error.line()).ok(),
-                format!("invalid JSON: {error}"),
-            )],
+            Err(error) => {
+                vec![Problem::error(path, u32::try_from(error.line()).ok(), format!("invalid JSON: {error}"))]
+            }
         };
     }
     let root = match yaml::parse(text) {
         Ok(Some(root)) => root,
         Ok(None) => return vec![Problem::error(path, None, "configuration is empty")],
         Err(error) => {
-            return vec![Problem::error(
-                path,
-                Some(error.line),
-                format!("invalid YAML: {}", error.message),
-            )];
+            return vec![Problem::error(path, Some(error.line), format!("invalid YAML: {}", error.message))];
         }
     };
-    let mut lint = Lint {
-        path,
-        problems: Vec::new(),
-    };
+    let mut lint = Lint { path, problems: Vec::new() };
     lint.collector_config(&root);
     lint.problems.sort_by_key(|problem| problem.line);
     lint.problems
@@ -76,24 +59,16 @@ struct Declared<'n> {
 
 impl Lint<'_> {
     fn error(&mut self, line: u32, message: String) {
-        self.problems
-            .push(Problem::error(self.path, Some(line), message));
+        self.problems.push(Problem::error(self.path, Some(line), message));
     }
 
     fn warning(&mut self, line: u32, message: String) {
-        self.problems
-            .push(Problem::warning(self.path, Some(line), message));
+        self.problems.push(Problem::warning(self.path, Some(line), message));
     }
 
     fn collector_config(&mut self, root: &Node) {
         let Some(top) = root.as_mapping() else {
-            self.error(
-                root.line,
-                format!(
-                    "a collector configuration is a mapping, found {}",
-                    root.kind()
-                ),
-            );
+            self.error(root.line, format!("a collector configuration is a mapping, found {}", root.kind()));
             return;
         };
         for (key, _) in top {
@@ -101,10 +76,7 @@ impl Lint<'_> {
                 Some(name) if SECTIONS.contains(&name) => {}
                 Some(name) => self.error(
                     key.line,
-                    format!(
-                        "unknown top-level section `{name}`; the collector accepts {}",
-                        SECTIONS.join(", ")
-                    ),
+                    format!("unknown top-level section `{name}`; the collector accepts {}", SECTIONS.join(", ")),
                 ),
                 None => self.error(key.line, "top-level keys must be section names".to_owned()),
             }
@@ -116,17 +88,11 @@ impl Lint<'_> {
         let mut extensions = self.declared(root, "extensions");
 
         let Some(service) = root.get("service").filter(|s| !s.is_null()) else {
-            self.error(
-                root.line,
-                "no `service` section: the collector would run no pipeline".to_owned(),
-            );
+            self.error(root.line, "no `service` section: the collector would run no pipeline".to_owned());
             return;
         };
         if service.as_mapping().is_none() {
-            self.error(
-                service.line,
-                format!("`service` must be a mapping, found {}", service.kind()),
-            );
+            self.error(service.line, format!("`service` must be a mapping, found {}", service.kind()));
             return;
         }
 
@@ -134,7 +100,13 @@ impl Lint<'_> {
             for item in self.id_list(list, "service.extensions") {
                 match extensions.get_mut(item.0.as_str()) {
                     Some(declared) => declared.used = true,
-                    None => self.error(item.1, format!("extension `{}` is enabled in service.extensions but not defined under `extensions`", item.0)),
+                    None => self.error(
+                        item.1,
+                        format!(
+                            "extension `{}` is enabled in service.extensions but not defined under `extensions`",
+                            item.0
+                        ),
+                    ),
                 }
             }
         }
@@ -144,117 +116,102 @@ impl Lint<'_> {
         let mut connector_as_receiver: BTreeMap<String, u32> = BTreeMap::new();
 
         match service.get("pipelines").filter(|n| !n.is_null()) {
-            None => self.error(
-                service.line,
-                "service.pipelines is missing: the collector would run nothing".to_owned(),
-            ),
-            Some(pipelines) => {
-                match pipelines.as_mapping() {
-                    None => self.error(
-                        pipelines.line,
-                        format!(
-                            "service.pipelines must be a mapping, found {}",
-                            pipelines.kind()
-                        ),
-                    ),
-                    Some([]) => self.error(
-                        pipelines.line,
-                        "service.pipelines is empty: the collector would run nothing".to_owned(),
-                    ),
-                    Some(pairs) => {
-                        for (name_node, pipeline) in pairs {
-                            let name = name_node.as_str().unwrap_or_default().to_owned();
-                            let signal = name.split('/').next().unwrap_or_default();
-                            if !SIGNALS.contains(&signal) {
-                                self.error(name_node.line, format!("pipeline `{name}`: unknown signal `{signal}` (expected {})", SIGNALS.join(", ")));
+            None => {
+                self.error(service.line, "service.pipelines is missing: the collector would run nothing".to_owned())
+            }
+            Some(pipelines) => match pipelines.as_mapping() {
+                None => self
+                    .error(pipelines.line, format!("service.pipelines must be a mapping, found {}", pipelines.kind())),
+                Some([]) => {
+                    self.error(pipelines.line, "service.pipelines is empty: the collector would run nothing".to_owned())
+                }
+                Some(pairs) => {
+                    for (name_node, pipeline) in pairs {
+                        let name = name_node.as_str().unwrap_or_default().to_owned();
+                        let signal = name.split('/').next().unwrap_or_default();
+                        if !SIGNALS.contains(&signal) {
+                            self.error(
+                                name_node.line,
+                                format!(
+                                    "pipeline `{name}`: unknown signal `{signal}` (expected {})",
+                                    SIGNALS.join(", ")
+                                ),
+                            );
+                        }
+                        if pipeline.as_mapping().is_none() && !pipeline.is_null() {
+                            self.error(
+                                pipeline.line,
+                                format!("pipeline `{name}` must be a mapping, found {}", pipeline.kind()),
+                            );
+                            continue;
+                        }
+                        let receiver_ids = self.pipeline_list(pipeline, &name, "receivers");
+                        let processor_ids = self.pipeline_list(pipeline, &name, "processors");
+                        let exporter_ids = self.pipeline_list(pipeline, &name, "exporters");
+                        if receiver_ids.is_empty() {
+                            self.error(name_node.line, format!("pipeline `{name}` has no receivers"));
+                        }
+                        if exporter_ids.is_empty() {
+                            self.error(name_node.line, format!("pipeline `{name}` has no exporters"));
+                        }
+                        for (id, line) in &receiver_ids {
+                            if let Some(declared) = receivers.get_mut(id.as_str()) {
+                                declared.used = true;
+                            } else if let Some(declared) = connectors.get_mut(id.as_str()) {
+                                declared.used = true;
+                                connector_as_receiver.entry(id.clone()).or_insert(*line);
+                            } else {
+                                self.error(*line, format!("receiver `{id}` is used in pipeline `{name}` but not defined under `receivers` or `connectors`"));
                             }
-                            if pipeline.as_mapping().is_none() && !pipeline.is_null() {
-                                self.error(
-                                    pipeline.line,
-                                    format!(
-                                        "pipeline `{name}` must be a mapping, found {}",
-                                        pipeline.kind()
-                                    ),
-                                );
-                                continue;
-                            }
-                            let receiver_ids = self.pipeline_list(pipeline, &name, "receivers");
-                            let processor_ids = self.pipeline_list(pipeline, &name, "processors");
-                            let exporter_ids = self.pipeline_list(pipeline, &name, "exporters");
-                            if receiver_ids.is_empty() {
-                                self.error(
-                                    name_node.line,
-                                    format!("pipeline `{name}` has no receivers"),
-                                );
-                            }
-                            if exporter_ids.is_empty() {
-                                self.error(
-                                    name_node.line,
-                                    format!("pipeline `{name}` has no exporters"),
-                                );
-                            }
-                            for (id, line) in &receiver_ids {
-                                if let Some(declared) = receivers.get_mut(id.as_str()) {
-                                    declared.used = true;
-                                } else if let Some(declared) = connectors.get_mut(id.as_str()) {
-                                    declared.used = true;
-                                    connector_as_receiver.entry(id.clone()).or_insert(*line);
-                                } else {
-                                    self.error(*line, format!("receiver `{id}` is used in pipeline `{name}` but not defined under `receivers` or `connectors`"));
-                                }
-                            }
-                            for (id, line) in &processor_ids {
-                                match processors.get_mut(id.as_str()) {
+                        }
+                        for (id, line) in &processor_ids {
+                            match processors.get_mut(id.as_str()) {
                                 Some(declared) => declared.used = true,
                                 None => self.error(*line, format!("processor `{id}` is used in pipeline `{name}` but not defined under `processors`")),
                             }
-                            }
-                            for (id, line) in &exporter_ids {
-                                if let Some(declared) = exporters.get_mut(id.as_str()) {
-                                    declared.used = true;
-                                } else if let Some(declared) = connectors.get_mut(id.as_str()) {
-                                    declared.used = true;
-                                    connector_as_exporter.entry(id.clone()).or_insert(*line);
-                                } else {
-                                    self.error(*line, format!("exporter `{id}` is used in pipeline `{name}` but not defined under `exporters` or `connectors`"));
-                                }
-                            }
-                            self.processor_order(&name, &processor_ids);
                         }
+                        for (id, line) in &exporter_ids {
+                            if let Some(declared) = exporters.get_mut(id.as_str()) {
+                                declared.used = true;
+                            } else if let Some(declared) = connectors.get_mut(id.as_str()) {
+                                declared.used = true;
+                                connector_as_exporter.entry(id.clone()).or_insert(*line);
+                            } else {
+                                self.error(*line, format!("exporter `{id}` is used in pipeline `{name}` but not defined under `exporters` or `connectors`"));
+                            }
+                        }
+                        self.processor_order(&name, &processor_ids);
                     }
                 }
-            }
+            },
         }
 
         for (id, line) in &connector_as_exporter {
             if !connector_as_receiver.contains_key(id) {
-                self.error(*line, format!("connector `{id}` is used as an exporter but no pipeline uses it as a receiver"));
+                self.error(
+                    *line,
+                    format!("connector `{id}` is used as an exporter but no pipeline uses it as a receiver"),
+                );
             }
         }
         for (id, line) in &connector_as_receiver {
             if !connector_as_exporter.contains_key(id) {
-                self.error(*line, format!("connector `{id}` is used as a receiver but no pipeline uses it as an exporter"));
-            }
-        }
-
-        for (kind, declared) in [
-            ("receiver", &receivers),
-            ("processor", &processors),
-            ("exporter", &exporters),
-            ("connector", &connectors),
-        ] {
-            for (id, component) in declared.iter().filter(|(_, c)| !c.used) {
-                self.warning(
-                    component.line,
-                    format!("{kind} `{id}` is defined but not used in any pipeline"),
+                self.error(
+                    *line,
+                    format!("connector `{id}` is used as a receiver but no pipeline uses it as an exporter"),
                 );
             }
         }
+
+        for (kind, declared) in
+            [("receiver", &receivers), ("processor", &processors), ("exporter", &exporters), ("connector", &connectors)]
+        {
+            for (id, component) in declared.iter().filter(|(_, c)| !c.used) {
+                self.warning(component.line, format!("{kind} `{id}` is defined but not used in any pipeline"));
+            }
+        }
         for (id, component) in extensions.iter().filter(|(_, c)| !c.used) {
-            self.warning(
-                component.line,
-                format!("extension `{id}` is defined but not enabled in service.extensions"),
-            );
+            self.warning(component.line, format!("extension `{id}` is defined but not enabled in service.extensions"));
         }
     }
 
@@ -265,40 +222,21 @@ impl Lint<'_> {
             return declared;
         };
         let Some(pairs) = node.as_mapping() else {
-            self.error(
-                node.line,
-                format!(
-                    "`{section}` must be a mapping of components, found {}",
-                    node.kind()
-                ),
-            );
+            self.error(node.line, format!("`{section}` must be a mapping of components, found {}", node.kind()));
             return declared;
         };
         for (key, value) in pairs {
             match key.as_str() {
                 Some(id) if valid_component_id(id) => {
-                    if declared
-                        .insert(
-                            id.to_owned(),
-                            Declared {
-                                line: key.line,
-                                used: false,
-                                _node: value,
-                            },
-                        )
-                        .is_some()
+                    if declared.insert(id.to_owned(), Declared { line: key.line, used: false, _node: value }).is_some()
                     {
                         self.error(key.line, format!("`{section}.{id}` is defined twice"));
                     }
                 }
-                Some(id) => self.error(
-                    key.line,
-                    format!("`{id}` under `{section}` is not a component id (type or type/name)"),
-                ),
-                None => self.error(
-                    key.line,
-                    format!("keys under `{section}` must be component ids"),
-                ),
+                Some(id) => {
+                    self.error(key.line, format!("`{id}` under `{section}` is not a component id (type or type/name)"))
+                }
+                None => self.error(key.line, format!("keys under `{section}` must be component ids")),
             }
         }
         declared
@@ -314,10 +252,7 @@ impl Lint<'_> {
 
     fn id_list(&mut self, list: &Node, what: &str) -> Vec<(String, u32)> {
         let Some(items) = list.as_sequence() else {
-            self.error(
-                list.line,
-                format!("{what} must be a list, found {}", list.kind()),
-            );
+            self.error(list.line, format!("{what} must be a list, found {}", list.kind()));
             return Vec::new();
         };
         let mut seen = BTreeSet::new();
@@ -331,10 +266,7 @@ impl Lint<'_> {
                     }
                     ids.push((id.to_owned(), item.line));
                 }
-                _ => self.error(
-                    item.line,
-                    format!("{what} must list component ids, found {}", item.kind()),
-                ),
+                _ => self.error(item.line, format!("{what} must list component ids, found {}", item.kind())),
             }
         }
         ids
@@ -342,18 +274,14 @@ impl Lint<'_> {
 
     fn processor_order(&mut self, pipeline: &str, processors: &[(String, u32)]) {
         let kind = |id: &str| id.split('/').next().unwrap_or_default().to_owned();
-        if let Some(position) = processors
-            .iter()
-            .position(|(id, _)| kind(id) == "memory_limiter")
+        if let Some(position) = processors.iter().position(|(id, _)| kind(id) == "memory_limiter")
             && position > 0
         {
             let (id, line) = &processors[position];
             self.warning(*line, format!("`{id}` should be the first processor in pipeline `{pipeline}` so it can refuse data before other processors use memory"));
         }
         let first_batch = processors.iter().position(|(id, _)| kind(id) == "batch");
-        let last_sampler = processors
-            .iter()
-            .rposition(|(id, _)| SAMPLERS.contains(&kind(id).as_str()));
+        let last_sampler = processors.iter().rposition(|(id, _)| SAMPLERS.contains(&kind(id).as_str()));
         if let (Some(batch), Some(sampler)) = (first_batch, last_sampler)
             && batch < sampler
         {
@@ -377,10 +305,7 @@ mod tests {
     use super::*;
 
     fn messages(text: &str) -> Vec<String> {
-        lint("configs/x.yaml", text.as_bytes())
-            .iter()
-            .map(ToString::to_string)
-            .collect()
+        lint("configs/x.yaml", text.as_bytes()).iter().map(ToString::to_string).collect()
     }
 
     const GOOD: &str = "\
@@ -521,10 +446,7 @@ service:
 
     #[test]
     fn structural_errors() {
-        assert_eq!(
-            messages(""),
-            vec!["configs/x.yaml: error: configuration is empty"]
-        );
+        assert_eq!(messages(""), vec!["configs/x.yaml: error: configuration is empty"]);
         assert_eq!(
             messages("- a\n- b\n"),
             vec!["configs/x.yaml:1: error: a collector configuration is a mapping, found a list"]
@@ -538,31 +460,20 @@ service:
         );
         assert_eq!(
             messages("receivers: {}\n"),
-            vec![
-                "configs/x.yaml:1: error: no `service` section: the collector would run no pipeline"
-            ]
+            vec!["configs/x.yaml:1: error: no `service` section: the collector would run no pipeline"]
         );
         let yaml_error = messages("service:\n  pipelines: [\n");
         assert_eq!(yaml_error.len(), 1);
-        assert!(
-            yaml_error[0].contains("error: invalid YAML"),
-            "{yaml_error:?}"
-        );
+        assert!(yaml_error[0].contains("error: invalid YAML"), "{yaml_error:?}");
     }
 
     #[test]
     fn bytes_that_are_not_utf8_and_bad_json() {
         assert_eq!(
-            lint("configs/x.yaml", b"receivers:\n  \xff: {}\n")
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>(),
+            lint("configs/x.yaml", b"receivers:\n  \xff: {}\n").iter().map(ToString::to_string).collect::<Vec<_>>(),
             vec!["configs/x.yaml:2: error: file is not valid UTF-8"]
         );
-        assert_eq!(
-            lint("configs/sdk.json", br#"{"sampler": "always_on"}"#),
-            vec![]
-        );
+        assert_eq!(lint("configs/sdk.json", br#"{"sampler": "always_on"}"#), vec![]);
         let bad = lint("configs/sdk.json", b"{\n  \"a\": \n}");
         assert_eq!(bad.len(), 1);
         assert_eq!(bad[0].line, Some(3));

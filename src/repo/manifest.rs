@@ -67,12 +67,7 @@ pub struct TokenPolicy {
 
 impl Default for TokenPolicy {
     fn default() -> Self {
-        Self {
-            expires: None,
-            rotate: 0,
-            grace: DEFAULT_GRACE,
-            revoked: Vec::new(),
-        }
+        Self { expires: None, rotate: 0, grace: DEFAULT_GRACE, revoked: Vec::new() }
     }
 }
 
@@ -92,53 +87,26 @@ pub struct HealthSettings {
 
 impl Default for HealthSettings {
     fn default() -> Self {
-        Self {
-            stale_after: DEFAULT_STALE_AFTER,
-        }
+        Self { stale_after: DEFAULT_STALE_AFTER }
     }
 }
 
 /// Parses one fleet file. Returns the spec when the file is usable (it may still carry
 /// warnings) and every problem found.
 pub fn parse_fleet(name: &str, file: &str, text: &str) -> (Option<FleetSpec>, Vec<Problem>) {
-    let mut walker = Walker {
-        file,
-        text,
-        problems: Vec::new(),
-    };
+    let mut walker = Walker { file, text, problems: Vec::new() };
     let table = match DeTable::parse(text) {
         Ok(table) => table,
         Err(error) => {
             let line = error.span().map(|span| line_of_offset(text, span.start));
             let message = error.message().trim().to_owned();
-            return (
-                None,
-                vec![Problem::error(
-                    file,
-                    line,
-                    format!("invalid TOML: {message}"),
-                )],
-            );
+            return (None, vec![Problem::error(file, line, format!("invalid TOML: {message}"))]);
         }
     };
     let table = table.get_ref();
-    walker.known_keys(
-        table,
-        "",
-        &[
-            "description",
-            "config",
-            "version",
-            "token",
-            "install",
-            "health",
-        ],
-    );
+    walker.known_keys(table, "", &["description", "config", "version", "token", "install", "health"]);
 
-    let description = walker
-        .string(table, "description")
-        .map(|(s, _)| s)
-        .unwrap_or_default();
+    let description = walker.string(table, "description").map(|(s, _)| s).unwrap_or_default();
     let config = walker.string(table, "config");
     let version = walker.string(table, "version");
     let config_line = config.as_ref().map(|(_, line)| *line);
@@ -165,8 +133,7 @@ pub fn parse_fleet(name: &str, file: &str, text: &str) -> (Option<FleetSpec>, Ve
     if version.is_some() && config.is_none() && config_line.is_none() {
         walker.error(
             version_line.unwrap_or(1),
-            "`version` is set but `config` is missing: which configuration should the fleet run?"
-                .to_owned(),
+            "`version` is set but `config` is missing: which configuration should the fleet run?".to_owned(),
         );
     }
 
@@ -204,31 +171,20 @@ impl<'a> Walker<'a> {
     }
 
     fn error(&mut self, line: u32, message: String) {
-        self.problems
-            .push(Problem::error(self.file, Some(line), message));
+        self.problems.push(Problem::error(self.file, Some(line), message));
     }
 
     fn known_keys(&mut self, table: &DeTable<'_>, prefix: &str, allowed: &[&str]) {
         for key in table.keys() {
             if !allowed.contains(&key.get_ref().as_ref()) {
                 let line = self.line(key.span().start);
-                self.error(
-                    line,
-                    format!(
-                        "unknown key `{prefix}{}` (allowed: {})",
-                        key.get_ref(),
-                        allowed.join(", ")
-                    ),
-                );
+                self.error(line, format!("unknown key `{prefix}{}` (allowed: {})", key.get_ref(), allowed.join(", ")));
             }
         }
     }
 
     fn get<'t, 'i>(&self, table: &'t DeTable<'i>, key: &str) -> Option<&'t Entry<'i>> {
-        table
-            .iter()
-            .find(|(k, _)| k.get_ref().as_ref() == key)
-            .map(|(_, v)| v)
+        table.iter().find(|(k, _)| k.get_ref().as_ref() == key).map(|(_, v)| v)
     }
 
     fn string(&mut self, table: &DeTable<'_>, key: &str) -> Option<(String, u32)> {
@@ -237,13 +193,7 @@ impl<'a> Walker<'a> {
         match value.get_ref().as_str() {
             Some(text) => Some((text.to_owned(), line)),
             None => {
-                self.error(
-                    line,
-                    format!(
-                        "`{key}` must be a string, found {}",
-                        value.get_ref().type_str()
-                    ),
-                );
+                self.error(line, format!("`{key}` must be a string, found {}", value.get_ref().type_str()));
                 None
             }
         }
@@ -255,13 +205,7 @@ impl<'a> Walker<'a> {
             Some(sub) => Some(sub),
             None => {
                 let line = self.line(value.span().start);
-                self.error(
-                    line,
-                    format!(
-                        "`{key}` must be a table ([{key}]), found {}",
-                        value.get_ref().type_str()
-                    ),
-                );
+                self.error(line, format!("`{key}` must be a table ([{key}]), found {}", value.get_ref().type_str()));
                 None
             }
         }
@@ -287,14 +231,11 @@ impl<'a> Walker<'a> {
         if let Some((text, line)) = self.string(token, "expires") {
             if text != "never" {
                 match parse_duration(&text) {
-                    Ok(duration) if duration.is_zero() => self.error(
-                        line,
-                        "`token.expires` must be longer than zero (or \"never\")".to_owned(),
-                    ),
-                    Ok(duration) => policy.expires = Some(duration),
-                    Err(message) => {
-                        self.error(line, format!("`token.expires`: {message} (or \"never\")"))
+                    Ok(duration) if duration.is_zero() => {
+                        self.error(line, "`token.expires` must be longer than zero (or \"never\")".to_owned())
                     }
+                    Ok(duration) => policy.expires = Some(duration),
+                    Err(message) => self.error(line, format!("`token.expires`: {message} (or \"never\")")),
                 }
             }
         }
@@ -308,8 +249,7 @@ impl<'a> Walker<'a> {
                 Some(rotate) => policy.rotate = rotate,
                 None => self.error(
                     line,
-                    "`token.rotate` must be a whole number from 0 (bump it to issue a new token)"
-                        .to_owned(),
+                    "`token.rotate` must be a whole number from 0 (bump it to issue a new token)".to_owned(),
                 ),
             }
         }
@@ -319,10 +259,7 @@ impl<'a> Walker<'a> {
         if let Some(value) = self.get(token, "revoked") {
             let line = self.line(value.span().start);
             match value.get_ref().as_array() {
-                None => self.error(
-                    line,
-                    "`token.revoked` must be a list of token ids".to_owned(),
-                ),
+                None => self.error(line, "`token.revoked` must be a list of token ids".to_owned()),
                 Some(items) => {
                     for item in items {
                         let item_line = self.line(item.span().start);
@@ -335,10 +272,7 @@ impl<'a> Walker<'a> {
                                     id.escape_default()
                                 ),
                             ),
-                            None => self.error(
-                                item_line,
-                                "`token.revoked` must list token ids as strings".to_owned(),
-                            ),
+                            None => self.error(item_line, "`token.revoked` must list token ids as strings".to_owned()),
                         }
                     }
                 }
@@ -352,11 +286,7 @@ impl<'a> Walker<'a> {
         let Some(section) = self.subtable(table, "install") else {
             return install;
         };
-        self.known_keys(
-            section,
-            "install.",
-            &["endpoint", "collector_version", "supervisor_version"],
-        );
+        self.known_keys(section, "install.", &["endpoint", "collector_version", "supervisor_version"]);
         if let Some((endpoint, line)) = self.string(section, "endpoint") {
             match check_endpoint(&endpoint) {
                 Ok(()) => install.endpoint = Some(endpoint),
@@ -367,11 +297,7 @@ impl<'a> Walker<'a> {
             if let Some((version, line)) = self.string(section, key) {
                 let release = version.strip_prefix('v').unwrap_or(&version);
                 let parts: Vec<&str> = release.split('.').collect();
-                if parts.len() == 3
-                    && parts
-                        .iter()
-                        .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-                {
+                if parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
                     let value = Some(release.to_owned());
                     if key == "collector_version" {
                         install.collector_version = value
@@ -408,10 +334,7 @@ impl<'a> Walker<'a> {
 /// Token ids are public: `tk_` followed by lowercase hex.
 pub fn is_token_id(id: &str) -> bool {
     id.strip_prefix("tk_").is_some_and(|rest| {
-        (8..=32).contains(&rest.len())
-            && rest
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        (8..=32).contains(&rest.len()) && rest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -424,9 +347,7 @@ fn check_endpoint(endpoint: &str) -> Result<(), String> {
         ));
     };
     if !matches!(scheme, "ws" | "wss" | "http" | "https") {
-        return Err(format!(
-            "scheme `{scheme}` is not one collectors dial (ws, wss, http or https)"
-        ));
+        return Err(format!("scheme `{scheme}` is not one collectors dial (ws, wss, http or https)"));
     }
     let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
     if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -440,11 +361,7 @@ mod tests {
     use super::*;
 
     fn problems(text: &str) -> Vec<String> {
-        parse_fleet("prod", "fleets/prod.toml", text)
-            .1
-            .iter()
-            .map(ToString::to_string)
-            .collect()
+        parse_fleet("prod", "fleets/prod.toml", text).1.iter().map(ToString::to_string).collect()
     }
 
     #[test]
@@ -480,33 +397,23 @@ stale_after = "2m"
                 revoked: vec!["tk_4f9c2a1b".to_owned()],
             }
         );
-        assert_eq!(
-            spec.install.endpoint.as_deref(),
-            Some("wss://fleet.example.com:4320/v1/opamp")
-        );
+        assert_eq!(spec.install.endpoint.as_deref(), Some("wss://fleet.example.com:4320/v1/opamp"));
         assert_eq!(spec.health.stale_after, Duration::from_secs(120));
     }
 
     #[test]
     fn observe_only_and_latest() {
-        let (spec, problems) =
-            parse_fleet("edge", "fleets/edge.toml", "description = \"watch only\"\n");
+        let (spec, problems) = parse_fleet("edge", "fleets/edge.toml", "description = \"watch only\"\n");
         assert_eq!(problems, vec![]);
         assert!(spec.expect("valid").observe_only());
-        let (spec, _) = parse_fleet(
-            "staging",
-            "fleets/staging.toml",
-            "config = \"gateway\"\nversion = \"latest\"\n",
-        );
+        let (spec, _) = parse_fleet("staging", "fleets/staging.toml", "config = \"gateway\"\nversion = \"latest\"\n");
         assert_eq!(spec.expect("valid").version, Some(VersionSelector::Latest));
     }
 
     #[test]
     fn every_unknown_key_is_reported_with_its_line() {
         assert_eq!(
-            problems(
-                "config = \"gateway\"\nverison = \"v7\"\n[token]\nexpire = \"1y\"\n[instal]\n"
-            ),
+            problems("config = \"gateway\"\nverison = \"v7\"\n[token]\nexpire = \"1y\"\n[instal]\n"),
             vec![
                 "fleets/prod.toml:2: error: unknown key `verison` (allowed: description, config, version, token, install, health)",
                 "fleets/prod.toml:4: error: unknown key `token.expire` (allowed: expires, rotate, grace, revoked)",

@@ -12,21 +12,14 @@ pub fn check_name(name: &str) -> Result<(), String> {
         return Err("name is empty".to_owned());
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(format!(
-            "name `{}` is longer than {MAX_NAME_LEN} characters",
-            printable(name)
-        ));
+        return Err(format!("name `{}` is longer than {MAX_NAME_LEN} characters", printable(name)));
     }
     let first = name.as_bytes()[0];
     if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
-        return Err(format!(
-            "name `{}` must start with a lowercase letter or a digit",
-            printable(name)
-        ));
+        return Err(format!("name `{}` must start with a lowercase letter or a digit", printable(name)));
     }
-    if let Some(bad) = name
-        .chars()
-        .find(|&c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')))
+    if let Some(bad) =
+        name.chars().find(|&c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')))
     {
         return Err(format!(
             "name `{}` contains `{}`; use lowercase letters, digits, `-`, `_` and `.`",
@@ -44,24 +37,15 @@ pub fn check_version(version: &str) -> Result<(), String> {
         return Err("version is empty".to_owned());
     }
     if version.len() > MAX_NAME_LEN {
-        return Err(format!(
-            "version `{}` is longer than {MAX_NAME_LEN} characters",
-            printable(version)
-        ));
+        return Err(format!("version `{}` is longer than {MAX_NAME_LEN} characters", printable(version)));
     }
     if version == "latest" {
         return Err("`latest` is reserved: it means the highest published version".to_owned());
     }
     if !version.as_bytes()[0].is_ascii_alphanumeric() {
-        return Err(format!(
-            "version `{}` must start with a letter or a digit",
-            printable(version)
-        ));
+        return Err(format!("version `{}` must start with a letter or a digit", printable(version)));
     }
-    if let Some(bad) = version
-        .chars()
-        .find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+')))
-    {
+    if let Some(bad) = version.chars().find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+'))) {
         return Err(format!(
             "version `{}` contains `{}`; use letters, digits, `-`, `_`, `.` and `+`",
             printable(version),
@@ -73,10 +57,7 @@ pub fn check_version(version: &str) -> Result<(), String> {
 
 /// A name as it can be shown safely in one line of a message.
 fn printable(name: &str) -> String {
-    name.chars()
-        .take(80)
-        .flat_map(char::escape_default)
-        .collect()
+    name.chars().take(80).flat_map(char::escape_default).collect()
 }
 
 #[cfg(test)]
@@ -92,9 +73,7 @@ mod tests {
 
     #[test]
     fn rejects_names_that_could_escape_or_confuse() {
-        for name in [
-            "", "..", "../etc", "a/b", "Prod", "-x", ".hidden", "a b", "x\u{0}", "é",
-        ] {
+        for name in ["", "..", "../etc", "a/b", "Prod", "-x", ".hidden", "a b", "x\u{0}", "é"] {
             assert!(check_name(name).is_err(), "{name:?} should be rejected");
         }
         assert!(check_name(&"a".repeat(64)).is_err());
@@ -106,10 +85,7 @@ mod tests {
             assert_eq!(check_version(version), Ok(()), "{version}");
         }
         for version in ["", "latest", "a/b", "-1", "v 1", "v1~"] {
-            assert!(
-                check_version(version).is_err(),
-                "{version:?} should be rejected"
-            );
+            assert!(check_version(version).is_err(), "{version:?} should be rejected");
         }
     }
 }

@@ -35,14 +35,8 @@ fn split_prerelease(version: &str) -> (&str, Option<&str>) {
     };
     let digits = core.strip_prefix(['v', 'V']).unwrap_or(core);
     let looks_numeric = !digits.is_empty()
-        && digits
-            .split('.')
-            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()));
-    if looks_numeric && !pre.is_empty() {
-        (core, Some(pre))
-    } else {
-        (version, None)
-    }
+        && digits.split('.').all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()));
+    if looks_numeric && !pre.is_empty() { (core, Some(pre)) } else { (version, None) }
 }
 
 /// Natural order: runs of digits compare as numbers, everything else as text (ignoring
@@ -56,18 +50,14 @@ fn natural_compare(a: &str, b: &str) -> Ordering {
             (None, Some(_)) => return Ordering::Less,
             (Some(_), None) => return Ordering::Greater,
             (Some(a_chunk), Some(b_chunk)) => {
-                let order = match (
-                    a_chunk.bytes().all(|b| b.is_ascii_digit()),
-                    b_chunk.bytes().all(|b| b.is_ascii_digit()),
-                ) {
-                    (true, true) => compare_digit_runs(a_chunk, b_chunk),
-                    // Numbers sort before words, as in semver pre-release identifiers.
-                    (true, false) => Ordering::Less,
-                    (false, true) => Ordering::Greater,
-                    (false, false) => a_chunk
-                        .to_ascii_lowercase()
-                        .cmp(&b_chunk.to_ascii_lowercase()),
-                };
+                let order =
+                    match (a_chunk.bytes().all(|b| b.is_ascii_digit()), b_chunk.bytes().all(|b| b.is_ascii_digit())) {
+                        (true, true) => compare_digit_runs(a_chunk, b_chunk),
+                        // Numbers sort before words, as in semver pre-release identifiers.
+                        (true, false) => Ordering::Less,
+                        (false, true) => Ordering::Greater,
+                        (false, false) => a_chunk.to_ascii_lowercase().cmp(&b_chunk.to_ascii_lowercase()),
+                    };
                 if order != Ordering::Equal {
                     return order;
                 }
@@ -88,9 +78,7 @@ fn chunks(text: &str) -> impl Iterator<Item = &str> {
     std::iter::from_fn(move || {
         let first = rest.chars().next()?;
         let digit = first.is_ascii_digit();
-        let end = rest
-            .find(|c: char| c.is_ascii_digit() != digit)
-            .unwrap_or(rest.len());
+        let end = rest.find(|c: char| c.is_ascii_digit() != digit).unwrap_or(rest.len());
         let (chunk, tail) = rest.split_at(end);
         rest = tail;
         Some(chunk)
@@ -108,26 +96,14 @@ mod tests {
 
     #[test]
     fn numbers_compare_as_numbers() {
-        assert_eq!(
-            sorted(vec!["v10", "v2", "v1", "v9"]),
-            vec!["v1", "v2", "v9", "v10"]
-        );
-        assert_eq!(
-            sorted(vec!["1.10.0", "1.4.0", "1.4.10", "1.4.2"]),
-            vec!["1.4.0", "1.4.2", "1.4.10", "1.10.0"]
-        );
+        assert_eq!(sorted(vec!["v10", "v2", "v1", "v9"]), vec!["v1", "v2", "v9", "v10"]);
+        assert_eq!(sorted(vec!["1.10.0", "1.4.0", "1.4.10", "1.4.2"]), vec!["1.4.0", "1.4.2", "1.4.10", "1.10.0"]);
     }
 
     #[test]
     fn prereleases_come_before_their_release() {
         assert_eq!(
-            sorted(vec![
-                "1.0.0",
-                "1.0.0-rc.2",
-                "1.0.0-alpha",
-                "1.0.0-rc.10",
-                "0.9.9"
-            ]),
+            sorted(vec!["1.0.0", "1.0.0-rc.2", "1.0.0-alpha", "1.0.0-rc.10", "0.9.9"]),
             vec!["0.9.9", "1.0.0-alpha", "1.0.0-rc.2", "1.0.0-rc.10", "1.0.0"]
         );
         assert_eq!(compare_versions("v2.0.0-rc1", "v2.0.0"), Ordering::Less);

@@ -54,10 +54,7 @@ impl Node {
 
     /// The value under a scalar key of a mapping.
     pub fn get(&self, key: &str) -> Option<&Node> {
-        self.as_mapping()?
-            .iter()
-            .find(|(k, _)| k.as_str() == Some(key))
-            .map(|(_, v)| v)
+        self.as_mapping()?.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
     }
 
     /// What kind of node this is, for messages.
@@ -93,25 +90,14 @@ pub fn parse(text: &str) -> Result<Option<Node>, YamlError> {
 
 fn scan_error(error: ScanError) -> YamlError {
     YamlError {
-        line: u32::try_from(error.marker().line())
-            .unwrap_or(u32::MAX)
-            .max(1),
+        line: u32::try_from(error.marker().line()).unwrap_or(u32::MAX).max(1),
         message: error.info().to_owned(),
     }
 }
 
 enum Open {
-    Sequence {
-        line: u32,
-        anchor: usize,
-        items: Vec<Node>,
-    },
-    Mapping {
-        line: u32,
-        anchor: usize,
-        pairs: Vec<(Node, Node)>,
-        key: Option<Node>,
-    },
+    Sequence { line: u32, anchor: usize, items: Vec<Node> },
+    Mapping { line: u32, anchor: usize, pairs: Vec<(Node, Node)>, key: Option<Node> },
 }
 
 #[derive(Default)]
@@ -126,10 +112,7 @@ impl Builder {
     fn push(&mut self, event: Event<'_>, line: u32) -> Result<Option<Node>, YamlError> {
         let finished = match event {
             Event::Scalar(text, _, anchor, _) => {
-                let node = Node {
-                    line,
-                    value: Value::Scalar(text.into_owned()),
-                };
+                let node = Node { line, value: Value::Scalar(text.into_owned()) };
                 self.remember(anchor, &node);
                 Some(node)
             }
@@ -138,90 +121,46 @@ impl Builder {
                     .anchors
                     .get(&anchor)
                     .cloned()
-                    .ok_or_else(|| YamlError {
-                        line,
-                        message: "alias to an unknown anchor".to_owned(),
-                    })?;
+                    .ok_or_else(|| YamlError { line, message: "alias to an unknown anchor".to_owned() })?;
                 self.count(&node, line)?;
-                Some(Node {
-                    line,
-                    value: node.value,
-                })
+                Some(Node { line, value: node.value })
             }
             Event::SequenceStart(anchor, _) => {
-                self.open(
-                    Open::Sequence {
-                        line,
-                        anchor,
-                        items: Vec::new(),
-                    },
-                    line,
-                )?;
+                self.open(Open::Sequence { line, anchor, items: Vec::new() }, line)?;
                 None
             }
             Event::MappingStart(anchor, _) => {
-                self.open(
-                    Open::Mapping {
-                        line,
-                        anchor,
-                        pairs: Vec::new(),
-                        key: None,
-                    },
-                    line,
-                )?;
+                self.open(Open::Mapping { line, anchor, pairs: Vec::new(), key: None }, line)?;
                 None
             }
             Event::SequenceEnd | Event::MappingEnd => {
                 let node = match self.stack.pop() {
-                    Some(Open::Sequence {
-                        line,
-                        anchor,
-                        items,
-                    }) => {
-                        let node = Node {
-                            line,
-                            value: Value::Sequence(items),
-                        };
+                    Some(Open::Sequence { line, anchor, items }) => {
+                        let node = Node { line, value: Value::Sequence(items) };
                         self.remember(anchor, &node);
                         node
                     }
-                    Some(Open::Mapping {
-                        line,
-                        anchor,
-                        pairs,
-                        ..
-                    }) => {
-                        let node = Node {
-                            line,
-                            value: Value::Mapping(pairs),
-                        };
+                    Some(Open::Mapping { line, anchor, pairs, .. }) => {
+                        let node = Node { line, value: Value::Mapping(pairs) };
                         self.remember(anchor, &node);
                         node
                     }
                     None => {
-                        return Err(YamlError {
-                            line,
-                            message: "unbalanced collection end".to_owned(),
-                        });
+                        return Err(YamlError { line, message: "unbalanced collection end".to_owned() });
                     }
                 };
                 Some(node)
             }
-            Event::StreamStart
-            | Event::StreamEnd
-            | Event::DocumentStart(_)
-            | Event::DocumentEnd
-            | Event::Nothing => None,
+            Event::StreamStart | Event::StreamEnd | Event::DocumentStart(_) | Event::DocumentEnd | Event::Nothing => {
+                None
+            }
         };
         let Some(node) = finished else {
             return Ok(None);
         };
         self.nodes += 1;
         if self.nodes > MAX_NODES {
-            return Err(YamlError {
-                line,
-                message: format!("document has more than {MAX_NODES} nodes"),
-            });
+            return Err(YamlError { line, message: format!("document has more than {MAX_NODES} nodes") });
         }
         match self.stack.last_mut() {
             None => Ok(Some(node)),
@@ -241,10 +180,7 @@ impl Builder {
 
     fn open(&mut self, collection: Open, line: u32) -> Result<(), YamlError> {
         if self.stack.len() >= MAX_DEPTH {
-            return Err(YamlError {
-                line,
-                message: format!("nesting deeper than {MAX_DEPTH} levels"),
-            });
+            return Err(YamlError { line, message: format!("nesting deeper than {MAX_DEPTH} levels") });
         }
         self.stack.push(collection);
         Ok(())
@@ -262,17 +198,12 @@ impl Builder {
             match &node.value {
                 Value::Scalar(_) => 1,
                 Value::Sequence(items) => 1 + items.iter().map(size).sum::<usize>(),
-                Value::Mapping(pairs) => {
-                    1 + pairs.iter().map(|(k, v)| size(k) + size(v)).sum::<usize>()
-                }
+                Value::Mapping(pairs) => 1 + pairs.iter().map(|(k, v)| size(k) + size(v)).sum::<usize>(),
             }
         }
         self.nodes += size(node);
         if self.nodes > MAX_NODES {
-            return Err(YamlError {
-                line,
-                message: format!("aliases expand to more than {MAX_NODES} nodes"),
-            });
+            return Err(YamlError { line, message: format!("aliases expand to more than {MAX_NODES} nodes") });
         }
         Ok(())
     }
@@ -284,7 +215,8 @@ mod tests {
 
     #[test]
     fn nodes_carry_their_lines() {
-        let text = "receivers:\n  otlp:\n    protocols: {}\nservice:\n  pipelines:\n    traces:\n      receivers: [otlp]\n";
+        let text =
+            "receivers:\n  otlp:\n    protocols: {}\nservice:\n  pipelines:\n    traces:\n      receivers: [otlp]\n";
         let root = parse(text).expect("valid").expect("one document");
         assert_eq!(root.get("service").map(|n| n.line), Some(5));
         let receivers = root
@@ -292,9 +224,7 @@ mod tests {
             .and_then(|s| s.get("pipelines"))
             .and_then(|p| p.get("traces"))
             .and_then(|t| t.get("receivers"));
-        let first = receivers
-            .and_then(Node::as_sequence)
-            .map(|items| (items[0].as_str(), items[0].line));
+        let first = receivers.and_then(Node::as_sequence).map(|items| (items[0].as_str(), items[0].line));
         assert_eq!(first, Some((Some("otlp"), 7)));
     }
 
@@ -306,15 +236,8 @@ mod tests {
 
     #[test]
     fn aliases_expand_and_unknown_aliases_fail() {
-        let root = parse("base: &b {x: 1}\nother: *b\n")
-            .expect("valid")
-            .expect("document");
-        assert_eq!(
-            root.get("other")
-                .and_then(|o| o.get("x"))
-                .and_then(Node::as_str),
-            Some("1")
-        );
+        let root = parse("base: &b {x: 1}\nother: *b\n").expect("valid").expect("document");
+        assert_eq!(root.get("other").and_then(|o| o.get("x")).and_then(Node::as_str), Some("1"));
         assert!(parse("a: *nope\n").is_err());
     }
 

@@ -1,0 +1,144 @@
+//! Wires the components of `gitfleet serve`, runs them as named tasks, and shuts them down
+//! gracefully.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::git::mirror::Mirror;
+use crate::git::watcher::{self, WatcherSettings};
+use crate::git::{GitError, watcher::redact_url};
+use crate::reconciler::{Reconciler, View};
+use crate::settings::Settings;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, StoreError};
+use crate::web::{self, WebState};
+
+/// How long running tasks get to finish after shutdown starts.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Git(#[from] GitError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen { address: SocketAddr, source: std::io::Error },
+    #[error("cannot watch {path} for changes: {source}")]
+    Watch { path: String, source: notify::Error },
+}
+
+/// A running server.
+pub struct Running {
+    pub web_addr: SocketAddr,
+    pub view: watch::Receiver<Arc<View>>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    _fs_watch: Option<notify::RecommendedWatcher>,
+}
+
+impl Running {
+    /// Stops every task and waits for them (at most `DRAIN_TIMEOUT`).
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.tracker.wait()).await.is_err() {
+            warn!("tasks did not stop within {DRAIN_TIMEOUT:?}");
+        }
+        info!("stopped");
+    }
+}
+
+/// Starts the server; returns once every socket is bound.
+pub async fn start(settings: Settings) -> Result<Running, AppError> {
+    let store: Arc<dyn Store> = {
+        let path = settings.data_dir.join("state.db");
+        tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+            .await
+            .expect("opening the store does not panic")?
+    };
+    let mirror = {
+        let (repo, path) = (settings.repo.clone(), settings.data_dir.join("repo.git"));
+        Arc::new(
+            tokio::task::spawn_blocking(move || Mirror::open(&repo, &path))
+                .await
+                .expect("opening the mirror does not panic")?,
+        )
+    };
+    let listener = tokio::net::TcpListener::bind(settings.web_listen)
+        .await
+        .map_err(|source| AppError::Listen { address: settings.web_listen, source })?;
+    let web_addr = listener.local_addr().map_err(|source| AppError::Listen { address: settings.web_listen, source })?;
+
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (view_tx, view_rx) = watch::channel(Arc::new(View::default()));
+    let (events_tx, events_rx) = mpsc::channel(64);
+    let (triggers_tx, triggers_rx) = mpsc::channel(16);
+
+    let reconciler = Reconciler::load(store, view_tx).await?;
+    tracker.spawn(reconciler.run(events_rx, cancel.clone()).instrument(info_span!("reconciler")));
+
+    let fs_watch = match &settings.local_git_dir {
+        Some(git_dir) => Some(
+            watcher::watch_local_refs(git_dir.clone(), triggers_tx.clone())
+                .map_err(|source| AppError::Watch { path: git_dir.display().to_string(), source })?,
+        ),
+        None => None,
+    };
+    let watcher_settings = WatcherSettings { branch: settings.branch.clone(), poll_interval: settings.poll_interval };
+    tracker.spawn(
+        watcher::run(watcher_settings, mirror, triggers_rx, events_tx, cancel.clone())
+            .instrument(info_span!("watcher")),
+    );
+
+    let router = web::router(WebState {
+        view: view_rx.clone(),
+        triggers: triggers_tx,
+        webhook_secret: settings.webhook_secret.clone(),
+    });
+    let web_cancel = cancel.clone();
+    tracker.spawn(
+        async move {
+            let served = axum::serve(listener, router).with_graceful_shutdown(web_cancel.cancelled_owned()).await;
+            if let Err(error) = served {
+                warn!(%error, "web server stopped with an error");
+            }
+        }
+        .instrument(info_span!("web")),
+    );
+
+    info!(
+        repo = %redact_url(&settings.repo),
+        branch = %settings.branch,
+        web = %web_addr,
+        poll_interval = %crate::duration::format_duration(settings.poll_interval),
+        fs_watch = settings.local_git_dir.is_some(),
+        webhook_secret = settings.webhook_secret.is_some(),
+        "gitfleet serving"
+    );
+    Ok(Running { web_addr, view: view_rx, cancel, tracker, _fs_watch: fs_watch })
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler works on unix");
+        tokio::select! {
+            _ = interrupt => {},
+            _ = terminate.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    info!("shutdown requested");
+}

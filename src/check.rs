@@ -1,0 +1,230 @@
+//! `gitfleet check`: validate a repository and show what it would change against a base, as
+//! text for a terminal, Markdown for a pull-request comment, or JSON for tools.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use crate::git::GitError;
+use crate::git::snapshot::SnapshotReader;
+use crate::plan::{Plan, plan};
+use crate::problem::{Problem, Severity};
+use crate::repo::desired::{self, short};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Markdown,
+    Json,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct CheckArgs {
+    /// The repository to check (any directory inside it).
+    #[arg(long, default_value = ".")]
+    pub repo: PathBuf,
+    /// The commit (branch, tag, id) to compare with, e.g. origin/main in a pull request.
+    #[arg(long)]
+    pub base: Option<String>,
+    /// The commit to check.
+    #[arg(long, default_value = "HEAD")]
+    pub rev: String,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+/// Reads and compiles the repository at `--rev` (and `--base`), and plans the change.
+pub fn run(args: &CheckArgs) -> Result<Plan, GitError> {
+    let repo =
+        gix::discover(&args.repo).map_err(|source| GitError::Open { path: args.repo.display().to_string(), source })?;
+    let mut reader = SnapshotReader::new();
+    let branch =
+        repo.head_name().ok().flatten().map(|name| name.shorten().to_string()).unwrap_or_else(|| args.rev.clone());
+    let head_snapshot = reader.read(&repo, &args.rev, &branch)?;
+    let head = desired::compile(&head_snapshot, desired::Memory::default()).desired;
+    let base = match &args.base {
+        Some(base) => {
+            let snapshot = reader.read(&repo, base, base)?;
+            Some(desired::compile(&snapshot, desired::Memory { previous: Some(&head), ..Default::default() }).desired)
+        }
+        None => None,
+    };
+    Ok(plan(base.as_ref(), &head))
+}
+
+pub fn render(plan: &Plan, format: Format) -> String {
+    match format {
+        Format::Text => text(plan),
+        Format::Markdown => markdown(plan),
+        Format::Json => serde_json::to_string_pretty(plan).expect("a plan serializes to JSON") + "\n",
+    }
+}
+
+fn summary(plan: &Plan) -> String {
+    let count = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+    format!("{}, {}", count(plan.errors, "error"), count(plan.warnings, "warning"))
+}
+
+fn text(plan: &Plan) -> String {
+    let mut out = String::new();
+    match &plan.base_commit {
+        Some(base) => writeln!(out, "gitfleet check: commit {} against {}", short(&plan.commit), short(base)),
+        None => writeln!(out, "gitfleet check: commit {}", short(&plan.commit)),
+    }
+    .expect("writing to a String");
+    out.push_str("\nFleets:\n");
+    if plan.fleets.is_empty() {
+        out.push_str("  (none)\n");
+    }
+    for fleet in &plan.fleets {
+        let runs = match (&fleet.tag, fleet.observe_only) {
+            (_, true) => "observe-only".to_owned(),
+            (Some(tag), false) => format!(
+                "{tag} ({})",
+                &fleet.config_hash.as_deref().unwrap_or_default()
+                    [..12.min(fleet.config_hash.as_deref().unwrap_or_default().len())]
+            ),
+            (None, false) => "no version to roll out".to_owned(),
+        };
+        let selector = fleet.selector.as_deref().filter(|s| *s == "latest").map(|_| " [latest]").unwrap_or_default();
+        let _ = writeln!(out, "  {:<24} {runs}{selector}", fleet.name);
+    }
+    if plan.base_commit.is_some() {
+        out.push_str("\nChanges:\n");
+        let mut any = false;
+        for name in &plan.added {
+            any = true;
+            let _ = writeln!(out, "  + fleet {name} added");
+        }
+        for name in &plan.removed {
+            any = true;
+            let _ = writeln!(out, "  - fleet {name} removed");
+        }
+        for rollout in &plan.rollouts {
+            any = true;
+            let _ = writeln!(
+                out,
+                "  ~ fleet {}: {} → {}",
+                rollout.fleet,
+                rollout.from.as_deref().unwrap_or("nothing"),
+                rollout.to.as_deref().unwrap_or("nothing")
+            );
+            for line in rollout.diff.lines() {
+                let _ = writeln!(out, "      {line}");
+            }
+        }
+        for change in &plan.settings_changed {
+            any = true;
+            for line in &change.changes {
+                let _ = writeln!(out, "  ~ fleet {}: {line}", change.fleet);
+            }
+        }
+        if !any {
+            out.push_str("  (no fleet changes)\n");
+        }
+    }
+    out.push_str("\nProblems:\n");
+    if plan.problems.is_empty() {
+        out.push_str("  (none)\n");
+    }
+    let new: std::collections::BTreeSet<&Problem> = plan.new_problems.iter().collect();
+    for problem in &plan.problems {
+        let marker = if plan.base_commit.is_some() && new.contains(problem) { " (new)" } else { "" };
+        let _ = writeln!(out, "  {problem}{marker}");
+    }
+    if !plan.fixed_problems.is_empty() {
+        out.push_str("\nFixed:\n");
+        for problem in &plan.fixed_problems {
+            let _ = writeln!(out, "  {problem}");
+        }
+    }
+    let _ = writeln!(out, "\n{}", summary(plan));
+    out
+}
+
+fn markdown(plan: &Plan) -> String {
+    let mut out = String::new();
+    let verdict = if plan.errors > 0 { "❌" } else { "✅" };
+    let _ = writeln!(out, "### {verdict} gitfleet check: {}\n", summary(plan));
+    match &plan.base_commit {
+        Some(base) => {
+            let _ = writeln!(out, "Commit `{}` compared with `{}`.\n", short(&plan.commit), short(base));
+        }
+        None => {
+            let _ = writeln!(out, "Commit `{}`.\n", short(&plan.commit));
+        }
+    }
+    if plan.base_commit.is_some() {
+        let changes = plan.added.len() + plan.removed.len() + plan.rollouts.len() + plan.settings_changed.len();
+        if changes == 0 {
+            out.push_str("No fleet changes.\n\n");
+        } else {
+            out.push_str("| Fleet | Change |\n|---|---|\n");
+            for name in &plan.added {
+                let _ = writeln!(out, "| `{name}` | added |");
+            }
+            for name in &plan.removed {
+                let _ = writeln!(out, "| `{name}` | **removed** |");
+            }
+            for rollout in &plan.rollouts {
+                let _ = writeln!(
+                    out,
+                    "| `{}` | {} → **{}** |",
+                    rollout.fleet,
+                    cell(rollout.from.as_deref()),
+                    cell(rollout.to.as_deref())
+                );
+            }
+            for change in &plan.settings_changed {
+                let _ = writeln!(
+                    out,
+                    "| `{}` | {} |",
+                    change.fleet,
+                    change.changes.iter().map(|c| escape_cell(c)).collect::<Vec<_>>().join("<br>")
+                );
+            }
+            out.push('\n');
+            for rollout in plan.rollouts.iter().filter(|r| !r.diff.is_empty()) {
+                let _ = writeln!(
+                    out,
+                    "<details><summary>Config diff for <code>{}</code></summary>\n\n```diff\n{}```\n</details>\n",
+                    rollout.fleet,
+                    rollout.diff.replace("```", "` ` `")
+                );
+            }
+        }
+    }
+    out.push_str("| Fleet | Runs |\n|---|---|\n");
+    for fleet in &plan.fleets {
+        let runs = if fleet.observe_only { "observe-only".to_owned() } else { cell(fleet.tag.as_deref()) };
+        let _ = writeln!(out, "| `{}` | {runs} |", fleet.name);
+    }
+    out.push('\n');
+    if !plan.problems.is_empty() {
+        out.push_str("#### Problems\n\n");
+        let new: std::collections::BTreeSet<&Problem> = plan.new_problems.iter().collect();
+        for problem in &plan.problems {
+            let icon = if problem.severity == Severity::Error { "❌" } else { "⚠️" };
+            let location = problem.location();
+            let marker = if plan.base_commit.is_some() && new.contains(problem) { " **(new)**" } else { "" };
+            let at = if location.is_empty() { String::new() } else { format!("`{location}` ") };
+            let _ = writeln!(out, "- {icon} {at}{}{marker}", problem.message);
+        }
+        out.push('\n');
+    }
+    if !plan.fixed_problems.is_empty() {
+        out.push_str("#### Fixed\n\n");
+        for problem in &plan.fixed_problems {
+            let _ = writeln!(out, "- ✔️ `{}` {}", problem.location(), problem.message);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn cell(value: Option<&str>) -> String {
+    value.map(|v| format!("`{v}`")).unwrap_or_else(|| "nothing".to_owned())
+}
+
+fn escape_cell(text: &str) -> String {
+    text.replace('|', "\\|")
+}

@@ -1,0 +1,126 @@
+//! `gitfleet demo`: the product on this machine in one command. Makes a Git repository from
+//! the bundled example (`example-repo/`, compiled into the binary), publishes every
+//! configuration as `v1`, and serves it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The example repository, embedded so that the demo works from any directory.
+pub const EXAMPLE_FILES: &[(&str, &str)] = &[
+    ("README.md", include_str!("../example-repo/README.md")),
+    ("configs/gateway.yaml", include_str!("../example-repo/configs/gateway.yaml")),
+    ("configs/node-agent.yaml", include_str!("../example-repo/configs/node-agent.yaml")),
+    ("configs/sdk-agent.json", include_str!("../example-repo/configs/sdk-agent.json")),
+    ("fleets/prod-gateway.toml", include_str!("../example-repo/fleets/prod-gateway.toml")),
+    ("fleets/staging-gateway.toml", include_str!("../example-repo/fleets/staging-gateway.toml")),
+    ("fleets/nodes.toml", include_str!("../example-repo/fleets/nodes.toml")),
+    ("fleets/sdk-agents.toml", include_str!("../example-repo/fleets/sdk-agents.toml")),
+    ("fleets/legacy-edge.toml", include_str!("../example-repo/fleets/legacy-edge.toml")),
+];
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Where the demo keeps its Git repository (`repo/`) and server state (`data/`).
+    /// An existing demo repository is reused as it is.
+    #[arg(long, default_value = "./gitfleet-demo")]
+    pub dir: PathBuf,
+    /// Address of the status API.
+    #[arg(long, default_value = "127.0.0.1:4321")]
+    pub web_listen: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("cannot write {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+    #[error("cannot run git (is it installed?): {0}")]
+    GitMissing(std::io::Error),
+    #[error("`git {args}` failed: {stderr}")]
+    Git { args: String, stderr: String },
+}
+
+/// Creates the demo repository under `dir/repo` unless it exists; returns its path.
+pub fn prepare_repository(dir: &Path) -> Result<PathBuf, DemoError> {
+    let repo = dir.join("repo");
+    if repo.join(".git").is_dir() {
+        return Ok(repo);
+    }
+    write_example(&repo)?;
+    git(&repo, &["init", "--quiet", "--initial-branch=main"])?;
+    git(&repo, &["add", "--all"])?;
+    git(&repo, &["commit", "--quiet", "--message", "Fleets and configurations of the gitfleet demo"])?;
+    for (config, note) in [
+        ("gateway", "Gateway: OTLP in, memory_limiter, resource, batch, OTLP/HTTP out"),
+        ("node-agent", "Node agent: host metrics and pod logs"),
+        ("sdk-agent", "SDK agents: 25% parent-based sampling"),
+    ] {
+        git(&repo, &["tag", "--annotate", &format!("{config}/v1"), "--message", note])?;
+    }
+    Ok(repo)
+}
+
+/// Writes the bundled example files under `dir`.
+pub fn write_example(dir: &Path) -> Result<(), DemoError> {
+    for (path, content) in EXAMPLE_FILES {
+        let target = dir.join(path);
+        let write_error = |source| DemoError::Write { path: target.display().to_string(), source };
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(write_error)?;
+        }
+        std::fs::write(&target, content).map_err(write_error)?;
+    }
+    Ok(())
+}
+
+fn git(dir: &Path, args: &[&str]) -> Result<(), DemoError> {
+    let output = Command::new("git")
+        .args([
+            "-c",
+            "user.name=gitfleet demo",
+            "-c",
+            "user.email=demo@gitfleet.invalid",
+            "-c",
+            "tag.gpgSign=false",
+            "-c",
+            "commit.gpgSign=false",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .map_err(DemoError::GitMissing)?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(DemoError::Git { args: args.join(" "), stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned() })
+    }
+}
+
+/// What to try next, printed once the server is up.
+pub fn next_steps(repo: &Path, web: &str) -> String {
+    let repo = repo.display();
+    format!(
+        "\n\
+gitfleet demo is running.\n\
+\n\
+  Repository   {repo}\n\
+  Fleets       http://{web}/api/v1/fleets\n\
+  Problems     http://{web}/api/v1/repo\n\
+  Versions     http://{web}/api/v1/configs/gateway/versions\n\
+\n\
+Try it (in another terminal):\n\
+  cd {repo}\n\
+  # publish a new gateway version; staging-gateway follows `latest`:\n\
+  sed -i 's/send_batch_size: 8192/send_batch_size: 4096/' configs/gateway.yaml\n\
+  git commit -qam 'Smaller batches' && git tag -a gateway/v2 -m 'Smaller batches'\n\
+  curl -s http://{web}/api/v1/fleets/staging-gateway\n\
+  # roll production forward, then check what the change does:\n\
+  sed -i 's/version = \"v1\"/version = \"v2\"/' fleets/prod-gateway.toml\n\
+  gitfleet check --repo . --base HEAD      # (before committing: compares with the last commit)\n\
+  git commit -qam 'Roll out gateway v2 to prod'\n\
+  # break something and watch the last good state being kept:\n\
+  echo 'verison = \"v3\"' >> fleets/nodes.toml && git commit -qam oops\n\
+  curl -s http://{web}/api/v1/repo\n\
+\n\
+Stop with Ctrl-C.\n"
+    )
+}

@@ -1,0 +1,179 @@
+//! What a change to the repository would do: desired state at a base commit → desired state
+//! at the head commit. Pure; `check` renders it for people and CI.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::problem::{Problem, Severity};
+use crate::repo::desired::{DesiredState, Fleet, Version};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub commit: String,
+    pub base_commit: Option<String>,
+    /// Every fleet at the head commit with what it will run.
+    pub fleets: Vec<FleetLine>,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub rollouts: Vec<Rollout>,
+    /// Fleets whose other settings changed, with a line per change.
+    pub settings_changed: Vec<SettingsChange>,
+    /// Every problem at the head commit.
+    pub problems: Vec<Problem>,
+    /// Problems at the head that the base did not have (all of them without a base).
+    pub new_problems: Vec<Problem>,
+    /// Problems of the base that the head no longer has.
+    pub fixed_problems: Vec<Problem>,
+    pub errors: usize,
+    pub warnings: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FleetLine {
+    pub name: String,
+    pub config: Option<String>,
+    pub selector: Option<String>,
+    /// The tag it runs, `None` for observe-only or unassigned fleets.
+    pub tag: Option<String>,
+    pub config_hash: Option<String>,
+    pub observe_only: bool,
+}
+
+/// A fleet whose assigned version changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Rollout {
+    pub fleet: String,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    /// Unified diff of the configuration between the two versions.
+    pub diff: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SettingsChange {
+    pub fleet: String,
+    pub changes: Vec<String>,
+}
+
+pub fn plan(base: Option<&DesiredState>, head: &DesiredState) -> Plan {
+    let fleets = head.fleets.values().map(fleet_line).collect();
+    let mut added = Vec::new();
+    let mut removed = Vec::new();
+    let mut rollouts = Vec::new();
+    let mut settings_changed = Vec::new();
+    if let Some(base) = base {
+        for (name, fleet) in &head.fleets {
+            match base.fleets.get(name) {
+                None => {
+                    added.push(name.clone());
+                    if fleet.assignment.is_some() {
+                        rollouts.push(rollout(name, None, fleet.assignment.as_ref()));
+                    }
+                }
+                Some(old) => {
+                    if old.assignment.as_ref().map(|v| v.config_hash)
+                        != fleet.assignment.as_ref().map(|v| v.config_hash)
+                        || old.assignment.as_ref().map(|v| &v.tag) != fleet.assignment.as_ref().map(|v| &v.tag)
+                    {
+                        rollouts.push(rollout(name, old.assignment.as_ref(), fleet.assignment.as_ref()));
+                    }
+                    let changes = settings_changes(old, fleet);
+                    if !changes.is_empty() {
+                        settings_changed.push(SettingsChange { fleet: name.clone(), changes });
+                    }
+                }
+            }
+        }
+        removed = base.fleets.keys().filter(|name| !head.fleets.contains_key(*name)).cloned().collect();
+    }
+    let key = |p: &Problem| (p.file.clone(), p.severity, p.message.clone());
+    let base_keys: BTreeSet<_> = base.map(|b| b.problems.iter().map(key).collect()).unwrap_or_default();
+    let head_keys: BTreeSet<_> = head.problems.iter().map(key).collect();
+    let new_problems = head.problems.iter().filter(|p| !base_keys.contains(&key(p))).cloned().collect();
+    let fixed_problems =
+        base.map(|b| b.problems.iter().filter(|p| !head_keys.contains(&key(p))).cloned().collect()).unwrap_or_default();
+    Plan {
+        commit: head.commit.clone(),
+        base_commit: base.map(|b| b.commit.clone()),
+        fleets,
+        added,
+        removed,
+        rollouts,
+        settings_changed,
+        errors: head.problems.iter().filter(|p| p.severity == Severity::Error).count(),
+        warnings: head.problems.iter().filter(|p| p.severity == Severity::Warning).count(),
+        problems: head.problems.clone(),
+        new_problems,
+        fixed_problems,
+    }
+}
+
+fn fleet_line(fleet: &Fleet) -> FleetLine {
+    FleetLine {
+        name: fleet.name().to_owned(),
+        config: fleet.spec.config.clone(),
+        selector: fleet.spec.version.as_ref().map(ToString::to_string),
+        tag: fleet.assignment.as_ref().map(|v| v.tag.clone()),
+        config_hash: fleet.assignment.as_ref().map(|v| hex::encode(v.config_hash)),
+        observe_only: fleet.spec.observe_only(),
+    }
+}
+
+fn rollout(fleet: &str, from: Option<&Arc<Version>>, to: Option<&Arc<Version>>) -> Rollout {
+    let text = |v: Option<&Arc<Version>>| v.map(|v| String::from_utf8_lossy(&v.body).into_owned()).unwrap_or_default();
+    let label =
+        |v: Option<&Arc<Version>>| v.map(|v| format!("{}:{}", v.tag, v.file)).unwrap_or_else(|| "/dev/null".to_owned());
+    let (old, new) = (text(from), text(to));
+    let diff = similar::TextDiff::from_lines(&old, &new)
+        .unified_diff()
+        .context_radius(3)
+        .header(&label(from), &label(to))
+        .to_string();
+    Rollout { fleet: fleet.to_owned(), from: from.map(|v| v.tag.clone()), to: to.map(|v| v.tag.clone()), diff }
+}
+
+fn settings_changes(old: &Fleet, new: &Fleet) -> Vec<String> {
+    let (old, new) = (&old.spec, &new.spec);
+    let mut changes = Vec::new();
+    let mut compare = |what: &str, before: String, after: String| {
+        if before != after {
+            changes.push(format!("{what}: {before} → {after}"));
+        }
+    };
+    let show = |value: Option<String>| value.unwrap_or_else(|| "(none)".to_owned());
+    compare("description", format!("{:?}", old.description), format!("{:?}", new.description));
+    compare(
+        "version",
+        show(old.version.as_ref().map(ToString::to_string)),
+        show(new.version.as_ref().map(ToString::to_string)),
+    );
+    let expires =
+        |d: Option<std::time::Duration>| d.map(crate::duration::format_duration).unwrap_or_else(|| "never".to_owned());
+    compare("token.expires", expires(old.token.expires), expires(new.token.expires));
+    compare("token.rotate", old.token.rotate.to_string(), new.token.rotate.to_string());
+    compare(
+        "token.grace",
+        crate::duration::format_duration(old.token.grace),
+        crate::duration::format_duration(new.token.grace),
+    );
+    compare("token.revoked", format!("{:?}", old.token.revoked), format!("{:?}", new.token.revoked));
+    compare("install.endpoint", show(old.install.endpoint.clone()), show(new.install.endpoint.clone()));
+    compare(
+        "install.collector_version",
+        show(old.install.collector_version.clone()),
+        show(new.install.collector_version.clone()),
+    );
+    compare(
+        "install.supervisor_version",
+        show(old.install.supervisor_version.clone()),
+        show(new.install.supervisor_version.clone()),
+    );
+    compare(
+        "health.stale_after",
+        crate::duration::format_duration(old.health.stale_after),
+        crate::duration::format_duration(new.health.stale_after),
+    );
+    changes
+}

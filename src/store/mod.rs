@@ -1,0 +1,53 @@
+//! Durable state: what Git cannot hold. Everything goes through the `Store` trait so that a
+//! PostgreSQL backend can serve several replicas later; `sqlite` is the embedded one.
+//!
+//! The store only records what was observed (versions first seen, last good fleets,
+//! reconcile history). Git stays the only source of desired state.
+
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::problem::Problem;
+use crate::repo::desired::{LastGoodFleet, SeenVersion};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the state database {path}: {source}")]
+    Open { path: String, source: rusqlite::Error },
+    #[error("state database migration to version {version} failed: {source}")]
+    Migrate { version: usize, source: rusqlite::Error },
+    #[error("state database {operation} failed: {source}")]
+    Query { operation: &'static str, source: rusqlite::Error },
+    #[error("state database holds a corrupt {what}: {message}")]
+    Corrupt { what: &'static str, message: String },
+    #[error("state database is version {found}, newer than this gitfleet understands ({supported}); upgrade gitfleet")]
+    TooNew { found: usize, supported: usize },
+}
+
+/// One reconcile of a new commit (or of new problems at the same commit).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ReconcileRecord {
+    pub commit: String,
+    pub branch: String,
+    /// Unix seconds.
+    pub reconciled_at: i64,
+    pub duration_micros: u64,
+    pub problems: Vec<Problem>,
+}
+
+/// Blocking: call from a blocking thread (`spawn_blocking`), never on the async runtime.
+pub trait Store: Send + Sync + 'static {
+    /// Every version seen so far, by tag, with the content first seen.
+    fn seen_versions(&self) -> Result<BTreeMap<String, SeenVersion>, StoreError>;
+    /// Remembers versions seen for the first time. A tag already remembered is left alone.
+    fn remember_versions(&self, versions: &[SeenVersion]) -> Result<(), StoreError>;
+    fn last_good_fleets(&self) -> Result<BTreeMap<String, LastGoodFleet>, StoreError>;
+    /// Replaces the remembered last good fleets with `fleets`.
+    fn save_last_good_fleets(&self, fleets: &BTreeMap<String, LastGoodFleet>) -> Result<(), StoreError>;
+    fn record_reconcile(&self, record: &ReconcileRecord) -> Result<(), StoreError>;
+    /// The newest reconciles first.
+    fn reconcile_history(&self, limit: usize) -> Result<Vec<ReconcileRecord>, StoreError>;
+}

@@ -1,0 +1,311 @@
+//! The embedded store: SQLite in the data directory, WAL mode, migrations by `user_version`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::{Connection, params};
+
+use crate::repo::desired::{LastGoodFleet, SeenVersion};
+use crate::store::{ReconcileRecord, Store, StoreError};
+
+/// Each entry moves the schema one version forward. Never edit one that has shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: versions first seen, last good fleets, reconcile history.
+    "CREATE TABLE versions_seen (
+        tag           TEXT PRIMARY KEY,
+        config        TEXT NOT NULL,
+        version       TEXT NOT NULL,
+        commit_id     TEXT NOT NULL,
+        tag_time      INTEGER NOT NULL,
+        note          TEXT,
+        file          TEXT NOT NULL,
+        content_type  TEXT NOT NULL,
+        config_hash   BLOB NOT NULL,
+        blob_id       TEXT NOT NULL,
+        body          BLOB NOT NULL,
+        first_seen_at INTEGER NOT NULL
+    );
+    CREATE TABLE fleets_last_good (
+        fleet    TEXT PRIMARY KEY,
+        source   TEXT NOT NULL,
+        tag      TEXT,
+        saved_at INTEGER NOT NULL
+    );
+    CREATE TABLE reconciles (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        commit_id      TEXT NOT NULL,
+        branch         TEXT NOT NULL,
+        reconciled_at  INTEGER NOT NULL,
+        duration_us    INTEGER NOT NULL,
+        problems       TEXT NOT NULL
+    );",
+];
+
+/// How many reconciles the history keeps.
+const HISTORY_KEPT: i64 = 1000;
+
+pub struct SqliteStore {
+    connection: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
+        let open_error = |source| StoreError::Open { path: path.display().to_string(), source };
+        let mut connection = Connection::open(path).map_err(open_error)?;
+        connection
+            .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;")
+            .map_err(open_error)?;
+        migrate(&mut connection)?;
+        Ok(Arc::new(Self { connection: Mutex::new(connection) }))
+    }
+
+    fn connection(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (transactions roll back).
+        self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
+    let current: usize = connection
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(|source| StoreError::Migrate { version: 0, source })?;
+    if current > MIGRATIONS.len() {
+        return Err(StoreError::TooNew { found: current, supported: MIGRATIONS.len() });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let version = index + 1;
+        let migrate_error = |source| StoreError::Migrate { version, source };
+        let transaction = connection.transaction().map_err(migrate_error)?;
+        transaction.execute_batch(sql).map_err(migrate_error)?;
+        transaction.pragma_update(None, "user_version", version).map_err(migrate_error)?;
+        transaction.commit().map_err(migrate_error)?;
+    }
+    Ok(())
+}
+
+fn query(operation: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Query { operation, source }
+}
+
+impl Store for SqliteStore {
+    fn seen_versions(&self) -> Result<BTreeMap<String, SeenVersion>, StoreError> {
+        let connection = self.connection();
+        let mut statement = connection
+            .prepare("SELECT tag, config, version, commit_id, tag_time, note, file, content_type, config_hash, blob_id, body FROM versions_seen")
+            .map_err(query("reading versions"))?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok((
+                    SeenVersion {
+                        tag: row.get(0)?,
+                        config: row.get(1)?,
+                        version: row.get(2)?,
+                        commit: row.get(3)?,
+                        time: row.get(4)?,
+                        note: row.get(5)?,
+                        file: row.get(6)?,
+                        content_type: row.get(7)?,
+                        config_hash: [0; 32],
+                        blob_id: row.get(9)?,
+                        body: row.get::<_, Vec<u8>>(10)?.into(),
+                    },
+                    row.get::<_, Vec<u8>>(8)?,
+                ))
+            })
+            .map_err(query("reading versions"))?;
+        let mut versions = BTreeMap::new();
+        for row in rows {
+            let (mut version, hash) = row.map_err(query("reading versions"))?;
+            version.config_hash = hash.try_into().map_err(|hash: Vec<u8>| StoreError::Corrupt {
+                what: "config hash",
+                message: format!("tag {} has a {}-byte hash", version.tag, hash.len()),
+            })?;
+            versions.insert(version.tag.clone(), version);
+        }
+        Ok(versions)
+    }
+
+    fn remember_versions(&self, versions: &[SeenVersion]) -> Result<(), StoreError> {
+        let mut connection = self.connection();
+        let transaction = connection.transaction().map_err(query("remembering versions"))?;
+        {
+            let mut insert = transaction
+                .prepare(
+                    "INSERT INTO versions_seen (tag, config, version, commit_id, tag_time, note, file, content_type, config_hash, blob_id, body, first_seen_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT (tag) DO NOTHING",
+                )
+                .map_err(query("remembering versions"))?;
+            let now = crate::time::now_unix();
+            for v in versions {
+                insert
+                    .execute(params![
+                        v.tag,
+                        v.config,
+                        v.version,
+                        v.commit,
+                        v.time,
+                        v.note,
+                        v.file,
+                        v.content_type,
+                        &v.config_hash[..],
+                        v.blob_id,
+                        &v.body[..],
+                        now
+                    ])
+                    .map_err(query("remembering versions"))?;
+            }
+        }
+        transaction.commit().map_err(query("remembering versions"))
+    }
+
+    fn last_good_fleets(&self) -> Result<BTreeMap<String, LastGoodFleet>, StoreError> {
+        let connection = self.connection();
+        let mut statement = connection
+            .prepare("SELECT fleet, source, tag FROM fleets_last_good")
+            .map_err(query("reading last good fleets"))?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, LastGoodFleet { source: row.get(1)?, tag: row.get(2)? }))
+            })
+            .map_err(query("reading last good fleets"))?;
+        rows.collect::<Result<_, _>>().map_err(query("reading last good fleets"))
+    }
+
+    fn save_last_good_fleets(&self, fleets: &BTreeMap<String, LastGoodFleet>) -> Result<(), StoreError> {
+        let mut connection = self.connection();
+        let transaction = connection.transaction().map_err(query("saving last good fleets"))?;
+        transaction.execute("DELETE FROM fleets_last_good", []).map_err(query("saving last good fleets"))?;
+        {
+            let mut insert = transaction
+                .prepare("INSERT INTO fleets_last_good (fleet, source, tag, saved_at) VALUES (?1, ?2, ?3, ?4)")
+                .map_err(query("saving last good fleets"))?;
+            let now = crate::time::now_unix();
+            for (fleet, good) in fleets {
+                insert.execute(params![fleet, good.source, good.tag, now]).map_err(query("saving last good fleets"))?;
+            }
+        }
+        transaction.commit().map_err(query("saving last good fleets"))
+    }
+
+    fn record_reconcile(&self, record: &ReconcileRecord) -> Result<(), StoreError> {
+        let problems = serde_json::to_string(&record.problems).expect("problems serialize to JSON");
+        let mut connection = self.connection();
+        let transaction = connection.transaction().map_err(query("recording a reconcile"))?;
+        transaction
+            .execute(
+                "INSERT INTO reconciles (commit_id, branch, reconciled_at, duration_us, problems) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![record.commit, record.branch, record.reconciled_at, record.duration_micros as i64, problems],
+            )
+            .map_err(query("recording a reconcile"))?;
+        transaction
+            .execute("DELETE FROM reconciles WHERE id <= (SELECT MAX(id) FROM reconciles) - ?1", [HISTORY_KEPT])
+            .map_err(query("pruning reconcile history"))?;
+        transaction.commit().map_err(query("recording a reconcile"))
+    }
+
+    fn reconcile_history(&self, limit: usize) -> Result<Vec<ReconcileRecord>, StoreError> {
+        let connection = self.connection();
+        let mut statement = connection
+            .prepare("SELECT commit_id, branch, reconciled_at, duration_us, problems FROM reconciles ORDER BY id DESC LIMIT ?1")
+            .map_err(query("reading reconcile history"))?;
+        let rows = statement
+            .query_map([limit as i64], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, i64>(2)?,
+                    row.get::<_, i64>(3)?,
+                    row.get::<_, String>(4)?,
+                ))
+            })
+            .map_err(query("reading reconcile history"))?;
+        let mut history = Vec::new();
+        for row in rows {
+            let (commit, branch, reconciled_at, duration, problems) =
+                row.map_err(query("reading reconcile history"))?;
+            let problems = serde_json::from_str(&problems)
+                .map_err(|error| StoreError::Corrupt { what: "reconcile record", message: error.to_string() })?;
+            history.push(ReconcileRecord {
+                commit,
+                branch,
+                reconciled_at,
+                duration_micros: duration.max(0) as u64,
+                problems,
+            });
+        }
+        Ok(history)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::problem::Problem;
+
+    fn version(tag: &str, body: &str) -> SeenVersion {
+        let (config, version) = tag.split_once('/').expect("tag has a slash");
+        SeenVersion {
+            config: config.into(),
+            version: version.into(),
+            tag: tag.into(),
+            commit: "c0ffee".into(),
+            time: 1_700_000_000,
+            note: Some("first".into()),
+            file: format!("configs/{config}.yaml"),
+            content_type: "text/yaml".into(),
+            body: Arc::from(body.as_bytes()),
+            config_hash: crate::repo::hash::single_file_hash("text/yaml", body.as_bytes()),
+            blob_id: "b10b".into(),
+        }
+    }
+
+    #[test]
+    fn state_survives_reopening_and_first_content_wins() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.db");
+        {
+            let store = SqliteStore::open(&path).expect("open");
+            store.remember_versions(&[version("gateway/v1", "a: 1\n")]).expect("remember");
+            store
+                .remember_versions(&[version("gateway/v1", "a: 2\n"), version("gateway/v2", "b\n")])
+                .expect("remember again");
+            let fleets = BTreeMap::from([(
+                "prod".to_owned(),
+                LastGoodFleet { source: "config = \"gateway\"".into(), tag: Some("gateway/v1".into()) },
+            )]);
+            store.save_last_good_fleets(&fleets).expect("save fleets");
+            store
+                .record_reconcile(&ReconcileRecord {
+                    commit: "abc".into(),
+                    branch: "main".into(),
+                    reconciled_at: 5,
+                    duration_micros: 42,
+                    problems: vec![Problem::error("fleets/x.toml", Some(2), "broken")],
+                })
+                .expect("record");
+        }
+        let store = SqliteStore::open(&path).expect("reopen");
+        let seen = store.seen_versions().expect("seen");
+        assert_eq!(seen.keys().collect::<Vec<_>>(), vec!["gateway/v1", "gateway/v2"]);
+        assert_eq!(&*seen["gateway/v1"].body, b"a: 1\n");
+        assert_eq!(seen["gateway/v1"], version("gateway/v1", "a: 1\n"));
+        assert_eq!(store.last_good_fleets().expect("fleets")["prod"].tag.as_deref(), Some("gateway/v1"));
+        let history = store.reconcile_history(10).expect("history");
+        assert_eq!(history.len(), 1);
+        assert_eq!(history[0].problems, vec![Problem::error("fleets/x.toml", Some(2), "broken")]);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.db");
+        Connection::open(&path).and_then(|c| c.pragma_update(None, "user_version", 99)).expect("set version");
+        match SqliteStore::open(&path) {
+            Err(StoreError::TooNew { found: 99, supported: 1 }) => {}
+            other => panic!("expected TooNew, got {:?}", other.map(|_| ())),
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! `GET /api/v1/...`: the JSON API, with the field names of PRODUCT.md §9.
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+
+use crate::reconciler::View;
+use crate::repo::desired::{Configuration, Fleet, Version};
+use crate::time::rfc3339;
+use crate::web::WebState;
+
+pub fn routes() -> Router<WebState> {
+    Router::new()
+        .route("/api/v1/repo", get(repo))
+        .route("/api/v1/fleets", get(fleets))
+        .route("/api/v1/fleets/{name}", get(fleet))
+        .route("/api/v1/fleets/{name}/instances", get(fleet_instances))
+        .route("/api/v1/configs", get(configs))
+        .route("/api/v1/configs/{name}", get(config))
+        .route("/api/v1/configs/{name}/versions", get(config_versions))
+        .route("/api/v1/configs/{name}/versions/{version}", get(config_version))
+}
+
+pub fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+pub fn not_found(message: &str) -> Response {
+    error(StatusCode::NOT_FOUND, message)
+}
+
+fn not_ready() -> Response {
+    error(StatusCode::SERVICE_UNAVAILABLE, "the repository has not been read yet")
+}
+
+async fn repo(State(state): State<WebState>) -> Response {
+    let view = state.view.borrow().clone();
+    Json(repo_json(&view)).into_response()
+}
+
+pub fn repo_json(view: &View) -> Value {
+    let desired = view.desired.as_deref();
+    json!({
+        "commit": desired.map(|d| d.commit.clone()),
+        "branch": desired.map(|d| d.branch.clone()),
+        "commit_time": desired.map(|d| rfc3339(d.commit_time)),
+        "reconciled_at": view.reconciled_at.map(rfc3339),
+        "reconcile_duration_ms": view.reconcile_micros as f64 / 1000.0,
+        "problems": view.problems(),
+    })
+}
+
+async fn fleets(State(state): State<WebState>) -> Response {
+    let view = state.view.borrow().clone();
+    let Some(desired) = &view.desired else { return not_ready() };
+    Json(json!({ "fleets": desired.fleets.values().map(fleet_json).collect::<Vec<_>>() })).into_response()
+}
+
+async fn fleet(State(state): State<WebState>, Path(name): Path<String>) -> Response {
+    let view = state.view.borrow().clone();
+    let Some(desired) = &view.desired else { return not_ready() };
+    match desired.fleets.get(&name) {
+        Some(fleet) => Json(fleet_json(fleet)).into_response(),
+        None => not_found(&format!("no fleet named `{}`", name.escape_default())),
+    }
+}
+
+async fn fleet_instances(State(state): State<WebState>, Path(name): Path<String>) -> Response {
+    let view = state.view.borrow().clone();
+    let Some(desired) = &view.desired else { return not_ready() };
+    if !desired.fleets.contains_key(&name) {
+        return not_found(&format!("no fleet named `{}`", name.escape_default()));
+    }
+    // Instances connect over OpAMP; until then every fleet has none.
+    Json(json!({ "instances": [] })).into_response()
+}
+
+pub fn fleet_json(fleet: &Fleet) -> Value {
+    let spec = &fleet.spec;
+    let assignment = fleet.assignment.as_deref();
+    json!({
+        "name": spec.name,
+        "description": spec.description,
+        "file": spec.file,
+        "config": spec.config,
+        "version": assignment.map(|v| v.version.clone()),
+        "selector": spec.version.as_ref().map(ToString::to_string),
+        "tag": assignment.map(|v| v.tag.clone()),
+        "config_hash": assignment.map(|v| hex::encode(v.config_hash)),
+        "observe_only": spec.observe_only(),
+        "kept_last_good": fleet.kept_last_good,
+        "instances": 0,
+        "counts": { "in_sync": 0, "pending": 0, "applying": 0, "failed": 0, "stale": 0, "observed": 0 },
+        "drift": 0,
+        "token": Value::Null,
+        "stale_after_seconds": spec.health.stale_after.as_secs(),
+        "install": {
+            "endpoint": spec.install.endpoint,
+            "collector_version": spec.install.collector_version,
+            "supervisor_version": spec.install.supervisor_version,
+        },
+    })
+}
+
+async fn configs(State(state): State<WebState>) -> Response {
+    let view = state.view.borrow().clone();
+    let Some(desired) = &view.desired else { return not_ready() };
+    Json(json!({ "configs": desired.configs.values().map(config_json).collect::<Vec<_>>() })).into_response()
+}
+
+async fn config(State(state): State<WebState>, Path(name): Path<String>) -> Response {
+    let view = state.view.borrow().clone();
+    let Some(desired) = &view.desired else { return not_ready() };
+    match desired.configs.get(&name) {
+        Some(configuration) => Json(config_json(configuration)).into_response(),
+        None => not_found(&format!("no configuration named `{}`", name.escape_default())),
+    }
+}
+
+fn config_json(configuration: &Configuration) -> Value {
+    json!({
+        "name": configuration.name,
+        "file": configuration.head_file,
+        "latest": configuration.latest().map(|v| v.version.clone()),
+        "versions": configuration.versions.len(),
+    })
+}
+
+async fn config_versions(State(state): State<WebState>, Path(name): Path<String>) -> Response {
+    let view = state.view.borrow().clone();
+    let Some(desired) = &view.desired else { return not_ready() };
+    match desired.configs.get(&name) {
+        Some(configuration) => Json(json!({
+            "config": configuration.name,
+            // Newest first, as people read release lists.
+            "versions": configuration.versions.iter().rev().map(|v| version_json(v, false)).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        None => not_found(&format!("no configuration named `{}`", name.escape_default())),
+    }
+}
+
+async fn config_version(State(state): State<WebState>, Path((name, version)): Path<(String, String)>) -> Response {
+    let view = state.view.borrow().clone();
+    let Some(desired) = &view.desired else { return not_ready() };
+    match desired.configs.get(&name).and_then(|c| c.find(&version)) {
+        Some(found) => Json(version_json(found, true)).into_response(),
+        None => not_found(&format!("no version `{}` of `{}`", version.escape_default(), name.escape_default())),
+    }
+}
+
+fn version_json(version: &Version, with_content: bool) -> Value {
+    let mut value = json!({
+        "version": version.version,
+        "tag": version.tag,
+        "commit": version.commit,
+        "date": rfc3339(version.time),
+        "note": version.note,
+        "file": version.file,
+        "content_type": version.content_type,
+        "config_hash": hex::encode(version.config_hash),
+    });
+    if with_content {
+        value["content"] = Value::String(String::from_utf8_lossy(&version.body).into_owned());
+    }
+    value
+}

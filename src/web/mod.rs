@@ -1,0 +1,70 @@
+//! The people port (4321): the JSON API, health endpoints and the Git webhook.
+//! Read-only: nothing here changes desired state; the webhook only asks the watcher to look.
+
+pub mod api;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::git::watcher::Trigger;
+use crate::git::webhook::{self, Signatures};
+use crate::reconciler::View;
+
+/// Largest webhook payload accepted (forges send a few KB; GitHub caps at 25 MB).
+const MAX_WEBHOOK_BYTES: usize = 1024 * 1024;
+
+#[derive(Clone)]
+pub struct WebState {
+    pub view: watch::Receiver<Arc<View>>,
+    pub triggers: mpsc::Sender<Trigger>,
+    pub webhook_secret: Option<Arc<[u8]>>,
+}
+
+pub fn router(state: WebState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/hooks/git", post(git_hook))
+        .merge(api::routes())
+        .fallback(|| async { api::not_found("no such page") })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_WEBHOOK_BYTES))
+        .with_state(state)
+}
+
+/// Ready once the first reconcile has produced a desired state.
+async fn readyz(State(state): State<WebState>) -> Response {
+    if state.view.borrow().desired.is_some() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: the repository has not been read yet\n").into_response()
+    }
+}
+
+async fn git_hook(State(state): State<WebState>, headers: HeaderMap, body: Bytes) -> Response {
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    if let Some(secret) = &state.webhook_secret {
+        let signatures = Signatures {
+            hub_signature_256: header("x-hub-signature-256"),
+            gitea_signature: header("x-gitea-signature"),
+            gitlab_token: header("x-gitlab-token"),
+        };
+        match webhook::verify(secret, &body, signatures) {
+            Ok(forge) => info!(?forge, "webhook delivery verified"),
+            Err(error) => {
+                warn!(%error, "webhook delivery refused");
+                return api::error(StatusCode::UNAUTHORIZED, &error.to_string());
+            }
+        }
+    }
+    // A full queue already holds a trigger, so this one is not needed.
+    let _ = state.triggers.try_send(Trigger::Webhook);
+    (StatusCode::ACCEPTED, axum::Json(serde_json::json!({ "status": "fetch scheduled" }))).into_response()
+}
