@@ -75,6 +75,11 @@ impl ServeArgs {
         if !is_url && local_git_dir.is_none() {
             return Err(SettingsError::NotARepository(repo));
         }
+        if let Some(path) = repo.strip_prefix("file://")
+            && !std::path::Path::new(path).exists()
+        {
+            return Err(SettingsError::NotARepository(repo));
+        }
         if !valid_branch(&self.branch) {
             return Err(SettingsError::BadBranch(self.branch));
         }

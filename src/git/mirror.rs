@@ -114,13 +114,14 @@ fn normalize_url(url: &str) -> String {
     std::fs::canonicalize(url).map(|p| p.display().to_string()).unwrap_or_else(|_| url.to_owned())
 }
 
-/// The directory of a local repository's refs, for the filesystem watch; `None` for remotes.
+/// The Git directory of a repository given as a local path, for the filesystem watch.
+/// `None` for URLs, `file://` included: those are fetched on the poll interval and on
+/// webhooks, like any remote.
 pub fn local_git_dir(url: &str) -> Option<PathBuf> {
-    let path = match url.strip_prefix("file://") {
-        Some(path) => PathBuf::from(path),
-        None if url.contains("://") => return None,
-        None => PathBuf::from(url),
-    };
+    if url.contains("://") {
+        return None;
+    }
+    let path = PathBuf::from(url);
     let dot_git = path.join(".git");
     if dot_git.is_dir() {
         Some(dot_git)

@@ -1,0 +1,270 @@
+//! Helpers shared by the integration tests: Git repositories built with real history, the
+//! real `gitfleet` binary as a server, and a small HTTP client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The `gitfleet` binary Cargo built for these tests.
+pub fn gitfleet() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gitfleet"));
+    command.env("RUST_LOG", "info,gix=warn").env_remove("GITFLEET_REPO").env_remove("GITFLEET_WEBHOOK_SECRET");
+    command
+}
+
+/// A Git repository in a temporary directory, driven through the `git` command line with
+/// no user or system configuration.
+pub struct GitRepo {
+    pub dir: tempfile::TempDir,
+}
+
+impl GitRepo {
+    pub fn new() -> Self {
+        let repo = Self { dir: tempfile::tempdir().expect("temp dir") };
+        repo.git(&["init", "--quiet", "--initial-branch=main"]);
+        repo
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn url(&self) -> String {
+        format!("file://{}", self.path().display())
+    }
+
+    /// Runs git and returns its stdout; panics with stderr on failure.
+    pub fn git(&self, args: &[&str]) -> String {
+        let output = self.try_git(args);
+        assert!(output.status.success(), "git {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    pub fn try_git(&self, args: &[&str]) -> Output {
+        git_command(self.path()).args(args).output().expect("git runs")
+    }
+
+    pub fn write(&self, path: &str, content: impl AsRef<[u8]>) {
+        let target = self.path().join(path);
+        std::fs::create_dir_all(target.parent().expect("files have a parent")).expect("create dirs");
+        std::fs::write(target, content).expect("write file");
+    }
+
+    pub fn remove(&self, path: &str) {
+        std::fs::remove_file(self.path().join(path)).expect("remove file");
+    }
+
+    /// Stages everything and commits; returns the commit id.
+    pub fn commit(&self, message: &str) -> String {
+        self.git(&["add", "--all"]);
+        self.git(&["commit", "--quiet", "--allow-empty", "--message", message]);
+        self.head()
+    }
+
+    pub fn head(&self) -> String {
+        self.git(&["rev-parse", "HEAD"])
+    }
+
+    pub fn tag(&self, name: &str) {
+        self.git(&["tag", name]);
+    }
+
+    pub fn annotated_tag(&self, name: &str, message: &str) {
+        self.git(&["tag", "--annotate", name, "--message", message]);
+    }
+
+    /// Copies the bundled example repository in and commits it.
+    pub fn with_example(&self) -> String {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("example-repo");
+        copy_dir(&root, self.path());
+        self.commit("Example fleets and configurations")
+    }
+}
+
+pub fn git_command(dir: &Path) -> Command {
+    let mut command = Command::new("git");
+    command
+        .current_dir(dir)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_AUTHOR_NAME", "Test Author")
+        .env("GIT_AUTHOR_EMAIL", "author@example.com")
+        .env("GIT_COMMITTER_NAME", "Test Author")
+        .env("GIT_COMMITTER_EMAIL", "author@example.com")
+        .env("GIT_AUTHOR_DATE", "2026-01-02T03:04:05Z")
+        .env("GIT_COMMITTER_DATE", "2026-01-02T03:04:05Z");
+    command
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("dir entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            std::fs::create_dir_all(&target).expect("create dir");
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy file");
+        }
+    }
+}
+
+/// A `gitfleet serve` process on a free port, killed on drop.
+pub struct Server {
+    child: Child,
+    pub web: SocketAddr,
+    pub data_dir: PathBuf,
+    logs: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// Starts `gitfleet serve --repo <repo> <extra args>` and waits until it listens.
+    pub fn start(repo: &str, data_dir: &Path, extra: &[&str]) -> Self {
+        let mut child = gitfleet()
+            .args(["serve", "--repo", repo, "--web-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("gitfleet starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (address_tx, address_rx) = std::sync::mpsc::channel();
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("gitfleet serving")
+                    && let Some(address) = line.split("web=").nth(1).and_then(|rest| rest.split_whitespace().next())
+                {
+                    let _ = address_tx.send(address.to_owned());
+                }
+                let mut logs = sink.lock().expect("log lock");
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+        let address = match address_rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(address) => address,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("gitfleet did not start listening; logs:\n{}", logs.lock().expect("log lock"));
+            }
+        };
+        Self { child, web: address.parse().expect("a socket address"), data_dir: data_dir.to_owned(), logs }
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().expect("log lock").clone()
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        http(self.web, "GET", path, &[], b"")
+    }
+
+    pub fn json(&self, path: &str) -> serde_json::Value {
+        let response = self.get(path);
+        assert_eq!(response.status, 200, "GET {path}: {}", response.body);
+        serde_json::from_str(&response.body).expect("JSON body")
+    }
+
+    /// Polls `path` until `check` accepts its JSON, or panics after `timeout` naming `what`.
+    pub fn wait_for(
+        &self,
+        path: &str,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let response = self.get(path);
+            if response.status == 200 {
+                let value: serde_json::Value = serde_json::from_str(&response.body).expect("JSON body");
+                if check(&value) {
+                    return value;
+                }
+                if Instant::now() > deadline {
+                    panic!("timed out waiting for {what}; last {path}: {value:#}\nlogs:\n{}", self.logs());
+                }
+            } else if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; {path} answered {}: {}\nlogs:\n{}",
+                    response.status,
+                    response.body,
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns its exit code.
+    pub fn stop(mut self) -> Option<i32> {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("gitfleet did not stop within 15 s of SIGTERM; logs:\n{}", self.logs());
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
+}
+
+/// One HTTP/1.1 request with `Connection: close`; enough for a test to talk to gitfleet.
+pub fn http(address: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    let mut stream = TcpStream::connect(address).expect("connect to gitfleet");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("set timeout");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).expect("send request");
+    stream.write_all(body).expect("send body");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read response");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response has a head");
+    let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).expect("status code");
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
+    Response { status, headers: head.to_owned(), body }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    out
+}

@@ -1,0 +1,170 @@
+//! `gitfleet check` over repositories with real history, in each output format.
+
+use expect_test::{expect, expect_file};
+
+use crate::common::{GitRepo, gitfleet};
+
+fn check(repo: &GitRepo, args: &[&str]) -> (i32, String, String) {
+    let output = gitfleet().arg("check").arg("--repo").arg(repo.path()).args(args).output().expect("gitfleet runs");
+    (
+        output.status.code().expect("exit code"),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn example() -> GitRepo {
+    let repo = GitRepo::new();
+    repo.with_example();
+    repo.annotated_tag("gateway/v1", "First gateway");
+    repo.annotated_tag("node-agent/v1", "First node agent");
+    repo.tag("sdk-agent/v1");
+    repo
+}
+
+#[test]
+fn the_example_repository_checks_clean() {
+    let repo = example();
+    let (code, stdout, stderr) = check(&repo, &[]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    expect![[r#"
+        gitfleet check: commit b72ec86782b4
+
+        Fleets:
+          legacy-edge              observe-only
+          nodes                    node-agent/v1 (267a3288132f)
+          prod-gateway             gateway/v1 (65d6d29695c2)
+          sdk-agents               sdk-agent/v1 (0bd6ce16454f)
+          staging-gateway          gateway/v1 (65d6d29695c2) [latest]
+
+        Problems:
+          (none)
+
+        0 errors, 0 warnings
+    "#]]
+    .assert_eq(&stdout);
+}
+
+/// Every kind of bad input in one repository: each is a problem with its file and line,
+/// and nothing crashes.
+#[test]
+fn a_broken_repository_reports_every_problem() {
+    let repo = example();
+    // A tag whose commit does not have the configuration yet.
+    repo.write("configs/ghost.yaml", std::fs::read_to_string(repo.path().join("configs/gateway.yaml")).expect("read"));
+    repo.write("fleets/ghost.toml", "config = \"ghost\"\nversion = \"v1\"\n");
+    let with_ghost = repo.commit("ghost config");
+    repo.git(&["tag", "ghost/v1", &format!("{with_ghost}~1")]);
+    repo.tag("v1.0");
+    repo.write("fleets/broken.toml", "config = \"gateway\nversion = \"v1\"\n");
+    repo.write("fleets/typo.toml", "config = \"gateway\"\nverison = \"v1\"\n[token]\nexpire = \"1y\"\n");
+    repo.write("fleets/missing.toml", "config = \"gateway\"\nversion = \"v9\"\n");
+    repo.write("fleets/Bad Name.toml", "config = \"gateway\"\n");
+    repo.write("configs/bad.yaml", "receivers:\n  otlp: {\n");
+    repo.write(
+        "configs/lint.yaml",
+        "receivers:\n  otlp: {}\nprocessors:\n  batch: {}\n  memory_limiter: {}\nexporters:\n  debug: {}\nservice:\n  pipelines:\n    traces:\n      receivers: [otlp]\n      processors: [batch, memory_limiter]\n      exporters: [otlphttp]\n",
+    );
+    repo.write("configs/latin1.yaml", b"receivers:\n  caf\xe9: {}\n");
+    repo.write("configs/huge.yaml", vec![b'#'; 5 * 1024 * 1024]);
+    std::os::unix::fs::symlink("gateway.yaml", repo.path().join("configs/link.yaml")).expect("symlink");
+    repo.commit("everything wrong at once");
+
+    let (code, stdout, stderr) = check(&repo, &["--format", "json"]);
+    assert_eq!(code, 1, "errors exit 1: {stdout}{stderr}");
+    let plan: serde_json::Value = serde_json::from_str(&stdout).expect("JSON output");
+    let problems: Vec<String> = plan["problems"]
+        .as_array()
+        .expect("problems")
+        .iter()
+        .map(|p| {
+            format!(
+                "{}:{} {} {}",
+                p["file"].as_str().unwrap_or("-"),
+                p["line"],
+                p["severity"].as_str().unwrap_or("?"),
+                p["message"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    expect_file!["golden/broken_problems.txt"].assert_eq(&(problems.join("\n") + "\n"));
+    assert_eq!(plan["errors"], 12);
+}
+
+fn plan_repo() -> (GitRepo, String) {
+    let repo = example();
+    repo.write("fleets/old.toml", "config = \"node-agent\"\nversion = \"v1\"\n");
+    repo.write("fleets/wip.toml", "config = \"node-agent\"\nversion = \"v1\"\nbogus = 1\n");
+    let base = repo.commit("base: a fleet to remove and a broken one");
+    repo.write(
+        "configs/gateway.yaml",
+        std::fs::read_to_string(repo.path().join("configs/gateway.yaml"))
+            .expect("read")
+            .replace("send_batch_size: 8192", "send_batch_size: 4096"),
+    );
+    repo.commit("Smaller batches");
+    repo.annotated_tag("gateway/v2", "Smaller batches");
+    repo.write(
+        "fleets/prod-gateway.toml",
+        std::fs::read_to_string(repo.path().join("fleets/prod-gateway.toml"))
+            .expect("read")
+            .replace("version = \"v1\"", "version = \"v2\"")
+            .replace("rotate  = 0", "rotate  = 1"),
+    );
+    repo.remove("fleets/old.toml");
+    repo.remove("fleets/wip.toml");
+    repo.write("fleets/canary.toml", "config = \"gateway\"\nversion = \"v3\"\n");
+    repo.commit("Roll out gateway v2 to prod, add canary");
+    (repo, base)
+}
+
+#[test]
+fn check_against_a_base_shows_the_plan_as_text() {
+    let (repo, base) = plan_repo();
+    let (code, stdout, _) = check(&repo, &["--base", &base]);
+    assert_eq!(code, 1, "the new canary fleet points at a missing version");
+    expect_file!["golden/plan.txt"].assert_eq(&stdout);
+}
+
+#[test]
+fn check_against_a_base_shows_the_plan_as_markdown() {
+    let (repo, base) = plan_repo();
+    let (_, stdout, _) = check(&repo, &["--base", &base, "--format", "markdown"]);
+    expect_file!["golden/plan.md"].assert_eq(&stdout);
+}
+
+#[test]
+fn check_against_a_base_shows_the_plan_as_json() {
+    let (repo, base) = plan_repo();
+    let (_, stdout, _) = check(&repo, &["--base", &base, "--format", "json"]);
+    let plan: serde_json::Value = serde_json::from_str(&stdout).expect("JSON output");
+    assert_eq!(plan["added"], serde_json::json!(["canary"]));
+    assert_eq!(plan["removed"], serde_json::json!(["old"]));
+    let rollouts = plan["rollouts"].as_array().expect("rollouts");
+    assert_eq!(rollouts.len(), 1, "{rollouts:?}");
+    assert_eq!(rollouts[0]["fleet"], "prod-gateway");
+    assert_eq!(rollouts[0]["from"], "gateway/v1");
+    assert_eq!(rollouts[0]["to"], "gateway/v2");
+    assert!(
+        rollouts[0]["diff"]
+            .as_str()
+            .expect("diff")
+            .contains("-    send_batch_size: 8192\n+    send_batch_size: 4096\n")
+    );
+    assert_eq!(plan["settings_changed"][0]["changes"], serde_json::json!(["version: v1 → v2", "token.rotate: 0 → 1"]));
+    assert_eq!(plan["new_problems"].as_array().map(Vec::len), Some(1));
+    assert_eq!(plan["fixed_problems"][0]["file"], "fleets/wip.toml");
+    assert_eq!(
+        plan["fixed_problems"][0]["message"],
+        "unknown key `bogus` (allowed: description, config, version, token, install, health)"
+    );
+}
+
+#[test]
+fn check_outside_a_repository_fails_clearly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = gitfleet().args(["check", "--repo"]).arg(dir.path()).output().expect("gitfleet runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.starts_with("gitfleet check: cannot open repository"), "{stderr}");
+}

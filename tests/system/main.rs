@@ -1,0 +1,7 @@
+//! Integration tests: the real `gitfleet` binary against real Git repositories.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod check;
+mod serve;

@@ -1,0 +1,1 @@
+//! `gitfleet serve` end to end.
