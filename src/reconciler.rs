@@ -171,6 +171,8 @@ impl Reconciler {
             view.desired = Some(Arc::new(desired));
             view.reconcile_micros = micros;
             view.store_problem = None;
+            // The snapshot was just fetched and read, so the repository is reachable.
+            view.fetch_problem = None;
             if changed || view.reconciled_at.is_none() {
                 view.reconciled_at = Some(now);
             }

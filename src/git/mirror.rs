@@ -16,13 +16,6 @@ use crate::git::GitError;
 
 const REFSPECS: [&str; 2] = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"];
 
-/// What a fetch changed.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct FetchOutcome {
-    /// Refs created, updated or pruned.
-    pub refs_changed: usize,
-}
-
 pub struct Mirror {
     url: String,
     path: PathBuf,
@@ -58,7 +51,7 @@ impl Mirror {
 
     /// Fetches branches and tags from the remote and prunes refs it no longer has.
     /// Blocking: call it from a blocking thread.
-    pub fn fetch(&self) -> Result<FetchOutcome, GitError> {
+    pub fn fetch(&self) -> Result<(), GitError> {
         let fetch_error = |message: String| GitError::Fetch { url: self.url.clone(), message };
         let repo = self.repo();
         let remote = repo
@@ -75,11 +68,6 @@ impl Mirror {
             .with_write_packed_refs_only(true)
             .receive(gix::progress::Discard, &interrupt)
             .map_err(|e| fetch_error(e.to_string()))?;
-
-        let mut refs_changed = match &outcome.status {
-            gix::remote::fetch::Status::NoPackReceived { update_refs, .. }
-            | gix::remote::fetch::Status::Change { update_refs, .. } => update_refs.edits.len(),
-        };
 
         let advertised: HashSet<BString> =
             outcome.ref_map.remote_refs.iter().map(|r| r.unpack().0.to_owned()).collect();
@@ -98,11 +86,27 @@ impl Mirror {
             }
         }
         if !prune.is_empty() {
-            refs_changed += prune.len();
             repo.edit_references(prune)
                 .map_err(|source| GitError::Write { what: "pruned references".into(), source })?;
         }
-        Ok(FetchOutcome { refs_changed })
+        Ok(())
+    }
+
+    /// A fingerprint of every branch and tag of the mirror: equal fingerprints mean nothing
+    /// to read again.
+    pub fn refs_fingerprint(&self) -> Result<u64, GitError> {
+        use std::hash::{Hash, Hasher};
+        let repo = self.repo();
+        let read_error = |source| GitError::Read { what: "references".into(), source };
+        let references = repo.references().map_err(read_error)?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for reference in references.all().map_err(read_error)?.flatten() {
+            reference.name().as_bstr().hash(&mut hasher);
+            if let Some(id) = reference.target().try_id() {
+                id.as_bytes().hash(&mut hasher);
+            }
+        }
+        Ok(hasher.finish())
     }
 }
 

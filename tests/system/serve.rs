@@ -1,1 +1,283 @@
-//! `gitfleet serve` end to end.
+//! `gitfleet serve` end to end: each trigger, restarts, an unreachable remote, rewritten
+//! history and bad settings, against the real binary and real repositories.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::{GitRepo, Server, gitfleet, http};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn example() -> GitRepo {
+    let repo = GitRepo::new();
+    repo.with_example();
+    repo.annotated_tag("gateway/v1", "First gateway");
+    repo.annotated_tag("node-agent/v1", "First node agent");
+    repo.annotated_tag("sdk-agent/v1", "First SDK settings");
+    repo
+}
+
+/// Publishes gateway/v2 (smaller batches).
+fn publish_gateway_v2(repo: &GitRepo) {
+    let text = std::fs::read_to_string(repo.path().join("configs/gateway.yaml")).expect("read");
+    repo.write("configs/gateway.yaml", text.replace("send_batch_size: 8192", "send_batch_size: 4096"));
+    repo.commit("Smaller batches");
+    repo.annotated_tag("gateway/v2", "Smaller batches");
+}
+
+fn fleet_tag(server: &Server, fleet: &str) -> Value {
+    server.json(&format!("/api/v1/fleets/{fleet}"))["tag"].clone()
+}
+
+fn staging_on_v2(fleets: &Value) -> bool {
+    fleets["tag"] == "gateway/v2"
+}
+
+#[test]
+fn serves_the_api_with_the_documented_fields() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.url(), data.path(), &[]);
+    let repo_state = server.wait_for("/api/v1/repo", WAIT, "first reconcile", |r| r["commit"].is_string());
+    assert_eq!(repo_state["commit"], repo.head());
+    assert_eq!(repo_state["branch"], "main");
+    assert_eq!(repo_state["problems"], serde_json::json!([]));
+    assert!(repo_state["reconciled_at"].as_str().is_some_and(|t| t.ends_with('Z')));
+
+    let fleets = server.json("/api/v1/fleets");
+    let names: Vec<&str> =
+        fleets["fleets"].as_array().expect("fleets").iter().map(|f| f["name"].as_str().expect("name")).collect();
+    assert_eq!(names, vec!["legacy-edge", "nodes", "prod-gateway", "sdk-agents", "staging-gateway"]);
+    let prod = server.json("/api/v1/fleets/prod-gateway");
+    for field in ["name", "config", "version", "config_hash", "instances", "counts", "drift", "token"] {
+        assert!(prod.get(field).is_some(), "fleet object lacks `{field}`: {prod:#}");
+    }
+    assert_eq!(prod["version"], "v1");
+    assert_eq!(prod["config_hash"].as_str().map(str::len), Some(64));
+    assert_eq!(
+        prod["counts"],
+        serde_json::json!({"in_sync": 0, "pending": 0, "applying": 0, "failed": 0, "stale": 0, "observed": 0})
+    );
+    assert_eq!(server.json("/api/v1/fleets/legacy-edge")["observe_only"], true);
+    assert_eq!(server.json("/api/v1/fleets/prod-gateway/instances"), serde_json::json!({"instances": []}));
+
+    let versions = server.json("/api/v1/configs/gateway/versions");
+    let v1 = &versions["versions"][0];
+    assert_eq!(
+        (v1["tag"].as_str(), v1["note"].as_str(), v1["date"].as_str()),
+        (Some("gateway/v1"), Some("First gateway"), Some("2026-01-02T03:04:05Z"))
+    );
+    assert_eq!(v1["config_hash"], prod["config_hash"]);
+    let content = server.json("/api/v1/configs/gateway/versions/v1")["content"].as_str().expect("content").to_owned();
+    assert!(content.contains("memory_limiter"));
+
+    assert_eq!(server.get("/api/v1/fleets/nope").status, 404);
+    assert_eq!(server.get("/api/v1/configs/nope/versions").status, 404);
+    assert_eq!(server.get("/healthz").status, 200);
+    assert_eq!(server.get("/readyz").status, 200);
+    for path in ["/api/v1/fleets", "/api/v1/repo", "/api/v1/configs"] {
+        assert_eq!(http(server.web, "POST", path, &[], b"{}").status, 405, "POST {path}");
+        assert_eq!(http(server.web, "DELETE", path, &[], b"").status, 405, "DELETE {path}");
+    }
+}
+
+#[test]
+fn the_poll_interval_picks_up_a_push() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.url(), data.path(), &["--poll-interval", "1s"]);
+    server.wait_for("/api/v1/fleets/staging-gateway", WAIT, "gateway/v1", |f| f["tag"] == "gateway/v1");
+    publish_gateway_v2(&repo);
+    server.wait_for("/api/v1/fleets/staging-gateway", WAIT, "staging to follow latest", staging_on_v2);
+    assert_eq!(fleet_tag(&server, "prod-gateway"), "gateway/v1", "prod is pinned");
+}
+
+#[test]
+fn the_filesystem_watch_sees_commits_to_a_local_repository() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let path = repo.path().display().to_string();
+    let server = Server::start(&path, data.path(), &["--poll-interval", "1h"]);
+    server.wait_for("/api/v1/repo", WAIT, "first reconcile", |r| r["commit"].is_string());
+    publish_gateway_v2(&repo);
+    server.wait_for("/api/v1/fleets/staging-gateway", WAIT, "the filesystem watch to trigger", staging_on_v2);
+}
+
+#[test]
+fn webhooks_trigger_a_fetch_only_when_signed() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let secret = "hook-secret-for-tests";
+    let server = Server::start(&repo.url(), data.path(), &["--poll-interval", "1h", "--webhook-secret", secret]);
+    server.wait_for("/api/v1/repo", WAIT, "first reconcile", |r| r["commit"].is_string());
+    publish_gateway_v2(&repo);
+    let body = br#"{"ref":"refs/heads/main"}"#;
+    let signature = format!("sha256={}", gitfleet::git::webhook::sign(secret.as_bytes(), body));
+
+    let refused: Vec<(&str, &str)> =
+        vec![("X-Hub-Signature-256", "sha256=00"), ("X-Gitea-Signature", "beef"), ("X-Gitlab-Token", "wrong")];
+    for (header, value) in refused {
+        let response = http(server.web, "POST", "/hooks/git", &[(header, value)], body);
+        assert_eq!(response.status, 401, "{header}: {}", response.body);
+    }
+    assert_eq!(http(server.web, "POST", "/hooks/git", &[], body).status, 401, "unsigned");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(fleet_tag(&server, "staging-gateway"), "gateway/v1", "refused hooks must not trigger a fetch");
+    assert!(!server.logs().contains(secret), "the secret must never be logged");
+
+    let accepted = http(
+        server.web,
+        "POST",
+        "/hooks/git",
+        &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &signature)],
+        body,
+    );
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    server.wait_for("/api/v1/fleets/staging-gateway", WAIT, "the GitHub hook to trigger", staging_on_v2);
+
+    // Gitea signs the same way under its own header; GitLab sends the secret itself.
+    repo.write(
+        "fleets/prod-gateway.toml",
+        std::fs::read_to_string(repo.path().join("fleets/prod-gateway.toml"))
+            .expect("read")
+            .replace("\"v1\"", "\"v2\""),
+    );
+    repo.commit("prod to v2");
+    let gitea = gitfleet::git::webhook::sign(secret.as_bytes(), body);
+    assert_eq!(http(server.web, "POST", "/hooks/git", &[("X-Gitea-Signature", &gitea)], body).status, 202);
+    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "the Gitea hook to trigger", |f| f["tag"] == "gateway/v2");
+    repo.write("fleets/nodes.toml", "config = \"node-agent\"\n");
+    repo.commit("nodes observe-only");
+    assert_eq!(http(server.web, "POST", "/hooks/git", &[("X-Gitlab-Token", secret)], body).status, 202);
+    server.wait_for("/api/v1/fleets/nodes", WAIT, "the GitLab hook to trigger", |f| f["observe_only"] == true);
+}
+
+#[test]
+fn a_restart_keeps_the_versions_first_seen_and_a_moved_tag_is_a_problem() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.url(), data.path(), &[]);
+    let first = server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "gateway/v1", |f| f["tag"] == "gateway/v1");
+    let first_hash = first["config_hash"].clone();
+    assert_eq!(server.stop(), Some(0), "SIGTERM shuts down cleanly");
+
+    // Move gateway/v1 to different content, as a careless force-push would.
+    publish_gateway_v2(&repo);
+    repo.git(&["tag", "--force", "--annotate", "gateway/v1", "--message", "moved"]);
+
+    let server = Server::start(&repo.url(), data.path(), &[]);
+    let state = server.wait_for("/api/v1/repo", WAIT, "reconcile after restart", |r| r["commit"] == repo.head());
+    let problems = state["problems"].as_array().expect("problems");
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_eq!(problems[0]["file"], "refs/tags/gateway/v1");
+    assert!(
+        problems[0]["message"].as_str().expect("message").contains("was moved to different content"),
+        "{problems:#?}"
+    );
+    let prod = server.json("/api/v1/fleets/prod-gateway");
+    assert_eq!(prod["config_hash"], first_hash, "the first content of gateway/v1 is still served");
+    let v1 = server.json("/api/v1/configs/gateway/versions/v1");
+    assert!(v1["content"].as_str().expect("content").contains("send_batch_size: 8192"));
+}
+
+#[test]
+fn an_unreachable_remote_keeps_the_last_good_state_and_recovers() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.url(), data.path(), &["--poll-interval", "1s"]);
+    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "gateway/v1", |f| f["tag"] == "gateway/v1");
+
+    let moved = repo.path().with_extension("away");
+    std::fs::rename(repo.path(), &moved).expect("move the repository away");
+    let state = server.wait_for("/api/v1/repo", WAIT, "the fetch problem", |r| {
+        !r["problems"].as_array().expect("problems").is_empty()
+    });
+    let message = state["problems"][0]["message"].as_str().expect("message").to_owned();
+    assert!(message.starts_with("cannot fetch file://"), "{message}");
+    assert_eq!(state["problems"][0]["severity"], "error");
+    assert_eq!(fleet_tag(&server, "prod-gateway"), "gateway/v1", "the last good state is still served");
+
+    std::fs::rename(&moved, repo.path()).expect("move the repository back");
+    server.wait_for("/api/v1/repo", Duration::from_secs(30), "recovery after backoff", |r| {
+        r["problems"] == serde_json::json!([])
+    });
+}
+
+#[test]
+fn force_pushed_history_is_followed() {
+    let repo = example();
+    let first = repo.head();
+    repo.write("fleets/extra.toml", "config = \"gateway\"\nversion = \"v1\"\n");
+    repo.commit("extra fleet");
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.url(), data.path(), &["--poll-interval", "1s"]);
+    server.wait_for("/api/v1/fleets", WAIT, "the extra fleet", |f| {
+        f["fleets"].as_array().is_some_and(|list| list.len() == 6)
+    });
+    repo.git(&["reset", "--hard", "--quiet", &first]);
+    let state = server.wait_for("/api/v1/repo", WAIT, "the rewritten branch", |r| r["commit"] == first.as_str());
+    assert_eq!(state["problems"], serde_json::json!([]));
+    assert_eq!(server.get("/api/v1/fleets/extra").status, 404);
+}
+
+#[test]
+fn a_deleted_tag_keeps_pinned_fleets_running() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.url(), data.path(), &["--poll-interval", "1s"]);
+    let before = server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "gateway/v1", |f| f["tag"] == "gateway/v1");
+    repo.git(&["tag", "--delete", "gateway/v1"]);
+    let state = server.wait_for("/api/v1/repo", WAIT, "the missing version", |r| {
+        !r["problems"].as_array().expect("problems").is_empty()
+    });
+    let messages: Vec<&str> =
+        state["problems"].as_array().expect("problems").iter().filter_map(|p| p["message"].as_str()).collect();
+    assert!(
+        messages.iter().any(|m| m.contains("fleet `prod-gateway`") && m.contains("it keeps running `gateway/v1`")),
+        "{messages:#?}"
+    );
+    assert_eq!(server.json("/api/v1/fleets/prod-gateway")["config_hash"], before["config_hash"]);
+}
+
+#[test]
+fn bad_settings_exit_with_one_clear_line_before_binding() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = blocker.local_addr().expect("address").to_string();
+    let not_a_repo = data.path().display().to_string();
+    let path = repo.path().display().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--repo", &path, "--poll-interval", "soon"], "gitfleet: --poll-interval: `soon` is not a duration"),
+        (vec!["--repo", &path, "--poll-interval", "10ms"], "gitfleet: --poll-interval: `10ms` is shorter than 1s"),
+        (vec!["--repo", &not_a_repo], "gitfleet: --repo "),
+        (vec!["--repo", &path, "--branch", "a..b"], "gitfleet: --branch `a..b` is not a valid branch name"),
+        (vec!["--repo", &path, "--web-listen", "localhost"], "gitfleet: --web-listen `localhost` is not an address"),
+        (vec!["--repo", &path, "--webhook-secret", ""], "gitfleet: --webhook-secret must not be empty"),
+        (vec!["--repo", &path, "--web-listen", &taken], "gitfleet: cannot listen on"),
+    ];
+    for (args, expected) in cases {
+        let output = gitfleet()
+            .arg("serve")
+            .args(&args)
+            .arg("--data-dir")
+            .arg(data.path().join("d"))
+            .output()
+            .expect("gitfleet runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.starts_with(expected), "{args:?}: expected {expected:?}, got:\n{stderr}");
+    }
+    // Every flag can come from the environment too.
+    let output = gitfleet()
+        .arg("serve")
+        .env("GITFLEET_REPO", &path)
+        .env("GITFLEET_POLL_INTERVAL", "never")
+        .env("GITFLEET_DATA_DIR", data.path().join("d"))
+        .output()
+        .expect("gitfleet runs");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--poll-interval: `never` is not a duration"));
+}
