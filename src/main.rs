@@ -47,7 +47,7 @@ fn main() -> ExitCode {
         },
         Command::Serve(args) => report(serve(args)),
         Command::Demo(args) => report(run_demo(args)),
-        Command::Bench(args) => report(bench::run(&args)),
+        Command::Bench(args) => report(bench::run(&args).map_err(anyhow::Error::from)),
     }
 }
 

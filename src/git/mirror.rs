@@ -4,10 +4,11 @@
 //! are taken as they are; immutability is enforced later, by the core) and refs that
 //! disappeared from the remote are pruned, so the mirror shows what the remote shows.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
+use gix::ObjectId;
 use gix::bstr::BString;
 use gix::refs::transaction::{Change, PreviousValue, RefEdit, RefLog};
 use gix::remote::Direction;
@@ -15,6 +16,8 @@ use gix::remote::Direction;
 use crate::git::GitError;
 
 const REFSPECS: [&str; 2] = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"];
+/// Up to this many changed refs are fetched one by one; more, and the wildcards are used.
+const EXPLICIT_REFSPECS_UP_TO: usize = 64;
 
 pub struct Mirror {
     url: String,
@@ -51,62 +54,142 @@ impl Mirror {
 
     /// Fetches branches and tags from the remote and prunes refs it no longer has.
     /// Blocking: call it from a blocking thread.
-    pub fn fetch(&self) -> Result<(), GitError> {
+    ///
+    /// The remote's refs are listed first and compared with the mirror's, and only the refs
+    /// that changed are fetched: with thousands of tags, a fetch of every ref costs seconds,
+    /// while listing them costs milliseconds. Returns whether any ref changed.
+    pub fn fetch(&self) -> Result<bool, GitError> {
         let fetch_error = |message: String| GitError::Fetch { url: self.url.clone(), message };
         let repo = self.repo();
-        let remote = repo
-            .remote_at(self.url.as_str())
-            .map_err(|e| fetch_error(e.to_string()))?
-            .with_fetch_tags(gix::remote::fetch::Tags::None)
-            .with_refspecs(REFSPECS, Direction::Fetch)
-            .map_err(|e| fetch_error(e.to_string()))?;
-        let connection = remote.connect(Direction::Fetch).map_err(|e| fetch_error(e.to_string()))?;
         let interrupt = AtomicBool::new(false);
-        let outcome = connection
-            .prepare_fetch(gix::progress::Discard, Default::default())
-            .map_err(|e| fetch_error(e.to_string()))?
-            .with_write_packed_refs_only(true)
-            .receive(gix::progress::Discard, &interrupt)
-            .map_err(|e| fetch_error(e.to_string()))?;
 
-        let advertised: HashSet<BString> =
-            outcome.ref_map.remote_refs.iter().map(|r| r.unpack().0.to_owned()).collect();
-        let mut prune = Vec::new();
-        let references = repo.references().map_err(|source| GitError::Read { what: "references".into(), source })?;
-        let all = references.all().map_err(|source| GitError::Read { what: "references".into(), source })?;
-        for reference in all.flatten() {
-            let name = reference.name().as_bstr();
-            let ours = name.starts_with(b"refs/heads/") || name.starts_with(b"refs/tags/");
-            if ours && !advertised.contains(name) {
-                prune.push(RefEdit {
-                    change: Change::Delete { expected: PreviousValue::Any, log: RefLog::AndReference },
-                    name: reference.name().to_owned(),
-                    deref: false,
-                });
+        let source = self.local_source()?;
+        let remote_refs = match &source {
+            Some(source) => refs_of(source)?,
+            None => self.list_remote_refs(&repo)?,
+        };
+        let local_refs = refs_of(&repo)?;
+
+        let changed: Vec<&BString> =
+            remote_refs.iter().filter(|(name, id)| local_refs.get(*name) != Some(id)).map(|(name, _)| name).collect();
+        let copied = match &source {
+            Some(source) if !changed.is_empty() && changed.len() <= EXPLICIT_REFSPECS_UP_TO => {
+                self.copy_from_local(source, &repo, &changed, &remote_refs)?
             }
+            _ => false,
+        };
+        if !changed.is_empty() && !copied {
+            let refspecs: Vec<String> = if changed.len() > EXPLICIT_REFSPECS_UP_TO {
+                REFSPECS.iter().map(|s| (*s).to_owned()).collect()
+            } else {
+                changed.iter().map(|name| format!("+{name}:{name}")).collect()
+            };
+            self.remote(&repo, refspecs.into_iter())?
+                .connect(Direction::Fetch)
+                .map_err(|e| fetch_error(e.to_string()))?
+                .prepare_fetch(gix::progress::Discard, Default::default())
+                .map_err(|e| fetch_error(e.to_string()))?
+                .with_write_packed_refs_only(changed.len() > EXPLICIT_REFSPECS_UP_TO)
+                .receive(gix::progress::Discard, &interrupt)
+                .map_err(|e| fetch_error(e.to_string()))?;
         }
-        if !prune.is_empty() {
+
+        let prune: Vec<RefEdit> = local_refs
+            .keys()
+            .filter(|name| !remote_refs.contains_key(*name))
+            .filter_map(|name| gix::refs::FullName::try_from(name.clone()).ok())
+            .map(|name| RefEdit {
+                change: Change::Delete { expected: PreviousValue::Any, log: RefLog::AndReference },
+                name,
+                deref: false,
+            })
+            .collect();
+        let pruned = !prune.is_empty();
+        if pruned {
             repo.edit_references(prune)
                 .map_err(|source| GitError::Write { what: "pruned references".into(), source })?;
         }
-        Ok(())
+        Ok(!changed.is_empty() || pruned)
     }
 
-    /// A fingerprint of every branch and tag of the mirror: equal fingerprints mean nothing
-    /// to read again.
-    pub fn refs_fingerprint(&self) -> Result<u64, GitError> {
-        use std::hash::{Hash, Hasher};
-        let repo = self.repo();
-        let read_error = |source| GitError::Read { what: "references".into(), source };
-        let references = repo.references().map_err(read_error)?;
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        for reference in references.all().map_err(read_error)?.flatten() {
-            reference.name().as_bstr().hash(&mut hasher);
-            if let Some(id) = reference.target().try_id() {
-                id.as_bytes().hash(&mut hasher);
+    /// The remote's branches and tags, listed over the Git protocol.
+    fn list_remote_refs(&self, repo: &gix::Repository) -> Result<HashMap<BString, ObjectId>, GitError> {
+        let fetch_error = |message: String| GitError::Fetch { url: self.url.clone(), message };
+        let listing = self.remote(repo, REFSPECS.iter().map(|s| (*s).to_owned()))?;
+        let (ref_map, _handshake) = listing
+            .connect(Direction::Fetch)
+            .map_err(|e| fetch_error(e.to_string()))?
+            .ref_map(gix::progress::Discard, Default::default())
+            .map_err(|e| fetch_error(e.to_string()))?;
+        Ok(ref_map
+            .remote_refs
+            .iter()
+            .filter_map(|r| {
+                let (name, target, _peeled) = r.unpack();
+                Some((name.to_owned(), target?.to_owned())).filter(|(name, _)| is_branch_or_tag(name))
+            })
+            .collect())
+    }
+
+    /// The source repository when the remote is on this machine (a path or `file://`).
+    fn local_source(&self) -> Result<Option<gix::Repository>, GitError> {
+        let Some(path) = local_path(&self.url) else { return Ok(None) };
+        gix::open_opts(&path, gix::open::Options::isolated())
+            .map(Some)
+            .map_err(|error| GitError::Fetch { url: self.url.clone(), message: error.to_string() })
+    }
+
+    /// Copies the objects that `changed` refs need from a local source and moves the refs,
+    /// as `git clone --local` does. Returns false (having changed nothing) when the change is
+    /// too large for loose objects; the caller then fetches a pack instead.
+    fn copy_from_local(
+        &self,
+        source: &gix::Repository,
+        mirror: &gix::Repository,
+        changed: &[&BString],
+        remote_refs: &HashMap<BString, ObjectId>,
+    ) -> Result<bool, GitError> {
+        let copy_error = |source: gix::Error| GitError::Fetch { url: self.url.clone(), message: source.to_string() };
+        let mut missing = Vec::new();
+        for name in changed {
+            if !collect_missing(source, mirror, remote_refs[*name], &mut missing).map_err(copy_error)? {
+                return Ok(false);
             }
         }
-        Ok(hasher.finish())
+        // Children before parents: a crash leaves no object whose references are missing.
+        for (kind, data) in missing {
+            gix::objs::Write::write_buf(&mirror.objects, kind, &data).map_err(|error| GitError::Write {
+                what: "copied objects".into(),
+                source: gix::Error::from_error(error),
+            })?;
+        }
+        let edits = changed.iter().filter_map(|name| {
+            let full_name = gix::refs::FullName::try_from((*name).clone()).ok()?;
+            Some(RefEdit {
+                change: Change::Update {
+                    log: Default::default(),
+                    expected: PreviousValue::Any,
+                    new: gix::refs::Target::Object(remote_refs[*name]),
+                },
+                name: full_name,
+                deref: false,
+            })
+        });
+        mirror.edit_references(edits).map_err(|source| GitError::Write { what: "references".into(), source })?;
+        Ok(true)
+    }
+
+    fn remote<'r>(
+        &self,
+        repo: &'r gix::Repository,
+        refspecs: impl Iterator<Item = String>,
+    ) -> Result<gix::Remote<'r>, GitError> {
+        let fetch_error = |message: String| GitError::Fetch { url: self.url.clone(), message };
+        repo.remote_at(self.url.as_str())
+            .map_err(|e| fetch_error(e.to_string()))?
+            .with_fetch_tags(gix::remote::fetch::Tags::None)
+            .with_refspecs(refspecs.map(BString::from), Direction::Fetch)
+            .map_err(|e| fetch_error(e.to_string()))
     }
 }
 
@@ -134,4 +217,86 @@ pub fn local_git_dir(url: &str) -> Option<PathBuf> {
     } else {
         None
     }
+}
+
+/// Most loose objects copied from a local source before a pack fetch is cheaper.
+const MAX_COPIED_OBJECTS: usize = 5000;
+
+fn is_branch_or_tag(name: &[u8]) -> bool {
+    name.starts_with(b"refs/heads/") || name.starts_with(b"refs/tags/")
+}
+
+/// The branches and tags of a repository with the ids they point at (annotated tags: the
+/// tag object).
+fn refs_of(repo: &gix::Repository) -> Result<HashMap<BString, ObjectId>, GitError> {
+    let read_error = |source| GitError::Read { what: "references".into(), source };
+    let references = repo.references().map_err(read_error)?;
+    let mut refs = HashMap::new();
+    for reference in references.all().map_err(read_error)?.flatten() {
+        let name = reference.name().as_bstr();
+        if is_branch_or_tag(name)
+            && let Some(id) = reference.target().try_id()
+        {
+            refs.insert(name.to_owned(), id.to_owned());
+        }
+    }
+    Ok(refs)
+}
+
+/// The path of a repository on this machine, for a local path or a `file://` URL.
+fn local_path(url: &str) -> Option<PathBuf> {
+    match url.strip_prefix("file://") {
+        Some(path) => Some(PathBuf::from(path)),
+        None if url.contains("://") || url.contains('@') => None,
+        None => Some(PathBuf::from(url)),
+    }
+}
+
+/// Appends to `missing` every object reachable from `start` that the mirror lacks, each
+/// after the objects it references (post-order). Returns false when there are more than
+/// `MAX_COPIED_OBJECTS`.
+fn collect_missing(
+    source: &gix::Repository,
+    mirror: &gix::Repository,
+    start: ObjectId,
+    missing: &mut Vec<(gix::object::Kind, Vec<u8>)>,
+) -> Result<bool, gix::Error> {
+    let mut visited = std::collections::HashSet::new();
+    // (id, children pushed?)
+    let mut stack = vec![(start, false)];
+    while let Some((id, expanded)) = stack.pop() {
+        if expanded {
+            let object = source.find_object(id)?;
+            missing.push((object.kind, object.data.clone()));
+            if missing.len() > MAX_COPIED_OBJECTS {
+                return Ok(false);
+            }
+            continue;
+        }
+        if mirror.has_object(id) || !visited.insert(id) {
+            continue;
+        }
+        stack.push((id, true));
+        let object = source.find_object(id)?;
+        match object.kind {
+            gix::object::Kind::Commit => {
+                let commit = object.into_commit();
+                stack.push((commit.tree_id()?.detach(), false));
+                stack.extend(commit.parent_ids().map(|parent| (parent.detach(), false)));
+            }
+            gix::object::Kind::Tree => {
+                let tree = object.into_tree();
+                for entry in tree.iter() {
+                    let entry = entry?;
+                    // Submodule commits live in other repositories.
+                    if !entry.mode().is_commit() {
+                        stack.push((entry.object_id(), false));
+                    }
+                }
+            }
+            gix::object::Kind::Tag => stack.push((object.into_tag().target_id()?.detach(), false)),
+            gix::object::Kind::Blob => {}
+        }
+    }
+    Ok(true)
 }

@@ -20,7 +20,8 @@ const READ_DIRS: [(&str, u64); 2] = [("configs", MAX_CONFIG_BYTES), ("fleets", M
 #[derive(Default)]
 pub struct SnapshotReader {
     /// Tags by (name, id the ref points at); a tag that did not move is not read again.
-    tags: HashMap<(String, ObjectId), TagSnapshot>,
+    /// Shared with the snapshots, so that the core can tell an unchanged tag by pointer.
+    tags: HashMap<(String, ObjectId), Arc<TagSnapshot>>,
     blobs: HashMap<ObjectId, Arc<[u8]>>,
 }
 
@@ -69,15 +70,9 @@ impl SnapshotReader {
             let key = (name.clone(), target);
             let tag = match self.tags.remove(&key) {
                 Some(tag) => tag,
-                None => self.read_tag(repo, &name, target, &mut blobs_used)?,
+                None => Arc::new(self.read_tag(repo, &name, target, &mut blobs_used)?),
             };
-            for file in tag.files.values() {
-                if let (FileContent::Blob(body), Ok(id)) = (&file.content, ObjectId::from_hex(file.blob_id.as_bytes()))
-                {
-                    blobs_used.insert(id, Arc::clone(body));
-                }
-            }
-            tags_seen.insert(key, tag.clone());
+            tags_seen.insert(key, Arc::clone(&tag));
             tags.push(tag);
         }
         tags.sort_by(|a, b| a.name.cmp(&b.name));

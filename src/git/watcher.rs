@@ -69,7 +69,7 @@ pub async fn run(
     let reader = Arc::new(Mutex::new(SnapshotReader::new()));
     let rev = format!("refs/heads/{}", settings.branch);
     let mut failures: u32 = 0;
-    let mut last_fingerprint: Option<u64> = None;
+    let mut read_once = false;
     let mut next_poll = Instant::now();
     loop {
         tokio::select! {
@@ -86,26 +86,25 @@ pub async fn run(
         let job_reader = Arc::clone(&reader);
         let job_rev = rev.clone();
         let branch = settings.branch.clone();
-        let previous_fingerprint = last_fingerprint;
+        let must_read = !read_once;
         let result = tokio::task::spawn_blocking(move || {
-            job_mirror.fetch()?;
-            let fingerprint = job_mirror.refs_fingerprint()?;
-            if Some(fingerprint) == previous_fingerprint {
-                return Ok((fingerprint, None));
+            let changed = job_mirror.fetch()?;
+            if !changed && !must_read {
+                return Ok(None);
             }
             let repo = job_mirror.repo();
             let mut reader = job_reader.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            reader.read(&repo, &job_rev, &branch).map(|snapshot| (fingerprint, Some(snapshot)))
+            reader.read(&repo, &job_rev, &branch).map(Some)
         })
         .await
         .expect("fetch and read do not panic");
 
         let event = match result {
-            Ok((fingerprint, Some(snapshot))) => {
-                last_fingerprint = Some(fingerprint);
+            Ok(Some(snapshot)) => {
+                read_once = true;
                 Event::RepoRead(Box::new(snapshot))
             }
-            Ok((_, None)) => Event::RepoReachable,
+            Ok(None) => Event::RepoReachable,
             Err(error) => {
                 failures += 1;
                 let message = match &error {

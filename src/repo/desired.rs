@@ -40,14 +40,6 @@ pub struct Version {
     pub blob_id: String,
 }
 
-impl Version {
-    /// Equality without comparing bodies: equal blob ids and hashes mean equal content.
-    fn same_as(&self, other: &Version) -> bool {
-        (&self.tag, &self.commit, &self.blob_id, &self.config_hash, self.time, &self.note, &self.file)
-            == (&other.tag, &other.commit, &other.blob_id, &other.config_hash, other.time, &other.note, &other.file)
-    }
-}
-
 /// What the store remembers of a version the first time it is seen.
 pub type SeenVersion = Version;
 
@@ -124,18 +116,26 @@ impl DesiredState {
     }
 }
 
-/// Work from an earlier compile that can be reused when the same blobs come back.
+/// Work from an earlier compile that can be reused when the same inputs come back.
 #[derive(Clone, Debug, Default)]
 struct Cache {
-    /// By tag name.
-    versions: HashMap<String, Arc<Version>>,
-    /// By `path\0blob_id`.
+    /// What each tag published, by tag name; reused while the reader hands back the same
+    /// `Arc<TagSnapshot>` (the tag did not move).
+    tags: HashMap<String, TagOutcome>,
+    /// Lint results by `path\0blob_id`.
     lint: HashMap<String, Arc<Vec<Problem>>>,
-    /// By `path\0blob_id`.
+    /// Parsed fleet files by `path\0blob_id`.
     fleets: HashMap<String, (Option<FleetSpec>, Vec<Problem>)>,
-    /// Config hashes by `content_type\0blob_id`: hashing every tag's body again on each
-    /// compile would dominate an incremental reconcile.
-    hashes: HashMap<String, [u8; 32]>,
+}
+
+#[derive(Clone, Debug)]
+struct TagOutcome {
+    snapshot: Arc<TagSnapshot>,
+    /// Whether `configs/<name>.*` existed at the head when this was computed (it decides
+    /// whether a tag without its file is an error or an unrelated tag).
+    config_exists: bool,
+    version: Option<Arc<Version>>,
+    problems: Vec<Problem>,
 }
 
 /// Everything `compile` reads besides the snapshot.
@@ -353,67 +353,72 @@ fn published_versions(
     let mut configs: BTreeMap<String, Configuration> = BTreeMap::new();
     let mut newly_seen = Vec::new();
     for tag in &snapshot.tags {
-        let location = format!("refs/tags/{}", tag.name);
-        let Some((config, version)) = tag.name.split_once('/') else {
-            problems.push(Problem::warning(
-                location,
-                None,
-                format!("tag `{}` is not <configuration>/<version>; ignored", tag.name),
-            ));
-            continue;
+        let config_exists = tag.name.split_once('/').is_some_and(|(config, _)| head_configs.contains_key(config));
+        let reused = previous
+            .and_then(|c| c.tags.get(&tag.name))
+            .filter(|outcome| Arc::ptr_eq(&outcome.snapshot, tag) && outcome.config_exists == config_exists);
+        let outcome = match reused {
+            Some(outcome) => outcome.clone(),
+            None => tag_outcome(tag, config_exists, seen),
         };
-        if let Err(message) = names::check_name(config).and_then(|()| names::check_version(version)) {
-            problems.push(Problem::warning(location, None, format!("tag `{}` ignored: {message}", tag.name)));
-            continue;
+        problems.extend(outcome.problems.iter().cloned());
+        if let Some(version) = &outcome.version {
+            if !seen.contains_key(&tag.name) {
+                newly_seen.push(Version::clone(version));
+            }
+            configs
+                .entry(version.config.clone())
+                .or_insert_with(|| Configuration {
+                    name: version.config.clone(),
+                    head_file: None,
+                    versions: Vec::new(),
+                })
+                .versions
+                .push(Arc::clone(version));
         }
-        let mut hash_of = |content_type: &str, blob_id: &str, body: &[u8]| {
-            let key = format!("{content_type}\0{blob_id}");
-            let hash = previous
-                .and_then(|c| c.hashes.get(&key).copied())
-                .unwrap_or_else(|| single_file_hash(content_type, body));
-            cache.hashes.insert(key, hash);
-            hash
-        };
-        let Some(version) =
-            read_tag(tag, config, version, head_configs.contains_key(config), &location, &mut hash_of, problems)
-        else {
-            continue;
-        };
-        let version = match seen.get(&tag.name) {
-            Some(first) if first.config_hash != version.config_hash => {
-                problems.push(Problem::error(
-                    location,
-                    None,
-                    format!(
-                        "tag `{}` was moved to different content (first seen at commit {}, now {}); published versions are immutable, so the first content is kept: publish a new version instead",
-                        tag.name,
-                        short(&first.commit),
-                        short(&version.commit)
-                    ),
-                ));
-                Version { note: version.note, time: version.time, ..first.clone() }
-            }
-            Some(first) => Version { note: version.note, time: version.time, ..first.clone() },
-            None => {
-                newly_seen.push(version.clone());
-                version
-            }
-        };
-        let version = match previous.and_then(|c| c.versions.get(&tag.name)) {
-            Some(reused) if reused.same_as(&version) => Arc::clone(reused),
-            _ => Arc::new(version),
-        };
-        cache.versions.insert(tag.name.clone(), Arc::clone(&version));
-        configs
-            .entry(version.config.clone())
-            .or_insert_with(|| Configuration { name: version.config.clone(), head_file: None, versions: Vec::new() })
-            .versions
-            .push(version);
+        cache.tags.insert(tag.name.clone(), outcome);
     }
     for configuration in configs.values_mut() {
         configuration.versions.sort_by(|a, b| compare_versions(&a.version, &b.version));
     }
     (configs, newly_seen)
+}
+
+/// What one tag publishes (if anything) and the problems it has.
+fn tag_outcome(tag: &Arc<TagSnapshot>, config_exists: bool, seen: &BTreeMap<String, SeenVersion>) -> TagOutcome {
+    let mut outcome = TagOutcome { snapshot: Arc::clone(tag), config_exists, version: None, problems: Vec::new() };
+    let location = format!("refs/tags/{}", tag.name);
+    let Some((config, version)) = tag.name.split_once('/') else {
+        let message = format!("tag `{}` is not <configuration>/<version>; ignored", tag.name);
+        outcome.problems.push(Problem::warning(location, None, message));
+        return outcome;
+    };
+    if let Err(message) = names::check_name(config).and_then(|()| names::check_version(version)) {
+        outcome.problems.push(Problem::warning(location, None, format!("tag `{}` ignored: {message}", tag.name)));
+        return outcome;
+    }
+    let Some(version) = read_tag(tag, config, version, config_exists, &location, &mut outcome.problems) else {
+        return outcome;
+    };
+    let version = match seen.get(&tag.name) {
+        Some(first) if first.config_hash != version.config_hash => {
+            outcome.problems.push(Problem::error(
+                location,
+                None,
+                format!(
+                    "tag `{}` was moved to different content (first seen at commit {}, now {}); published versions are immutable, so the first content is kept: publish a new version instead",
+                    tag.name,
+                    short(&first.commit),
+                    short(&version.commit)
+                ),
+            ));
+            Version { note: version.note, time: version.time, ..first.clone() }
+        }
+        Some(first) => Version { note: version.note, time: version.time, ..first.clone() },
+        None => version,
+    };
+    outcome.version = Some(Arc::new(version));
+    outcome
 }
 
 /// The version a tag publishes, or `None` with a problem.
@@ -423,7 +428,6 @@ fn read_tag(
     version: &str,
     config_exists: bool,
     location: &str,
-    hash_of: &mut dyn FnMut(&str, &str, &[u8]) -> [u8; 32],
     problems: &mut Vec<Problem>,
 ) -> Option<Version> {
     let Some(commit) = &tag.commit else {
@@ -485,7 +489,7 @@ fn read_tag(
         note: tag.note.clone(),
         file: path.clone(),
         content_type: content_type.to_owned(),
-        config_hash: hash_of(content_type, &file.blob_id, &body),
+        config_hash: single_file_hash(content_type, &body),
         body,
         blob_id: file.blob_id.clone(),
     })
@@ -656,6 +660,7 @@ mod tests {
     }
 
     fn snapshot(files: &[(&str, &str)], tags: Vec<TagSnapshot>) -> RepoSnapshot {
+        let tags = tags.into_iter().map(Arc::new).collect();
         RepoSnapshot {
             commit: "head".to_owned(),
             branch: "main".to_owned(),
@@ -820,7 +825,7 @@ mod tests {
                 tag("gateway/latest", "c3", GATEWAY_V1),
             ],
         );
-        snap.tags[1].files.clear();
+        Arc::make_mut(&mut snap.tags[1]).files.clear();
         snap.files.insert(
             "configs/big.yaml".into(),
             RepoFile { blob_id: "b".into(), content: FileContent::TooLarge { size: 5_000_000 } },

@@ -30,8 +30,9 @@ pub struct RepoSnapshot {
     pub commit_time: i64,
     /// Every entry under `configs/` and `fleets/` at `commit`, by path.
     pub files: BTreeMap<String, RepoFile>,
-    /// Every tag in the repository, sorted by name.
-    pub tags: Vec<TagSnapshot>,
+    /// Every tag in the repository, sorted by name. A tag that did not move between two
+    /// reads is the same `Arc`, which lets the core reuse what it made of it.
+    pub tags: Vec<Arc<TagSnapshot>>,
 }
 
 /// One entry of the tree. The Git shell does not judge it; `desired` does.

@@ -56,7 +56,10 @@ fn natural_compare(a: &str, b: &str) -> Ordering {
                         // Numbers sort before words, as in semver pre-release identifiers.
                         (true, false) => Ordering::Less,
                         (false, true) => Ordering::Greater,
-                        (false, false) => a_chunk.to_ascii_lowercase().cmp(&b_chunk.to_ascii_lowercase()),
+                        (false, false) => a_chunk
+                            .bytes()
+                            .map(|b| b.to_ascii_lowercase())
+                            .cmp(b_chunk.bytes().map(|b| b.to_ascii_lowercase())),
                     };
                 if order != Ordering::Equal {
                     return order;
