@@ -98,29 +98,31 @@ fn git(dir: &Path, args: &[&str]) -> Result<(), DemoError> {
 /// What to try next, printed once the server is up.
 pub fn next_steps(repo: &Path, web: &str) -> String {
     let repo = repo.display();
+    let gitfleet = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "gitfleet".to_owned());
     format!(
-        "\n\
-gitfleet demo is running.\n\
-\n\
-  Repository   {repo}\n\
-  Fleets       http://{web}/api/v1/fleets\n\
-  Problems     http://{web}/api/v1/repo\n\
-  Versions     http://{web}/api/v1/configs/gateway/versions\n\
-\n\
-Try it (in another terminal):\n\
-  cd {repo}\n\
-  # publish a new gateway version; staging-gateway follows `latest`:\n\
-  sed -i 's/send_batch_size: 8192/send_batch_size: 4096/' configs/gateway.yaml\n\
-  git commit -qam 'Smaller batches' && git tag -a gateway/v2 -m 'Smaller batches'\n\
-  curl -s http://{web}/api/v1/fleets/staging-gateway\n\
-  # roll production forward, then check what the change does:\n\
-  sed -i 's/version = \"v1\"/version = \"v2\"/' fleets/prod-gateway.toml\n\
-  gitfleet check --repo . --base HEAD      # (before committing: compares with the last commit)\n\
-  git commit -qam 'Roll out gateway v2 to prod'\n\
-  # break something and watch the last good state being kept:\n\
-  echo 'verison = \"v3\"' >> fleets/nodes.toml && git commit -qam oops\n\
-  curl -s http://{web}/api/v1/repo\n\
-\n\
-Stop with Ctrl-C.\n"
+        "
+gitfleet demo is running.
+
+  Repository   {repo}
+  Fleets       http://{web}/api/v1/fleets
+  Problems     http://{web}/api/v1/repo
+  Versions     http://{web}/api/v1/configs/gateway/versions
+
+Try it in another terminal:
+  cd {repo}
+  # publish a new gateway version; staging-gateway follows `latest` at once:
+  sed -i 's/send_batch_size: 8192/send_batch_size: 4096/' configs/gateway.yaml
+  git commit -qam 'Smaller batches' && git tag -a gateway/v2 -m 'Smaller batches'
+  curl -s http://{web}/api/v1/fleets/staging-gateway
+  # roll production forward, and see what that commit does, as a reviewer would:
+  sed -i 's/version = \"v1\"/version = \"v2\"/' fleets/prod-gateway.toml
+  git commit -qam 'Roll out gateway v2 to prod'
+  {gitfleet} check --base HEAD~1
+  # break a fleet file and watch the fleet keep its last good state:
+  echo 'verison = \"v3\"' >> fleets/nodes.toml && git commit -qam oops
+  curl -s http://{web}/api/v1/repo
+
+Stop with Ctrl-C.
+"
     )
 }

@@ -528,9 +528,7 @@ fn resolve_fleet(
     let (spec, mut kept) = match spec {
         Some(spec) => (spec, false),
         None => {
-            let Some(remembered) = remembered else {
-                return None;
-            };
+            let remembered = remembered?;
             let (Some(spec), _) = parse_fleet(name, path, &remembered.source) else {
                 return None;
             };

@@ -281,3 +281,20 @@ fn bad_settings_exit_with_one_clear_line_before_binding() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--poll-interval: `never` is not a duration"));
 }
+
+#[test]
+fn a_missing_branch_is_a_problem_not_a_crash() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.url(), data.path(), &["--branch", "release", "--poll-interval", "1s"]);
+    let state = server.wait_for("/api/v1/repo", WAIT, "the missing branch problem", |r| {
+        !r["problems"].as_array().expect("problems").is_empty()
+    });
+    let message = state["problems"][0]["message"].as_str().expect("message");
+    assert!(message.starts_with("branch `release` not found in file://"), "{message}");
+    assert_eq!(server.get("/readyz").status, 503, "not ready before the branch can be read");
+    repo.git(&["branch", "release"]);
+    let state = server.wait_for("/api/v1/repo", WAIT, "the branch to appear", |r| r["commit"] == repo.head());
+    assert_eq!(state["branch"], "release");
+    assert_eq!(state["problems"], serde_json::json!([]));
+}
