@@ -298,3 +298,32 @@ fn a_missing_branch_is_a_problem_not_a_crash() {
     assert_eq!(state["branch"], "release");
     assert_eq!(state["problems"], serde_json::json!([]));
 }
+
+#[test]
+fn fetches_over_smart_http() {
+    let work = example();
+    let served = tempfile::tempdir().expect("temp dir");
+    let bare = served.path().join("fleet.git");
+    let status = crate::common::git_command(served.path())
+        .args(["clone", "--quiet", "--bare"])
+        .arg(work.path())
+        .arg(&bare)
+        .status()
+        .expect("git clone runs");
+    assert!(status.success());
+    let http = crate::common::GitHttpServer::start(served.path());
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&http.url("fleet.git"), data.path(), &["--poll-interval", "1s"]);
+    let first = server
+        .wait_for("/api/v1/fleets/staging-gateway", WAIT, "the first fetch over HTTP", |f| f["tag"] == "gateway/v1");
+    assert!(first["config_hash"].is_string());
+
+    // A push to the served repository: one new commit and one new tag.
+    publish_gateway_v2(&work);
+    let push = work.try_git(&["push", "--quiet", bare.to_str().expect("utf-8 path"), "main", "gateway/v2"]);
+    assert!(push.status.success(), "{}", String::from_utf8_lossy(&push.stderr));
+    server.wait_for("/api/v1/fleets/staging-gateway", WAIT, "the push to arrive over HTTP", staging_on_v2);
+    let state = server.json("/api/v1/repo");
+    assert_eq!(state["commit"], work.head());
+    assert_eq!(state["problems"], serde_json::json!([]));
+}
