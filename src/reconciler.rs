@@ -37,6 +37,9 @@ pub struct View {
     pub fetch_problem: Option<Problem>,
     /// Why the state database cannot be written right now, if it cannot.
     pub store_problem: Option<Problem>,
+    /// Fetches attempted since the start, and the Unix time of the last one.
+    pub fetches: u64,
+    pub last_fetched_at: Option<i64>,
 }
 
 impl View {
@@ -79,27 +82,19 @@ impl Reconciler {
                     None => break,
                 },
             };
+            let now = crate::time::now_unix();
+            self.view.send_modify(|view| {
+                let view = Arc::make_mut(view);
+                view.fetches += 1;
+                view.last_fetched_at = Some(now);
+            });
             match event {
                 Event::RepoRead(snapshot) => self.reconcile(*snapshot).await,
                 Event::RepoUnreachable { message } => {
                     let problem = Problem::general(Severity::Error, message);
-                    self.view.send_if_modified(|view| {
-                        if view.fetch_problem.as_ref() == Some(&problem) {
-                            return false;
-                        }
-                        Arc::make_mut(view).fetch_problem = Some(problem);
-                        true
-                    });
+                    self.view.send_modify(|view| Arc::make_mut(view).fetch_problem = Some(problem));
                 }
-                Event::RepoReachable => {
-                    self.view.send_if_modified(|view| {
-                        if view.fetch_problem.is_none() {
-                            return false;
-                        }
-                        Arc::make_mut(view).fetch_problem = None;
-                        true
-                    });
-                }
+                Event::RepoReachable => self.view.send_modify(|view| Arc::make_mut(view).fetch_problem = None),
             }
         }
         info!("reconciler stopped");

@@ -159,7 +159,7 @@ impl Mirror {
         // Children before parents: a crash leaves no object whose references are missing.
         for (kind, data) in missing {
             gix::objs::Write::write_buf(&mirror.objects, kind, &data).map_err(|error| GitError::Write {
-                what: "copied objects".into(),
+                what: "objects copied into the mirror".into(),
                 source: gix::Error::from_error(error),
             })?;
         }

@@ -17,6 +17,6 @@ pub enum GitError {
     Read { what: String, source: gix::Error },
     #[error("cannot fetch {url}: {message}")]
     Fetch { url: String, message: String },
-    #[error("cannot update {what}: {source}")]
+    #[error("cannot write {what}: {source}")]
     Write { what: String, source: gix::Error },
 }

@@ -45,9 +45,17 @@ pub fn watch_local_refs(
     let refs = git_dir.join("refs");
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        let relevant = event.paths.iter().any(|path| {
-            path.starts_with(&refs) || path.file_name().is_some_and(|name| name == "packed-refs" || name == "HEAD")
-        });
+        // Only changes count: reading the repository (as every fetch does) causes access
+        // events, which would otherwise trigger the next fetch, forever.
+        let changed = match event.kind {
+            notify::EventKind::Create(_) | notify::EventKind::Remove(_) | notify::EventKind::Any => true,
+            notify::EventKind::Modify(kind) => !matches!(kind, notify::event::ModifyKind::Metadata(_)),
+            notify::EventKind::Access(_) | notify::EventKind::Other => false,
+        };
+        let relevant = changed
+            && event.paths.iter().any(|path| {
+                path.starts_with(&refs) || path.file_name().is_some_and(|name| name == "packed-refs" || name == "HEAD")
+            });
         if relevant {
             // A full queue already holds a trigger; dropping this one loses nothing.
             let _ = triggers.try_send(Trigger::FileSystem);

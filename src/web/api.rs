@@ -50,6 +50,8 @@ pub fn repo_json(view: &View) -> Value {
         "commit_time": desired.map(|d| rfc3339(d.commit_time)),
         "reconciled_at": view.reconciled_at.map(rfc3339),
         "reconcile_duration_ms": view.reconcile_micros as f64 / 1000.0,
+        "fetches": view.fetches,
+        "last_fetched_at": view.last_fetched_at.map(rfc3339),
         "problems": view.problems(),
     })
 }

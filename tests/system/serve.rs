@@ -100,6 +100,9 @@ fn the_filesystem_watch_sees_commits_to_a_local_repository() {
     let path = repo.path().display().to_string();
     let server = Server::start(&path, data.path(), &["--poll-interval", "1h"]);
     server.wait_for("/api/v1/repo", WAIT, "first reconcile", |r| r["commit"].is_string());
+    // Reading the repository must not itself look like a change: an idle server stays idle.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(server.json("/api/v1/repo")["fetches"], 1, "no fetch without a change");
     publish_gateway_v2(&repo);
     server.wait_for("/api/v1/fleets/staging-gateway", WAIT, "the filesystem watch to trigger", staging_on_v2);
 }
