@@ -4,4 +4,5 @@
 mod common;
 
 mod check;
+mod proto;
 mod serve;

@@ -1,0 +1,8 @@
+//! OpAMP: the protocol collectors (through the OpAMP Supervisor) speak with gitfleet.
+//! Only this module knows protobuf.
+
+pub mod codec;
+
+/// The OpAMP messages, generated from `proto/` (see `tests/system/proto.rs`).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod proto;
