@@ -5,4 +5,5 @@ pub mod codec;
 
 /// The OpAMP messages, generated from `proto/` (see `tests/system/proto.rs`).
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
+#[rustfmt::skip]
 pub mod proto;

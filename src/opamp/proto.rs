@@ -101,7 +101,10 @@ pub struct CertificateRequest {
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AvailableComponents {
     #[prost(map = "string, message", tag = "1")]
-    pub components: ::std::collections::HashMap<::prost::alloc::string::String, ComponentDetails>,
+    pub components: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ComponentDetails,
+    >,
     #[prost(bytes = "vec", tag = "2")]
     pub hash: ::prost::alloc::vec::Vec<u8>,
 }
@@ -110,7 +113,10 @@ pub struct ComponentDetails {
     #[prost(message, repeated, tag = "1")]
     pub metadata: ::prost::alloc::vec::Vec<KeyValue>,
     #[prost(map = "string, message", tag = "2")]
-    pub sub_component_map: ::std::collections::HashMap<::prost::alloc::string::String, ComponentDetails>,
+    pub sub_component_map: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ComponentDetails,
+    >,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AgentDescription {
@@ -132,7 +138,10 @@ pub struct ComponentHealth {
     #[prost(fixed64, tag = "5")]
     pub status_time_unix_nano: u64,
     #[prost(map = "string, message", tag = "6")]
-    pub component_health_map: ::std::collections::HashMap<::prost::alloc::string::String, ComponentHealth>,
+    pub component_health_map: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ComponentHealth,
+    >,
     #[prost(message, repeated, tag = "7")]
     pub attributes: ::prost::alloc::vec::Vec<KeyValue>,
 }
@@ -162,7 +171,10 @@ pub struct ConnectionSettingsStatus {
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct PackageStatuses {
     #[prost(map = "string, message", tag = "1")]
-    pub packages: ::std::collections::HashMap<::prost::alloc::string::String, PackageStatus>,
+    pub packages: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        PackageStatus,
+    >,
     #[prost(bytes = "vec", tag = "2")]
     pub server_provided_all_packages_hash: ::prost::alloc::vec::Vec<u8>,
     #[prost(string, tag = "3")]
@@ -270,7 +282,10 @@ pub struct AgentRemoteConfig {
 pub struct AgentConfigMap {
     /// one file may use the key ""
     #[prost(map = "string, message", tag = "1")]
-    pub config_map: ::std::collections::HashMap<::prost::alloc::string::String, AgentConfigFile>,
+    pub config_map: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        AgentConfigFile,
+    >,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AgentConfigFile {
@@ -303,7 +318,10 @@ pub struct ConnectionSettingsOffers {
     #[prost(message, optional, tag = "5")]
     pub own_logs: ::core::option::Option<TelemetryConnectionSettings>,
     #[prost(map = "string, message", tag = "6")]
-    pub other_connections: ::std::collections::HashMap<::prost::alloc::string::String, OtherConnectionSettings>,
+    pub other_connections: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        OtherConnectionSettings,
+    >,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct OpAmpConnectionSettings {
@@ -342,7 +360,10 @@ pub struct OtherConnectionSettings {
     #[prost(message, optional, tag = "3")]
     pub certificate: ::core::option::Option<TlsCertificate>,
     #[prost(map = "string, string", tag = "4")]
-    pub other_settings: ::std::collections::HashMap<::prost::alloc::string::String, ::prost::alloc::string::String>,
+    pub other_settings: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
     #[prost(message, optional, tag = "5")]
     pub tls: ::core::option::Option<TlsConnectionSettings>,
     #[prost(message, optional, tag = "6")]
@@ -394,7 +415,10 @@ pub struct TlsCertificate {
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct PackagesAvailable {
     #[prost(map = "string, message", tag = "1")]
-    pub packages: ::std::collections::HashMap<::prost::alloc::string::String, PackageAvailable>,
+    pub packages: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        PackageAvailable,
+    >,
     #[prost(bytes = "vec", tag = "2")]
     pub all_packages_hash: ::prost::alloc::vec::Vec<u8>,
 }
@@ -483,14 +507,22 @@ impl AgentCapabilities {
             Self::ReportsOwnTraces => "AgentCapabilities_ReportsOwnTraces",
             Self::ReportsOwnMetrics => "AgentCapabilities_ReportsOwnMetrics",
             Self::ReportsOwnLogs => "AgentCapabilities_ReportsOwnLogs",
-            Self::AcceptsOpAmpConnectionSettings => "AgentCapabilities_AcceptsOpAMPConnectionSettings",
-            Self::AcceptsOtherConnectionSettings => "AgentCapabilities_AcceptsOtherConnectionSettings",
+            Self::AcceptsOpAmpConnectionSettings => {
+                "AgentCapabilities_AcceptsOpAMPConnectionSettings"
+            }
+            Self::AcceptsOtherConnectionSettings => {
+                "AgentCapabilities_AcceptsOtherConnectionSettings"
+            }
             Self::AcceptsRestartCommand => "AgentCapabilities_AcceptsRestartCommand",
             Self::ReportsHealth => "AgentCapabilities_ReportsHealth",
             Self::ReportsRemoteConfig => "AgentCapabilities_ReportsRemoteConfig",
             Self::ReportsHeartbeat => "AgentCapabilities_ReportsHeartbeat",
-            Self::ReportsAvailableComponents => "AgentCapabilities_ReportsAvailableComponents",
-            Self::ReportsConnectionSettingsStatus => "AgentCapabilities_ReportsConnectionSettingsStatus",
+            Self::ReportsAvailableComponents => {
+                "AgentCapabilities_ReportsAvailableComponents"
+            }
+            Self::ReportsConnectionSettingsStatus => {
+                "AgentCapabilities_ReportsConnectionSettingsStatus"
+            }
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -499,20 +531,34 @@ impl AgentCapabilities {
             "AgentCapabilities_Unspecified" => Some(Self::Unspecified),
             "AgentCapabilities_ReportsStatus" => Some(Self::ReportsStatus),
             "AgentCapabilities_AcceptsRemoteConfig" => Some(Self::AcceptsRemoteConfig),
-            "AgentCapabilities_ReportsEffectiveConfig" => Some(Self::ReportsEffectiveConfig),
+            "AgentCapabilities_ReportsEffectiveConfig" => {
+                Some(Self::ReportsEffectiveConfig)
+            }
             "AgentCapabilities_AcceptsPackages" => Some(Self::AcceptsPackages),
-            "AgentCapabilities_ReportsPackageStatuses" => Some(Self::ReportsPackageStatuses),
+            "AgentCapabilities_ReportsPackageStatuses" => {
+                Some(Self::ReportsPackageStatuses)
+            }
             "AgentCapabilities_ReportsOwnTraces" => Some(Self::ReportsOwnTraces),
             "AgentCapabilities_ReportsOwnMetrics" => Some(Self::ReportsOwnMetrics),
             "AgentCapabilities_ReportsOwnLogs" => Some(Self::ReportsOwnLogs),
-            "AgentCapabilities_AcceptsOpAMPConnectionSettings" => Some(Self::AcceptsOpAmpConnectionSettings),
-            "AgentCapabilities_AcceptsOtherConnectionSettings" => Some(Self::AcceptsOtherConnectionSettings),
-            "AgentCapabilities_AcceptsRestartCommand" => Some(Self::AcceptsRestartCommand),
+            "AgentCapabilities_AcceptsOpAMPConnectionSettings" => {
+                Some(Self::AcceptsOpAmpConnectionSettings)
+            }
+            "AgentCapabilities_AcceptsOtherConnectionSettings" => {
+                Some(Self::AcceptsOtherConnectionSettings)
+            }
+            "AgentCapabilities_AcceptsRestartCommand" => {
+                Some(Self::AcceptsRestartCommand)
+            }
             "AgentCapabilities_ReportsHealth" => Some(Self::ReportsHealth),
             "AgentCapabilities_ReportsRemoteConfig" => Some(Self::ReportsRemoteConfig),
             "AgentCapabilities_ReportsHeartbeat" => Some(Self::ReportsHeartbeat),
-            "AgentCapabilities_ReportsAvailableComponents" => Some(Self::ReportsAvailableComponents),
-            "AgentCapabilities_ReportsConnectionSettingsStatus" => Some(Self::ReportsConnectionSettingsStatus),
+            "AgentCapabilities_ReportsAvailableComponents" => {
+                Some(Self::ReportsAvailableComponents)
+            }
+            "AgentCapabilities_ReportsConnectionSettingsStatus" => {
+                Some(Self::ReportsConnectionSettingsStatus)
+            }
             _ => None,
         }
     }
@@ -632,7 +678,9 @@ impl ServerToAgentFlags {
         match self {
             Self::Unspecified => "ServerToAgentFlags_Unspecified",
             Self::ReportFullState => "ServerToAgentFlags_ReportFullState",
-            Self::ReportAvailableComponents => "ServerToAgentFlags_ReportAvailableComponents",
+            Self::ReportAvailableComponents => {
+                "ServerToAgentFlags_ReportAvailableComponents"
+            }
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -640,7 +688,9 @@ impl ServerToAgentFlags {
         match value {
             "ServerToAgentFlags_Unspecified" => Some(Self::Unspecified),
             "ServerToAgentFlags_ReportFullState" => Some(Self::ReportFullState),
-            "ServerToAgentFlags_ReportAvailableComponents" => Some(Self::ReportAvailableComponents),
+            "ServerToAgentFlags_ReportAvailableComponents" => {
+                Some(Self::ReportAvailableComponents)
+            }
             _ => None,
         }
     }
@@ -670,8 +720,12 @@ impl ServerCapabilities {
             Self::AcceptsEffectiveConfig => "ServerCapabilities_AcceptsEffectiveConfig",
             Self::OffersPackages => "ServerCapabilities_OffersPackages",
             Self::AcceptsPackagesStatus => "ServerCapabilities_AcceptsPackagesStatus",
-            Self::OffersConnectionSettings => "ServerCapabilities_OffersConnectionSettings",
-            Self::AcceptsConnectionSettingsRequest => "ServerCapabilities_AcceptsConnectionSettingsRequest",
+            Self::OffersConnectionSettings => {
+                "ServerCapabilities_OffersConnectionSettings"
+            }
+            Self::AcceptsConnectionSettingsRequest => {
+                "ServerCapabilities_AcceptsConnectionSettingsRequest"
+            }
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -680,11 +734,19 @@ impl ServerCapabilities {
             "ServerCapabilities_Unspecified" => Some(Self::Unspecified),
             "ServerCapabilities_AcceptsStatus" => Some(Self::AcceptsStatus),
             "ServerCapabilities_OffersRemoteConfig" => Some(Self::OffersRemoteConfig),
-            "ServerCapabilities_AcceptsEffectiveConfig" => Some(Self::AcceptsEffectiveConfig),
+            "ServerCapabilities_AcceptsEffectiveConfig" => {
+                Some(Self::AcceptsEffectiveConfig)
+            }
             "ServerCapabilities_OffersPackages" => Some(Self::OffersPackages),
-            "ServerCapabilities_AcceptsPackagesStatus" => Some(Self::AcceptsPackagesStatus),
-            "ServerCapabilities_OffersConnectionSettings" => Some(Self::OffersConnectionSettings),
-            "ServerCapabilities_AcceptsConnectionSettingsRequest" => Some(Self::AcceptsConnectionSettingsRequest),
+            "ServerCapabilities_AcceptsPackagesStatus" => {
+                Some(Self::AcceptsPackagesStatus)
+            }
+            "ServerCapabilities_OffersConnectionSettings" => {
+                Some(Self::OffersConnectionSettings)
+            }
+            "ServerCapabilities_AcceptsConnectionSettingsRequest" => {
+                Some(Self::AcceptsConnectionSettingsRequest)
+            }
             _ => None,
         }
     }
