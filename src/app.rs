@@ -82,7 +82,7 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
     let (events_tx, events_rx) = mpsc::channel(64);
     let (triggers_tx, triggers_rx) = mpsc::channel(16);
 
-    let reconciler = Reconciler::load(store, view_tx).await?;
+    let reconciler = Reconciler::load(store, settings.data_dir.clone(), view_tx).await?;
     tracker.spawn(reconciler.run(events_rx, cancel.clone()).instrument(info_span!("reconciler")));
 
     let fs_watch = match &settings.local_git_dir {

@@ -9,6 +9,7 @@ pub mod check;
 pub mod demo;
 pub mod duration;
 pub mod git;
+pub mod install;
 pub mod instance;
 pub mod opamp;
 pub mod plan;

@@ -2,6 +2,7 @@
 //! persists what must outlive a restart, and publishes snapshots (`View`) for readers.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -9,6 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::install::token::{self, IssuedToken, TokenIndex};
 use crate::problem::{Problem, Severity};
 use crate::repo::RepoSnapshot;
 use crate::repo::desired::{self, DesiredState, LastGoodFleet, SeenVersion};
@@ -37,6 +39,10 @@ pub struct View {
     pub fetch_problem: Option<Problem>,
     /// Why the state database cannot be written right now, if it cannot.
     pub store_problem: Option<Problem>,
+    /// Each fleet's current install token (no secrets), and the index that authenticates
+    /// collectors.
+    pub fleet_tokens: Arc<BTreeMap<String, IssuedToken>>,
+    pub tokens: Arc<TokenIndex>,
     /// Fetches attempted since the start, and the Unix time of the last one.
     pub fetches: u64,
     pub last_fetched_at: Option<i64>,
@@ -55,6 +61,9 @@ impl View {
 
 pub struct Reconciler {
     store: Arc<dyn Store>,
+    data_dir: PathBuf,
+    /// The newest token of each fleet ever issued, including fleets since removed.
+    issued: BTreeMap<String, IssuedToken>,
     seen: Arc<BTreeMap<String, SeenVersion>>,
     last_good: Arc<BTreeMap<String, LastGoodFleet>>,
     view: watch::Sender<Arc<View>>,
@@ -62,15 +71,21 @@ pub struct Reconciler {
 
 impl Reconciler {
     /// Loads what the store remembers. Blocking work runs off the runtime.
-    pub async fn load(store: Arc<dyn Store>, view: watch::Sender<Arc<View>>) -> Result<Self, StoreError> {
+    pub async fn load(
+        store: Arc<dyn Store>,
+        data_dir: PathBuf,
+        view: watch::Sender<Arc<View>>,
+    ) -> Result<Self, StoreError> {
         let loading = Arc::clone(&store);
-        let (seen, last_good) = tokio::task::spawn_blocking(move || {
-            Ok::<_, StoreError>((loading.seen_versions()?, loading.last_good_fleets()?))
+        let (seen, last_good, tokens) = tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>((loading.seen_versions()?, loading.last_good_fleets()?, loading.tokens()?))
         })
         .await
         .expect("store loading does not panic")?;
-        info!(versions = seen.len(), fleets = last_good.len(), "loaded state");
-        Ok(Self { store, seen: Arc::new(seen), last_good: Arc::new(last_good), view })
+        info!(versions = seen.len(), fleets = last_good.len(), tokens = tokens.len(), "loaded state");
+        // Oldest first, so the newest token of each fleet wins.
+        let issued = tokens.into_iter().map(|token| (token.fleet.clone(), token)).collect();
+        Ok(Self { store, data_dir, issued, seen: Arc::new(seen), last_good: Arc::new(last_good), view })
     }
 
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>, cancel: CancellationToken) {
@@ -125,6 +140,7 @@ impl Reconciler {
         }
 
         let desired = compiled.desired;
+        let token_problem = self.issue_missing_tokens(&desired).await.err();
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let changed = {
             let view = self.view.borrow();
@@ -160,18 +176,63 @@ impl Reconciler {
                 warn!(error = %store_error, "cannot record reconcile history");
             }
         }
+        let current: BTreeMap<String, IssuedToken> = self
+            .issued
+            .iter()
+            .filter(|(fleet, _)| desired.fleets.contains_key(*fleet))
+            .map(|(fleet, token)| (fleet.clone(), token.clone()))
+            .collect();
+        let tokens = Arc::new(TokenIndex::new(current.values().cloned()));
+        let current_tokens = Arc::new(current);
         let now = crate::time::now_unix();
         self.view.send_modify(|view| {
             let view = Arc::make_mut(view);
             view.desired = Some(Arc::new(desired));
             view.reconcile_micros = micros;
-            view.store_problem = None;
+            view.store_problem = token_problem;
+            view.tokens = tokens;
+            view.fleet_tokens = current_tokens;
             // The snapshot was just fetched and read, so the repository is reachable.
             view.fetch_problem = None;
             if changed || view.reconciled_at.is_none() {
                 view.reconciled_at = Some(now);
             }
         });
+    }
+
+    /// Gives every fleet that has none an install token: its hash goes to the store, its
+    /// text to `<data-dir>/install/<fleet>/token` for the operator.
+    async fn issue_missing_tokens(&mut self, desired: &desired::DesiredState) -> Result<(), Problem> {
+        let now = crate::time::now_unix();
+        for fleet in desired.fleets.values() {
+            if self.issued.contains_key(fleet.name()) {
+                continue;
+            }
+            let lifetime = fleet.spec.token.expires.map(|d| d.as_secs());
+            let (text, issued) = token::issue(fleet.name(), now, lifetime, fleet.spec.token.rotate)
+                .map_err(|error| Problem::general(Severity::Error, error.to_string()))?;
+            let store = Arc::clone(&self.store);
+            let data_dir = self.data_dir.clone();
+            let saving = issued.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                store.save_token(&saving).map_err(|error| error.to_string())?;
+                token::write_token_file(&data_dir, &saving.fleet, &text)
+                    .map_err(|error| format!("cannot write the token file of fleet `{}`: {error}", saving.fleet))
+            })
+            .await
+            .expect("issuing a token does not panic");
+            match written {
+                Ok(path) => {
+                    info!(fleet = %issued.fleet, token_id = %issued.id, path = %path.display(), "issued install token")
+                }
+                Err(message) => {
+                    error!(fleet = %issued.fleet, error = %message, "cannot issue install token");
+                    return Err(Problem::general(Severity::Error, message));
+                }
+            }
+            self.issued.insert(issued.fleet.clone(), issued);
+        }
+        Ok(())
     }
 
     /// Remembers new versions and last good fleets before they are served.

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::install::token::IssuedToken;
 use crate::problem::Problem;
 use crate::repo::desired::{LastGoodFleet, SeenVersion};
 
@@ -48,6 +49,9 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces the remembered last good fleets with `fleets`.
     fn save_last_good_fleets(&self, fleets: &BTreeMap<String, LastGoodFleet>) -> Result<(), StoreError>;
     fn record_reconcile(&self, record: &ReconcileRecord) -> Result<(), StoreError>;
+    /// Every install token ever issued (hashes only), oldest first.
+    fn tokens(&self) -> Result<Vec<IssuedToken>, StoreError>;
+    fn save_token(&self, token: &IssuedToken) -> Result<(), StoreError>;
     /// The newest reconciles first.
     fn reconcile_history(&self, limit: usize) -> Result<Vec<ReconcileRecord>, StoreError>;
 }

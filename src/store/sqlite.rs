@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{Connection, params};
 
+use crate::install::token::IssuedToken;
 use crate::repo::desired::{LastGoodFleet, SeenVersion};
 use crate::store::{ReconcileRecord, Store, StoreError};
 
@@ -40,6 +41,16 @@ const MIGRATIONS: &[&str] = &[
         duration_us    INTEGER NOT NULL,
         problems       TEXT NOT NULL
     );",
+    // 2: install tokens (hashes only).
+    "CREATE TABLE tokens (
+        id          TEXT PRIMARY KEY,
+        fleet       TEXT NOT NULL,
+        secret_hash BLOB NOT NULL,
+        issued_at   INTEGER NOT NULL,
+        expires_at  INTEGER,
+        rotation    INTEGER NOT NULL
+    );
+    CREATE INDEX tokens_by_fleet ON tokens (fleet, issued_at);",
 ];
 
 /// How many reconciles the history keeps.
@@ -204,6 +215,47 @@ impl Store for SqliteStore {
         transaction.commit().map_err(query("recording a reconcile"))
     }
 
+    fn tokens(&self) -> Result<Vec<IssuedToken>, StoreError> {
+        let connection = self.connection();
+        let mut statement = connection
+            .prepare(
+                "SELECT id, fleet, secret_hash, issued_at, expires_at, rotation FROM tokens ORDER BY issued_at, id",
+            )
+            .map_err(query("reading tokens"))?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, Vec<u8>>(2)?,
+                    row.get::<_, i64>(3)?,
+                    row.get::<_, Option<i64>>(4)?,
+                    row.get::<_, u32>(5)?,
+                ))
+            })
+            .map_err(query("reading tokens"))?;
+        let mut tokens = Vec::new();
+        for row in rows {
+            let (id, fleet, hash, issued_at, expires_at, rotation) = row.map_err(query("reading tokens"))?;
+            let secret_hash = hash.try_into().map_err(|_| StoreError::Corrupt {
+                what: "token",
+                message: format!("token {id} has a malformed hash"),
+            })?;
+            tokens.push(IssuedToken { id, fleet, secret_hash, issued_at, expires_at, rotation });
+        }
+        Ok(tokens)
+    }
+
+    fn save_token(&self, token: &IssuedToken) -> Result<(), StoreError> {
+        self.connection()
+            .execute(
+                "INSERT INTO tokens (id, fleet, secret_hash, issued_at, expires_at, rotation) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![token.id, token.fleet, &token.secret_hash[..], token.issued_at, token.expires_at, token.rotation],
+            )
+            .map_err(query("saving a token"))?;
+        Ok(())
+    }
+
     fn reconcile_history(&self, limit: usize) -> Result<Vec<ReconcileRecord>, StoreError> {
         let connection = self.connection();
         let mut statement = connection
@@ -304,7 +356,7 @@ mod tests {
         let path = dir.path().join("state.db");
         Connection::open(&path).and_then(|c| c.pragma_update(None, "user_version", 99)).expect("set version");
         match SqliteStore::open(&path) {
-            Err(StoreError::TooNew { found: 99, supported: 1 }) => {}
+            Err(StoreError::TooNew { found: 99, supported: 2 }) => {}
             other => panic!("expected TooNew, got {:?}", other.map(|_| ())),
         }
     }

@@ -59,14 +59,15 @@ pub fn repo_json(view: &View) -> Value {
 async fn fleets(State(state): State<WebState>) -> Response {
     let view = state.view.borrow().clone();
     let Some(desired) = &view.desired else { return not_ready() };
-    Json(json!({ "fleets": desired.fleets.values().map(fleet_json).collect::<Vec<_>>() })).into_response()
+    let fleets: Vec<Value> = desired.fleets.values().map(|fleet| fleet_json(fleet, &view)).collect();
+    Json(json!({ "fleets": fleets })).into_response()
 }
 
 async fn fleet(State(state): State<WebState>, Path(name): Path<String>) -> Response {
     let view = state.view.borrow().clone();
     let Some(desired) = &view.desired else { return not_ready() };
     match desired.fleets.get(&name) {
-        Some(fleet) => Json(fleet_json(fleet)).into_response(),
+        Some(fleet) => Json(fleet_json(fleet, &view)).into_response(),
         None => not_found(&format!("no fleet named `{}`", name.escape_default())),
     }
 }
@@ -81,8 +82,16 @@ async fn fleet_instances(State(state): State<WebState>, Path(name): Path<String>
     Json(json!({ "instances": [] })).into_response()
 }
 
-pub fn fleet_json(fleet: &Fleet) -> Value {
+pub fn fleet_json(fleet: &Fleet, view: &View) -> Value {
     let spec = &fleet.spec;
+    let token = view.fleet_tokens.get(fleet.name()).map(|token| {
+        json!({
+            "id": token.id,
+            "issued_at": rfc3339(token.issued_at),
+            "expires_at": token.expires_at.map(rfc3339),
+            "state": "active",
+        })
+    });
     let assignment = fleet.assignment.as_deref();
     json!({
         "name": spec.name,
@@ -98,7 +107,7 @@ pub fn fleet_json(fleet: &Fleet) -> Value {
         "instances": 0,
         "counts": { "in_sync": 0, "pending": 0, "applying": 0, "failed": 0, "stale": 0, "observed": 0 },
         "drift": 0,
-        "token": Value::Null,
+        "token": token,
         "stale_after_seconds": spec.health.stale_after.as_secs(),
         "install": {
             "endpoint": spec.install.endpoint,

@@ -330,3 +330,54 @@ fn fetches_over_smart_http() {
     assert_eq!(state["commit"], work.head());
     assert_eq!(state["problems"], serde_json::json!([]));
 }
+
+#[test]
+fn each_fleet_gets_an_install_token_that_survives_a_restart() {
+    use std::os::unix::fs::PermissionsExt;
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.url(), data.path(), &[]);
+    server.wait_for("/api/v1/fleets", WAIT, "tokens for every fleet", |f| {
+        f["fleets"].as_array().is_some_and(|fleets| fleets.iter().all(|fleet| fleet["token"]["id"].is_string()))
+    });
+    let mut secrets = Vec::new();
+    for fleet in ["legacy-edge", "nodes", "prod-gateway", "sdk-agents", "staging-gateway"] {
+        let path = data.path().join("install").join(fleet).join("token");
+        let text = std::fs::read_to_string(&path).expect("token file").trim().to_owned();
+        let mode = std::fs::metadata(&path).expect("metadata").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{fleet}: token file mode");
+        let dir_mode = std::fs::metadata(path.parent().expect("dir")).expect("metadata").permissions().mode() & 0o777;
+        assert_eq!(dir_mode, 0o700, "{fleet}: token directory mode");
+        let (id, secret) = text.split_once('.').expect("id.secret");
+        let api = server.json(&format!("/api/v1/fleets/{fleet}"));
+        assert_eq!(api["token"]["id"], id, "{fleet}: the API shows the token id");
+        assert!(!api.to_string().contains(secret), "{fleet}: the API never shows the secret");
+        secrets.push(secret.to_owned());
+    }
+    let prod = server.json("/api/v1/fleets/prod-gateway");
+    let issued = humantime::parse_rfc3339(prod["token"]["issued_at"].as_str().expect("issued_at")).expect("time");
+    let expires = humantime::parse_rfc3339(prod["token"]["expires_at"].as_str().expect("expires_at")).expect("time");
+    assert_eq!(
+        expires.duration_since(issued).expect("later").as_secs(),
+        365 * 86_400,
+        "prod-gateway: expires = \"1y\""
+    );
+    assert_eq!(
+        server.json("/api/v1/fleets/staging-gateway")["token"]["expires_at"],
+        Value::Null,
+        "no expiry by default"
+    );
+
+    let first_id = prod["token"]["id"].clone();
+    let first_logs = server.logs();
+    assert!(first_logs.contains("issued install token"), "{first_logs}");
+    assert_eq!(server.stop(), Some(0));
+    let server = Server::start(&repo.url(), data.path(), &[]);
+    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "the same token after a restart", |f| {
+        f["token"]["id"] == first_id
+    });
+    let logs = first_logs + &server.logs();
+    for secret in &secrets {
+        assert!(!logs.contains(secret.as_str()), "a token secret was logged");
+    }
+}
