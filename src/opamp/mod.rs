@@ -1,7 +1,9 @@
 //! OpAMP: the protocol collectors (through the OpAMP Supervisor) speak with gitfleet.
 //! Only this module knows protobuf.
 
+pub mod agent;
 pub mod codec;
+pub mod registry;
 
 /// The OpAMP messages, generated from `proto/` (see `tests/system/proto.rs`).
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

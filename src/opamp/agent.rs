@@ -1,0 +1,416 @@
+//! One `AgentToServer` in, one `ServerToAgent` out: the protocol logic shared by the
+//! WebSocket and plain-HTTP transports. Synchronous: it runs under a registry shard lock.
+//!
+//! - every reply echoes the agent's `instance_uid`; the first reply on a connection carries
+//!   the server capabilities;
+//! - an unknown instance, or a `sequence_num` that is not the previous one plus one, gets
+//!   `ReportFullState` when the message lacks what its capabilities promise;
+//! - an invalid id, a requested id (`RequestInstanceUid`) or an id already connected
+//!   elsewhere gets a new one through `AgentIdentification`;
+//! - the fleet's assigned config goes out when `instance::ConfigState` says so.
+
+use std::sync::Arc;
+
+use crate::instance::Reported;
+use crate::opamp::codec::InstanceUid;
+use crate::opamp::proto::{
+    self, AgentConfigFile, AgentConfigMap, AgentIdentification, AgentRemoteConfig, AgentToServer, ServerToAgent,
+};
+use crate::opamp::registry::{
+    ComponentHealth, Description, EffectiveConfig, Health, InstanceRecord, Registry, Targets, Transport,
+};
+
+/// AcceptsStatus | OffersRemoteConfig | AcceptsEffectiveConfig.
+pub const SERVER_CAPABILITIES: u64 = 0x1 | 0x2 | 0x4;
+const REPORT_FULL_STATE: u64 = 0x1;
+const REQUEST_INSTANCE_UID: u64 = 0x1;
+const REPORTS_EFFECTIVE_CONFIG: u64 = 0x4;
+const REPORTS_HEALTH: u64 = 0x800;
+const REPORTS_REMOTE_CONFIG: u64 = 0x1000;
+
+/// What one connection (a WebSocket, or one HTTP request) knows about itself.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    pub fleet: Arc<str>,
+    pub token_id: Arc<str>,
+    pub transport: Transport,
+    /// The WebSocket session id; `None` for HTTP.
+    pub session: Option<u64>,
+    /// True until the first reply is sent.
+    pub first_reply: bool,
+    /// The instance this connection speaks for, once known.
+    pub uid: Option<InstanceUid>,
+}
+
+/// The reply, and what the transport must do besides sending it.
+#[derive(Debug)]
+pub struct Outcome {
+    pub reply: ServerToAgent,
+    /// The agent said goodbye (`agent_disconnect`).
+    pub disconnect: bool,
+    /// The instance the message counts for (its new id, if it was given one).
+    pub uid: InstanceUid,
+}
+
+pub fn handle(
+    registry: &Registry,
+    targets: &Targets,
+    connection: &mut Connection,
+    message: AgentToServer,
+    now_ms: i64,
+) -> Outcome {
+    let wire_uid = message.instance_uid.clone();
+    let parsed = InstanceUid::from_wire(&wire_uid).ok();
+    let mut new_uid = None;
+    let uid = match parsed {
+        Some(uid) if message.flags & REQUEST_INSTANCE_UID == 0 && !connected_elsewhere(registry, &uid, connection) => {
+            uid
+        }
+        // Invalid, requested, or a duplicate of a live connection: a fresh id.
+        _ => {
+            let fresh = fresh_uid();
+            new_uid = Some(fresh);
+            fresh
+        }
+    };
+    connection.uid = Some(uid);
+    let target = targets.get(&*connection.fleet);
+
+    let mut shard = registry.shard(&uid);
+    let known = shard.get(&uid).is_some_and(|r| r.sequence_num.is_some());
+    let record = shard.entry(uid).or_insert_with(|| {
+        InstanceRecord::new(
+            uid,
+            Arc::clone(&connection.fleet),
+            Arc::clone(&connection.token_id),
+            message.capabilities,
+            now_ms,
+        )
+    });
+    if record.fleet != connection.fleet {
+        // The collector now uses another fleet's token: it moved.
+        record.fleet = Arc::clone(&connection.fleet);
+        record.token_id = Arc::clone(&connection.token_id);
+    }
+    let gap = known && record.sequence_num.map(|last| last.wrapping_add(1)) != Some(message.sequence_num);
+    let capabilities = message.capabilities;
+    let lacks_state = (capabilities & REPORTS_EFFECTIVE_CONFIG != 0 && message.effective_config.is_none())
+        || (capabilities & REPORTS_HEALTH != 0 && message.health.is_none())
+        || (capabilities & REPORTS_REMOTE_CONFIG != 0 && message.remote_config_status.is_none())
+        || (message.agent_description.is_none() && record.description.is_none());
+    let full_state = (!known || gap) && lacks_state;
+
+    if let Some(description) = &message.agent_description {
+        record.description = Some(Box::new(describe(description)));
+    }
+    if let Some(health) = &message.health {
+        record.health = Some(Box::new(health_summary(health)));
+    }
+    if let Some(effective) = &message.effective_config {
+        record.effective_config = effective_config(effective).map(Box::new);
+    }
+    let report = message.remote_config_status.as_ref().map(|status| {
+        (status.last_remote_config_hash.clone(), Reported::from_wire(status.status), status.error_message.clone())
+    });
+    record.sync(target, now_ms);
+    let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
+    let changes = record.config.heard(capabilities, report, now_ms, stale_after);
+    record.record(changes, now_ms);
+    record.sequence_num = Some(message.sequence_num);
+
+    let disconnect = message.agent_disconnect.is_some();
+    if disconnect {
+        if record.session == connection.session {
+            record.session = None;
+        }
+    } else {
+        record.transport = Some(connection.transport);
+        if connection.session.is_some() {
+            record.session = connection.session;
+        }
+    }
+
+    let remote_config = if disconnect { None } else { remote_config_for(record, targets, now_ms) };
+    drop(shard);
+
+    let reply = ServerToAgent {
+        instance_uid: wire_uid,
+        flags: if full_state { REPORT_FULL_STATE } else { 0 },
+        capabilities: if std::mem::take(&mut connection.first_reply) { SERVER_CAPABILITIES } else { 0 },
+        remote_config,
+        agent_identification: new_uid.map(|uid| AgentIdentification { new_instance_uid: uid.0.to_vec() }),
+        ..Default::default()
+    };
+    Outcome { reply, disconnect, uid }
+}
+
+/// The assigned config if it should go to this instance now; marks it served.
+pub fn remote_config_for(record: &mut InstanceRecord, targets: &Targets, now_ms: i64) -> Option<AgentRemoteConfig> {
+    let target = targets.get(&*record.fleet)?;
+    let assignment = record.config.config_to_push()?.clone();
+    let changes = record.config.served(assignment.hash.clone(), now_ms, target.stale_after_ms);
+    record.record(changes, now_ms);
+    let file = AgentConfigFile { body: target.body.to_vec(), content_type: target.content_type.clone() };
+    Some(AgentRemoteConfig {
+        config: Some(AgentConfigMap { config_map: [(String::new(), file)].into_iter().collect() }),
+        config_hash: assignment.hash,
+    })
+}
+
+fn connected_elsewhere(registry: &Registry, uid: &InstanceUid, connection: &Connection) -> bool {
+    let Some(session) = connection.session else { return false };
+    // This connection already speaks for this id.
+    if connection.uid == Some(*uid) {
+        return false;
+    }
+    registry.shard(uid).get(uid).and_then(|r| r.session).is_some_and(|other| other != session)
+}
+
+/// A random (version 4) UUID.
+pub fn fresh_uid() -> InstanceUid {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the operating system's random source works");
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    InstanceUid(bytes)
+}
+
+fn value_text(value: Option<&proto::AnyValue>) -> String {
+    use proto::any_value::Value;
+    match value.and_then(|v| v.value.as_ref()) {
+        None => String::new(),
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::DoubleValue(d)) => d.to_string(),
+        Some(Value::BytesValue(b)) => hex::encode(b),
+        Some(Value::ArrayValue(array)) => {
+            let items: Vec<String> = array.values.iter().map(|v| value_text(Some(v))).collect();
+            format!("[{}]", items.join(", "))
+        }
+        Some(Value::KvlistValue(list)) => {
+            let items: Vec<String> =
+                list.values.iter().map(|kv| format!("{}={}", kv.key, value_text(kv.value.as_ref()))).collect();
+            format!("{{{}}}", items.join(", "))
+        }
+    }
+}
+
+fn describe(description: &proto::AgentDescription) -> Description {
+    let pairs = |list: &[proto::KeyValue]| {
+        list.iter().map(|kv| (kv.key.clone(), value_text(kv.value.as_ref()))).collect::<Vec<_>>()
+    };
+    let identifying = pairs(&description.identifying_attributes);
+    let non_identifying = pairs(&description.non_identifying_attributes);
+    let find = |key: &str| identifying.iter().chain(&non_identifying).find(|(k, _)| k == key).map(|(_, v)| v.clone());
+    Description {
+        host: find("host.name"),
+        os: find("os.type"),
+        os_description: find("os.description"),
+        arch: find("host.arch"),
+        agent_name: find("service.name"),
+        agent_version: find("service.version"),
+        identifying,
+        non_identifying,
+    }
+}
+
+fn health_summary(health: &proto::ComponentHealth) -> Health {
+    let mut components = Vec::new();
+    flatten_components("", &health.component_health_map, &mut components);
+    Health {
+        healthy: health.healthy,
+        status: health.status.clone(),
+        last_error: health.last_error.clone(),
+        start_time_unix_nano: health.start_time_unix_nano,
+        components,
+    }
+}
+
+fn flatten_components(
+    prefix: &str,
+    map: &std::collections::HashMap<String, proto::ComponentHealth>,
+    out: &mut Vec<ComponentHealth>,
+) {
+    let mut names: Vec<&String> = map.keys().collect();
+    names.sort();
+    for name in names {
+        let component = &map[name];
+        let path = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+        out.push(ComponentHealth {
+            name: path.clone(),
+            healthy: component.healthy,
+            status: component.status.clone(),
+            last_error: component.last_error.clone(),
+        });
+        flatten_components(&path, &component.component_health_map, out);
+    }
+}
+
+fn effective_config(effective: &proto::EffectiveConfig) -> Option<EffectiveConfig> {
+    let map = &effective.config_map.as_ref()?.config_map;
+    // The supervisor reports under "": prefer it, else the first key.
+    let (_, file) = map.get_key_value("").or_else(|| map.iter().min_by_key(|(key, _)| key.as_str()))?;
+    Some(EffectiveConfig {
+        content_type: file.content_type.clone(),
+        body: String::from_utf8_lossy(&file.body).into_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::instance::{Assignment, Status};
+    use crate::opamp::proto::{AgentDescription, AgentDisconnect, AnyValue, KeyValue, RemoteConfigStatus, any_value};
+    use crate::opamp::registry::FleetTarget;
+
+    const SUPERVISOR: u64 = 0x3847;
+    const UID: [u8; 16] = [0x11; 16];
+
+    fn targets(hash: u8) -> Targets {
+        let target = FleetTarget {
+            assignment: Some(Assignment { hash: vec![hash; 32], tag: format!("gateway/v{hash}") }),
+            content_type: "text/yaml".into(),
+            body: Arc::from(&b"receivers: {}"[..]),
+            stale_after_ms: 120_000,
+        };
+        [("prod".to_owned(), target)].into_iter().collect()
+    }
+
+    fn connection(session: Option<u64>) -> Connection {
+        Connection {
+            fleet: Arc::from("prod"),
+            token_id: Arc::from("tk_00000001"),
+            transport: if session.is_some() { Transport::WebSocket } else { Transport::Http },
+            session,
+            first_reply: true,
+            uid: None,
+        }
+    }
+
+    fn full_state(seq: u64) -> AgentToServer {
+        AgentToServer {
+            instance_uid: UID.to_vec(),
+            sequence_num: seq,
+            capabilities: SUPERVISOR,
+            agent_description: Some(AgentDescription {
+                identifying_attributes: vec![KeyValue {
+                    key: "service.name".into(),
+                    value: Some(AnyValue { value: Some(any_value::Value::StringValue("otelcol-contrib".into())) }),
+                }],
+                non_identifying_attributes: vec![KeyValue {
+                    key: "host.name".into(),
+                    value: Some(AnyValue { value: Some(any_value::Value::StringValue("gw-1".into())) }),
+                }],
+            }),
+            health: Some(proto::ComponentHealth { healthy: true, ..Default::default() }),
+            effective_config: Some(proto::EffectiveConfig { config_map: Some(AgentConfigMap::default()) }),
+            remote_config_status: Some(RemoteConfigStatus::default()),
+            ..Default::default()
+        }
+    }
+
+    fn heartbeat(seq: u64) -> AgentToServer {
+        AgentToServer { instance_uid: UID.to_vec(), sequence_num: seq, capabilities: SUPERVISOR, ..Default::default() }
+    }
+
+    fn status(seq: u64, hash: u8, status: i32, error: &str) -> AgentToServer {
+        AgentToServer {
+            remote_config_status: Some(RemoteConfigStatus {
+                last_remote_config_hash: vec![hash; 32],
+                status,
+                error_message: error.into(),
+            }),
+            ..heartbeat(seq)
+        }
+    }
+
+    #[test]
+    fn first_message_gets_capabilities_and_the_config() {
+        let registry = Registry::new();
+        let mut connection = connection(Some(1));
+        let outcome = handle(&registry, &targets(1), &mut connection, full_state(0), 0);
+        assert_eq!(outcome.reply.instance_uid, UID.to_vec(), "echoes instance_uid");
+        assert_eq!(outcome.reply.capabilities, SERVER_CAPABILITIES);
+        assert_eq!(outcome.reply.flags, 0, "full state was sent");
+        let remote = outcome.reply.remote_config.expect("the assigned config");
+        assert_eq!(remote.config_hash, vec![1; 32]);
+        assert_eq!(remote.config.expect("map").config_map[""].content_type, "text/yaml");
+        let record = registry.get(&InstanceUid(UID)).expect("registered");
+        assert_eq!(record.description.as_ref().and_then(|d| d.host.clone()).as_deref(), Some("gw-1"));
+        assert_eq!(record.status, Status::Applying);
+        let second = handle(&registry, &targets(1), &mut connection, heartbeat(1), 10);
+        assert_eq!(second.reply.capabilities, 0, "only the first reply");
+        assert!(second.reply.remote_config.is_none(), "not sent twice");
+    }
+
+    #[test]
+    fn unknown_instances_and_gaps_get_report_full_state() {
+        let registry = Registry::new();
+        let mut connection = connection(None);
+        let reply = handle(&registry, &targets(1), &mut connection, heartbeat(7), 0).reply;
+        assert_eq!(reply.flags, REPORT_FULL_STATE, "unknown instance with compressed status");
+        let reply = handle(&registry, &targets(1), &mut connection, full_state(8), 0).reply;
+        assert_eq!(reply.flags, 0);
+        let reply = handle(&registry, &targets(1), &mut connection, heartbeat(9), 0).reply;
+        assert_eq!(reply.flags, 0, "in sequence");
+        let reply = handle(&registry, &targets(1), &mut connection, heartbeat(12), 0).reply;
+        assert_eq!(reply.flags, REPORT_FULL_STATE, "a gap");
+    }
+
+    #[test]
+    fn applied_failed_and_no_second_push_of_a_failed_hash() {
+        let registry = Registry::new();
+        let mut connection = connection(Some(1));
+        handle(&registry, &targets(1), &mut connection, full_state(0), 0);
+        handle(&registry, &targets(1), &mut connection, status(1, 1, 1, ""), 5);
+        assert_eq!(registry.get(&InstanceUid(UID)).expect("record").status, Status::InSync);
+        let pushed = handle(&registry, &targets(2), &mut connection, heartbeat(2), 10).reply.remote_config;
+        assert_eq!(pushed.map(|r| r.config_hash), Some(vec![2; 32]), "a new assignment goes out");
+        handle(&registry, &targets(2), &mut connection, status(3, 2, 3, "bad exporter"), 15);
+        let rollback = handle(&registry, &targets(2), &mut connection, status(4, 1, 1, ""), 20);
+        assert!(rollback.reply.remote_config.is_none(), "a failed hash is not pushed again");
+        let record = registry.get(&InstanceUid(UID)).expect("record");
+        assert_eq!(record.status, Status::Failed);
+        assert_eq!(record.config.error(), Some("bad exporter"));
+        assert!(record.history.iter().any(|h| matches!(h.change, crate::instance::Change::RolledBack { .. })));
+    }
+
+    #[test]
+    fn new_ids_for_invalid_requested_and_duplicate_uids() {
+        let registry = Registry::new();
+        let mut first = connection(Some(1));
+        handle(&registry, &targets(1), &mut first, full_state(0), 0);
+
+        let mut bad = connection(Some(2));
+        let outcome =
+            handle(&registry, &targets(1), &mut bad, AgentToServer { instance_uid: vec![1, 2, 3], ..full_state(0) }, 0);
+        assert_eq!(outcome.reply.instance_uid, vec![1, 2, 3], "echoes what it got");
+        let new_uid = outcome.reply.agent_identification.expect("a new id").new_instance_uid;
+        assert_eq!(new_uid.len(), 16);
+        assert_eq!(outcome.uid.0.to_vec(), new_uid);
+
+        let mut duplicate = connection(Some(3));
+        let outcome = handle(&registry, &targets(1), &mut duplicate, full_state(0), 0);
+        assert!(outcome.reply.agent_identification.is_some(), "same id, other live connection");
+
+        let mut requesting = connection(None);
+        let request = AgentToServer { flags: REQUEST_INSTANCE_UID, ..full_state(0) };
+        assert!(handle(&registry, &targets(1), &mut requesting, request, 0).reply.agent_identification.is_some());
+
+        // The original connection keeps its id.
+        assert!(handle(&registry, &targets(1), &mut first, heartbeat(1), 0).reply.agent_identification.is_none());
+    }
+
+    #[test]
+    fn a_disconnect_gets_no_config_and_frees_the_session() {
+        let registry = Registry::new();
+        let mut connection = connection(Some(1));
+        handle(&registry, &targets(1), &mut connection, full_state(0), 0);
+        let goodbye = AgentToServer { agent_disconnect: Some(AgentDisconnect {}), ..heartbeat(1) };
+        let outcome = handle(&registry, &targets(2), &mut connection, goodbye, 0);
+        assert!(outcome.disconnect);
+        assert!(outcome.reply.remote_config.is_none());
+        assert_eq!(registry.get(&InstanceUid(UID)).expect("record").session, None);
+    }
+}

@@ -1,0 +1,269 @@
+//! Every instance gitfleet knows, in memory, sharded so that thousands of connections can
+//! update their own record without waiting on each other. A lock is held only for the
+//! duration of a pure update, never across an `.await`.
+//!
+//! What an instance reported (description, health, effective config, remote config status)
+//! is kept whole; its status against the fleet's assignment comes from `instance::ConfigState`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+
+use crate::instance::{Assignment, Change, ConfigState, Status};
+use crate::opamp::codec::InstanceUid;
+
+const SHARDS: usize = 64;
+/// History entries kept in memory per instance.
+const HISTORY_KEPT: usize = 50;
+
+/// What one fleet's instances should run, as the OpAMP layer needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetTarget {
+    /// `None` for observe-only fleets and fleets without a version.
+    pub assignment: Option<Assignment>,
+    pub content_type: String,
+    pub body: Arc<[u8]>,
+    pub stale_after_ms: i64,
+}
+
+/// Every fleet's target, published by the reconciler.
+pub type Targets = BTreeMap<String, FleetTarget>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    WebSocket,
+    Http,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Description {
+    pub host: Option<String>,
+    pub os: Option<String>,
+    pub os_description: Option<String>,
+    pub arch: Option<String>,
+    pub agent_name: Option<String>,
+    pub agent_version: Option<String>,
+    /// Every attribute, identifying first, as `key = value` text.
+    pub identifying: Vec<(String, String)>,
+    pub non_identifying: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Health {
+    pub healthy: bool,
+    pub status: String,
+    pub last_error: String,
+    pub start_time_unix_nano: u64,
+    /// Components, flattened: `pipeline:traces/receiver:otlp`.
+    pub components: Vec<ComponentHealth>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ComponentHealth {
+    pub name: String,
+    pub healthy: bool,
+    pub status: String,
+    pub last_error: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EffectiveConfig {
+    pub content_type: String,
+    pub body: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HistoryEntry {
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    #[serde(flatten)]
+    pub change: Change,
+}
+
+#[derive(Clone, Debug)]
+pub struct InstanceRecord {
+    pub uid: InstanceUid,
+    pub fleet: Arc<str>,
+    pub token_id: Arc<str>,
+    pub config: ConfigState,
+    /// The status last recorded in the history.
+    pub status: Status,
+    /// The last `sequence_num` received; `None` when the instance has not spoken since
+    /// gitfleet (re)started.
+    pub sequence_num: Option<u64>,
+    pub description: Option<Box<Description>>,
+    pub health: Option<Box<Health>>,
+    pub effective_config: Option<Box<EffectiveConfig>>,
+    pub first_seen_ms: i64,
+    pub transport: Option<Transport>,
+    /// The live WebSocket session, if any.
+    pub session: Option<u64>,
+    pub history: VecDeque<HistoryEntry>,
+}
+
+impl InstanceRecord {
+    pub fn new(uid: InstanceUid, fleet: Arc<str>, token_id: Arc<str>, capabilities: u64, now_ms: i64) -> Self {
+        Self {
+            uid,
+            fleet,
+            token_id,
+            config: ConfigState::new(capabilities, None, now_ms),
+            status: Status::Pending,
+            sequence_num: None,
+            description: None,
+            health: None,
+            effective_config: None,
+            first_seen_ms: now_ms,
+            transport: None,
+            session: None,
+            history: VecDeque::new(),
+        }
+    }
+
+    /// Records changes in the history, keeping the last `HISTORY_KEPT`.
+    pub fn record(&mut self, changes: Vec<Change>, now_ms: i64) {
+        for change in changes {
+            if let Change::Status { to, .. } = &change {
+                self.status = *to;
+            }
+            if self.history.len() == HISTORY_KEPT {
+                self.history.pop_front();
+            }
+            self.history.push_back(HistoryEntry { at_ms: now_ms, change });
+        }
+    }
+
+    /// Brings the record up to date with its fleet's target (a new assignment, or time
+    /// passing into staleness) and records what changed.
+    pub fn sync(&mut self, target: Option<&FleetTarget>, now_ms: i64) {
+        let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
+        let assignment = target.and_then(|t| t.assignment.clone());
+        let mut changes = self.config.assign(assignment, now_ms, stale_after);
+        let status = self.config.status(now_ms, stale_after);
+        if status != self.status && !changes.iter().any(|c| matches!(c, Change::Status { .. })) {
+            changes.push(Change::Status { from: self.status, to: status });
+        }
+        self.record(changes, now_ms);
+    }
+}
+
+/// Per-status counts of one fleet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub in_sync: usize,
+    pub pending: usize,
+    pub applying: usize,
+    pub failed: usize,
+    pub stale: usize,
+    pub observed: usize,
+}
+
+impl Counts {
+    pub fn add(&mut self, status: Status) {
+        match status {
+            Status::InSync => self.in_sync += 1,
+            Status::Pending => self.pending += 1,
+            Status::Applying => self.applying += 1,
+            Status::Failed => self.failed += 1,
+            Status::Stale => self.stale += 1,
+            Status::Observed => self.observed += 1,
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.in_sync + self.pending + self.applying + self.failed + self.stale + self.observed
+    }
+}
+
+/// A fleet's counts plus drift (served ≠ assigned).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FleetSummary {
+    pub instances: usize,
+    pub counts: Counts,
+    pub drift: usize,
+}
+
+pub struct Registry {
+    shards: Box<[Mutex<HashMap<InstanceUid, InstanceRecord>>]>,
+    next_session: AtomicU64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self { shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(), next_session: AtomicU64::new(1) }
+    }
+}
+
+impl Registry {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn new_session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The shard holding `uid`, locked. Never hold it across an `.await`.
+    pub fn shard(&self, uid: &InstanceUid) -> MutexGuard<'_, HashMap<InstanceUid, InstanceRecord>> {
+        let index = u64::from_le_bytes(uid.0[8..].try_into().expect("8 bytes")) as usize % SHARDS;
+        // A panic while holding the lock leaves plain data; carry on with it.
+        self.shards[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` over every record, one shard at a time.
+    pub fn for_each(&self, mut f: impl FnMut(&mut InstanceRecord)) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            shard.values_mut().for_each(&mut f);
+        }
+    }
+
+    /// Brings every record up to date with the targets (see `InstanceRecord::sync`).
+    pub fn sync_all(&self, targets: &Targets, now_ms: i64) {
+        self.for_each(|record| record.sync(targets.get(&*record.fleet), now_ms));
+    }
+
+    /// Counts and drift of every fleet that has instances.
+    pub fn summaries(&self, targets: &Targets, now_ms: i64) -> HashMap<String, FleetSummary> {
+        let mut summaries: HashMap<String, FleetSummary> = HashMap::new();
+        self.for_each(|record| {
+            let target = targets.get(&*record.fleet);
+            let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
+            let summary = summaries.entry(record.fleet.to_string()).or_default();
+            summary.instances += 1;
+            summary.counts.add(record.config.status(now_ms, stale_after));
+            let assigned = target.and_then(|t| t.assignment.as_ref()).map(|a| &a.hash);
+            if assigned.is_some() && record.config.served.as_ref() != assigned {
+                summary.drift += 1;
+            }
+        });
+        summaries
+    }
+
+    /// Copies of the records of one fleet, or of all fleets.
+    pub fn records(&self, fleet: Option<&str>) -> Vec<InstanceRecord> {
+        let mut records = Vec::new();
+        self.for_each(|record| {
+            if fleet.is_none_or(|fleet| *record.fleet == *fleet) {
+                records.push(record.clone());
+            }
+        });
+        records.sort_by(|a, b| a.uid.cmp(&b.uid));
+        records
+    }
+
+    pub fn get(&self, uid: &InstanceUid) -> Option<InstanceRecord> {
+        self.shard(uid).get(uid).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
