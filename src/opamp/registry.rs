@@ -251,7 +251,7 @@ impl Registry {
                 records.push(record.clone());
             }
         });
-        records.sort_by(|a, b| a.uid.cmp(&b.uid));
+        records.sort_by_key(|record| record.uid);
         records
     }
 
