@@ -13,6 +13,8 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::git::mirror::Mirror;
 use crate::git::watcher::{self, WatcherSettings};
 use crate::git::{GitError, watcher::redact_url};
+use crate::opamp::registry::Registry;
+use crate::opamp::server::{self as opamp_server, OpampState};
 use crate::reconciler::{Reconciler, View};
 use crate::settings::Settings;
 use crate::store::sqlite::SqliteStore;
@@ -37,6 +39,8 @@ pub enum AppError {
 /// A running server.
 pub struct Running {
     pub web_addr: SocketAddr,
+    pub opamp_addr: SocketAddr,
+    pub registry: Arc<Registry>,
     pub view: watch::Receiver<Arc<View>>,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -75,6 +79,11 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
         .await
         .map_err(|source| AppError::Listen { address: settings.web_listen, source })?;
     let web_addr = listener.local_addr().map_err(|source| AppError::Listen { address: settings.web_listen, source })?;
+    let opamp_listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| AppError::Listen { address: settings.listen, source })?;
+    let opamp_addr =
+        opamp_listener.local_addr().map_err(|source| AppError::Listen { address: settings.listen, source })?;
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -98,10 +107,38 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
             .instrument(info_span!("watcher")),
     );
 
+    let registry = Registry::new();
+    let (targets_tx, targets_rx) = watch::channel(Arc::new(crate::opamp::registry::Targets::new()));
+    tracker.spawn(
+        opamp_server::follow_targets(view_rx.clone(), targets_tx, Arc::clone(&registry), cancel.clone())
+            .instrument(info_span!("targets")),
+    );
+    let opamp_router = opamp_server::router(OpampState {
+        registry: Arc::clone(&registry),
+        targets: targets_rx.clone(),
+        view: view_rx.clone(),
+        connections: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        max_connections: settings.max_connections,
+        cancel: cancel.clone(),
+    });
+    let opamp_cancel = cancel.clone();
+    tracker.spawn(
+        async move {
+            let served =
+                axum::serve(opamp_listener, opamp_router).with_graceful_shutdown(opamp_cancel.cancelled_owned()).await;
+            if let Err(error) = served {
+                warn!(%error, "OpAMP server stopped with an error");
+            }
+        }
+        .instrument(info_span!("opamp")),
+    );
+
     let router = web::router(WebState {
         view: view_rx.clone(),
         triggers: triggers_tx,
         webhook_secret: settings.webhook_secret.clone(),
+        registry: Arc::clone(&registry),
+        targets: targets_rx,
     });
     let web_cancel = cancel.clone();
     tracker.spawn(
@@ -118,12 +155,13 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
         repo = %redact_url(&settings.repo),
         branch = %settings.branch,
         web = %web_addr,
+        opamp = %opamp_addr,
         poll_interval = %crate::duration::format_duration(settings.poll_interval),
         fs_watch = settings.local_git_dir.is_some(),
         webhook_secret = settings.webhook_secret.is_some(),
         "gitfleet serving"
     );
-    Ok(Running { web_addr, view: view_rx, cancel, tracker, _fs_watch: fs_watch })
+    Ok(Running { web_addr, opamp_addr, registry, view: view_rx, cancel, tracker, _fs_watch: fs_watch })
 }
 
 /// Waits for SIGINT or SIGTERM.

@@ -143,6 +143,8 @@ fn reconcile(fleets: usize, tags: usize, configs: usize, rounds: usize, dir: Opt
         repo: source_url,
         branch: "main".into(),
         data_dir: server_data,
+        listen: "127.0.0.1:0".into(),
+        max_connections: 19_500,
         web_listen: "127.0.0.1:0".into(),
         poll_interval: "1h".into(),
         webhook_secret: None,

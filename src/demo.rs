@@ -27,6 +27,9 @@ pub struct DemoArgs {
     /// Address of the status API.
     #[arg(long, default_value = "127.0.0.1:4321")]
     pub web_listen: String,
+    /// Address collectors connect to (OpAMP).
+    #[arg(long, default_value = "127.0.0.1:4320")]
+    pub listen: String,
 }
 
 #[derive(Debug, thiserror::Error)]

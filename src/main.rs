@@ -83,6 +83,8 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         repo: repo.display().to_string(),
         branch: "main".to_owned(),
         data_dir: dir.join("data"),
+        listen: args.listen.clone(),
+        max_connections: 19_500,
         web_listen: args.web_listen.clone(),
         poll_interval: "30s".to_owned(),
         webhook_secret: None,

@@ -21,6 +21,13 @@ pub struct ServeArgs {
     /// Where gitfleet keeps its state database and repository mirror.
     #[arg(long, env = "GITFLEET_DATA_DIR", default_value = "./.gitfleet")]
     pub data_dir: PathBuf,
+    /// Address of the collector port: OpAMP at /v1/opamp (WebSocket and plain HTTP).
+    #[arg(long, env = "GITFLEET_LISTEN", default_value = "0.0.0.0:4320")]
+    pub listen: String,
+    /// Most WebSocket connections and HTTP requests in flight on the collector port; more
+    /// get 503 with Retry-After. The process may open 20,000 files here.
+    #[arg(long, env = "GITFLEET_MAX_CONNECTIONS", default_value_t = 19_500)]
+    pub max_connections: usize,
     /// Address of the people port: status API, /healthz, /readyz, POST /hooks/git.
     #[arg(long, env = "GITFLEET_WEB_LISTEN", default_value = "127.0.0.1:4321")]
     pub web_listen: String,
@@ -39,6 +46,8 @@ pub struct Settings {
     pub repo: String,
     pub branch: String,
     pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub max_connections: usize,
     pub web_listen: SocketAddr,
     pub poll_interval: Duration,
     pub webhook_secret: Option<Arc<[u8]>>,
@@ -54,6 +63,10 @@ pub enum SettingsError {
     NotARepository(String),
     #[error("--branch `{0}` is not a valid branch name")]
     BadBranch(String),
+    #[error("--listen `{0}` is not an address like 0.0.0.0:4320")]
+    BadOpampListen(String),
+    #[error("--max-connections must be at least 1")]
+    NoConnections,
     #[error("--web-listen `{0}` is not an address like 127.0.0.1:4321")]
     BadListen(String),
     #[error("--poll-interval: {0}")]
@@ -83,6 +96,10 @@ impl ServeArgs {
         if !valid_branch(&self.branch) {
             return Err(SettingsError::BadBranch(self.branch));
         }
+        let listen = self.listen.parse().map_err(|_| SettingsError::BadOpampListen(self.listen.clone()))?;
+        if self.max_connections == 0 {
+            return Err(SettingsError::NoConnections);
+        }
         let web_listen = self.web_listen.parse().map_err(|_| SettingsError::BadListen(self.web_listen.clone()))?;
         let poll_interval = parse_duration(&self.poll_interval).map_err(SettingsError::BadPollInterval)?;
         if poll_interval < Duration::from_secs(1) {
@@ -108,6 +125,8 @@ impl ServeArgs {
             repo,
             branch: self.branch,
             data_dir: self.data_dir,
+            listen,
+            max_connections: self.max_connections,
             web_listen,
             poll_interval,
             webhook_secret,

@@ -40,6 +40,8 @@ pub struct Connection {
     pub first_reply: bool,
     /// The instance this connection speaks for, once known.
     pub uid: Option<InstanceUid>,
+    /// The `instance_uid` bytes to put in pushes: what the agent sent, or its new id.
+    pub wire_uid: Vec<u8>,
 }
 
 /// The reply, and what the transport must do besides sending it.
@@ -74,6 +76,10 @@ pub fn handle(
         }
     };
     connection.uid = Some(uid);
+    connection.wire_uid = match new_uid {
+        Some(fresh) => fresh.0.to_vec(),
+        None => wire_uid.clone(),
+    };
     let target = targets.get(&*connection.fleet);
 
     let mut shard = registry.shard(&uid);
@@ -285,6 +291,7 @@ mod tests {
             session,
             first_reply: true,
             uid: None,
+            wire_uid: Vec::new(),
         }
     }
 

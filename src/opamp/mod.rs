@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod codec;
 pub mod registry;
+pub mod server;
 
 /// The OpAMP messages, generated from `proto/` (see `tests/system/proto.rs`).
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -1,5 +1,7 @@
 //! `GET /api/v1/...`: the JSON API, with the field names of PRODUCT.md §9.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::Router;
 use axum::extract::{Path, State};
@@ -8,6 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
 
+use crate::opamp::codec::InstanceUid;
+use crate::opamp::registry::{FleetSummary, InstanceRecord, Targets};
 use crate::reconciler::View;
 use crate::repo::desired::{Configuration, Fleet, Version};
 use crate::time::rfc3339;
@@ -19,6 +23,8 @@ pub fn routes() -> Router<WebState> {
         .route("/api/v1/fleets", get(fleets))
         .route("/api/v1/fleets/{name}", get(fleet))
         .route("/api/v1/fleets/{name}/instances", get(fleet_instances))
+        .route("/api/v1/instances", get(instances))
+        .route("/api/v1/instances/{uid}", get(instance))
         .route("/api/v1/configs", get(configs))
         .route("/api/v1/configs/{name}", get(config))
         .route("/api/v1/configs/{name}/versions", get(config_versions))
@@ -56,20 +62,32 @@ pub fn repo_json(view: &View) -> Value {
     })
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+}
+
 async fn fleets(State(state): State<WebState>) -> Response {
     let view = state.view.borrow().clone();
     let Some(desired) = &view.desired else { return not_ready() };
-    let fleets: Vec<Value> = desired.fleets.values().map(|fleet| fleet_json(fleet, &view)).collect();
+    let targets = Arc::clone(&state.targets.borrow());
+    let summaries = state.registry.summaries(&targets, now_ms());
+    let fleets: Vec<Value> = desired
+        .fleets
+        .values()
+        .map(|fleet| fleet_json(fleet, &view, summaries.get(fleet.name()).copied().unwrap_or_default()))
+        .collect();
     Json(json!({ "fleets": fleets })).into_response()
 }
 
 async fn fleet(State(state): State<WebState>, Path(name): Path<String>) -> Response {
     let view = state.view.borrow().clone();
     let Some(desired) = &view.desired else { return not_ready() };
-    match desired.fleets.get(&name) {
-        Some(fleet) => Json(fleet_json(fleet, &view)).into_response(),
-        None => not_found(&format!("no fleet named `{}`", name.escape_default())),
-    }
+    let Some(fleet) = desired.fleets.get(&name) else {
+        return not_found(&format!("no fleet named `{}`", name.escape_default()));
+    };
+    let targets = Arc::clone(&state.targets.borrow());
+    let summary = state.registry.summaries(&targets, now_ms()).get(&name).copied().unwrap_or_default();
+    Json(fleet_json(fleet, &view, summary)).into_response()
 }
 
 async fn fleet_instances(State(state): State<WebState>, Path(name): Path<String>) -> Response {
@@ -78,11 +96,81 @@ async fn fleet_instances(State(state): State<WebState>, Path(name): Path<String>
     if !desired.fleets.contains_key(&name) {
         return not_found(&format!("no fleet named `{}`", name.escape_default()));
     }
-    // Instances connect over OpAMP; until then every fleet has none.
-    Json(json!({ "instances": [] })).into_response()
+    let targets = Arc::clone(&state.targets.borrow());
+    let now = now_ms();
+    let records = state.registry.records(Some(&name));
+    Json(json!({ "instances": records.iter().map(|r| instance_json(r, &targets, now)).collect::<Vec<_>>() }))
+        .into_response()
 }
 
-pub fn fleet_json(fleet: &Fleet, view: &View) -> Value {
+async fn instances(State(state): State<WebState>) -> Response {
+    let targets = Arc::clone(&state.targets.borrow());
+    let now = now_ms();
+    let records = state.registry.records(None);
+    Json(json!({ "instances": records.iter().map(|r| instance_json(r, &targets, now)).collect::<Vec<_>>() }))
+        .into_response()
+}
+
+async fn instance(State(state): State<WebState>, Path(uid): Path<String>) -> Response {
+    let Some(parsed) = InstanceUid::parse(&uid) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "instance ids are canonical UUIDs, like f81d4fae-7dec-11d0-a765-00a0c91e6bf6",
+        );
+    };
+    let Some(record) = state.registry.get(&parsed) else {
+        return not_found(&format!("no instance {parsed}"));
+    };
+    let targets = Arc::clone(&state.targets.borrow());
+    let mut value = instance_json(&record, &targets, now_ms());
+    value["description"] = json!(record.description);
+    value["health"] = json!(record.health);
+    value["effective_config"] = json!(record.effective_config);
+    value["capabilities"] = json!(record.config.capabilities);
+    value["token_id"] = json!(&*record.token_id);
+    value["first_seen"] = json!(rfc3339(record.first_seen_ms / 1000));
+    let events: Vec<Value> = record
+        .history
+        .iter()
+        .rev()
+        .map(|entry| {
+            let mut event = json!(entry.change);
+            event["at"] = json!(rfc3339(entry.at_ms / 1000));
+            event
+        })
+        .collect();
+    value["events"] = Value::Array(events);
+    Json(value).into_response()
+}
+
+/// One instance with the field names of PRODUCT.md §9.
+pub fn instance_json(record: &InstanceRecord, targets: &Targets, now_ms: i64) -> Value {
+    let target = targets.get(&*record.fleet);
+    let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
+    let description = record.description.as_deref();
+    let reported = record.config.reported.as_ref();
+    json!({
+        "instance_uid": record.uid.to_string(),
+        "fleet": &*record.fleet,
+        "status": record.config.status(now_ms, stale_after).as_str(),
+        "assigned_hash": target.and_then(|t| t.assignment.as_ref()).map(|a| hex::encode(&a.hash)),
+        "assigned_tag": target.and_then(|t| t.assignment.as_ref()).map(|a| a.tag.clone()),
+        "served_hash": record.config.served.as_ref().map(hex::encode),
+        "reported_hash": reported.map(|(hash, _, _)| hex::encode(hash)).filter(|h| !h.is_empty()),
+        "reported_status": reported.map(|(_, status, _)| *status),
+        "host": description.and_then(|d| d.host.clone()),
+        "os": description.and_then(|d| d.os.clone()),
+        "arch": description.and_then(|d| d.arch.clone()),
+        "agent_version": description.and_then(|d| d.agent_version.clone()),
+        "healthy": record.health.as_ref().map(|h| h.healthy),
+        "last_seen": rfc3339(record.config.last_seen_ms / 1000),
+        "error": record.config.error(),
+        "transport": record.transport,
+        "connected": record.session.is_some(),
+    })
+}
+
+pub fn fleet_json(fleet: &Fleet, view: &View, summary: FleetSummary) -> Value {
     let spec = &fleet.spec;
     let token = view.fleet_tokens.get(fleet.name()).map(|token| {
         json!({
@@ -104,9 +192,9 @@ pub fn fleet_json(fleet: &Fleet, view: &View) -> Value {
         "config_hash": assignment.map(|v| hex::encode(v.config_hash)),
         "observe_only": spec.observe_only(),
         "kept_last_good": fleet.kept_last_good,
-        "instances": 0,
-        "counts": { "in_sync": 0, "pending": 0, "applying": 0, "failed": 0, "stale": 0, "observed": 0 },
-        "drift": 0,
+        "instances": summary.instances,
+        "counts": summary.counts,
+        "drift": summary.drift,
         "token": token,
         "stale_after_seconds": spec.health.stale_after.as_secs(),
         "install": {

@@ -117,6 +117,7 @@ fn copy_dir(from: &Path, to: &Path) {
 pub struct Server {
     child: Child,
     pub web: SocketAddr,
+    pub opamp: SocketAddr,
     pub data_dir: PathBuf,
     logs: Arc<Mutex<String>>,
 }
@@ -125,7 +126,7 @@ impl Server {
     /// Starts `gitfleet serve --repo <repo> <extra args>` and waits until it listens.
     pub fn start(repo: &str, data_dir: &Path, extra: &[&str]) -> Self {
         let mut child = gitfleet()
-            .args(["serve", "--repo", repo, "--web-listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--repo", repo, "--web-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(extra)
             .stdout(Stdio::null())
@@ -138,24 +139,33 @@ impl Server {
         let sink = Arc::clone(&logs);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("gitfleet serving")
-                    && let Some(address) = line.split("web=").nth(1).and_then(|rest| rest.split_whitespace().next())
-                {
-                    let _ = address_tx.send(address.to_owned());
+                if line.contains("gitfleet serving") {
+                    let field = |name: &str| {
+                        line.split(name).nth(1).and_then(|rest| rest.split_whitespace().next()).map(str::to_owned)
+                    };
+                    if let (Some(web), Some(opamp)) = (field(" web="), field(" opamp=")) {
+                        let _ = address_tx.send((web, opamp));
+                    }
                 }
                 let mut logs = sink.lock().expect("log lock");
                 logs.push_str(&line);
                 logs.push('\n');
             }
         });
-        let address = match address_rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(address) => address,
+        let (web, opamp) = match address_rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addresses) => addresses,
             Err(_) => {
                 let _ = child.kill();
                 panic!("gitfleet did not start listening; logs:\n{}", logs.lock().expect("log lock"));
             }
         };
-        Self { child, web: address.parse().expect("a socket address"), data_dir: data_dir.to_owned(), logs }
+        Self {
+            child,
+            web: web.parse().expect("a socket address"),
+            opamp: opamp.parse().expect("a socket address"),
+            data_dir: data_dir.to_owned(),
+            logs,
+        }
     }
 
     pub fn logs(&self) -> String {
@@ -230,6 +240,17 @@ pub struct Response {
     pub status: u16,
     pub headers: String,
     pub body: String,
+    pub bytes: Vec<u8>,
+}
+
+impl Response {
+    /// The value of a response header (names compare case-insensitively).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim().eq_ignore_ascii_case(name).then(|| value.trim().to_owned())
+        })
+    }
 }
 
 /// One HTTP/1.1 request with `Connection: close`; enough for a test to talk to gitfleet.
@@ -248,25 +269,84 @@ pub fn http(address: SocketAddr, method: &str, path: &str, headers: &[(&str, &st
     stream.write_all(body).expect("send body");
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).expect("read response");
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response has a head");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("HTTP response has a head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut bytes = raw[split + 4..].to_vec();
     let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).expect("status code");
-    let body =
-        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
-    Response { status, headers: head.to_owned(), body }
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        bytes = dechunk(&bytes);
+    }
+    Response { status, headers: head, body: String::from_utf8_lossy(&bytes).into_owned(), bytes }
 }
 
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(line_end) = body.windows(2).position(|w| w == b"\r\n") {
+        let Ok(size) = usize::from_str_radix(String::from_utf8_lossy(&body[..line_end]).trim(), 16) else { break };
         if size == 0 {
             break;
         }
-        out.push_str(&rest[..size]);
-        body = &rest[size + 2..];
+        let start = line_end + 2;
+        out.extend_from_slice(&body[start..start + size]);
+        body = &body[start + size + 2..];
     }
     out
+}
+
+/// A scripted OpAMP agent over WebSocket.
+pub struct OpampWs {
+    pub socket: tungstenite::WebSocket<TcpStream>,
+}
+
+impl OpampWs {
+    /// Connects to `/v1/opamp` with `Authorization: Bearer <token>`; the error is the
+    /// handshake failure (for example 401).
+    pub fn connect(address: SocketAddr, token: &str) -> Result<Self, tungstenite::Error> {
+        use tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{address}/v1/opamp").into_client_request().expect("a valid request");
+        request.headers_mut().insert("Authorization", format!("Bearer {token}").parse().expect("header value"));
+        let stream = TcpStream::connect(address).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        match tungstenite::client(request, stream) {
+            Ok((socket, _)) => Ok(Self { socket }),
+            Err(tungstenite::HandshakeError::Failure(error)) => Err(error),
+            Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("the handshake does not block"),
+        }
+    }
+
+    pub fn send(&mut self, message: &gitfleet::opamp::proto::AgentToServer) {
+        use prost::Message;
+        let mut payload = vec![0];
+        message.encode(&mut payload).expect("encode");
+        self.socket.send(tungstenite::Message::Binary(payload.into())).expect("send");
+    }
+
+    /// The next ServerToAgent (skipping pings); panics on anything else.
+    pub fn recv(&mut self) -> gitfleet::opamp::proto::ServerToAgent {
+        match self.next() {
+            Ok(message) => message,
+            Err(other) => panic!("expected a ServerToAgent, got {other}"),
+        }
+    }
+
+    /// The next ServerToAgent, or a description of what came instead (`close 1009`, …).
+    pub fn next(&mut self) -> Result<gitfleet::opamp::proto::ServerToAgent, String> {
+        use prost::Message;
+        loop {
+            match self.socket.read() {
+                Ok(tungstenite::Message::Binary(payload)) => {
+                    assert_eq!(payload.first(), Some(&0), "replies carry the 0x00 header");
+                    return Ok(gitfleet::opamp::proto::ServerToAgent::decode(&payload[1..]).expect("a ServerToAgent"));
+                }
+                Ok(tungstenite::Message::Ping(_) | tungstenite::Message::Pong(_)) => continue,
+                Ok(tungstenite::Message::Close(frame)) => {
+                    return Err(format!("close {}", frame.map(|f| u16::from(f.code)).unwrap_or(0)));
+                }
+                Ok(other) => return Err(format!("unexpected message {other:?}")),
+                Err(error) => return Err(format!("error {error}")),
+            }
+        }
+    }
 }
 
 /// A smart-HTTP Git server for the tests: `git http-backend` run as CGI behind a small HTTP

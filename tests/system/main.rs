@@ -4,5 +4,6 @@
 mod common;
 
 mod check;
+mod opamp;
 mod proto;
 mod serve;

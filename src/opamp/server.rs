@@ -1,0 +1,323 @@
+//! Port 4320: `/v1/opamp`, OpAMP over WebSocket and plain HTTP on the same path.
+//!
+//! A `POST` with `Content-Type: application/x-protobuf` is plain HTTP; anything else is a
+//! WebSocket upgrade. Both need `Authorization: Bearer <install token>`, which decides the
+//! fleet. Each WebSocket is one task that selects over its socket, changes of its fleet's
+//! target (pushed at once), and shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::opamp::agent::{self, Connection};
+use crate::opamp::codec::{self, DecodeError, MAX_MESSAGE_BYTES};
+use crate::opamp::proto::ServerToAgent;
+use crate::opamp::registry::{Registry, Targets, Transport};
+use crate::reconciler::View;
+
+const PROTOBUF: &str = "application/x-protobuf";
+/// Read buffer per WebSocket: small, because thousands of them sit idle.
+const READ_BUFFER: usize = 4 * 1024;
+/// Most bytes queued for a slow reader before its connection is dropped.
+const MAX_WRITE_BUFFER: usize = 2 * MAX_MESSAGE_BYTES;
+/// Seconds an agent turned away should wait (opamp.md §1.4 recommends at least 30).
+const RETRY_AFTER_SECONDS: u64 = 30;
+/// Replies smaller than this are not worth gzipping.
+const GZIP_FROM: usize = 1024;
+
+#[derive(Clone)]
+pub struct OpampState {
+    pub registry: Arc<Registry>,
+    pub targets: watch::Receiver<Arc<Targets>>,
+    pub view: watch::Receiver<Arc<View>>,
+    /// Live WebSockets plus HTTP requests in flight.
+    pub connections: Arc<AtomicUsize>,
+    pub max_connections: usize,
+    pub cancel: CancellationToken,
+}
+
+pub fn router(state: OpampState) -> Router {
+    Router::new()
+        .route("/v1/opamp", any(opamp))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "OpAMP is served at /v1/opamp\n") })
+        .with_state(state)
+}
+
+/// Counts a connection while it lives.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    fn take(state: &OpampState) -> Option<Self> {
+        let previous = state.connections.fetch_add(1, Ordering::AcqRel);
+        if previous >= state.max_connections {
+            state.connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self(Arc::clone(&state.connections)))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn plain(status: StatusCode, message: &str) -> Response {
+    (status, format!("{message}\n")).into_response()
+}
+
+async fn opamp(State(state): State<OpampState>, request: Request) -> Response {
+    let authorization = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let tokens = Arc::clone(&state.view.borrow().tokens);
+    let token = match tokens.authenticate(authorization, crate::time::now_unix()) {
+        Ok(token) => token.clone(),
+        Err(refused) => {
+            debug!(reason = %refused, "OpAMP request refused");
+            let mut response = plain(StatusCode::UNAUTHORIZED, &format!("unauthorized: {refused}"));
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    };
+    let Some(slot) = ConnectionSlot::take(&state) else {
+        let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, "too many connections; retry later");
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        return response;
+    };
+    let connection = Connection {
+        fleet: Arc::from(token.fleet.as_str()),
+        token_id: Arc::from(token.id.as_str()),
+        transport: Transport::Http,
+        session: None,
+        first_reply: true,
+        uid: None,
+        wire_uid: Vec::new(),
+    };
+    let is_http = request.method() == Method::POST
+        && request.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == PROTOBUF.as_bytes());
+    if is_http {
+        let response = plain_http(&state, connection, request).await;
+        drop(slot);
+        return response;
+    }
+    let (mut parts, _body) = request.into_parts();
+    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &state).await {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    upgrade
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
+        .max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_MESSAGE_BYTES)
+        .on_upgrade(move |socket| session(socket, state, connection, slot))
+}
+
+async fn plain_http(state: &OpampState, mut connection: Connection, request: Request) -> Response {
+    let gzip =
+        request.headers().get(header::CONTENT_ENCODING).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+    let accepts_gzip = accepts_gzip(request.headers());
+    let body = match axum::body::to_bytes(request.into_body(), MAX_MESSAGE_BYTES).await {
+        Ok(body) => body,
+        Err(_) => {
+            return plain(StatusCode::PAYLOAD_TOO_LARGE, &format!("message larger than {MAX_MESSAGE_BYTES} bytes"));
+        }
+    };
+    let message = match codec::decode_http_body(&body, gzip) {
+        Ok(message) => message,
+        Err(error @ DecodeError::TooLarge { .. }) => return plain(StatusCode::PAYLOAD_TOO_LARGE, &error.to_string()),
+        Err(error) => return plain(StatusCode::BAD_REQUEST, &error.to_string()),
+    };
+    let targets = Arc::clone(&state.targets.borrow());
+    let outcome = agent::handle(&state.registry, &targets, &mut connection, message, now_ms());
+    let mut body = codec::encode_http_body(&outcome.reply);
+    let mut response = Response::builder().status(StatusCode::OK).header(header::CONTENT_TYPE, PROTOBUF);
+    if accepts_gzip && body.len() >= GZIP_FROM {
+        body = codec::gzip(&body);
+        response = response.header(header::CONTENT_ENCODING, "gzip");
+    }
+    response.body(Body::from(body)).expect("a valid response")
+}
+
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers.get_all(header::ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(
+        |coding| {
+            let mut parts = coding.split(';');
+            let name = parts.next().unwrap_or_default().trim();
+            let refused = parts
+                .any(|p| p.trim().strip_prefix("q=").is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q == 0.0)));
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
+        },
+    )
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+}
+
+async fn session(mut socket: WebSocket, state: OpampState, mut connection: Connection, slot: ConnectionSlot) {
+    let session_id = state.registry.new_session_id();
+    connection.transport = Transport::WebSocket;
+    connection.session = Some(session_id);
+    let mut targets = state.targets.clone();
+    targets.borrow_and_update();
+    let close = loop {
+        tokio::select! {
+            () = state.cancel.cancelled() => break Some((1001, "gitfleet is shutting down")),
+            received = socket.recv() => match received {
+                None => break None,
+                Some(Ok(Message::Binary(payload))) => {
+                    let message = match codec::decode_ws_message(&payload) {
+                        Ok(message) => message,
+                        Err(DecodeError::TooLarge { .. }) => break Some((1009, "message too big")),
+                        Err(error) => {
+                            debug!(%error, "malformed OpAMP message");
+                            break Some((1007, "malformed OpAMP message"));
+                        }
+                    };
+                    let current = Arc::clone(&targets.borrow());
+                    let outcome = agent::handle(&state.registry, &current, &mut connection, message, now_ms());
+                    if socket.send(Message::Binary(codec::encode_ws_message(&outcome.reply).into())).await.is_err() {
+                        break None;
+                    }
+                    if outcome.disconnect {
+                        break Some((1000, "goodbye"));
+                    }
+                }
+                Some(Ok(Message::Text(_))) => break Some((1003, "OpAMP uses binary messages")),
+                Some(Ok(Message::Close(_))) => break None,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Err(error)) => {
+                    if too_big(&error) {
+                        break Some((1009, "message too big"));
+                    }
+                    debug!(%error, "WebSocket error");
+                    break None;
+                }
+            },
+            changed = targets.changed() => {
+                if changed.is_err() {
+                    break Some((1001, "gitfleet is shutting down"));
+                }
+                let current = Arc::clone(&targets.borrow_and_update());
+                if let Some(push) = push_for(&state.registry, &current, &connection)
+                    && socket.send(Message::Binary(codec::encode_ws_message(&push).into())).await.is_err()
+                {
+                    break None;
+                }
+            }
+        }
+    };
+    if let Some((code, reason)) = close {
+        let frame = CloseFrame { code, reason: reason.into() };
+        let _ = socket.send(Message::Close(Some(frame))).await;
+    }
+    if let Some(uid) = connection.uid {
+        let mut shard = state.registry.shard(&uid);
+        if let Some(record) = shard.get_mut(&uid)
+            && record.session == Some(session_id)
+        {
+            record.session = None;
+        }
+    }
+    drop(slot);
+}
+
+/// The config to push to this connection's instance after its fleet's target changed.
+fn push_for(registry: &Registry, targets: &Targets, connection: &Connection) -> Option<ServerToAgent> {
+    let uid = connection.uid?;
+    let now = now_ms();
+    let remote_config = {
+        let mut shard = registry.shard(&uid);
+        let record = shard.get_mut(&uid)?;
+        record.sync(targets.get(&*record.fleet), now);
+        agent::remote_config_for(record, targets, now)?
+    };
+    Some(ServerToAgent {
+        instance_uid: connection.wire_uid.clone(),
+        remote_config: Some(remote_config),
+        ..Default::default()
+    })
+}
+
+fn too_big(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if let Some(tungstenite::Error::Capacity(_)) = current.downcast_ref::<tungstenite::Error>() {
+            return true;
+        }
+        source = current.source();
+    }
+    false
+}
+
+/// Keeps `targets` in step with the desired state, and the registry in step with both the
+/// targets and the clock (staleness), recording status changes in instance histories.
+pub async fn follow_targets(
+    mut view: watch::Receiver<Arc<View>>,
+    targets: watch::Sender<Arc<Targets>>,
+    registry: Arc<Registry>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            changed = view.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let next = Arc::new(targets_of(&view.borrow_and_update()));
+                let modified = targets.send_if_modified(|current| {
+                    if **current == *next {
+                        return false;
+                    }
+                    *current = Arc::clone(&next);
+                    true
+                });
+                if modified {
+                    info!(fleets = next.len(), "fleet targets changed");
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        let current = Arc::clone(&targets.borrow());
+        let registry = Arc::clone(&registry);
+        let synced = tokio::task::spawn_blocking(move || registry.sync_all(&current, now_ms())).await;
+        if synced.is_err() {
+            warn!("syncing the registry panicked");
+        }
+    }
+}
+
+/// What each fleet's instances should run, from the desired state.
+pub fn targets_of(view: &View) -> Targets {
+    let Some(desired) = &view.desired else { return Targets::new() };
+    desired
+        .fleets
+        .values()
+        .map(|fleet| {
+            let version = fleet.assignment.as_ref();
+            let target = crate::opamp::registry::FleetTarget {
+                assignment: version
+                    .map(|v| crate::instance::Assignment { hash: v.config_hash.to_vec(), tag: v.tag.clone() }),
+                content_type: version.map(|v| v.content_type.clone()).unwrap_or_default(),
+                body: version.map(|v| Arc::clone(&v.body)).unwrap_or_else(|| Arc::from(&b""[..])),
+                stale_after_ms: i64::try_from(fleet.spec.health.stale_after.as_millis()).unwrap_or(i64::MAX),
+            };
+            (fleet.name().to_owned(), target)
+        })
+        .collect()
+}

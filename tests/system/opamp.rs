@@ -1,0 +1,265 @@
+//! OpAMP end to end: scripted agents over WebSocket and plain HTTP against the real binary.
+
+use std::time::{Duration, Instant};
+
+use gitfleet::opamp::proto::{
+    AgentConfigMap, AgentDescription, AgentToServer, AnyValue, ComponentHealth, EffectiveConfig, KeyValue,
+    RemoteConfigStatus, ServerToAgent, any_value,
+};
+use prost::Message;
+
+use crate::common::{GitRepo, OpampWs, Server, http};
+
+const WAIT: Duration = Duration::from_secs(15);
+const SUPERVISOR: u64 = 0x3847;
+
+fn example() -> GitRepo {
+    let repo = GitRepo::new();
+    repo.with_example();
+    repo.annotated_tag("gateway/v1", "First gateway");
+    repo.annotated_tag("node-agent/v1", "First node agent");
+    repo.annotated_tag("sdk-agent/v1", "First SDK settings");
+    repo
+}
+
+fn token(server: &Server, fleet: &str) -> String {
+    let path = server.data_dir.join("install").join(fleet).join("token");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            return text.trim().to_owned();
+        }
+        assert!(Instant::now() < deadline, "no token file for {fleet}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn text(key: &str, value: &str) -> KeyValue {
+    KeyValue { key: key.into(), value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.into())) }) }
+}
+
+fn full_state(uid: [u8; 16], seq: u64, host: &str) -> AgentToServer {
+    AgentToServer {
+        instance_uid: uid.to_vec(),
+        sequence_num: seq,
+        capabilities: SUPERVISOR,
+        agent_description: Some(AgentDescription {
+            identifying_attributes: vec![text("service.name", "otelcol-contrib"), text("service.version", "0.115.0")],
+            non_identifying_attributes: vec![
+                text("host.name", host),
+                text("os.type", "linux"),
+                text("host.arch", "amd64"),
+            ],
+        }),
+        health: Some(ComponentHealth { healthy: true, status: "StatusOK".into(), ..Default::default() }),
+        effective_config: Some(EffectiveConfig { config_map: Some(AgentConfigMap::default()) }),
+        remote_config_status: Some(RemoteConfigStatus::default()),
+        ..Default::default()
+    }
+}
+
+fn report(uid: [u8; 16], seq: u64, hash: &[u8], status: i32, error: &str) -> AgentToServer {
+    AgentToServer {
+        instance_uid: uid.to_vec(),
+        sequence_num: seq,
+        capabilities: SUPERVISOR,
+        remote_config_status: Some(RemoteConfigStatus {
+            last_remote_config_hash: hash.to_vec(),
+            status,
+            error_message: error.into(),
+        }),
+        ..Default::default()
+    }
+}
+
+fn uid_text(uid: [u8; 16]) -> String {
+    gitfleet::opamp::codec::InstanceUid(uid).to_string()
+}
+
+fn bump_prod_to_v2(repo: &GitRepo) {
+    let text = std::fs::read_to_string(repo.path().join("configs/gateway.yaml")).expect("read");
+    repo.write("configs/gateway.yaml", text.replace("send_batch_size: 8192", "send_batch_size: 4096"));
+    repo.commit("Smaller batches");
+    repo.annotated_tag("gateway/v2", "Smaller batches");
+    let fleet = std::fs::read_to_string(repo.path().join("fleets/prod-gateway.toml")).expect("read");
+    repo.write("fleets/prod-gateway.toml", fleet.replace("version = \"v1\"", "version = \"v2\""));
+    repo.commit("Roll out gateway v2 to prod");
+}
+
+#[test]
+fn a_websocket_agent_gets_its_config_reports_in_sync_and_gets_the_next_version_pushed() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let path = repo.path().display().to_string();
+    let server = Server::start(&path, data.path(), &["--poll-interval", "1h"]);
+    let prod = server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "prod's token", |f| f["token"]["id"].is_string());
+    let uid = [0x42; 16];
+    let mut agent = OpampWs::connect(server.opamp, &token(&server, "prod-gateway")).expect("connects");
+    agent.send(&full_state(uid, 0, "gw-1"));
+    let reply = agent.recv();
+    assert_eq!(reply.instance_uid, uid.to_vec());
+    assert_eq!(reply.capabilities, 0x7, "server capabilities in the first reply");
+    assert_eq!(reply.flags, 0);
+    let remote = reply.remote_config.expect("the assigned config");
+    assert_eq!(hex::encode(&remote.config_hash), prod["config_hash"].as_str().expect("hash"));
+    let file = &remote.config.expect("config map").config_map[""];
+    assert_eq!(file.content_type, "text/yaml");
+    assert!(String::from_utf8_lossy(&file.body).contains("send_batch_size: 8192"));
+
+    agent.send(&report(uid, 1, &remote.config_hash, 2, ""));
+    agent.recv();
+    agent.send(&report(uid, 2, &remote.config_hash, 1, ""));
+    agent.recv();
+    let fleet = server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "in sync", |f| f["counts"]["in_sync"] == 1);
+    assert_eq!((fleet["instances"].as_u64(), fleet["drift"].as_u64()), (Some(1), Some(0)));
+    let instances = server.json("/api/v1/fleets/prod-gateway/instances");
+    let listed = &instances["instances"][0];
+    assert_eq!(listed["instance_uid"], uid_text(uid));
+    assert_eq!(
+        (listed["status"].as_str(), listed["host"].as_str(), listed["agent_version"].as_str()),
+        (Some("in_sync"), Some("gw-1"), Some("0.115.0"))
+    );
+    assert_eq!(listed["assigned_hash"], listed["served_hash"]);
+    assert_eq!(listed["reported_hash"], listed["served_hash"]);
+
+    // A push reaches the connected agent without it asking.
+    let started = Instant::now();
+    bump_prod_to_v2(&repo);
+    let pushed = agent.recv();
+    assert!(started.elapsed() < Duration::from_secs(5), "pushed, not waited for a heartbeat");
+    assert_eq!(pushed.instance_uid, uid.to_vec());
+    let next = pushed.remote_config.expect("the new version");
+    assert_ne!(next.config_hash, remote.config_hash);
+    assert!(String::from_utf8_lossy(&next.config.expect("map").config_map[""].body).contains("send_batch_size: 4096"));
+    agent.send(&report(uid, 3, &next.config_hash, 1, ""));
+    agent.recv();
+    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "in sync at v2", |f| {
+        f["tag"] == "gateway/v2" && f["counts"]["in_sync"] == 1
+    });
+    let detail = server.json(&format!("/api/v1/instances/{}", uid_text(uid)));
+    let kinds: Vec<&str> =
+        detail["events"].as_array().expect("events").iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert!(kinds.contains(&"assigned") && kinds.contains(&"status"), "{kinds:?}");
+    assert_eq!(detail["description"]["os"], "linux");
+    assert_eq!(detail["health"]["healthy"], true);
+}
+
+#[test]
+fn failures_are_not_pushed_again_and_rollbacks_stay_failed() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.path().display().to_string(), data.path(), &["--poll-interval", "1h"]);
+    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "prod's token", |f| f["token"]["id"].is_string());
+    let uid = [0x43; 16];
+    let mut agent = OpampWs::connect(server.opamp, &token(&server, "prod-gateway")).expect("connects");
+    agent.send(&full_state(uid, 0, "gw-2"));
+    let v1 = agent.recv().remote_config.expect("v1").config_hash;
+    agent.send(&report(uid, 1, &v1, 1, ""));
+    agent.recv();
+    bump_prod_to_v2(&repo);
+    let v2 = agent.recv().remote_config.expect("v2 pushed").config_hash;
+    agent.send(&report(uid, 2, &v2, 3, "exporter otlphttp: invalid endpoint"));
+    assert!(agent.recv().remote_config.is_none(), "a FAILED hash is not sent again");
+    agent.send(&report(uid, 3, &v1, 1, ""));
+    assert!(agent.recv().remote_config.is_none(), "nor after the rollback");
+    let listed =
+        server.wait_for(&format!("/api/v1/instances/{}", uid_text(uid)), WAIT, "failed", |i| i["status"] == "failed");
+    assert_eq!(listed["error"], "exporter otlphttp: invalid endpoint");
+    let kinds: Vec<&str> =
+        listed["events"].as_array().expect("events").iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert!(kinds.contains(&"rolled_back"), "{kinds:?}");
+    let fleet = server.json("/api/v1/fleets/prod-gateway");
+    assert_eq!(fleet["counts"]["failed"], 1);
+}
+
+#[test]
+fn plain_http_agents_with_gzip_and_errors() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.url(), data.path(), &[]);
+    server.wait_for("/api/v1/fleets/sdk-agents", WAIT, "the token", |f| f["token"]["id"].is_string());
+    let bearer = format!("Bearer {}", token(&server, "sdk-agents"));
+    let protobuf = ("Content-Type", "application/x-protobuf");
+    let uid = [0x44; 16];
+
+    let body = full_state(uid, 0, "app-1").encode_to_vec();
+    let gzipped = gitfleet::opamp::codec::gzip(&body);
+    let response = http(
+        server.opamp,
+        "POST",
+        "/v1/opamp",
+        &[protobuf, ("Authorization", &bearer), ("Content-Encoding", "gzip"), ("Accept-Encoding", "gzip")],
+        &gzipped,
+    );
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.header("content-type").as_deref(), Some("application/x-protobuf"));
+    let reply_bytes = if response.header("content-encoding").as_deref() == Some("gzip") {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&response.bytes[..]), &mut out).expect("gunzip");
+        out
+    } else {
+        response.bytes.clone()
+    };
+    let reply = ServerToAgent::decode(reply_bytes.as_slice()).expect("a ServerToAgent");
+    assert_eq!(reply.instance_uid, uid.to_vec());
+    let remote = reply.remote_config.expect("the JSON config");
+    assert_eq!(remote.config.expect("map").config_map[""].content_type, "application/json");
+
+    let post = |headers: &[(&str, &str)], body: &[u8]| http(server.opamp, "POST", "/v1/opamp", headers, body);
+    assert_eq!(post(&[protobuf], &body).status, 401, "no token");
+    assert_eq!(post(&[protobuf, ("Authorization", "Bearer tk_00000000.0000")], &body).status, 401, "wrong token");
+    let garbage = post(&[protobuf, ("Authorization", &bearer)], b"\x01garbage");
+    assert_eq!(garbage.status, 400, "{}", garbage.body);
+    let bad_gzip = post(&[protobuf, ("Authorization", &bearer), ("Content-Encoding", "gzip")], b"not gzip");
+    assert_eq!(bad_gzip.status, 400);
+    let oversized = post(&[protobuf, ("Authorization", &bearer)], &vec![0u8; 9 * 1024 * 1024]);
+    assert_eq!(oversized.status, 413);
+    let bomb = gitfleet::opamp::codec::gzip(&vec![0u8; 9 * 1024 * 1024]);
+    assert_eq!(post(&[protobuf, ("Authorization", &bearer), ("Content-Encoding", "gzip")], &bomb).status, 413);
+
+    // The agent reports applied on its next poll; the fleet counts it in sync.
+    let applied = report(uid, 1, &remote.config_hash, 1, "").encode_to_vec();
+    assert_eq!(post(&[protobuf, ("Authorization", &bearer)], &applied).status, 200);
+    server.wait_for("/api/v1/fleets/sdk-agents", WAIT, "in sync", |f| f["counts"]["in_sync"] == 1);
+}
+
+#[test]
+fn bad_input_closes_only_the_offending_connection() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.url(), data.path(), &[]);
+    server.wait_for("/api/v1/fleets/nodes", WAIT, "the token", |f| f["token"]["id"].is_string());
+    let token = token(&server, "nodes");
+    let mut good = OpampWs::connect(server.opamp, &token).expect("connects");
+    good.send(&full_state([0x50; 16], 0, "node-1"));
+    good.recv();
+
+    match OpampWs::connect(server.opamp, "tk_00000000.00") {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401),
+        other => panic!("a bad token must get 401, got {:?}", other.map(|_| ())),
+    }
+    let mut text = OpampWs::connect(server.opamp, &token).expect("connects");
+    text.socket.send(tungstenite::Message::Text("hello".into())).expect("send");
+    assert_eq!(text.next().err().as_deref(), Some("close 1003"));
+    let mut garbage = OpampWs::connect(server.opamp, &token).expect("connects");
+    garbage.socket.send(tungstenite::Message::Binary(b"\x01garbage".to_vec().into())).expect("send");
+    assert_eq!(garbage.next().err().as_deref(), Some("close 1007"));
+    let mut truncated = OpampWs::connect(server.opamp, &token).expect("connects");
+    let whole = full_state([0x51; 16], 0, "x").encode_to_vec();
+    truncated.socket.send(tungstenite::Message::Binary(whole[..whole.len() / 2].to_vec().into())).expect("send");
+    assert_eq!(truncated.next().err().as_deref(), Some("close 1007"));
+    let mut huge = OpampWs::connect(server.opamp, &token).expect("connects");
+    let _ = huge.socket.send(tungstenite::Message::Binary(vec![0u8; 9 * 1024 * 1024].into()));
+    let outcome = huge.next().err().unwrap_or_default();
+    assert!(outcome == "close 1009" || outcome.starts_with("error"), "oversized: {outcome}");
+    let mut wrong_length = OpampWs::connect(server.opamp, &token).expect("connects");
+    wrong_length.send(&AgentToServer { instance_uid: vec![1, 2, 3], ..full_state([0; 16], 0, "odd") });
+    let reply = wrong_length.recv();
+    assert_eq!(reply.instance_uid, vec![1, 2, 3]);
+    assert_eq!(reply.agent_identification.map(|a| a.new_instance_uid.len()), Some(16), "a new id for a bad one");
+
+    // The well-behaved agent never noticed.
+    good.send(&full_state([0x50; 16], 1, "node-1"));
+    let reply = good.recv();
+    assert_eq!(reply.instance_uid, vec![0x50; 16]);
+}
