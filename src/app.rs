@@ -91,6 +91,13 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
     let (events_tx, events_rx) = mpsc::channel(64);
     let (triggers_tx, triggers_rx) = mpsc::channel(16);
 
+    let registry = Registry::new();
+    let restored = crate::opamp::persist::restore(&registry, Arc::clone(&store)).await?;
+    info!(instances = restored, "restored instances");
+    tracker.spawn(
+        crate::opamp::persist::run(Arc::clone(&registry), Arc::clone(&store), cancel.clone())
+            .instrument(info_span!("persist")),
+    );
     let reconciler = Reconciler::load(store, settings.data_dir.clone(), view_tx).await?;
     tracker.spawn(reconciler.run(events_rx, cancel.clone()).instrument(info_span!("reconciler")));
 
@@ -107,7 +114,6 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
             .instrument(info_span!("watcher")),
     );
 
-    let registry = Registry::new();
     let (targets_tx, targets_rx) = watch::channel(Arc::new(crate::opamp::registry::Targets::new()));
     tracker.spawn(
         opamp_server::follow_targets(view_rx.clone(), targets_tx, Arc::clone(&registry), cancel.clone())

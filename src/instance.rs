@@ -10,13 +10,13 @@
 //! - instances that cannot accept remote config, and observe-only fleets, are `observed`;
 //! - nothing heard for `stale_after` is `stale`, whatever came before.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Agent capability bits this module reads (opamp.md §2.3).
 pub const ACCEPTS_REMOTE_CONFIG: u64 = 0x2;
 pub const REPORTS_REMOTE_CONFIG: u64 = 0x1000;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     InSync,
@@ -45,7 +45,7 @@ impl Status {
 }
 
 /// `RemoteConfigStatuses` as the agent reported it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reported {
     Unset,
@@ -89,10 +89,12 @@ pub struct ConfigState {
     pub failed: Option<(Vec<u8>, String)>,
     /// Unix milliseconds of the last message from the instance.
     pub last_seen_ms: i64,
+    /// Restored after a restart and not heard from since: `stale` until it speaks.
+    pub awaiting_contact: bool,
 }
 
 /// Something worth a line in the instance's history.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Change {
     Status {
@@ -113,7 +115,15 @@ pub enum Change {
 
 impl ConfigState {
     pub fn new(capabilities: u64, assigned: Option<Assignment>, now_ms: i64) -> Self {
-        Self { capabilities, assigned, served: None, reported: None, failed: None, last_seen_ms: now_ms }
+        Self {
+            capabilities,
+            assigned,
+            served: None,
+            reported: None,
+            failed: None,
+            last_seen_ms: now_ms,
+            awaiting_contact: false,
+        }
     }
 
     fn accepts_remote_config(&self) -> bool {
@@ -122,7 +132,7 @@ impl ConfigState {
 
     /// The status now, given how long silence may last.
     pub fn status(&self, now_ms: i64, stale_after_ms: i64) -> Status {
-        if now_ms.saturating_sub(self.last_seen_ms) > stale_after_ms {
+        if self.awaiting_contact || now_ms.saturating_sub(self.last_seen_ms) > stale_after_ms {
             return Status::Stale;
         }
         let Some(assigned) = self.assigned.as_ref().filter(|_| self.accepts_remote_config()) else {
@@ -197,6 +207,7 @@ impl ConfigState {
         stale_after_ms: i64,
     ) -> Vec<Change> {
         let before = self.status(now_ms, stale_after_ms);
+        self.awaiting_contact = false;
         self.capabilities = capabilities;
         self.last_seen_ms = self.last_seen_ms.max(now_ms);
         let mut changes = Vec::new();
@@ -380,6 +391,13 @@ mod tests {
         assert_eq!(state.status(STALE + 1, STALE), Status::Stale);
         assert_eq!(
             state.heard(SUPERVISOR, None, STALE + 5, STALE),
+            vec![Change::Status { from: Status::Stale, to: Status::InSync }]
+        );
+        // Restored after a restart: stale until heard from, however recent its last message.
+        state.awaiting_contact = true;
+        assert_eq!(state.status(STALE + 6, STALE), Status::Stale);
+        assert_eq!(
+            state.heard(SUPERVISOR, None, STALE + 7, STALE),
             vec![Change::Status { from: Status::Stale, to: Status::InSync }]
         );
     }

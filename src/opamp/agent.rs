@@ -93,10 +93,11 @@ pub fn handle(
             now_ms,
         )
     });
-    if record.fleet != connection.fleet {
-        // The collector now uses another fleet's token: it moved.
+    if record.fleet != connection.fleet || record.token_id != connection.token_id {
+        // The collector now uses another token, possibly another fleet's: it moved.
         record.fleet = Arc::clone(&connection.fleet);
         record.token_id = Arc::clone(&connection.token_id);
+        record.dirty = true;
     }
     let gap = known && record.sequence_num.map(|last| last.wrapping_add(1)) != Some(message.sequence_num);
     let capabilities = message.capabilities;
@@ -106,6 +107,15 @@ pub fn handle(
         || (message.agent_description.is_none() && record.description.is_none());
     let full_state = (!known || gap) && lacks_state;
 
+    let reports_something = message.agent_description.is_some()
+        || message.health.is_some()
+        || message.effective_config.is_some()
+        || message.remote_config_status.is_some()
+        || record.config.capabilities != message.capabilities
+        || record.transport != Some(connection.transport);
+    if reports_something {
+        record.dirty = true;
+    }
     if let Some(description) = &message.agent_description {
         record.description = Some(Box::new(describe(description)));
     }

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod codec;
+pub mod persist;
 pub mod registry;
 pub mod server;
 

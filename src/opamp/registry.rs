@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::instance::{Assignment, Change, ConfigState, Status};
 use crate::opamp::codec::InstanceUid;
@@ -31,14 +31,14 @@ pub struct FleetTarget {
 /// Every fleet's target, published by the reconciler.
 pub type Targets = BTreeMap<String, FleetTarget>;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
     WebSocket,
     Http,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Description {
     pub host: Option<String>,
     pub os: Option<String>,
@@ -51,7 +51,7 @@ pub struct Description {
     pub non_identifying: Vec<(String, String)>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
     pub healthy: bool,
     pub status: String,
@@ -61,7 +61,7 @@ pub struct Health {
     pub components: Vec<ComponentHealth>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ComponentHealth {
     pub name: String,
     pub healthy: bool,
@@ -69,7 +69,7 @@ pub struct ComponentHealth {
     pub last_error: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EffectiveConfig {
     pub content_type: String,
     pub body: String,
@@ -102,6 +102,12 @@ pub struct InstanceRecord {
     /// The live WebSocket session, if any.
     pub session: Option<u64>,
     pub history: VecDeque<HistoryEntry>,
+    /// Changed since it was last written to the store.
+    pub dirty: bool,
+    /// History entries at the end of `history` not written yet.
+    pub unsaved_events: usize,
+    /// The `last_seen` the store has.
+    pub last_seen_saved_ms: i64,
 }
 
 impl InstanceRecord {
@@ -120,12 +126,19 @@ impl InstanceRecord {
             transport: None,
             session: None,
             history: VecDeque::new(),
+            dirty: true,
+            unsaved_events: 0,
+            last_seen_saved_ms: 0,
         }
     }
 
     /// Records changes in the history, keeping the last `HISTORY_KEPT`.
     pub fn record(&mut self, changes: Vec<Change>, now_ms: i64) {
+        if !changes.is_empty() {
+            self.dirty = true;
+        }
         for change in changes {
+            self.unsaved_events = (self.unsaved_events + 1).min(HISTORY_KEPT);
             if let Change::Status { to, .. } = &change {
                 self.status = *to;
             }
@@ -147,6 +160,93 @@ impl InstanceRecord {
             changes.push(Change::Status { from: self.status, to: status });
         }
         self.record(changes, now_ms);
+    }
+}
+
+/// How often `last_seen` alone is written: a heartbeat never causes a write by itself.
+pub const LAST_SEEN_WRITE_EVERY_MS: i64 = 60_000;
+
+impl InstanceRecord {
+    pub fn to_stored(&self) -> crate::store::StoredInstance {
+        let json = |value: &dyn erased::Json| value.to_json();
+        crate::store::StoredInstance {
+            uid: self.uid.0,
+            fleet: self.fleet.to_string(),
+            token_id: self.token_id.to_string(),
+            capabilities: self.config.capabilities,
+            assigned: self.config.assigned.as_ref().map(|a| (a.hash.clone(), a.tag.clone())),
+            served_hash: self.config.served.clone(),
+            reported: self.config.reported.as_ref().map(|(hash, status, error)| {
+                let status =
+                    serde_json::to_value(status).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+                (hash.clone(), status, error.clone())
+            }),
+            failed: self.config.failed.clone(),
+            first_seen_ms: self.first_seen_ms,
+            last_seen_ms: self.config.last_seen_ms,
+            status: self.status.as_str().to_owned(),
+            transport: self
+                .transport
+                .map(|t| if t == Transport::WebSocket { "websocket".to_owned() } else { "http".to_owned() }),
+            description: self.description.as_deref().map(|d| json(d)),
+            health: self.health.as_deref().map(|h| json(h)),
+            effective_config: self.effective_config.as_deref().map(|e| json(e)),
+        }
+    }
+
+    /// A record restored after a restart: `stale` until the instance speaks again.
+    pub fn from_stored(stored: crate::store::StoredInstance, events: Vec<crate::store::StoredEvent>) -> Self {
+        let mut record = Self::new(
+            InstanceUid(stored.uid),
+            Arc::from(stored.fleet.as_str()),
+            Arc::from(stored.token_id.as_str()),
+            stored.capabilities,
+            stored.last_seen_ms,
+        );
+        record.first_seen_ms = stored.first_seen_ms;
+        record.status = parse_enum(&stored.status).unwrap_or(Status::Stale);
+        record.config.assigned = stored.assigned.map(|(hash, tag)| Assignment { hash, tag });
+        record.config.served = stored.served_hash;
+        record.config.reported = stored.reported.map(|(hash, status, error)| {
+            (hash, parse_enum(&status).unwrap_or(crate::instance::Reported::Unset), error)
+        });
+        record.config.failed = stored.failed;
+        record.config.awaiting_contact = true;
+        record.transport = match stored.transport.as_deref() {
+            Some("websocket") => Some(Transport::WebSocket),
+            Some("http") => Some(Transport::Http),
+            _ => None,
+        };
+        record.description = stored.description.and_then(|d| serde_json::from_str(&d).ok()).map(Box::new);
+        record.health = stored.health.and_then(|h| serde_json::from_str(&h).ok()).map(Box::new);
+        record.effective_config = stored.effective_config.and_then(|e| serde_json::from_str(&e).ok()).map(Box::new);
+        record.history = events
+            .into_iter()
+            .filter_map(|event| {
+                Some(HistoryEntry { at_ms: event.at_ms, change: serde_json::from_str(&event.event).ok()? })
+            })
+            .collect();
+        record.dirty = false;
+        record.last_seen_saved_ms = stored.last_seen_ms;
+        record
+    }
+}
+
+/// An enum from its serde name (`in_sync`, `applied`, …).
+fn parse_enum<T: serde::de::DeserializeOwned>(text: &str) -> Option<T> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned())).ok()
+}
+
+mod erased {
+    /// Serializes any of the report types to JSON text.
+    pub trait Json {
+        fn to_json(&self) -> String;
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> String {
+            serde_json::to_string(self).expect("report types serialize to JSON")
+        }
     }
 }
 
@@ -257,6 +357,46 @@ impl Registry {
 
     pub fn get(&self, uid: &InstanceUid) -> Option<InstanceRecord> {
         self.shard(uid).get(uid).cloned()
+    }
+
+    /// Takes what must be written: records that changed (and their new history entries),
+    /// and records whose `last_seen` moved by `LAST_SEEN_WRITE_EVERY_MS`.
+    pub fn take_unsaved(&self) -> (Vec<crate::store::StoredInstance>, Vec<crate::store::StoredEvent>) {
+        let mut instances = Vec::new();
+        let mut events = Vec::new();
+        self.for_each(|record| {
+            let last_seen_due = record.config.last_seen_ms - record.last_seen_saved_ms >= LAST_SEEN_WRITE_EVERY_MS;
+            if !record.dirty && !last_seen_due && record.unsaved_events == 0 {
+                return;
+            }
+            instances.push(record.to_stored());
+            let skip = record.history.len().saturating_sub(record.unsaved_events);
+            for entry in record.history.iter().skip(skip) {
+                let event = serde_json::to_string(&entry.change).expect("changes serialize to JSON");
+                events.push(crate::store::StoredEvent { uid: record.uid.0, at_ms: entry.at_ms, event });
+            }
+            record.dirty = false;
+            record.unsaved_events = 0;
+            record.last_seen_saved_ms = record.config.last_seen_ms;
+        });
+        (instances, events)
+    }
+
+    /// Marks records to be written again (after a failed write).
+    pub fn mark_unsaved(&self, uids: impl IntoIterator<Item = [u8; 16]>) {
+        for uid in uids {
+            let uid = InstanceUid(uid);
+            if let Some(record) = self.shard(&uid).get_mut(&uid) {
+                record.dirty = true;
+            }
+        }
+    }
+
+    /// Puts restored records in place (at startup).
+    pub fn restore(&self, records: impl IntoIterator<Item = InstanceRecord>) {
+        for record in records {
+            self.shard(&record.uid).insert(record.uid, record);
+        }
     }
 
     pub fn len(&self) -> usize {

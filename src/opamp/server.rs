@@ -293,6 +293,11 @@ pub async fn follow_targets(
             }
             _ = tick.tick() => {}
         }
+        // Until the repository has been read, no target is known: leave records alone
+        // rather than unassigning every restored instance.
+        if view.borrow().desired.is_none() {
+            continue;
+        }
         let current = Arc::clone(&targets.borrow());
         let registry = Arc::clone(&registry);
         let synced = tokio::task::spawn_blocking(move || registry.sync_all(&current, now_ms())).await;

@@ -39,6 +39,38 @@ pub struct ReconcileRecord {
     pub problems: Vec<Problem>,
 }
 
+/// An instance as the store keeps it: plain fields, JSON for the nested reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredInstance {
+    pub uid: [u8; 16],
+    pub fleet: String,
+    pub token_id: String,
+    pub capabilities: u64,
+    /// The assignment it was last synced to: hash and tag.
+    pub assigned: Option<(Vec<u8>, String)>,
+    pub served_hash: Option<Vec<u8>>,
+    /// Hash, status (`applied`, …) and error message of the last remote config status.
+    pub reported: Option<(Vec<u8>, String, String)>,
+    /// The assigned hash it failed, with the error.
+    pub failed: Option<(Vec<u8>, String)>,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub status: String,
+    pub transport: Option<String>,
+    /// JSON documents.
+    pub description: Option<String>,
+    pub health: Option<String>,
+    pub effective_config: Option<String>,
+}
+
+/// One history entry of an instance; `event` is JSON.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub uid: [u8; 16],
+    pub at_ms: i64,
+    pub event: String,
+}
+
 /// Blocking: call from a blocking thread (`spawn_blocking`), never on the async runtime.
 pub trait Store: Send + Sync + 'static {
     /// Every version seen so far, by tag, with the content first seen.
@@ -52,6 +84,13 @@ pub trait Store: Send + Sync + 'static {
     /// Every install token ever issued (hashes only), oldest first.
     fn tokens(&self) -> Result<Vec<IssuedToken>, StoreError>;
     fn save_token(&self, token: &IssuedToken) -> Result<(), StoreError>;
+    /// Writes instances and new history entries in one transaction.
+    fn save_instances(&self, instances: &[StoredInstance], events: &[StoredEvent]) -> Result<(), StoreError>;
+    /// Every instance, with its newest `events_per_instance` history entries (oldest first).
+    fn load_instances(&self, events_per_instance: usize)
+    -> Result<Vec<(StoredInstance, Vec<StoredEvent>)>, StoreError>;
+    /// Keeps only the newest `per_instance` history entries of each instance.
+    fn prune_events(&self, per_instance: usize) -> Result<usize, StoreError>;
     /// The newest reconciles first.
     fn reconcile_history(&self, limit: usize) -> Result<Vec<ReconcileRecord>, StoreError>;
 }

@@ -8,7 +8,7 @@ use rusqlite::{Connection, params};
 
 use crate::install::token::IssuedToken;
 use crate::repo::desired::{LastGoodFleet, SeenVersion};
-use crate::store::{ReconcileRecord, Store, StoreError};
+use crate::store::{ReconcileRecord, Store, StoreError, StoredEvent, StoredInstance};
 
 /// Each entry moves the schema one version forward. Never edit one that has shipped.
 const MIGRATIONS: &[&str] = &[
@@ -51,6 +51,35 @@ const MIGRATIONS: &[&str] = &[
         rotation    INTEGER NOT NULL
     );
     CREATE INDEX tokens_by_fleet ON tokens (fleet, issued_at);",
+    // 3: instances and their history.
+    "CREATE TABLE instances (
+        uid              BLOB PRIMARY KEY,
+        fleet            TEXT NOT NULL,
+        token_id         TEXT NOT NULL,
+        capabilities     INTEGER NOT NULL,
+        assigned_hash    BLOB,
+        assigned_tag     TEXT,
+        served_hash      BLOB,
+        reported_hash    BLOB,
+        reported_status  TEXT,
+        reported_error   TEXT,
+        failed_hash      BLOB,
+        failed_error     TEXT,
+        first_seen_ms    INTEGER NOT NULL,
+        last_seen_ms     INTEGER NOT NULL,
+        status           TEXT NOT NULL,
+        transport        TEXT,
+        description      TEXT,
+        health           TEXT,
+        effective_config TEXT
+    );
+    CREATE TABLE instance_events (
+        id    INTEGER PRIMARY KEY AUTOINCREMENT,
+        uid   BLOB NOT NULL,
+        at_ms INTEGER NOT NULL,
+        event TEXT NOT NULL
+    );
+    CREATE INDEX instance_events_by_uid ON instance_events (uid, id);",
 ];
 
 /// How many reconciles the history keeps.
@@ -256,6 +285,172 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn save_instances(&self, instances: &[StoredInstance], events: &[StoredEvent]) -> Result<(), StoreError> {
+        let mut connection = self.connection();
+        let transaction = connection.transaction().map_err(query("saving instances"))?;
+        {
+            let mut upsert = transaction
+                .prepare_cached(
+                    "INSERT INTO instances (uid, fleet, token_id, capabilities, served_hash, reported_hash, reported_status,
+                         reported_error, failed_hash, failed_error, first_seen_ms, last_seen_ms, status, transport,
+                         description, health, effective_config, assigned_hash, assigned_tag)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
+                     ON CONFLICT (uid) DO UPDATE SET fleet = excluded.fleet, token_id = excluded.token_id,
+                         capabilities = excluded.capabilities, served_hash = excluded.served_hash,
+                         assigned_hash = excluded.assigned_hash, assigned_tag = excluded.assigned_tag,
+                         reported_hash = excluded.reported_hash, reported_status = excluded.reported_status,
+                         reported_error = excluded.reported_error, failed_hash = excluded.failed_hash,
+                         failed_error = excluded.failed_error, last_seen_ms = excluded.last_seen_ms,
+                         status = excluded.status, transport = excluded.transport,
+                         description = excluded.description, health = excluded.health,
+                         effective_config = excluded.effective_config",
+                )
+                .map_err(query("saving instances"))?;
+            for i in instances {
+                let (reported_hash, reported_status, reported_error) = match &i.reported {
+                    Some((hash, status, error)) => (Some(hash.as_slice()), Some(status.as_str()), Some(error.as_str())),
+                    None => (None, None, None),
+                };
+                let (failed_hash, failed_error) = match &i.failed {
+                    Some((hash, error)) => (Some(hash.as_slice()), Some(error.as_str())),
+                    None => (None, None),
+                };
+                upsert
+                    .execute(params![
+                        &i.uid[..],
+                        i.fleet,
+                        i.token_id,
+                        i.capabilities as i64,
+                        i.served_hash,
+                        reported_hash,
+                        reported_status,
+                        reported_error,
+                        failed_hash,
+                        failed_error,
+                        i.first_seen_ms,
+                        i.last_seen_ms,
+                        i.status,
+                        i.transport,
+                        i.description,
+                        i.health,
+                        i.effective_config,
+                        i.assigned.as_ref().map(|(hash, _)| hash.as_slice()),
+                        i.assigned.as_ref().map(|(_, tag)| tag.as_str())
+                    ])
+                    .map_err(query("saving instances"))?;
+            }
+            let mut insert = transaction
+                .prepare_cached("INSERT INTO instance_events (uid, at_ms, event) VALUES (?1, ?2, ?3)")
+                .map_err(query("saving instance events"))?;
+            for event in events {
+                insert
+                    .execute(params![&event.uid[..], event.at_ms, event.event])
+                    .map_err(query("saving instance events"))?;
+            }
+        }
+        transaction.commit().map_err(query("saving instances"))
+    }
+
+    fn load_instances(
+        &self,
+        events_per_instance: usize,
+    ) -> Result<Vec<(StoredInstance, Vec<StoredEvent>)>, StoreError> {
+        let connection = self.connection();
+        let mut events: std::collections::HashMap<[u8; 16], Vec<StoredEvent>> = std::collections::HashMap::new();
+        {
+            let mut statement = connection
+                .prepare(
+                    "SELECT uid, at_ms, event FROM (
+                         SELECT uid, at_ms, event, id, ROW_NUMBER() OVER (PARTITION BY uid ORDER BY id DESC) AS newest
+                         FROM instance_events)
+                     WHERE newest <= ?1 ORDER BY id",
+                )
+                .map_err(query("loading instance events"))?;
+            let rows = statement
+                .query_map([events_per_instance as i64], |row| {
+                    Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, i64>(1)?, row.get::<_, String>(2)?))
+                })
+                .map_err(query("loading instance events"))?;
+            for row in rows {
+                let (uid, at_ms, event) = row.map_err(query("loading instance events"))?;
+                let Ok(uid) = <[u8; 16]>::try_from(uid.as_slice()) else { continue };
+                events.entry(uid).or_default().push(StoredEvent { uid, at_ms, event });
+            }
+        }
+        let mut statement = connection
+            .prepare(
+                "SELECT uid, fleet, token_id, capabilities, served_hash, reported_hash, reported_status, reported_error,
+                        failed_hash, failed_error, first_seen_ms, last_seen_ms, status, transport, description, health,
+                        effective_config, assigned_hash, assigned_tag
+                 FROM instances",
+            )
+            .map_err(query("loading instances"))?;
+        let rows = statement
+            .query_map([], |row| {
+                let reported = match (row.get::<_, Option<Vec<u8>>>(5)?, row.get::<_, Option<String>>(6)?) {
+                    (Some(hash), Some(status)) => {
+                        Some((hash, status, row.get::<_, Option<String>>(7)?.unwrap_or_default()))
+                    }
+                    _ => None,
+                };
+                let failed = row.get::<_, Option<Vec<u8>>>(8)?.map(|hash| (hash, String::new()));
+                Ok((
+                    row.get::<_, Vec<u8>>(0)?,
+                    StoredInstance {
+                        uid: [0; 16],
+                        fleet: row.get(1)?,
+                        token_id: row.get(2)?,
+                        capabilities: row.get::<_, i64>(3)? as u64,
+                        assigned: match (row.get::<_, Option<Vec<u8>>>(17)?, row.get::<_, Option<String>>(18)?) {
+                            (Some(hash), Some(tag)) => Some((hash, tag)),
+                            _ => None,
+                        },
+                        served_hash: row.get(4)?,
+                        reported,
+                        failed,
+                        first_seen_ms: row.get(10)?,
+                        last_seen_ms: row.get(11)?,
+                        status: row.get(12)?,
+                        transport: row.get(13)?,
+                        description: row.get(14)?,
+                        health: row.get(15)?,
+                        effective_config: row.get(16)?,
+                    },
+                    row.get::<_, Option<String>>(9)?,
+                ))
+            })
+            .map_err(query("loading instances"))?;
+        let mut instances = Vec::new();
+        for row in rows {
+            let (uid, mut instance, failed_error) = row.map_err(query("loading instances"))?;
+            let Ok(uid) = <[u8; 16]>::try_from(uid.as_slice()) else {
+                return Err(StoreError::Corrupt {
+                    what: "instance",
+                    message: format!("a {}-byte instance id", uid.len()),
+                });
+            };
+            instance.uid = uid;
+            if let Some((_, error)) = &mut instance.failed {
+                *error = failed_error.unwrap_or_default();
+            }
+            let history = events.remove(&uid).unwrap_or_default();
+            instances.push((instance, history));
+        }
+        Ok(instances)
+    }
+
+    fn prune_events(&self, per_instance: usize) -> Result<usize, StoreError> {
+        self.connection()
+            .execute(
+                "DELETE FROM instance_events WHERE id IN (
+                     SELECT id FROM (
+                         SELECT id, ROW_NUMBER() OVER (PARTITION BY uid ORDER BY id DESC) AS newest FROM instance_events)
+                     WHERE newest > ?1)",
+                [per_instance as i64],
+            )
+            .map_err(query("pruning instance events"))
+    }
+
     fn reconcile_history(&self, limit: usize) -> Result<Vec<ReconcileRecord>, StoreError> {
         let connection = self.connection();
         let mut statement = connection
@@ -356,7 +551,7 @@ mod tests {
         let path = dir.path().join("state.db");
         Connection::open(&path).and_then(|c| c.pragma_update(None, "user_version", 99)).expect("set version");
         match SqliteStore::open(&path) {
-            Err(StoreError::TooNew { found: 99, supported: 2 }) => {}
+            Err(StoreError::TooNew { found: 99, supported: 3 }) => {}
             other => panic!("expected TooNew, got {:?}", other.map(|_| ())),
         }
     }

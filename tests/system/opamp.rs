@@ -263,3 +263,50 @@ fn bad_input_closes_only_the_offending_connection() {
     let reply = good.recv();
     assert_eq!(reply.instance_uid, vec![0x50; 16]);
 }
+
+#[test]
+fn a_restart_keeps_instances_which_come_back_stale_until_heard_from() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let path = repo.path().display().to_string();
+    let server = Server::start(&path, data.path(), &["--poll-interval", "1h"]);
+    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "prod's token", |f| f["token"]["id"].is_string());
+    let uid = [0x45; 16];
+    let token = token(&server, "prod-gateway");
+    let mut agent = OpampWs::connect(server.opamp, &token).expect("connects");
+    agent.send(&full_state(uid, 0, "gw-restart"));
+    let hash = agent.recv().remote_config.expect("config").config_hash;
+    agent.send(&report(uid, 1, &hash, 1, ""));
+    agent.recv();
+    let before =
+        server.wait_for(&format!("/api/v1/instances/{}", uid_text(uid)), WAIT, "in sync", |i| i["status"] == "in_sync");
+    drop(agent);
+    assert_eq!(server.stop(), Some(0));
+
+    let server = Server::start(&path, data.path(), &["--poll-interval", "1h"]);
+    let after = server.wait_for(&format!("/api/v1/instances/{}", uid_text(uid)), WAIT, "the restored instance", |i| {
+        i["status"] == "stale" && i["assigned_hash"].is_string()
+    });
+    for field in ["host", "os", "served_hash", "reported_hash", "assigned_hash", "first_seen"] {
+        assert_eq!(after[field], before[field], "{field} survives the restart");
+    }
+    let (before_events, after_events) =
+        (before["events"].as_array().expect("events"), after["events"].as_array().expect("events"));
+    assert_eq!(&after_events[1..], &before_events[..], "the history survives, newest first");
+    assert_eq!((after_events[0]["from"].as_str(), after_events[0]["to"].as_str()), (Some("in_sync"), Some("stale")));
+    assert_eq!(server.json("/api/v1/fleets/prod-gateway")["counts"]["stale"], 1);
+
+    // The agent reconnects with compressed status, as opamp-go does since #512.
+    let mut agent = OpampWs::connect(server.opamp, &token).expect("reconnects");
+    agent.send(&AgentToServer {
+        instance_uid: uid.to_vec(),
+        sequence_num: 2,
+        capabilities: SUPERVISOR,
+        ..Default::default()
+    });
+    let reply = agent.recv();
+    assert_eq!(reply.flags & 1, 1, "ReportFullState after the restart");
+    assert!(reply.remote_config.is_none(), "it already runs the assigned hash");
+    server
+        .wait_for(&format!("/api/v1/instances/{}", uid_text(uid)), WAIT, "in sync again", |i| i["status"] == "in_sync");
+}

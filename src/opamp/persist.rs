@@ -1,0 +1,77 @@
+//! Writes instance changes to the store in batches, one transaction every `FLUSH_EVERY`:
+//! never a write per heartbeat (`last_seen` alone is written once a minute at most), and a
+//! last flush on shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::opamp::registry::{InstanceRecord, Registry};
+use crate::store::{Store, StoreError};
+
+const FLUSH_EVERY: Duration = Duration::from_millis(250);
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// History entries kept per instance in the store (the newest ones).
+pub const EVENTS_KEPT: usize = 200;
+/// History entries loaded per instance at startup.
+const EVENTS_LOADED: usize = 50;
+
+/// Loads every remembered instance into the registry; they are `stale` until heard from.
+pub async fn restore(registry: &Registry, store: Arc<dyn Store>) -> Result<usize, StoreError> {
+    let loaded = tokio::task::spawn_blocking(move || {
+        store.prune_events(EVENTS_KEPT)?;
+        store.load_instances(EVENTS_LOADED)
+    })
+    .await
+    .expect("loading instances does not panic")?;
+    let count = loaded.len();
+    registry.restore(loaded.into_iter().map(|(instance, events)| InstanceRecord::from_stored(instance, events)));
+    Ok(count)
+}
+
+pub async fn run(registry: Arc<Registry>, store: Arc<dyn Store>, cancel: CancellationToken) {
+    let mut flush_tick = tokio::time::interval(FLUSH_EVERY);
+    flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut prune_tick = tokio::time::interval(PRUNE_EVERY);
+    prune_tick.tick().await;
+    loop {
+        let stopping = tokio::select! {
+            () = cancel.cancelled() => true,
+            _ = flush_tick.tick() => false,
+            _ = prune_tick.tick() => {
+                let store = Arc::clone(&store);
+                match tokio::task::spawn_blocking(move || store.prune_events(EVENTS_KEPT)).await.expect("pruning does not panic") {
+                    Ok(removed) => debug!(removed, "pruned instance history"),
+                    Err(error) => warn!(%error, "cannot prune instance history"),
+                }
+                false
+            }
+        };
+        flush(&registry, &store).await;
+        if stopping {
+            break;
+        }
+    }
+}
+
+async fn flush(registry: &Arc<Registry>, store: &Arc<dyn Store>) {
+    let (instances, events) = registry.take_unsaved();
+    if instances.is_empty() && events.is_empty() {
+        return;
+    }
+    let uids: Vec<[u8; 16]> = instances.iter().map(|i| i.uid).collect();
+    let store = Arc::clone(store);
+    let count = instances.len();
+    let saved = tokio::task::spawn_blocking(move || store.save_instances(&instances, &events))
+        .await
+        .expect("saving does not panic");
+    match saved {
+        Ok(()) => debug!(instances = count, "saved instances"),
+        Err(error) => {
+            warn!(%error, instances = count, "cannot save instances; will retry");
+            registry.mark_unsaved(uids);
+        }
+    }
+}
