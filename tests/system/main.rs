@@ -5,5 +5,6 @@ mod common;
 
 mod check;
 mod opamp;
+mod peers;
 mod proto;
 mod serve;
