@@ -34,6 +34,10 @@ pub struct DemoArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
+    #[error("the demo repository was not reconciled within 30 s")]
+    NotReady,
+    #[error("cannot read the install token of fleet `{fleet}`: {source}")]
+    Token { fleet: String, source: std::io::Error },
     #[error("cannot write {path}: {source}")]
     Write { path: String, source: std::io::Error },
     #[error("cannot run git (is it installed?): {0}")]
@@ -98,6 +102,75 @@ fn git(dir: &Path, args: &[&str]) -> Result<(), DemoError> {
     }
 }
 
+/// The simulated collectors of the demo: per fleet, how many, over which transport, and how
+/// many of them fail to apply a config.
+const DEMO_COLLECTORS: &[(&str, usize, &str, f64)] = &[
+    ("prod-gateway", 12, "ws", 0.0),
+    ("staging-gateway", 6, "ws", 0.0),
+    ("nodes", 20, "ws", 0.1),
+    ("sdk-agents", 8, "http", 0.0),
+    ("legacy-edge", 4, "ws", 0.0),
+];
+
+/// Simulated collectors running inside the demo process.
+pub struct Collectors {
+    stop: tokio_util::sync::CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Collectors {
+    pub async fn stop(self) {
+        self.stop.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Waits for the first reconcile (and the install tokens), then starts about 50 simulated
+/// collectors across the fleets, a few of which fail to apply their config.
+pub async fn start_collectors(
+    data_dir: &Path,
+    opamp: std::net::SocketAddr,
+    view: &tokio::sync::watch::Receiver<std::sync::Arc<crate::reconciler::View>>,
+) -> Result<Collectors, DemoError> {
+    let mut view = view.clone();
+    let ready = view.wait_for(|v| {
+        v.desired.is_some() && DEMO_COLLECTORS.iter().all(|(fleet, ..)| v.fleet_tokens.contains_key(*fleet))
+    });
+    if !matches!(tokio::time::timeout(std::time::Duration::from_secs(30), ready).await, Ok(Ok(_))) {
+        return Err(DemoError::NotReady);
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks = Vec::new();
+    let mut first_agent = 0;
+    for &(fleet, agents, scheme, fail_ratio) in DEMO_COLLECTORS {
+        let path = data_dir.join("install").join(fleet).join("token");
+        let token =
+            std::fs::read_to_string(&path).map_err(|source| DemoError::Token { fleet: fleet.to_owned(), source })?;
+        let args = crate::loadgen::LoadgenArgs {
+            url: format!("{scheme}://{opamp}/v1/opamp"),
+            token: token.trim().to_owned(),
+            agents,
+            first_agent,
+            heartbeat: "10s".to_owned(),
+            fail_ratio,
+            source_ips: None,
+            duration: None,
+            connect_rate: 100,
+            report_every: None,
+        };
+        first_agent += agents;
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(error) = crate::loadgen::run_until(&args, stop).await {
+                tracing::warn!(%error, "demo collectors stopped");
+            }
+        }));
+    }
+    Ok(Collectors { stop, tasks })
+}
+
 /// What to try next, printed once the server is up.
 pub fn next_steps(repo: &Path, web: &str) -> String {
     let repo = repo.display();
@@ -108,6 +181,7 @@ gitfleet demo is running.
 
   Repository   {repo}
   Fleets       http://{web}/api/v1/fleets
+  Instances    http://{web}/api/v1/instances     (50 simulated collectors; a few fail)
   Problems     http://{web}/api/v1/repo
   Versions     http://{web}/api/v1/configs/gateway/versions
 

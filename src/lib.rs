@@ -11,6 +11,7 @@ pub mod duration;
 pub mod git;
 pub mod install;
 pub mod instance;
+pub mod loadgen;
 pub mod opamp;
 pub mod plan;
 pub mod problem;

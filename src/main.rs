@@ -27,6 +27,9 @@ enum Command {
     Check(CheckArgs),
     /// Run the whole product on this machine from the bundled example repository.
     Demo(DemoArgs),
+    /// Simulated collectors (OpAMP agents) for demos, tests and benchmarks; prints figures
+    /// as JSON.
+    Loadgen(gitfleet::loadgen::LoadgenArgs),
     /// Measure gitfleet on generated repositories and print the figures.
     Bench(bench::BenchArgs),
 }
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         },
         Command::Serve(args) => report(serve(args)),
         Command::Demo(args) => report(run_demo(args)),
+        Command::Loadgen(args) => report(loadgen(&args)),
         Command::Bench(args) => report(bench::run(&args).map_err(anyhow::Error::from)),
     }
 }
@@ -92,11 +96,19 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     .validate()?;
     runtime()?.block_on(async {
         let running = app::start(settings).await?;
+        let collectors = demo::start_collectors(&dir.join("data"), running.opamp_addr, &running.view).await?;
         println!("{}", demo::next_steps(&repo, &running.web_addr.to_string()));
         app::shutdown_signal().await;
+        collectors.stop().await;
         running.shutdown().await;
         Ok(())
     })
+}
+
+fn loadgen(args: &gitfleet::loadgen::LoadgenArgs) -> anyhow::Result<()> {
+    let figures = runtime()?.block_on(gitfleet::loadgen::run(args))?;
+    println!("{}", serde_json::to_string(&figures)?);
+    Ok(())
 }
 
 fn init_logging() {

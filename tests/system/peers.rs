@@ -84,7 +84,10 @@ fn python_agent(endpoint: &str, token: &str, host: &str) -> Command {
 
 fn node_agent(endpoint: &str, token: &str, host: &str) -> Command {
     let node = peers().join("node");
-    assert!(node.join("node_modules/@elastic/opamp-client-node").exists(), "the Node OpAMP client is not installed: run tests/peers/install.sh");
+    assert!(
+        node.join("node_modules/@elastic/opamp-client-node").exists(),
+        "the Node OpAMP client is not installed: run tests/peers/install.sh"
+    );
     let mut command = Command::new("node");
     command.current_dir(&node).arg("agent.mjs").args([endpoint, token, host, "60"]);
     command
@@ -92,7 +95,10 @@ fn node_agent(endpoint: &str, token: &str, host: &str) -> Command {
 
 fn token(server: &Server, fleet: &str) -> String {
     server.wait_for(&format!("/api/v1/fleets/{fleet}"), WAIT, "the token", |f| f["token"]["id"].is_string());
-    std::fs::read_to_string(server.data_dir.join("install").join(fleet).join("token")).expect("token file").trim().to_owned()
+    std::fs::read_to_string(server.data_dir.join("install").join(fleet).join("token"))
+        .expect("token file")
+        .trim()
+        .to_owned()
 }
 
 /// Publishes a new version of `config` (changing `from` to `to` in its file) and points
@@ -113,7 +119,14 @@ fn roll_out(repo: &GitRepo, config_file: &str, from: &str, to: &str, tag: &str, 
 
 /// A peer receives the fleet's config, the API shows it in sync, a rollout reaches it on its
 /// next poll, and it is in sync again.
-fn follows_a_rollout(start: impl Fn(&str, &str, &str) -> Command, fleet: &str, config_file: &str, from: &str, to: &str, tag: &str) {
+fn follows_a_rollout(
+    start: impl Fn(&str, &str, &str) -> Command,
+    fleet: &str,
+    config_file: &str,
+    from: &str,
+    to: &str,
+    tag: &str,
+) {
     let repo = example();
     let data = tempfile::tempdir().expect("temp dir");
     let server = Server::start(&repo.path().display().to_string(), data.path(), &["--poll-interval", "1h"]);
@@ -122,9 +135,11 @@ fn follows_a_rollout(start: impl Fn(&str, &str, &str) -> Command, fleet: &str, c
     let assigned = server.json(&format!("/api/v1/fleets/{fleet}"))["config_hash"].as_str().expect("hash").to_owned();
 
     let mut peer = Peer::start(start(&endpoint, &token, "peer-host-1"));
-    let uid = peer.wait_for("its instance id", |v| v["event"] == "started")["instance_uid"].as_str().expect("uid").to_owned();
+    let uid =
+        peer.wait_for("its instance id", |v| v["event"] == "started")["instance_uid"].as_str().expect("uid").to_owned();
     peer.wait_for("the assigned config", |v| v["event"] == "config" && v["config_hash"] == assigned.as_str());
-    let instance = server.wait_for(&format!("/api/v1/instances/{uid}"), WAIT, "the peer in sync", |i| i["status"] == "in_sync");
+    let instance =
+        server.wait_for(&format!("/api/v1/instances/{uid}"), WAIT, "the peer in sync", |i| i["status"] == "in_sync");
     assert_eq!(instance["host"], "peer-host-1");
     assert_eq!(instance["transport"], "http");
     assert_eq!(server.json(&format!("/api/v1/fleets/{fleet}"))["counts"]["in_sync"], 1);
@@ -141,12 +156,26 @@ fn follows_a_rollout(start: impl Fn(&str, &str, &str) -> Command, fleet: &str, c
 
 #[test]
 fn the_python_client_follows_a_json_fleet() {
-    follows_a_rollout(python_agent, "sdk-agents", "configs/sdk-agent.json", "\"ratio\": 0.25", "\"ratio\": 0.5", "sdk-agent/v2");
+    follows_a_rollout(
+        python_agent,
+        "sdk-agents",
+        "configs/sdk-agent.json",
+        "\"ratio\": 0.25",
+        "\"ratio\": 0.5",
+        "sdk-agent/v2",
+    );
 }
 
 #[test]
 fn the_node_client_follows_a_collector_fleet() {
-    follows_a_rollout(node_agent, "nodes", "configs/node-agent.yaml", "limit_mib: 256", "limit_mib: 384", "node-agent/v2");
+    follows_a_rollout(
+        node_agent,
+        "nodes",
+        "configs/node-agent.yaml",
+        "limit_mib: 256",
+        "limit_mib: 384",
+        "node-agent/v2",
+    );
 }
 
 #[test]
@@ -160,7 +189,8 @@ fn real_clients_with_a_bad_token_get_401() {
     let failure = python.wait_for("the refusal", |v| v["event"] == "connect_failed");
     assert!(failure["error"].as_str().is_some_and(|e| e.contains("401")), "{failure}");
     let mut node = Peer::start(node_agent(&endpoint, "tk_00000000.0000", "intruder"));
-    let failure = node.wait_for("the refusal", |v| v["event"] == "log" && v["message"].as_str().is_some_and(|m| m.contains("401")));
+    let failure = node
+        .wait_for("the refusal", |v| v["event"] == "log" && v["message"].as_str().is_some_and(|m| m.contains("401")));
     assert_eq!(failure["level"], "error");
     assert_eq!(server.json("/api/v1/instances")["instances"], serde_json::json!([]), "nobody got in");
 }
