@@ -310,3 +310,50 @@ fn a_restart_keeps_instances_which_come_back_stale_until_heard_from() {
     server
         .wait_for(&format!("/api/v1/instances/{}", uid_text(uid)), WAIT, "in sync again", |i| i["status"] == "in_sync");
 }
+
+fn loadgen(server: &Server, fleet: &str, args: &[&str]) -> serde_json::Value {
+    let output = crate::common::gitfleet()
+        .args(["loadgen", "--url", &format!("ws://{}/v1/opamp", server.opamp), "--token", &token(server, fleet)])
+        .args(args)
+        .output()
+        .expect("loadgen runs");
+    assert!(output.status.success(), "loadgen failed: {}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.lines().last().expect("figures")).expect("JSON figures")
+}
+
+#[test]
+fn loadgen_agents_converge_with_failures_counted() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.url(), data.path(), &[]);
+    let figures = loadgen(
+        &server,
+        "nodes",
+        &["--agents", "30", "--fail-ratio", "0.3", "--heartbeat", "1s", "--duration", "3s", "--source-ips", "127.0.0.2-127.0.0.4"],
+    );
+    assert_eq!(figures["connects"], 30, "{figures}");
+    assert_eq!(figures["errors"], 0, "{figures}");
+    let (applied, failed) = (figures["applied"].as_u64().expect("applied"), figures["failed"].as_u64().expect("failed"));
+    assert_eq!(applied + failed, 30, "every agent applied or failed its config: {figures}");
+    assert!(failed > 0 && applied > 0, "a 30% failure ratio over 30 agents: {figures}");
+    let fleet = server.json("/api/v1/fleets/nodes");
+    assert_eq!(fleet["instances"], 30);
+    assert_eq!(fleet["counts"]["failed"].as_u64(), Some(failed), "{fleet}");
+    // The loadgen agents said goodbye; they are in sync or failed until they go stale.
+    assert_eq!(fleet["counts"]["in_sync"].as_u64(), Some(applied), "{fleet}");
+}
+
+#[test]
+fn a_flood_over_the_connection_limit_gets_503_while_admitted_agents_work() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.url(), data.path(), &["--max-connections", "5"]);
+    let figures = loadgen(&server, "prod-gateway", &["--agents", "12", "--heartbeat", "1s", "--duration", "2s"]);
+    assert_eq!(figures["connects"], 5, "only five admitted: {figures}");
+    assert!(figures["refused"].as_u64().is_some_and(|n| n >= 7), "the rest were turned away: {figures}");
+    let fleet = server.json("/api/v1/fleets/prod-gateway");
+    assert_eq!(fleet["counts"]["in_sync"], 5, "{fleet}");
+    let blocked = http(server.opamp, "GET", "/v1/opamp", &[("Authorization", &format!("Bearer {}", token(&server, "prod-gateway")))], b"");
+    assert_ne!(blocked.status, 503, "slots are free again after the flood");
+}
