@@ -98,7 +98,7 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
         crate::opamp::persist::run(Arc::clone(&registry), Arc::clone(&store), cancel.clone())
             .instrument(info_span!("persist")),
     );
-    let reconciler = Reconciler::load(store, settings.data_dir.clone(), view_tx).await?;
+    let reconciler = Reconciler::load(Arc::clone(&store), settings.data_dir.clone(), view_tx).await?;
     tracker.spawn(reconciler.run(events_rx, cancel.clone()).instrument(info_span!("reconciler")));
 
     let fs_watch = match &settings.local_git_dir {
@@ -144,6 +144,7 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
         triggers: triggers_tx,
         webhook_secret: settings.webhook_secret.clone(),
         registry: Arc::clone(&registry),
+        store,
         targets: targets_rx,
     });
     let web_cancel = cancel.clone();

@@ -23,6 +23,22 @@ pub struct BenchArgs {
 
 #[derive(Clone, Debug, clap::Subcommand)]
 pub enum Bench {
+    /// OpAMP at scale, server and load generators as separate processes: memory per
+    /// connected instance and idle CPU, publish + fleet bump until every instance is in
+    /// sync, and CPU with every instance heartbeating each second.
+    Opamp {
+        /// Simulated collectors, spread over `--processes` loadgen processes.
+        #[arg(long, default_value_t = 19_500)]
+        agents: usize,
+        #[arg(long, default_value_t = 3)]
+        processes: usize,
+        /// Seconds to sample CPU for.
+        #[arg(long, default_value_t = 10)]
+        sample_seconds: u64,
+        /// Where to put the repository and the server's data (a temporary directory by default).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Reconcile a generated repository: cold, after a one-file push, and push-to-reconciled
     /// through a running server watching a local repository.
     Reconcile {
@@ -62,6 +78,9 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
     match &args.bench {
         Bench::Reconcile { fleets, tags, configs, rounds, dir } => {
             reconcile(*fleets, *tags, *configs, *rounds, dir.as_deref())
+        }
+        Bench::Opamp { agents, processes, sample_seconds, dir } => {
+            opamp(*agents, *processes, *sample_seconds, dir.as_deref())
         }
     }
 }
@@ -424,4 +443,236 @@ fn spread(samples: &mut [Duration]) -> String {
         ms(samples[samples.len() - 1]),
         samples.len()
     )
+}
+
+/// A child process killed on drop.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn proc_rss_kib(pid: u32) -> Result<u64, BenchError> {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(io("cannot read the server's /proc status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
+        .ok_or_else(|| BenchError::Failed("no VmRSS in /proc status".into()))
+}
+
+/// User + system CPU time of a process, in seconds (Linux reports clock ticks of 1/100 s).
+fn proc_cpu_seconds(pid: u32) -> Result<f64, BenchError> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(io("cannot read the server's /proc stat"))?;
+    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or_default();
+    // Fields 14 and 15 of /proc/<pid>/stat; after the name they are at 11 and 12.
+    Ok((ticks(11) + ticks(12)) as f64 / 100.0)
+}
+
+fn cpu_share(pid: u32, seconds: u64) -> Result<f64, BenchError> {
+    let before = proc_cpu_seconds(pid)?;
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(seconds));
+    Ok((proc_cpu_seconds(pid)? - before) / started.elapsed().as_secs_f64())
+}
+
+/// `GET path` on the server's API, as JSON.
+fn api(address: std::net::SocketAddr, path: &str) -> Result<serde_json::Value, BenchError> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).map_err(io("cannot reach the server's API"))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
+        .map_err(io("sending a request"))?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).map_err(io("reading a response"))?;
+    let split =
+        raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| BenchError::Failed("no HTTP head".into()))?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_lowercase();
+    let mut body = raw[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        let mut out = Vec::new();
+        let mut rest = body.as_slice();
+        while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..end]).trim(), 16).unwrap_or(0);
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[end + 2..end + 2 + size]);
+            rest = &rest[end + 4 + size..];
+        }
+        body = out;
+    }
+    serde_json::from_slice(&body).map_err(|error| BenchError::Failed(format!("GET {path}: {error}")))
+}
+
+fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<bool, BenchError>,
+) -> Result<Duration, BenchError> {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if check()? {
+            return Ok(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(BenchError::Failed(format!("timed out after {timeout:?} waiting for {what}")))
+}
+
+fn start_loadgens(
+    opamp: std::net::SocketAddr,
+    token: &str,
+    agents: usize,
+    processes: usize,
+    heartbeat: &str,
+) -> Result<Vec<ChildGuard>, BenchError> {
+    let exe = std::env::current_exe().map_err(io("cannot find the gitfleet binary"))?;
+    let per_process = agents.div_ceil(processes.max(1));
+    let mut children = Vec::new();
+    for process in 0..processes {
+        let first = process * per_process;
+        let count = per_process.min(agents.saturating_sub(first));
+        if count == 0 {
+            break;
+        }
+        // 100 source addresses per process: 127.0.<process + 1>.1-100.
+        let sources = format!("127.0.{n}.1-127.0.{n}.100", n = process + 1);
+        let child = Command::new(&exe)
+            .args(["loadgen", "--url", &format!("ws://{opamp}/v1/opamp"), "--agents", &count.to_string()])
+            .args(["--first-agent", &first.to_string(), "--heartbeat", heartbeat, "--source-ips", &sources])
+            .args(["--connect-rate", "5000", "--duration", "1h"])
+            .env("GITFLEET_LOADGEN_TOKEN", token)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(io("cannot start a loadgen process"))?;
+        children.push(ChildGuard(child));
+    }
+    Ok(children)
+}
+
+fn opamp(agents: usize, processes: usize, sample_seconds: u64, dir: Option<&Path>) -> Result<(), BenchError> {
+    let temp = tempfile::TempDir::new().map_err(io("cannot create a temporary directory"))?;
+    let root = dir.map(Path::to_path_buf).unwrap_or_else(|| temp.path().to_path_buf());
+    let repo = root.join("repo");
+    let data = root.join("data");
+    let _ = std::fs::remove_dir_all(&repo);
+    let _ = std::fs::remove_dir_all(&data);
+    let repo = crate::demo::prepare_repository(&root).map_err(|error| BenchError::Failed(error.to_string()))?;
+    println!(
+        "gitfleet bench opamp: {agents} WebSocket agents in {processes} loadgen processes, server in its own process"
+    );
+
+    let exe = std::env::current_exe().map_err(io("cannot find the gitfleet binary"))?;
+    let web = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(io("cannot find a free port"))?;
+    let opamp_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(io("cannot find a free port"))?;
+    let server = ChildGuard(
+        Command::new(&exe)
+            .args(["serve", "--repo", &repo.display().to_string(), "--poll-interval", "1h"])
+            .args(["--web-listen", &web.to_string(), "--listen", &opamp_addr.to_string()])
+            .args(["--max-connections", &(agents + 100).to_string()])
+            .arg("--data-dir")
+            .arg(&data)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(io("cannot start the server"))?,
+    );
+    let pid = server.0.id();
+    wait_until("the server to reconcile", Duration::from_secs(30), || {
+        Ok(api(web, "/api/v1/fleets/prod-gateway").is_ok_and(|f| f["token"]["id"].is_string()))
+    })?;
+    let token =
+        std::fs::read_to_string(data.join("install/prod-gateway/token")).map_err(io("cannot read the token"))?;
+    let token = token.trim().to_owned();
+    std::thread::sleep(Duration::from_secs(1));
+    let baseline_kib = proc_rss_kib(pid)?;
+
+    // Phase 1: connect everyone with the default 30 s heartbeat.
+    let in_sync = |expected: usize, tag: &str| {
+        let tag = tag.to_owned();
+        move || -> Result<bool, BenchError> {
+            let fleet = api(web, "/api/v1/fleets/prod-gateway")?;
+            Ok(fleet["tag"] == tag.as_str() && fleet["counts"]["in_sync"].as_u64() == Some(expected as u64))
+        }
+    };
+    let loadgens = start_loadgens(opamp_addr, &token, agents, processes, "30s")?;
+    let took = wait_until("every agent in sync", Duration::from_secs(300), in_sync(agents, "gateway/v1"))?;
+    println!("  {agents} agents connected and in sync at gateway/v1 after {:.1} s", took.as_secs_f64());
+    std::thread::sleep(Duration::from_secs(2));
+    let connected_kib = proc_rss_kib(pid)?;
+    let per_instance = (connected_kib.saturating_sub(baseline_kib)) as f64 * 1024.0 / agents as f64;
+    println!(
+        "  server memory: {:.1} MiB before, {:.1} MiB with {agents} connected: {:.0} bytes ({:.1} KiB) per instance",
+        baseline_kib as f64 / 1024.0,
+        connected_kib as f64 / 1024.0,
+        per_instance,
+        per_instance / 1024.0
+    );
+    let idle = cpu_share(pid, sample_seconds)?;
+    println!("  server CPU, idle with {agents} connected (30 s heartbeats): {:.1}% of a core", idle * 100.0);
+
+    // Publish gateway/v2 and move prod-gateway to it in one push.
+    let text = std::fs::read_to_string(repo.join("configs/gateway.yaml")).map_err(io("reading the config"))?;
+    std::fs::write(repo.join("configs/gateway.yaml"), text.replace("send_batch_size: 8192", "send_batch_size: 4096"))
+        .map_err(io("writing the config"))?;
+    let fleet = std::fs::read_to_string(repo.join("fleets/prod-gateway.toml")).map_err(io("reading the fleet"))?;
+    std::fs::write(repo.join("fleets/prod-gateway.toml"), fleet.replace("version = \"v1\"", "version = \"v2\""))
+        .map_err(io("writing the fleet"))?;
+    git(&repo, &["add", "--all"])?;
+    let tree = git(&repo, &["write-tree"])?;
+    let commit = git(&repo, &["commit-tree", &tree, "-p", "HEAD", "-m", "gateway v2 to prod"])?;
+    let started = Instant::now();
+    let mut update = git_command(&repo)
+        .args(["update-ref", "--stdin"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .map_err(io("running git update-ref"))?;
+    {
+        use std::io::Write;
+        let stdin = update.stdin.as_mut().expect("stdin is piped");
+        writeln!(stdin, "create refs/tags/gateway/v2 {commit}\nupdate refs/heads/main {commit}")
+            .map_err(io("writing to git update-ref"))?;
+    }
+    let status = update.wait().map_err(io("waiting for git update-ref"))?;
+    if !status.success() {
+        return Err(BenchError::Failed("git update-ref failed".into()));
+    }
+    let converge =
+        wait_until("every agent in sync at gateway/v2", Duration::from_secs(120), in_sync(agents, "gateway/v2"))?;
+    let _ = converge;
+    println!(
+        "  publish + fleet bump → 100% of {agents} in sync at gateway/v2: {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    drop(loadgens);
+    wait_until("the agents to disconnect", Duration::from_secs(60), || {
+        Ok(api(web, "/api/v1/instances")
+            .is_ok_and(|v| v["instances"].as_array().is_some_and(|i| i.iter().all(|i| i["connected"] == false))))
+    })?;
+
+    // Phase 2: everyone heartbeats every second.
+    let _loadgens = start_loadgens(opamp_addr, &token, agents, processes, "1s")?;
+    wait_until("every agent reconnected", Duration::from_secs(300), || {
+        Ok(api(web, "/api/v1/instances").is_ok_and(|v| {
+            v["instances"].as_array().is_some_and(|i| i.iter().filter(|i| i["connected"] == true).count() == agents)
+        }))
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    let busy = cpu_share(pid, sample_seconds)?;
+    println!("  server CPU with {agents} agents heartbeating every second: {:.1}% of a core", busy * 100.0);
+    drop(server);
+    Ok(())
 }

@@ -96,6 +96,8 @@ pub struct InstanceRecord {
     pub sequence_num: Option<u64>,
     pub description: Option<Box<Description>>,
     pub health: Option<Box<Health>>,
+    /// The effective config reported since the last write to the store; after the write it
+    /// lives only in the store (`Store::effective_config`).
     pub effective_config: Option<Box<EffectiveConfig>>,
     pub first_seen_ms: i64,
     pub transport: Option<Transport>,
@@ -219,7 +221,6 @@ impl InstanceRecord {
         };
         record.description = stored.description.and_then(|d| serde_json::from_str(&d).ok()).map(Box::new);
         record.health = stored.health.and_then(|h| serde_json::from_str(&h).ok()).map(Box::new);
-        record.effective_config = stored.effective_config.and_then(|e| serde_json::from_str(&e).ok()).map(Box::new);
         record.history = events
             .into_iter()
             .filter_map(|event| {
@@ -370,6 +371,8 @@ impl Registry {
                 return;
             }
             instances.push(record.to_stored());
+            // The store has it now; an effective config can be large, so memory lets go.
+            record.effective_config = None;
             let skip = record.history.len().saturating_sub(record.unsaved_events);
             for entry in record.history.iter().skip(skip) {
                 let event = serde_json::to_string(&entry.change).expect("changes serialize to JSON");

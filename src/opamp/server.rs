@@ -26,8 +26,9 @@ use crate::opamp::registry::{Registry, Targets, Transport};
 use crate::reconciler::View;
 
 const PROTOBUF: &str = "application/x-protobuf";
-/// Read buffer per WebSocket: small, because thousands of them sit idle.
-const READ_BUFFER: usize = 4 * 1024;
+/// Read buffer per WebSocket: small, because thousands of them sit idle (larger messages
+/// are read in several chunks).
+const READ_BUFFER: usize = 1024;
 /// Most bytes queued for a slow reader before its connection is dropped.
 const MAX_WRITE_BUFFER: usize = 2 * MAX_MESSAGE_BYTES;
 /// Seconds an agent turned away should wait (opamp.md §1.4 recommends at least 30).

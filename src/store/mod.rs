@@ -57,7 +57,8 @@ pub struct StoredInstance {
     pub last_seen_ms: i64,
     pub status: String,
     pub transport: Option<String>,
-    /// JSON documents.
+    /// JSON documents. `effective_config` is `None` when it did not change since the last
+    /// write (it is then left as it is in the store).
     pub description: Option<String>,
     pub health: Option<String>,
     pub effective_config: Option<String>,
@@ -89,6 +90,8 @@ pub trait Store: Send + Sync + 'static {
     /// Every instance, with its newest `events_per_instance` history entries (oldest first).
     fn load_instances(&self, events_per_instance: usize)
     -> Result<Vec<(StoredInstance, Vec<StoredEvent>)>, StoreError>;
+    /// The effective config an instance last reported (JSON), which is not kept in memory.
+    fn effective_config(&self, uid: [u8; 16]) -> Result<Option<String>, StoreError>;
     /// Keeps only the newest `per_instance` history entries of each instance.
     fn prune_events(&self, per_instance: usize) -> Result<usize, StoreError>;
     /// The newest reconciles first.

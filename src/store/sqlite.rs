@@ -303,7 +303,7 @@ impl Store for SqliteStore {
                          failed_error = excluded.failed_error, last_seen_ms = excluded.last_seen_ms,
                          status = excluded.status, transport = excluded.transport,
                          description = excluded.description, health = excluded.health,
-                         effective_config = excluded.effective_config",
+                         effective_config = COALESCE(excluded.effective_config, instances.effective_config)",
                 )
                 .map_err(query("saving instances"))?;
             for i in instances {
@@ -437,6 +437,17 @@ impl Store for SqliteStore {
             instances.push((instance, history));
         }
         Ok(instances)
+    }
+
+    fn effective_config(&self, uid: [u8; 16]) -> Result<Option<String>, StoreError> {
+        use rusqlite::OptionalExtension;
+        self.connection()
+            .query_row("SELECT effective_config FROM instances WHERE uid = ?1", [&uid[..]], |row| {
+                row.get::<_, Option<String>>(0)
+            })
+            .optional()
+            .map(Option::flatten)
+            .map_err(query("reading an effective config"))
     }
 
     fn prune_events(&self, per_instance: usize) -> Result<usize, StoreError> {

@@ -125,7 +125,20 @@ async fn instance(State(state): State<WebState>, Path(uid): Path<String>) -> Res
     let mut value = instance_json(&record, &targets, now_ms());
     value["description"] = json!(record.description);
     value["health"] = json!(record.health);
-    value["effective_config"] = json!(record.effective_config);
+    value["effective_config"] = match &record.effective_config {
+        Some(effective) => json!(effective),
+        None => {
+            let store = Arc::clone(&state.store);
+            let stored = tokio::task::spawn_blocking(move || store.effective_config(parsed.0))
+                .await
+                .expect("the store does not panic");
+            match stored {
+                Ok(Some(text)) => serde_json::from_str(&text).unwrap_or(Value::Null),
+                Ok(None) => Value::Null,
+                Err(store_error) => return error(StatusCode::SERVICE_UNAVAILABLE, &store_error.to_string()),
+            }
+        }
+    };
     value["capabilities"] = json!(record.config.capabilities);
     value["token_id"] = json!(&*record.token_id);
     value["first_seen"] = json!(rfc3339(record.first_seen_ms / 1000));

@@ -25,6 +25,7 @@ const MAX_WEBHOOK_BYTES: usize = 1024 * 1024;
 pub struct WebState {
     pub view: watch::Receiver<Arc<View>>,
     pub registry: Arc<crate::opamp::registry::Registry>,
+    pub store: Arc<dyn crate::store::Store>,
     pub targets: watch::Receiver<Arc<crate::opamp::registry::Targets>>,
     pub triggers: mpsc::Sender<Trigger>,
     pub webhook_secret: Option<Arc<[u8]>>,

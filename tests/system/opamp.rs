@@ -52,7 +52,19 @@ fn full_state(uid: [u8; 16], seq: u64, host: &str) -> AgentToServer {
             ],
         }),
         health: Some(ComponentHealth { healthy: true, status: "StatusOK".into(), ..Default::default() }),
-        effective_config: Some(EffectiveConfig { config_map: Some(AgentConfigMap::default()) }),
+        effective_config: Some(EffectiveConfig {
+            config_map: Some(AgentConfigMap {
+                config_map: [(
+                    String::new(),
+                    gitfleet::opamp::proto::AgentConfigFile {
+                        body: format!("# running on {host}\n").into_bytes(),
+                        content_type: String::new(),
+                    },
+                )]
+                .into_iter()
+                .collect(),
+            }),
+        }),
         remote_config_status: Some(RemoteConfigStatus::default()),
         ..Default::default()
     }
@@ -287,9 +299,10 @@ fn a_restart_keeps_instances_which_come_back_stale_until_heard_from() {
     let after = server.wait_for(&format!("/api/v1/instances/{}", uid_text(uid)), WAIT, "the restored instance", |i| {
         i["status"] == "stale" && i["assigned_hash"].is_string()
     });
-    for field in ["host", "os", "served_hash", "reported_hash", "assigned_hash", "first_seen"] {
+    for field in ["host", "os", "served_hash", "reported_hash", "assigned_hash", "first_seen", "effective_config"] {
         assert_eq!(after[field], before[field], "{field} survives the restart");
     }
+    assert_eq!(after["effective_config"]["body"], "# running on gw-restart\n", "read back from the store");
     let (before_events, after_events) =
         (before["events"].as_array().expect("events"), after["events"].as_array().expect("events"));
     assert_eq!(&after_events[1..], &before_events[..], "the history survives, newest first");
@@ -330,11 +343,23 @@ fn loadgen_agents_converge_with_failures_counted() {
     let figures = loadgen(
         &server,
         "nodes",
-        &["--agents", "30", "--fail-ratio", "0.3", "--heartbeat", "1s", "--duration", "3s", "--source-ips", "127.0.0.2-127.0.0.4"],
+        &[
+            "--agents",
+            "30",
+            "--fail-ratio",
+            "0.3",
+            "--heartbeat",
+            "1s",
+            "--duration",
+            "3s",
+            "--source-ips",
+            "127.0.0.2-127.0.0.4",
+        ],
     );
     assert_eq!(figures["connects"], 30, "{figures}");
     assert_eq!(figures["errors"], 0, "{figures}");
-    let (applied, failed) = (figures["applied"].as_u64().expect("applied"), figures["failed"].as_u64().expect("failed"));
+    let (applied, failed) =
+        (figures["applied"].as_u64().expect("applied"), figures["failed"].as_u64().expect("failed"));
     assert_eq!(applied + failed, 30, "every agent applied or failed its config: {figures}");
     assert!(failed > 0 && applied > 0, "a 30% failure ratio over 30 agents: {figures}");
     let fleet = server.json("/api/v1/fleets/nodes");
@@ -354,6 +379,12 @@ fn a_flood_over_the_connection_limit_gets_503_while_admitted_agents_work() {
     assert!(figures["refused"].as_u64().is_some_and(|n| n >= 7), "the rest were turned away: {figures}");
     let fleet = server.json("/api/v1/fleets/prod-gateway");
     assert_eq!(fleet["counts"]["in_sync"], 5, "{fleet}");
-    let blocked = http(server.opamp, "GET", "/v1/opamp", &[("Authorization", &format!("Bearer {}", token(&server, "prod-gateway")))], b"");
+    let blocked = http(
+        server.opamp,
+        "GET",
+        "/v1/opamp",
+        &[("Authorization", &format!("Bearer {}", token(&server, "prod-gateway")))],
+        b"",
+    );
     assert_ne!(blocked.status, 503, "slots are free again after the flood");
 }
