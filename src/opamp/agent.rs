@@ -5,8 +5,12 @@
 //!   the server capabilities;
 //! - an unknown instance, or a `sequence_num` that is not the previous one plus one, gets
 //!   `ReportFullState` when the message lacks what its capabilities promise;
-//! - an invalid id, a requested id (`RequestInstanceUid`) or an id already connected
-//!   elsewhere gets a new one through `AgentIdentification`;
+//! - an invalid id or a requested id (`RequestInstanceUid`) gets a new one through
+//!   `AgentIdentification`. An id that another live WebSocket speaks for is taken over by
+//!   the newer connection (the older one is most likely dead without the server knowing,
+//!   as behind a load balancer's idle timeout) and the older one is told to go; only when
+//!   the same id is taken over again and again (two agents sharing it, as cloned VMs do)
+//!   does the newcomer get a new id;
 //! - the fleet's assigned config goes out when `instance::ConfigState` says so.
 
 use std::sync::Arc;
@@ -27,6 +31,9 @@ const REQUEST_INSTANCE_UID: u64 = 0x1;
 const REPORTS_EFFECTIVE_CONFIG: u64 = 0x4;
 const REPORTS_HEALTH: u64 = 0x800;
 const REPORTS_REMOTE_CONFIG: u64 = 0x1000;
+/// Takeovers of one id tolerated within `TAKEOVER_WINDOW_MS` before it counts as shared.
+const MAX_TAKEOVERS: u32 = 2;
+const TAKEOVER_WINDOW_MS: i64 = 60_000;
 
 /// What one connection (a WebSocket, or one HTTP request) knows about itself.
 #[derive(Clone, Debug)]
@@ -50,6 +57,8 @@ pub struct Outcome {
     pub reply: ServerToAgent,
     /// The agent said goodbye (`agent_disconnect`).
     pub disconnect: bool,
+    /// A newer connection took over this connection's instance id: close this one.
+    pub replaced: bool,
     /// The instance the message counts for (its new id, if it was given one).
     pub uid: InstanceUid,
 }
@@ -62,13 +71,12 @@ pub fn handle(
     now_ms: i64,
 ) -> Outcome {
     let wire_uid = message.instance_uid.clone();
+    let spoke_for = connection.uid;
     let parsed = InstanceUid::from_wire(&wire_uid).ok();
     let mut new_uid = None;
     let uid = match parsed {
-        Some(uid) if message.flags & REQUEST_INSTANCE_UID == 0 && !connected_elsewhere(registry, &uid, connection) => {
-            uid
-        }
-        // Invalid, requested, or a duplicate of a live connection: a fresh id.
+        Some(uid) if message.flags & REQUEST_INSTANCE_UID == 0 && !shared(registry, &uid, connection, now_ms) => uid,
+        // Invalid, requested, or shared with another live agent: a fresh id.
         _ => {
             let fresh = fresh_uid();
             new_uid = Some(fresh);
@@ -83,6 +91,14 @@ pub fn handle(
     let target = targets.get(&*connection.fleet);
 
     let mut shard = registry.shard(&uid);
+    let taken_over = connection.session.is_some()
+        && shard.get(&uid).and_then(|r| r.session).is_some_and(|holder| Some(holder) != connection.session);
+    if taken_over && spoke_for == Some(uid) && new_uid.is_none() {
+        // This connection was replaced by a newer one for the same id.
+        drop(shard);
+        let reply = ServerToAgent { instance_uid: wire_uid, ..Default::default() };
+        return Outcome { reply, disconnect: false, replaced: true, uid };
+    }
     let known = shard.get(&uid).is_some_and(|r| r.sequence_num.is_some());
     let record = shard.entry(uid).or_insert_with(|| {
         InstanceRecord::new(
@@ -157,7 +173,7 @@ pub fn handle(
         agent_identification: new_uid.map(|uid| AgentIdentification { new_instance_uid: uid.0.to_vec() }),
         ..Default::default()
     };
-    Outcome { reply, disconnect, uid }
+    Outcome { reply, disconnect, replaced: false, uid }
 }
 
 /// The assigned config if it should go to this instance now; marks it served.
@@ -173,13 +189,24 @@ pub fn remote_config_for(record: &mut InstanceRecord, targets: &Targets, now_ms:
     })
 }
 
-fn connected_elsewhere(registry: &Registry, uid: &InstanceUid, connection: &Connection) -> bool {
+/// Whether `uid` is shared with another live agent: another WebSocket speaks for it and it
+/// has been taken over more than `MAX_TAKEOVERS` times within `TAKEOVER_WINDOW_MS`.
+fn shared(registry: &Registry, uid: &InstanceUid, connection: &Connection, now_ms: i64) -> bool {
     let Some(session) = connection.session else { return false };
-    // This connection already speaks for this id.
     if connection.uid == Some(*uid) {
         return false;
     }
-    registry.shard(uid).get(uid).and_then(|r| r.session).is_some_and(|other| other != session)
+    let mut shard = registry.shard(uid);
+    let Some(record) = shard.get_mut(uid) else { return false };
+    if record.session.is_none_or(|holder| holder == session) {
+        return false;
+    }
+    if now_ms - record.takeovers_since_ms > TAKEOVER_WINDOW_MS {
+        record.takeovers_since_ms = now_ms;
+        record.takeovers = 0;
+    }
+    record.takeovers += 1;
+    record.takeovers > MAX_TAKEOVERS
 }
 
 /// A random (version 4) UUID.
@@ -394,11 +421,8 @@ mod tests {
     }
 
     #[test]
-    fn new_ids_for_invalid_requested_and_duplicate_uids() {
+    fn new_ids_for_invalid_and_requested_uids() {
         let registry = Registry::new();
-        let mut first = connection(Some(1));
-        handle(&registry, &targets(1), &mut first, full_state(0), 0);
-
         let mut bad = connection(Some(2));
         let outcome =
             handle(&registry, &targets(1), &mut bad, AgentToServer { instance_uid: vec![1, 2, 3], ..full_state(0) }, 0);
@@ -406,17 +430,31 @@ mod tests {
         let new_uid = outcome.reply.agent_identification.expect("a new id").new_instance_uid;
         assert_eq!(new_uid.len(), 16);
         assert_eq!(outcome.uid.0.to_vec(), new_uid);
-
-        let mut duplicate = connection(Some(3));
-        let outcome = handle(&registry, &targets(1), &mut duplicate, full_state(0), 0);
-        assert!(outcome.reply.agent_identification.is_some(), "same id, other live connection");
-
         let mut requesting = connection(None);
         let request = AgentToServer { flags: REQUEST_INSTANCE_UID, ..full_state(0) };
         assert!(handle(&registry, &targets(1), &mut requesting, request, 0).reply.agent_identification.is_some());
+    }
 
-        // The original connection keeps its id.
-        assert!(handle(&registry, &targets(1), &mut first, heartbeat(1), 0).reply.agent_identification.is_none());
+    #[test]
+    fn a_reconnect_takes_over_and_a_shared_id_gets_a_new_one() {
+        let registry = Registry::new();
+        let mut first = connection(Some(1));
+        handle(&registry, &targets(1), &mut first, full_state(0), 0);
+        // The agent reconnects while its old connection still looks alive: it takes over.
+        let mut second = connection(Some(2));
+        let outcome = handle(&registry, &targets(1), &mut second, full_state(1), 10);
+        assert!(outcome.reply.agent_identification.is_none(), "same identity after a reconnect");
+        assert_eq!(registry.get(&InstanceUid(UID)).expect("record").session, Some(2));
+        // The old connection speaks again: it was replaced and must go.
+        let old = handle(&registry, &targets(1), &mut first, heartbeat(2), 20);
+        assert!(old.replaced);
+        // Two agents fighting over one id: the third takeover within a minute gets a new id.
+        let mut third = connection(Some(3));
+        assert!(handle(&registry, &targets(1), &mut third, full_state(0), 30).reply.agent_identification.is_none());
+        let mut fourth = connection(Some(4));
+        let outcome = handle(&registry, &targets(1), &mut fourth, full_state(0), 40);
+        assert!(outcome.reply.agent_identification.is_some(), "shared ids are split");
+        assert_ne!(outcome.uid, InstanceUid(UID));
     }
 
     #[test]

@@ -103,6 +103,9 @@ pub struct InstanceRecord {
     pub transport: Option<Transport>,
     /// The live WebSocket session, if any.
     pub session: Option<u64>,
+    /// Takeovers of this id by a newer connection since `takeovers_since_ms`.
+    pub takeovers: u32,
+    pub takeovers_since_ms: i64,
     pub history: VecDeque<HistoryEntry>,
     /// Changed since it was last written to the store.
     pub dirty: bool,
@@ -127,6 +130,8 @@ impl InstanceRecord {
             first_seen_ms: now_ms,
             transport: None,
             session: None,
+            takeovers: 0,
+            takeovers_since_ms: 0,
             history: VecDeque::new(),
             dirty: true,
             unsaved_events: 0,

@@ -189,6 +189,9 @@ async fn session(mut socket: WebSocket, state: OpampState, mut connection: Conne
                     };
                     let current = Arc::clone(&targets.borrow());
                     let outcome = agent::handle(&state.registry, &current, &mut connection, message, now_ms());
+                    if outcome.replaced {
+                        break Some((1008, "a newer connection took over this instance_uid"));
+                    }
                     if socket.send(Message::Binary(codec::encode_ws_message(&outcome.reply).into())).await.is_err() {
                         break None;
                     }
@@ -242,6 +245,10 @@ fn push_for(registry: &Registry, targets: &Targets, connection: &Connection) -> 
     let remote_config = {
         let mut shard = registry.shard(&uid);
         let record = shard.get_mut(&uid)?;
+        if record.session != connection.session {
+            // Another connection speaks for this instance now.
+            return None;
+        }
         record.sync(targets.get(&*record.fleet), now);
         agent::remote_config_for(record, targets, now)?
     };

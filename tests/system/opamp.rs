@@ -388,3 +388,24 @@ fn a_flood_over_the_connection_limit_gets_503_while_admitted_agents_work() {
     );
     assert_ne!(blocked.status, 503, "slots are free again after the flood");
 }
+
+#[test]
+fn a_reconnect_takes_over_its_id_and_the_old_connection_is_closed() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.url(), data.path(), &[]);
+    let token = token(&server, "prod-gateway");
+    let uid = [0x46; 16];
+    let mut old = OpampWs::connect(server.opamp, &token).expect("connects");
+    old.send(&full_state(uid, 0, "gw-3"));
+    old.recv();
+    // The agent reconnects before the server noticed its old connection is gone.
+    let mut new = OpampWs::connect(server.opamp, &token).expect("reconnects");
+    new.send(&full_state(uid, 1, "gw-3"));
+    let reply = new.recv();
+    assert!(reply.agent_identification.is_none(), "a reconnect keeps its identity");
+    old.send(&full_state(uid, 1, "gw-3"));
+    assert_eq!(old.next().err().as_deref(), Some("close 1008"), "the replaced connection is told to go");
+    let instances = server.json("/api/v1/fleets/prod-gateway/instances");
+    assert_eq!(instances["instances"].as_array().map(Vec::len), Some(1), "still one instance");
+}
