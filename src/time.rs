@@ -7,6 +7,11 @@ pub fn now_unix() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
 }
 
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+}
+
 /// `2026-11-25T04:08:24Z` for a Unix time in seconds (times before 1970 show as 1970).
 pub fn rfc3339(unix_seconds: i64) -> String {
     let seconds = u64::try_from(unix_seconds).unwrap_or_default();

@@ -141,7 +141,7 @@ async fn plain_http(state: &OpampState, mut connection: Connection, request: Req
         Err(error) => return plain(StatusCode::BAD_REQUEST, &error.to_string()),
     };
     let targets = Arc::clone(&state.targets.borrow());
-    let outcome = agent::handle(&state.registry, &targets, &mut connection, message, now_ms());
+    let outcome = agent::handle(&state.registry, &targets, &mut connection, message, crate::time::now_ms());
     let mut body = codec::encode_http_body(&outcome.reply);
     let mut response = Response::builder().status(StatusCode::OK).header(header::CONTENT_TYPE, PROTOBUF);
     if accepts_gzip && body.len() >= GZIP_FROM {
@@ -161,10 +161,6 @@ fn accepts_gzip(headers: &HeaderMap) -> bool {
             (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
         },
     )
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
 }
 
 async fn session(mut socket: WebSocket, state: OpampState, mut connection: Connection, slot: ConnectionSlot) {
@@ -188,7 +184,7 @@ async fn session(mut socket: WebSocket, state: OpampState, mut connection: Conne
                         }
                     };
                     let current = Arc::clone(&targets.borrow());
-                    let outcome = agent::handle(&state.registry, &current, &mut connection, message, now_ms());
+                    let outcome = agent::handle(&state.registry, &current, &mut connection, message, crate::time::now_ms());
                     if outcome.replaced {
                         break Some((1008, "a newer connection took over this instance_uid"));
                     }
@@ -241,7 +237,7 @@ async fn session(mut socket: WebSocket, state: OpampState, mut connection: Conne
 /// The config to push to this connection's instance after its fleet's target changed.
 fn push_for(registry: &Registry, targets: &Targets, connection: &Connection) -> Option<ServerToAgent> {
     let uid = connection.uid?;
-    let now = now_ms();
+    let now = crate::time::now_ms();
     let remote_config = {
         let mut shard = registry.shard(&uid);
         let record = shard.get_mut(&uid)?;
@@ -308,7 +304,7 @@ pub async fn follow_targets(
         }
         let current = Arc::clone(&targets.borrow());
         let registry = Arc::clone(&registry);
-        let synced = tokio::task::spawn_blocking(move || registry.sync_all(&current, now_ms())).await;
+        let synced = tokio::task::spawn_blocking(move || registry.sync_all(&current, crate::time::now_ms())).await;
         if synced.is_err() {
             warn!("syncing the registry panicked");
         }

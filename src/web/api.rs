@@ -62,15 +62,11 @@ pub fn repo_json(view: &View) -> Value {
     })
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
-}
-
 async fn fleets(State(state): State<WebState>) -> Response {
     let view = state.view.borrow().clone();
     let Some(desired) = &view.desired else { return not_ready() };
     let targets = Arc::clone(&state.targets.borrow());
-    let summaries = state.registry.summaries(&targets, now_ms());
+    let summaries = state.registry.summaries(&targets, crate::time::now_ms());
     let fleets: Vec<Value> = desired
         .fleets
         .values()
@@ -86,7 +82,7 @@ async fn fleet(State(state): State<WebState>, Path(name): Path<String>) -> Respo
         return not_found(&format!("no fleet named `{}`", name.escape_default()));
     };
     let targets = Arc::clone(&state.targets.borrow());
-    let summary = state.registry.summaries(&targets, now_ms()).get(&name).copied().unwrap_or_default();
+    let summary = state.registry.summaries(&targets, crate::time::now_ms()).get(&name).copied().unwrap_or_default();
     Json(fleet_json(fleet, &view, summary)).into_response()
 }
 
@@ -97,7 +93,7 @@ async fn fleet_instances(State(state): State<WebState>, Path(name): Path<String>
         return not_found(&format!("no fleet named `{}`", name.escape_default()));
     }
     let targets = Arc::clone(&state.targets.borrow());
-    let now = now_ms();
+    let now = crate::time::now_ms();
     let records = state.registry.records(Some(&name));
     Json(json!({ "instances": records.iter().map(|r| instance_json(r, &targets, now)).collect::<Vec<_>>() }))
         .into_response()
@@ -105,7 +101,7 @@ async fn fleet_instances(State(state): State<WebState>, Path(name): Path<String>
 
 async fn instances(State(state): State<WebState>) -> Response {
     let targets = Arc::clone(&state.targets.borrow());
-    let now = now_ms();
+    let now = crate::time::now_ms();
     let records = state.registry.records(None);
     Json(json!({ "instances": records.iter().map(|r| instance_json(r, &targets, now)).collect::<Vec<_>>() }))
         .into_response()
@@ -122,7 +118,7 @@ async fn instance(State(state): State<WebState>, Path(uid): Path<String>) -> Res
         return not_found(&format!("no instance {parsed}"));
     };
     let targets = Arc::clone(&state.targets.borrow());
-    let mut value = instance_json(&record, &targets, now_ms());
+    let mut value = instance_json(&record, &targets, crate::time::now_ms());
     value["description"] = json!(record.description);
     value["health"] = json!(record.health);
     value["effective_config"] = match &record.effective_config {

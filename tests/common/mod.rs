@@ -85,6 +85,17 @@ impl GitRepo {
     }
 }
 
+/// The bundled example repository with every configuration published as `v1` (annotated
+/// tags, whose messages are the release notes).
+pub fn example() -> GitRepo {
+    let repo = GitRepo::new();
+    repo.with_example();
+    repo.annotated_tag("gateway/v1", "First gateway");
+    repo.annotated_tag("node-agent/v1", "First node agent");
+    repo.annotated_tag("sdk-agent/v1", "First SDK settings");
+    repo
+}
+
 pub fn git_command(dir: &Path) -> Command {
     let mut command = Command::new("git");
     command
@@ -165,6 +176,19 @@ impl Server {
             opamp: opamp.parse().expect("a socket address"),
             data_dir: data_dir.to_owned(),
             logs,
+        }
+    }
+
+    /// The fleet's install token, read from the operator's token file once it exists.
+    pub fn token(&self, fleet: &str) -> String {
+        let path = self.data_dir.join("install").join(fleet).join("token");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                return text.trim().to_owned();
+            }
+            assert!(Instant::now() < deadline, "no token file for fleet {fleet}; logs:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(25));
         }
     }
 

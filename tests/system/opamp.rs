@@ -8,31 +8,10 @@ use gitfleet::opamp::proto::{
 };
 use prost::Message;
 
-use crate::common::{GitRepo, OpampWs, Server, http};
+use crate::common::{GitRepo, OpampWs, Server, example, http};
 
 const WAIT: Duration = Duration::from_secs(15);
 const SUPERVISOR: u64 = 0x3847;
-
-fn example() -> GitRepo {
-    let repo = GitRepo::new();
-    repo.with_example();
-    repo.annotated_tag("gateway/v1", "First gateway");
-    repo.annotated_tag("node-agent/v1", "First node agent");
-    repo.annotated_tag("sdk-agent/v1", "First SDK settings");
-    repo
-}
-
-fn token(server: &Server, fleet: &str) -> String {
-    let path = server.data_dir.join("install").join(fleet).join("token");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            return text.trim().to_owned();
-        }
-        assert!(Instant::now() < deadline, "no token file for {fleet}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
 
 fn text(key: &str, value: &str) -> KeyValue {
     KeyValue { key: key.into(), value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.into())) }) }
@@ -106,7 +85,7 @@ fn a_websocket_agent_gets_its_config_reports_in_sync_and_gets_the_next_version_p
     let server = Server::start(&path, data.path(), &["--poll-interval", "1h"]);
     let prod = server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "prod's token", |f| f["token"]["id"].is_string());
     let uid = [0x42; 16];
-    let mut agent = OpampWs::connect(server.opamp, &token(&server, "prod-gateway")).expect("connects");
+    let mut agent = OpampWs::connect(server.opamp, &server.token("prod-gateway")).expect("connects");
     agent.send(&full_state(uid, 0, "gw-1"));
     let reply = agent.recv();
     assert_eq!(reply.instance_uid, uid.to_vec());
@@ -163,7 +142,7 @@ fn failures_are_not_pushed_again_and_rollbacks_stay_failed() {
     let server = Server::start(&repo.path().display().to_string(), data.path(), &["--poll-interval", "1h"]);
     server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "prod's token", |f| f["token"]["id"].is_string());
     let uid = [0x43; 16];
-    let mut agent = OpampWs::connect(server.opamp, &token(&server, "prod-gateway")).expect("connects");
+    let mut agent = OpampWs::connect(server.opamp, &server.token("prod-gateway")).expect("connects");
     agent.send(&full_state(uid, 0, "gw-2"));
     let v1 = agent.recv().remote_config.expect("v1").config_hash;
     agent.send(&report(uid, 1, &v1, 1, ""));
@@ -190,7 +169,7 @@ fn plain_http_agents_with_gzip_and_errors() {
     let data = tempfile::tempdir().expect("temp dir");
     let server = Server::start(&repo.url(), data.path(), &[]);
     server.wait_for("/api/v1/fleets/sdk-agents", WAIT, "the token", |f| f["token"]["id"].is_string());
-    let bearer = format!("Bearer {}", token(&server, "sdk-agents"));
+    let bearer = format!("Bearer {}", server.token("sdk-agents"));
     let protobuf = ("Content-Type", "application/x-protobuf");
     let uid = [0x44; 16];
 
@@ -241,7 +220,7 @@ fn bad_input_closes_only_the_offending_connection() {
     let data = tempfile::tempdir().expect("temp dir");
     let server = Server::start(&repo.url(), data.path(), &[]);
     server.wait_for("/api/v1/fleets/nodes", WAIT, "the token", |f| f["token"]["id"].is_string());
-    let token = token(&server, "nodes");
+    let token = server.token("nodes");
     let mut good = OpampWs::connect(server.opamp, &token).expect("connects");
     good.send(&full_state([0x50; 16], 0, "node-1"));
     good.recv();
@@ -284,7 +263,7 @@ fn a_restart_keeps_instances_which_come_back_stale_until_heard_from() {
     let server = Server::start(&path, data.path(), &["--poll-interval", "1h"]);
     server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "prod's token", |f| f["token"]["id"].is_string());
     let uid = [0x45; 16];
-    let token = token(&server, "prod-gateway");
+    let token = server.token("prod-gateway");
     let mut agent = OpampWs::connect(server.opamp, &token).expect("connects");
     agent.send(&full_state(uid, 0, "gw-restart"));
     let hash = agent.recv().remote_config.expect("config").config_hash;
@@ -326,7 +305,7 @@ fn a_restart_keeps_instances_which_come_back_stale_until_heard_from() {
 
 fn loadgen(server: &Server, fleet: &str, args: &[&str]) -> serde_json::Value {
     let output = crate::common::gitfleet()
-        .args(["loadgen", "--url", &format!("ws://{}/v1/opamp", server.opamp), "--token", &token(server, fleet)])
+        .args(["loadgen", "--url", &format!("ws://{}/v1/opamp", server.opamp), "--token", &server.token(fleet)])
         .args(args)
         .output()
         .expect("loadgen runs");
@@ -383,7 +362,7 @@ fn a_flood_over_the_connection_limit_gets_503_while_admitted_agents_work() {
         server.opamp,
         "GET",
         "/v1/opamp",
-        &[("Authorization", &format!("Bearer {}", token(&server, "prod-gateway")))],
+        &[("Authorization", &format!("Bearer {}", server.token("prod-gateway")))],
         b"",
     );
     assert_ne!(blocked.status, 503, "slots are free again after the flood");
@@ -394,7 +373,7 @@ fn a_reconnect_takes_over_its_id_and_the_old_connection_is_closed() {
     let repo = example();
     let data = tempfile::tempdir().expect("temp dir");
     let server = Server::start(&repo.url(), data.path(), &[]);
-    let token = token(&server, "prod-gateway");
+    let token = server.token("prod-gateway");
     let uid = [0x46; 16];
     let mut old = OpampWs::connect(server.opamp, &token).expect("connects");
     old.send(&full_state(uid, 0, "gw-3"));

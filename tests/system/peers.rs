@@ -10,21 +10,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{GitRepo, Server};
+use crate::common::{GitRepo, Server, example};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 fn peers() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers")
-}
-
-fn example() -> GitRepo {
-    let repo = GitRepo::new();
-    repo.with_example();
-    repo.annotated_tag("gateway/v1", "First gateway");
-    repo.annotated_tag("node-agent/v1", "First node agent");
-    repo.annotated_tag("sdk-agent/v1", "First SDK settings");
-    repo
 }
 
 /// A peer agent process whose JSON lines arrive on a channel; killed on drop.
@@ -93,14 +84,6 @@ fn node_agent(endpoint: &str, token: &str, host: &str) -> Command {
     command
 }
 
-fn token(server: &Server, fleet: &str) -> String {
-    server.wait_for(&format!("/api/v1/fleets/{fleet}"), WAIT, "the token", |f| f["token"]["id"].is_string());
-    std::fs::read_to_string(server.data_dir.join("install").join(fleet).join("token"))
-        .expect("token file")
-        .trim()
-        .to_owned()
-}
-
 /// Publishes a new version of `config` (changing `from` to `to` in its file) and points
 /// `fleet` at it.
 fn roll_out(repo: &GitRepo, config_file: &str, from: &str, to: &str, tag: &str, fleet: &str) {
@@ -131,7 +114,7 @@ fn follows_a_rollout(
     let data = tempfile::tempdir().expect("temp dir");
     let server = Server::start(&repo.path().display().to_string(), data.path(), &["--poll-interval", "1h"]);
     let endpoint = format!("http://{}/v1/opamp", server.opamp);
-    let token = token(&server, fleet);
+    let token = server.token(fleet);
     let assigned = server.json(&format!("/api/v1/fleets/{fleet}"))["config_hash"].as_str().expect("hash").to_owned();
 
     let mut peer = Peer::start(start(&endpoint, &token, "peer-host-1"));
@@ -183,7 +166,7 @@ fn real_clients_with_a_bad_token_get_401() {
     let repo = example();
     let data = tempfile::tempdir().expect("temp dir");
     let server = Server::start(&repo.url(), data.path(), &[]);
-    token(&server, "sdk-agents");
+    server.token("sdk-agents");
     let endpoint = format!("http://{}/v1/opamp", server.opamp);
     let mut python = Peer::start(python_agent(&endpoint, "tk_00000000.0000", "intruder"));
     let failure = python.wait_for("the refusal", |v| v["event"] == "connect_failed");

@@ -5,18 +5,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::common::{GitRepo, Server, gitfleet, http};
+use crate::common::{GitRepo, Server, example, gitfleet, http};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn example() -> GitRepo {
-    let repo = GitRepo::new();
-    repo.with_example();
-    repo.annotated_tag("gateway/v1", "First gateway");
-    repo.annotated_tag("node-agent/v1", "First node agent");
-    repo.annotated_tag("sdk-agent/v1", "First SDK settings");
-    repo
-}
 
 /// Publishes gateway/v2 (smaller batches).
 fn publish_gateway_v2(repo: &GitRepo) {
