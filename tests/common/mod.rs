@@ -179,15 +179,21 @@ impl Server {
         }
     }
 
-    /// The fleet's install token, read from the operator's token file once it exists.
+    /// The fleet's install token from the operator's token file, once the server accepts it
+    /// (the API shows its id: the API and the token index come from the same state).
     pub fn token(&self, fleet: &str) -> String {
         let path = self.data_dir.join("install").join(fleet).join("token");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(text) = std::fs::read_to_string(&path) {
-                return text.trim().to_owned();
+                let text = text.trim().to_owned();
+                let id = text.split('.').next().unwrap_or_default().to_owned();
+                let response = self.get(&format!("/api/v1/fleets/{fleet}"));
+                if response.status == 200 && response.body.contains(&format!("\"{id}\"")) {
+                    return text;
+                }
             }
-            assert!(Instant::now() < deadline, "no token file for fleet {fleet}; logs:\n{}", self.logs());
+            assert!(Instant::now() < deadline, "no accepted token for fleet {fleet}; logs:\n{}", self.logs());
             std::thread::sleep(Duration::from_millis(25));
         }
     }
