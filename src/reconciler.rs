@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::install::token::{self, IssuedToken, TokenIndex};
+use crate::install::token::{self, IssuedToken, TokenIndex, TokenText};
 use crate::problem::{Problem, Severity};
 use crate::repo::RepoSnapshot;
 use crate::repo::desired::{self, DesiredState, LastGoodFleet, SeenVersion};
@@ -140,7 +140,10 @@ impl Reconciler {
         }
 
         let desired = compiled.desired;
-        let token_problem = self.issue_missing_tokens(&desired).await.err();
+        let (token_texts, token_problem) = match self.issue_missing_tokens(&desired).await {
+            Ok(texts) => (texts, None),
+            Err(problem) => (Vec::new(), Some(problem)),
+        };
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let changed = {
             let view = self.view.borrow();
@@ -198,12 +201,18 @@ impl Reconciler {
                 view.reconciled_at = Some(now);
             }
         });
+        self.write_token_files(token_texts).await;
     }
 
-    /// Gives every fleet that has none an install token: its hash goes to the store, its
-    /// text to `<data-dir>/install/<fleet>/token` for the operator.
-    async fn issue_missing_tokens(&mut self, desired: &desired::DesiredState) -> Result<(), Problem> {
+    /// Gives every fleet that has none an install token and remembers its hash. Returns the
+    /// texts, for the operator's token files, which are written once the index that accepts
+    /// them is published (`write_token_files`).
+    async fn issue_missing_tokens(
+        &mut self,
+        desired: &desired::DesiredState,
+    ) -> Result<Vec<(String, TokenText)>, Problem> {
         let now = crate::time::now_unix();
+        let mut texts = Vec::new();
         for fleet in desired.fleets.values() {
             if self.issued.contains_key(fleet.name()) {
                 continue;
@@ -212,27 +221,38 @@ impl Reconciler {
             let (text, issued) = token::issue(fleet.name(), now, lifetime, fleet.spec.token.rotate)
                 .map_err(|error| Problem::general(Severity::Error, error.to_string()))?;
             let store = Arc::clone(&self.store);
-            let data_dir = self.data_dir.clone();
             let saving = issued.clone();
-            let written = tokio::task::spawn_blocking(move || {
-                store.save_token(&saving).map_err(|error| error.to_string())?;
-                token::write_token_file(&data_dir, &saving.fleet, &text)
-                    .map_err(|error| format!("cannot write the token file of fleet `{}`: {error}", saving.fleet))
-            })
-            .await
-            .expect("issuing a token does not panic");
-            match written {
-                Ok(path) => {
-                    info!(fleet = %issued.fleet, token_id = %issued.id, path = %path.display(), "issued install token")
-                }
-                Err(message) => {
-                    error!(fleet = %issued.fleet, error = %message, "cannot issue install token");
-                    return Err(Problem::general(Severity::Error, message));
-                }
+            let saved = tokio::task::spawn_blocking(move || store.save_token(&saving))
+                .await
+                .expect("saving a token does not panic");
+            if let Err(store_error) = saved {
+                error!(fleet = %issued.fleet, error = %store_error, "cannot issue install token");
+                return Err(Problem::general(Severity::Error, store_error.to_string()));
             }
+            texts.push((issued.fleet.clone(), text));
             self.issued.insert(issued.fleet.clone(), issued);
         }
-        Ok(())
+        Ok(texts)
+    }
+
+    /// Writes the operator's token files for freshly issued tokens.
+    async fn write_token_files(&self, texts: Vec<(String, TokenText)>) {
+        for (fleet, text) in texts {
+            let data_dir = self.data_dir.clone();
+            let writing = fleet.clone();
+            let written = tokio::task::spawn_blocking(move || token::write_token_file(&data_dir, &writing, &text))
+                .await
+                .expect("writing a token file does not panic");
+            match written {
+                Ok(path) => info!(fleet = %fleet, path = %path.display(), "issued install token"),
+                Err(io_error) => {
+                    let message = format!("cannot write the token file of fleet `{fleet}`: {io_error}");
+                    error!(fleet = %fleet, error = %message, "cannot write install token file");
+                    let problem = Problem::general(Severity::Error, message);
+                    self.view.send_modify(|view| Arc::make_mut(view).store_problem = Some(problem));
+                }
+            }
+        }
     }
 
     /// Remembers new versions and last good fleets before they are served.
