@@ -6,6 +6,7 @@ pub mod codec;
 pub mod persist;
 pub mod registry;
 pub mod server;
+pub mod ws;
 
 /// The OpAMP messages, generated from `proto/` (see `tests/system/proto.rs`).
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -10,8 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -23,14 +22,10 @@ use crate::opamp::agent::{self, Connection};
 use crate::opamp::codec::{self, DecodeError, MAX_MESSAGE_BYTES};
 use crate::opamp::proto::ServerToAgent;
 use crate::opamp::registry::{Registry, Targets, Transport};
+use crate::opamp::ws::{self, FrameReader, Incoming, WsError};
 use crate::reconciler::View;
 
 const PROTOBUF: &str = "application/x-protobuf";
-/// Read buffer per WebSocket: small, because thousands of them sit idle (larger messages
-/// are read in several chunks).
-const READ_BUFFER: usize = 1024;
-/// Most bytes queued for a slow reader before its connection is dropped.
-const MAX_WRITE_BUFFER: usize = 2 * MAX_MESSAGE_BYTES;
 /// Seconds an agent turned away should wait (opamp.md §1.4 recommends at least 30).
 const RETRY_AFTER_SECONDS: u64 = 30;
 /// Replies smaller than this are not worth gzipping.
@@ -111,18 +106,55 @@ async fn opamp(State(state): State<OpampState>, request: Request) -> Response {
         drop(slot);
         return response;
     }
-    let (mut parts, _body) = request.into_parts();
-    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &state).await {
-        Ok(upgrade) => upgrade,
-        Err(rejection) => return rejection.into_response(),
+    upgrade(request, state, connection, slot)
+}
+
+/// Answers a WebSocket upgrade (RFC 6455 §4.2) and starts the session once hyper hands over
+/// the connection.
+fn upgrade(mut request: Request, state: OpampState, connection: Connection, slot: ConnectionSlot) -> Response {
+    let headers = request.headers();
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
     };
-    upgrade
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
-        .max_write_buffer_size(MAX_WRITE_BUFFER)
-        .max_message_size(MAX_MESSAGE_BYTES)
-        .max_frame_size(MAX_MESSAGE_BYTES)
-        .on_upgrade(move |socket| session(socket, state, connection, slot))
+    if request.method() != Method::GET
+        || !has_token(header::CONNECTION, "upgrade")
+        || !has_token(header::UPGRADE, "websocket")
+    {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket upgrade, or a POST with Content-Type: application/x-protobuf",
+        );
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v.as_bytes() != b"13") {
+        let mut response = plain(StatusCode::UPGRADE_REQUIRED, "WebSocket version 13 is required");
+        response.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return response;
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return plain(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is missing");
+    };
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let Some(on_upgrade) = request.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return plain(StatusCode::UPGRADE_REQUIRED, "this connection cannot be upgraded");
+    };
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => session(hyper_util::rt::TokioIo::new(upgraded), state, connection, slot).await,
+            Err(error) => debug!(%error, "WebSocket upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .expect("a valid response")
 }
 
 async fn plain_http(state: &OpampState, mut connection: Connection, request: Request) -> Response {
@@ -163,56 +195,76 @@ fn accepts_gzip(headers: &HeaderMap) -> bool {
     )
 }
 
-async fn session(mut socket: WebSocket, state: OpampState, mut connection: Connection, slot: ConnectionSlot) {
+async fn read_next<R: tokio::io::AsyncRead + Unpin>(
+    mut reader: FrameReader<R>,
+) -> (FrameReader<R>, Result<Incoming, WsError>) {
+    let message = reader.read_message().await;
+    (reader, message)
+}
+
+async fn session<S>(io: S, state: OpampState, mut connection: Connection, slot: ConnectionSlot)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let session_id = state.registry.new_session_id();
     connection.transport = Transport::WebSocket;
     connection.session = Some(session_id);
     let mut targets = state.targets.clone();
     targets.borrow_and_update();
+    let (reader, mut writer) = tokio::io::split(io);
+    // The read future owns the reader and is only replaced once it completes, so a push
+    // never interrupts a frame halfway.
+    let mut reading = Box::pin(read_next(FrameReader::new(reader, MAX_MESSAGE_BYTES)));
     let close = loop {
         tokio::select! {
             () = state.cancel.cancelled() => break Some((1001, "gitfleet is shutting down")),
-            received = socket.recv() => match received {
-                None => break None,
-                Some(Ok(Message::Binary(payload))) => {
-                    let message = match codec::decode_ws_message(&payload) {
-                        Ok(message) => message,
-                        Err(DecodeError::TooLarge { .. }) => break Some((1009, "message too big")),
-                        Err(error) => {
-                            debug!(%error, "malformed OpAMP message");
-                            break Some((1007, "malformed OpAMP message"));
+            (frame_reader, received) = &mut reading => {
+                reading.set(read_next(frame_reader));
+                match received {
+                    Ok(Incoming::Binary(payload)) => {
+                        let message = match codec::decode_ws_message(&payload) {
+                            Ok(message) => message,
+                            Err(DecodeError::TooLarge { .. }) => break Some((1009, "message too big")),
+                            Err(error) => {
+                                debug!(%error, "malformed OpAMP message");
+                                break Some((1007, "malformed OpAMP message"));
+                            }
+                        };
+                        drop(payload);
+                        let current = Arc::clone(&targets.borrow());
+                        let outcome = agent::handle(&state.registry, &current, &mut connection, message, crate::time::now_ms());
+                        if outcome.replaced {
+                            break Some((1008, "a newer connection took over this instance_uid"));
                         }
-                    };
-                    let current = Arc::clone(&targets.borrow());
-                    let outcome = agent::handle(&state.registry, &current, &mut connection, message, crate::time::now_ms());
-                    if outcome.replaced {
-                        break Some((1008, "a newer connection took over this instance_uid"));
+                        if ws::write_frame(&mut writer, 0x2, &codec::encode_ws_message(&outcome.reply)).await.is_err() {
+                            break None;
+                        }
+                        if outcome.disconnect {
+                            break Some((1000, "goodbye"));
+                        }
                     }
-                    if socket.send(Message::Binary(codec::encode_ws_message(&outcome.reply).into())).await.is_err() {
-                        break None;
+                    Ok(Incoming::Ping(payload)) => {
+                        if ws::write_frame(&mut writer, ws::PONG, &payload).await.is_err() {
+                            break None;
+                        }
                     }
-                    if outcome.disconnect {
-                        break Some((1000, "goodbye"));
+                    Ok(Incoming::Text) => break Some((1003, "OpAMP uses binary messages")),
+                    Ok(Incoming::Close(_)) => break Some((1000, "")),
+                    Err(WsError::TooBig(_)) => break Some((1009, "message too big")),
+                    Err(WsError::Protocol(what)) => {
+                        debug!(error = what, "WebSocket protocol violation");
+                        break Some((1002, "protocol error"));
                     }
+                    Err(WsError::Io(_)) => break None,
                 }
-                Some(Ok(Message::Text(_))) => break Some((1003, "OpAMP uses binary messages")),
-                Some(Ok(Message::Close(_))) => break None,
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Err(error)) => {
-                    if too_big(&error) {
-                        break Some((1009, "message too big"));
-                    }
-                    debug!(%error, "WebSocket error");
-                    break None;
-                }
-            },
+            }
             changed = targets.changed() => {
                 if changed.is_err() {
                     break Some((1001, "gitfleet is shutting down"));
                 }
                 let current = Arc::clone(&targets.borrow_and_update());
                 if let Some(push) = push_for(&state.registry, &current, &connection)
-                    && socket.send(Message::Binary(codec::encode_ws_message(&push).into())).await.is_err()
+                    && ws::write_frame(&mut writer, 0x2, &codec::encode_ws_message(&push)).await.is_err()
                 {
                     break None;
                 }
@@ -220,9 +272,9 @@ async fn session(mut socket: WebSocket, state: OpampState, mut connection: Conne
         }
     };
     if let Some((code, reason)) = close {
-        let frame = CloseFrame { code, reason: reason.into() };
-        let _ = socket.send(Message::Close(Some(frame))).await;
+        let _ = ws::write_frame(&mut writer, ws::CLOSE, &ws::close_payload(code, reason)).await;
     }
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut writer).await;
     if let Some(uid) = connection.uid {
         let mut shard = state.registry.shard(&uid);
         if let Some(record) = shard.get_mut(&uid)
@@ -253,17 +305,6 @@ fn push_for(registry: &Registry, targets: &Targets, connection: &Connection) -> 
         remote_config: Some(remote_config),
         ..Default::default()
     })
-}
-
-fn too_big(error: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(current) = source {
-        if let Some(tungstenite::Error::Capacity(_)) = current.downcast_ref::<tungstenite::Error>() {
-            return true;
-        }
-        source = current.source();
-    }
-    false
 }
 
 /// Keeps `targets` in step with the desired state, and the registry in step with both the

@@ -1,0 +1,247 @@
+//! Server-side WebSocket framing (RFC 6455) for OpAMP, kept small for idle connections:
+//! no buffer outlives a message. A frame's payload is read into a `Vec` of exactly its size
+//! and dropped once the message is handled, where a general-purpose library keeps its read
+//! and write buffers at the size of the largest message ever seen, for every connection.
+//!
+//! Only what OpAMP needs: binary messages (fragmented or not), ping/pong, close. Text
+//! frames are reported so the session can refuse them. Client frames must be masked.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+const CONTINUATION: u8 = 0x0;
+const TEXT: u8 = 0x1;
+const BINARY: u8 = 0x2;
+pub const CLOSE: u8 = 0x8;
+const PING: u8 = 0x9;
+pub const PONG: u8 = 0xA;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    Binary(Vec<u8>),
+    Text,
+    Ping(Vec<u8>),
+    /// The peer's close frame, with its status code if it gave one.
+    Close(Option<u16>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WsError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("message larger than {0} bytes")]
+    TooBig(usize),
+    #[error("WebSocket protocol violation: {0}")]
+    Protocol(&'static str),
+}
+
+/// Reads messages from one connection. Holds a partial message only while a fragmented
+/// message is arriving.
+pub struct FrameReader<R> {
+    reader: R,
+    partial: Option<Vec<u8>>,
+    max_message: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(reader: R, max_message: usize) -> Self {
+        Self { reader, partial: None, max_message }
+    }
+
+    /// The next message. Control frames in the middle of a fragmented message are returned
+    /// as they come; the partial message is kept.
+    pub async fn read_message(&mut self) -> Result<Incoming, WsError> {
+        loop {
+            let mut head = [0u8; 2];
+            self.reader.read_exact(&mut head).await?;
+            let fin = head[0] & 0x80 != 0;
+            if head[0] & 0x70 != 0 {
+                return Err(WsError::Protocol("reserved bits set"));
+            }
+            let opcode = head[0] & 0x0F;
+            if head[1] & 0x80 == 0 {
+                return Err(WsError::Protocol("client frames must be masked"));
+            }
+            let length = match head[1] & 0x7F {
+                126 => u64::from(self.reader.read_u16().await?),
+                127 => self.reader.read_u64().await?,
+                short => u64::from(short),
+            };
+            let control = opcode >= 0x8;
+            if control && (!fin || length > 125) {
+                return Err(WsError::Protocol("control frames must be whole and short"));
+            }
+            let so_far = self.partial.as_ref().map_or(0, Vec::len) as u64;
+            if !control && so_far.saturating_add(length) > self.max_message as u64 {
+                return Err(WsError::TooBig(self.max_message));
+            }
+            let mut mask = [0u8; 4];
+            self.reader.read_exact(&mut mask).await?;
+            let length = usize::try_from(length).map_err(|_| WsError::TooBig(self.max_message))?;
+            let mut payload = vec![0u8; length];
+            self.reader.read_exact(&mut payload).await?;
+            for (index, byte) in payload.iter_mut().enumerate() {
+                *byte ^= mask[index % 4];
+            }
+            match opcode {
+                BINARY => {
+                    if self.partial.is_some() {
+                        return Err(WsError::Protocol("a new message began inside a fragmented one"));
+                    }
+                    if fin {
+                        return Ok(Incoming::Binary(payload));
+                    }
+                    self.partial = Some(payload);
+                }
+                CONTINUATION => {
+                    let Some(mut partial) = self.partial.take() else {
+                        return Err(WsError::Protocol("continuation without a message"));
+                    };
+                    partial.extend_from_slice(&payload);
+                    if fin {
+                        return Ok(Incoming::Binary(partial));
+                    }
+                    self.partial = Some(partial);
+                }
+                TEXT => return Ok(Incoming::Text),
+                CLOSE => {
+                    let code = (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    return Ok(Incoming::Close(code));
+                }
+                PING => return Ok(Incoming::Ping(payload)),
+                PONG => {}
+                _ => return Err(WsError::Protocol("unknown opcode")),
+            }
+        }
+    }
+}
+
+/// One unmasked, unfragmented frame (servers do not mask), written and flushed.
+pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
+    let mut frame = Vec::with_capacity(payload.len() + 10);
+    frame.push(0x80 | opcode);
+    match payload.len() {
+        short @ 0..=125 => frame.push(short as u8),
+        medium @ 126..=0xFFFF => {
+            frame.push(126);
+            frame.extend_from_slice(&(medium as u16).to_be_bytes());
+        }
+        long => {
+            frame.push(127);
+            frame.extend_from_slice(&(long as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(payload);
+    writer.write_all(&frame).await?;
+    writer.flush().await
+}
+
+/// The payload of a close frame: status code and reason.
+pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(&reason.as_bytes()[..reason.len().min(123)]);
+    payload
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A masked client frame, as a browser or opamp-go would send it.
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            short @ 0..=125 => frame.push(0x80 | short as u8),
+            medium @ 126..=0xFFFF => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(medium as u16).to_be_bytes());
+            }
+            long => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(long as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        frame
+    }
+
+    async fn read_all(bytes: Vec<u8>, max: usize) -> Vec<Result<Incoming, String>> {
+        let mut reader = FrameReader::new(bytes.as_slice(), max);
+        let mut out = Vec::new();
+        loop {
+            match reader.read_message().await {
+                Ok(message) => out.push(Ok(message)),
+                Err(WsError::Io(_)) => return out,
+                Err(error) => {
+                    out.push(Err(error.to_string()));
+                    return out;
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn whole_and_fragmented_binary_messages_with_control_frames_between() {
+        let big = vec![7u8; 70_000];
+        let mut bytes = client_frame(true, BINARY, b"\x00hello");
+        bytes.extend(client_frame(false, BINARY, b"ab"));
+        bytes.extend(client_frame(true, PING, b"are you there"));
+        bytes.extend(client_frame(false, CONTINUATION, b"cd"));
+        bytes.extend(client_frame(true, CONTINUATION, b"ef"));
+        bytes.extend(client_frame(true, PONG, b""));
+        bytes.extend(client_frame(true, BINARY, &big));
+        bytes.extend(client_frame(true, CLOSE, &close_payload(1000, "bye")));
+        assert_eq!(
+            read_all(bytes, 100_000).await,
+            vec![
+                Ok(Incoming::Binary(b"\x00hello".to_vec())),
+                Ok(Incoming::Ping(b"are you there".to_vec())),
+                Ok(Incoming::Binary(b"abcdef".to_vec())),
+                Ok(Incoming::Binary(big)),
+                Ok(Incoming::Close(Some(1000))),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn violations_and_limits() {
+        let too_big = client_frame(true, BINARY, &[0; 2000]);
+        assert_eq!(read_all(too_big, 1000).await, vec![Err("message larger than 1000 bytes".into())]);
+        let mut fragmented = client_frame(false, BINARY, &[0; 600]);
+        fragmented.extend(client_frame(true, CONTINUATION, &[0; 600]));
+        assert_eq!(read_all(fragmented, 1000).await, vec![Err("message larger than 1000 bytes".into())]);
+        let mut unmasked = client_frame(true, BINARY, b"x");
+        unmasked[1] &= 0x7F;
+        unmasked.truncate(2);
+        assert_eq!(
+            read_all(unmasked, 1000).await,
+            vec![Err("WebSocket protocol violation: client frames must be masked".into())]
+        );
+        assert_eq!(
+            read_all(client_frame(true, CONTINUATION, b"x"), 1000).await,
+            vec![Err("WebSocket protocol violation: continuation without a message".into())]
+        );
+        assert_eq!(read_all(client_frame(true, TEXT, b"hi"), 1000).await, vec![Ok(Incoming::Text)]);
+        let mut reserved = client_frame(true, BINARY, b"x");
+        reserved[0] |= 0x40;
+        assert_eq!(read_all(reserved, 1000).await, vec![Err("WebSocket protocol violation: reserved bits set".into())]);
+    }
+
+    #[tokio::test]
+    async fn server_frames_are_unmasked_with_the_right_length_encoding() {
+        for size in [0usize, 125, 126, 65_535, 65_536] {
+            let payload = vec![3u8; size];
+            let mut out = Vec::new();
+            write_frame(&mut out, BINARY, &payload).await.expect("write");
+            assert_eq!(out[0], 0x82, "FIN + binary");
+            assert_eq!(out[1] & 0x80, 0, "servers do not mask");
+            let header = match size {
+                0..=125 => 2,
+                126..=65_535 => 4,
+                _ => 10,
+            };
+            assert_eq!(out.len(), header + size);
+        }
+    }
+}
