@@ -594,9 +594,8 @@ fn opamp(agents: usize, processes: usize, sample_seconds: u64, dir: Option<&Path
     wait_until("the server to reconcile", Duration::from_secs(30), || {
         Ok(api(web, "/api/v1/fleets/prod-gateway").is_ok_and(|f| f["token"]["id"].is_string()))
     })?;
-    let token =
-        std::fs::read_to_string(data.join("install/prod-gateway/token")).map_err(io("cannot read the token"))?;
-    let token = token.trim().to_owned();
+    let token = crate::install::token::read_token_file(&data, "prod-gateway", Duration::from_secs(10))
+        .map_err(io("cannot read the token of prod-gateway"))?;
     std::thread::sleep(Duration::from_secs(1));
     let baseline_kib = proc_rss_kib(pid)?;
 

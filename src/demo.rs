@@ -145,9 +145,13 @@ pub async fn start_collectors(
     let mut tasks = Vec::new();
     let mut first_agent = 0;
     for &(fleet, agents, scheme, fail_ratio) in DEMO_COLLECTORS {
-        let path = data_dir.join("install").join(fleet).join("token");
-        let token =
-            std::fs::read_to_string(&path).map_err(|source| DemoError::Token { fleet: fleet.to_owned(), source })?;
+        let dir = data_dir.to_owned();
+        let token = tokio::task::spawn_blocking(move || {
+            crate::install::token::read_token_file(&dir, fleet, std::time::Duration::from_secs(10))
+        })
+        .await
+        .expect("reading a token file does not panic")
+        .map_err(|source| DemoError::Token { fleet: fleet.to_owned(), source })?;
         let args = crate::loadgen::LoadgenArgs {
             url: format!("{scheme}://{opamp}/v1/opamp"),
             token: token.trim().to_owned(),

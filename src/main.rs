@@ -59,7 +59,16 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("gitfleet: {error:#}");
+            // Our errors name their cause in their message; add only causes not said yet.
+            let mut message = error.to_string();
+            for cause in error.chain().skip(1) {
+                let text = cause.to_string();
+                if !message.contains(&text) {
+                    message.push_str(": ");
+                    message.push_str(&text);
+                }
+            }
+            eprintln!("gitfleet: {message}");
             ExitCode::from(2)
         }
     }

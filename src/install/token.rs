@@ -158,6 +158,26 @@ pub fn write_token_file(
     Ok(path)
 }
 
+/// Reads a fleet's token file, waiting up to `timeout` for it to be written (it is written
+/// just after the token becomes valid).
+pub fn read_token_file(
+    data_dir: &std::path::Path,
+    fleet: &str,
+    timeout: std::time::Duration,
+) -> std::io::Result<String> {
+    let path = data_dir.join("install").join(fleet).join("token");
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => return Ok(text.trim().to_owned()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
