@@ -175,7 +175,6 @@ pub const LAST_SEEN_WRITE_EVERY_MS: i64 = 60_000;
 
 impl InstanceRecord {
     pub fn to_stored(&self) -> crate::store::StoredInstance {
-        let json = |value: &dyn erased::Json| value.to_json();
         crate::store::StoredInstance {
             uid: self.uid.0,
             fleet: self.fleet.to_string(),
@@ -195,9 +194,9 @@ impl InstanceRecord {
             transport: self
                 .transport
                 .map(|t| if t == Transport::WebSocket { "websocket".to_owned() } else { "http".to_owned() }),
-            description: self.description.as_deref().map(|d| json(d)),
-            health: self.health.as_deref().map(|h| json(h)),
-            effective_config: self.effective_config.as_deref().map(|e| json(e)),
+            description: self.description.as_deref().map(to_json),
+            health: self.health.as_deref().map(to_json),
+            effective_config: self.effective_config.as_deref().map(to_json),
         }
     }
 
@@ -243,17 +242,9 @@ fn parse_enum<T: serde::de::DeserializeOwned>(text: &str) -> Option<T> {
     serde_json::from_value(serde_json::Value::String(text.to_owned())).ok()
 }
 
-mod erased {
-    /// Serializes any of the report types to JSON text.
-    pub trait Json {
-        fn to_json(&self) -> String;
-    }
-
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> String {
-            serde_json::to_string(self).expect("report types serialize to JSON")
-        }
-    }
+/// A report type as JSON text, for the store.
+fn to_json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("report types serialize to JSON")
 }
 
 /// Per-status counts of one fleet.
