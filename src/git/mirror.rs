@@ -21,7 +21,6 @@ const EXPLICIT_REFSPECS_UP_TO: usize = 64;
 
 pub struct Mirror {
     url: String,
-    path: PathBuf,
     repo: gix::ThreadSafeRepository,
 }
 
@@ -36,15 +35,11 @@ impl Mirror {
             std::fs::create_dir_all(path).map_err(|error| open_error(gix::Error::from_error(error)))?;
             gix::init_bare(path).map_err(open_error)?
         };
-        Ok(Self { url: normalize_url(url), path: path.to_owned(), repo: repo.into_sync() })
+        Ok(Self { url: normalize_url(url), repo: repo.into_sync() })
     }
 
     pub fn url(&self) -> &str {
         &self.url
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// A handle for reading on the current thread.

@@ -127,14 +127,6 @@ impl TokenIndex {
         }
         Ok(token)
     }
-
-    pub fn len(&self) -> usize {
-        self.by_id.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
-    }
 }
 
 /// Writes the token for the operator on the server host to `<data-dir>/install/<fleet>/token`

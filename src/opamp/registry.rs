@@ -269,10 +269,6 @@ impl Counts {
             Status::Observed => self.observed += 1,
         }
     }
-
-    pub fn total(&self) -> usize {
-        self.in_sync + self.pending + self.applying + self.failed + self.stale + self.observed
-    }
 }
 
 /// A fleet's counts plus drift (served ≠ assigned).
@@ -396,13 +392,5 @@ impl Registry {
         for record in records {
             self.shard(&record.uid).insert(record.uid, record);
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len()).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
