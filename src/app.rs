@@ -115,14 +115,23 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
     );
 
     let (targets_tx, targets_rx) = watch::channel(Arc::new(crate::opamp::registry::Targets::new()));
+    let (tokens_tx, tokens_rx) = watch::channel(Arc::clone(&view_rx.borrow().tokens));
     tracker.spawn(
-        opamp_server::follow_targets(view_rx.clone(), targets_tx, Arc::clone(&registry), cancel.clone())
-            .instrument(info_span!("targets")),
+        opamp_server::follow_targets(
+            view_rx.clone(),
+            targets_tx,
+            tokens_tx,
+            settings.opamp_endpoint(),
+            Arc::clone(&registry),
+            cancel.clone(),
+        )
+        .instrument(info_span!("targets")),
     );
     let opamp_router = opamp_server::router(OpampState {
         registry: Arc::clone(&registry),
         targets: targets_rx.clone(),
         view: view_rx.clone(),
+        tokens: tokens_rx,
         connections: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         max_connections: settings.max_connections,
         cancel: cancel.clone(),

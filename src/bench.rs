@@ -167,6 +167,8 @@ fn reconcile(fleets: usize, tags: usize, configs: usize, rounds: usize, dir: Opt
         web_listen: "127.0.0.1:0".into(),
         poll_interval: "1h".into(),
         webhook_secret: None,
+        public_url: None,
+        artifacts_dir: None,
     }
     .validate()?;
     let samples = runtime.block_on(async {

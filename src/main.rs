@@ -101,6 +101,8 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         web_listen: args.web_listen.clone(),
         poll_interval: "30s".to_owned(),
         webhook_secret: None,
+        public_url: None,
+        artifacts_dir: None,
     }
     .validate()?;
     runtime()?.block_on(async {

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::install::token::{self, IssuedToken, TokenIndex, TokenText};
+use crate::install::token::{self, IssuedToken, TokenIndex, TokenState, TokenStatus, TokenText};
 use crate::problem::{Problem, Severity};
 use crate::repo::RepoSnapshot;
 use crate::repo::desired::{self, DesiredState, LastGoodFleet, SeenVersion};
@@ -39,21 +39,78 @@ pub struct View {
     pub fetch_problem: Option<Problem>,
     /// Why the state database cannot be written right now, if it cannot.
     pub store_problem: Option<Problem>,
-    /// Each fleet's current install token (no secrets), and the index that authenticates
-    /// collectors.
-    pub fleet_tokens: Arc<BTreeMap<String, IssuedToken>>,
+    /// Each fleet's install tokens, and the index that authenticates collectors.
+    pub fleet_tokens: Arc<BTreeMap<String, FleetTokens>>,
     pub tokens: Arc<TokenIndex>,
+    /// Token problems that do not depend on the clock (those are added by `problems`).
+    pub token_problems: Vec<Problem>,
+    /// Why install files cannot be written, per fleet.
+    pub install_problems: Vec<Problem>,
     /// Fetches attempted since the start, and the Unix time of the last one.
     pub fetches: u64,
     pub last_fetched_at: Option<i64>,
 }
 
+/// One fleet's install tokens as readers need them.
+#[derive(Clone, Debug, Default)]
+pub struct FleetTokens {
+    /// Newest first: the first is the current token.
+    pub statuses: Vec<TokenStatus>,
+    /// The current token's text, read back from its token file: for install files and
+    /// connection-settings offers. Never shown.
+    pub text: Option<Arc<TokenText>>,
+}
+
+impl FleetTokens {
+    pub fn current(&self) -> Option<&TokenStatus> {
+        self.statuses.first()
+    }
+}
+
+/// A current token expiring sooner than this is a warning.
+const EXPIRY_WARNING_SECONDS: i64 = 14 * 24 * 3600;
+
 impl View {
     /// Repository problems plus problems of gitfleet itself, errors first.
     pub fn problems(&self) -> Vec<Problem> {
-        let mut problems: Vec<Problem> = self.fetch_problem.iter().chain(&self.store_problem).cloned().collect();
+        let mut problems: Vec<Problem> = self
+            .fetch_problem
+            .iter()
+            .chain(&self.store_problem)
+            .chain(&self.token_problems)
+            .chain(&self.install_problems)
+            .cloned()
+            .collect();
+        problems.extend(self.token_deadlines(crate::time::now_unix()));
         if let Some(desired) = &self.desired {
             problems.extend(desired.problems.iter().cloned());
+        }
+        problems.sort_by_key(|p| p.severity);
+        problems
+    }
+
+    /// Current tokens that have expired or expire soon: collectors are, or will be, refused.
+    fn token_deadlines(&self, now: i64) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        for (fleet, tokens) in self.fleet_tokens.iter() {
+            let Some(current) = tokens.current() else { continue };
+            let Some(expires_at) = current.expires_at else { continue };
+            let file = format!("fleets/{fleet}.toml");
+            let id = &current.token.id;
+            let when = crate::time::rfc3339(expires_at);
+            if current.state(now) == TokenState::Expired {
+                problems.push(Problem::error(
+                    file,
+                    None,
+                    format!("install token {id} expired at {when}: collectors are refused; bump `rotate` to issue a new token"),
+                ));
+            } else if expires_at - now < EXPIRY_WARNING_SECONDS && current.state(now) == TokenState::Active {
+                problems.push(Problem::warning(
+                    file,
+                    None,
+                    format!("install token {id} expires at {when}; bump `rotate` to issue a new token before then"),
+                ));
+            }
         }
         problems
     }
@@ -62,8 +119,10 @@ impl View {
 pub struct Reconciler {
     store: Arc<dyn Store>,
     data_dir: PathBuf,
-    /// The newest token of each fleet ever issued, including fleets since removed.
-    issued: BTreeMap<String, IssuedToken>,
+    /// Every token ever issued, by fleet (including fleets since removed), oldest first.
+    issued: BTreeMap<String, Vec<IssuedToken>>,
+    /// The newest token's text of each fleet whose token file gitfleet could read back.
+    texts: BTreeMap<String, Arc<TokenText>>,
     seen: Arc<BTreeMap<String, SeenVersion>>,
     last_good: Arc<BTreeMap<String, LastGoodFleet>>,
     view: watch::Sender<Arc<View>>,
@@ -83,9 +142,16 @@ impl Reconciler {
         .await
         .expect("store loading does not panic")?;
         info!(versions = seen.len(), fleets = last_good.len(), tokens = tokens.len(), "loaded state");
-        // Oldest first, so the newest token of each fleet wins.
-        let issued = tokens.into_iter().map(|token| (token.fleet.clone(), token)).collect();
-        Ok(Self { store, data_dir, issued, seen: Arc::new(seen), last_good: Arc::new(last_good), view })
+        let mut issued: BTreeMap<String, Vec<IssuedToken>> = BTreeMap::new();
+        for token in tokens {
+            issued.entry(token.fleet.clone()).or_default().push(token);
+        }
+        let reading_dir = data_dir.clone();
+        let newest: Vec<IssuedToken> = issued.values().filter_map(|tokens| tokens.last().cloned()).collect();
+        let texts = tokio::task::spawn_blocking(move || read_token_texts(&reading_dir, &newest))
+            .await
+            .expect("reading token files does not panic");
+        Ok(Self { store, data_dir, issued, texts, seen: Arc::new(seen), last_good: Arc::new(last_good), view })
     }
 
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>, cancel: CancellationToken) {
@@ -140,7 +206,7 @@ impl Reconciler {
         }
 
         let desired = compiled.desired;
-        let (token_texts, token_problem) = match self.issue_missing_tokens(&desired).await {
+        let (token_texts, token_problem) = match self.issue_tokens(&desired).await {
             Ok(texts) => (texts, None),
             Err(problem) => (Vec::new(), Some(problem)),
         };
@@ -179,22 +245,20 @@ impl Reconciler {
                 warn!(error = %store_error, "cannot record reconcile history");
             }
         }
-        let current: BTreeMap<String, IssuedToken> = self
-            .issued
-            .iter()
-            .filter(|(fleet, _)| desired.fleets.contains_key(*fleet))
-            .map(|(fleet, token)| (fleet.clone(), token.clone()))
-            .collect();
-        let tokens = Arc::new(TokenIndex::new(current.values().cloned()));
-        let current_tokens = Arc::new(current);
+        let (fleet_tokens, token_problems) = self.fleet_tokens(&desired);
+        let index = TokenIndex::new(fleet_tokens.values().flat_map(|tokens| tokens.statuses.iter().cloned()));
+        let tokens = if *self.view.borrow().tokens == index { None } else { Some(Arc::new(index)) };
         let now = crate::time::now_unix();
         self.view.send_modify(|view| {
             let view = Arc::make_mut(view);
             view.desired = Some(Arc::new(desired));
             view.reconcile_micros = micros;
             view.store_problem = token_problem;
-            view.tokens = tokens;
-            view.fleet_tokens = current_tokens;
+            if let Some(tokens) = tokens {
+                view.tokens = tokens;
+            }
+            view.fleet_tokens = Arc::new(fleet_tokens);
+            view.token_problems = token_problems;
             // The snapshot was just fetched and read, so the repository is reachable.
             view.fetch_problem = None;
             if changed || view.reconciled_at.is_none() {
@@ -204,21 +268,20 @@ impl Reconciler {
         self.write_token_files(token_texts).await;
     }
 
-    /// Gives every fleet that has none an install token and remembers its hash. Returns the
-    /// texts, for the operator's token files, which are written once the index that accepts
-    /// them is published (`write_token_files`).
-    async fn issue_missing_tokens(
+    /// Issues a token to every fleet that needs one (new, rotated, or its newest token
+    /// revoked) and remembers its hash. Returns the texts, for the operator's token files,
+    /// which are written once the index that accepts them is published (`write_token_files`).
+    async fn issue_tokens(
         &mut self,
         desired: &desired::DesiredState,
-    ) -> Result<Vec<(String, TokenText)>, Problem> {
+    ) -> Result<Vec<(String, Arc<TokenText>)>, Problem> {
         let now = crate::time::now_unix();
         let mut texts = Vec::new();
         for fleet in desired.fleets.values() {
-            if self.issued.contains_key(fleet.name()) {
-                continue;
-            }
-            let lifetime = fleet.spec.token.expires.map(|d| d.as_secs());
-            let (text, issued) = token::issue(fleet.name(), now, lifetime, fleet.spec.token.rotate)
+            let policy = &fleet.spec.token;
+            let tokens = self.issued.get(fleet.name()).map(Vec::as_slice).unwrap_or_default();
+            let Some(reason) = token::needs_token(tokens, policy) else { continue };
+            let (text, issued) = token::issue(fleet.name(), now, policy.rotate)
                 .map_err(|error| Problem::general(Severity::Error, error.to_string()))?;
             let store = Arc::clone(&self.store);
             let saving = issued.clone();
@@ -229,14 +292,51 @@ impl Reconciler {
                 error!(fleet = %issued.fleet, error = %store_error, "cannot issue install token");
                 return Err(Problem::general(Severity::Error, store_error.to_string()));
             }
+            info!(fleet = %issued.fleet, token = %issued.id, reason = ?reason, "issued install token");
+            let text = Arc::new(text);
+            self.texts.insert(issued.fleet.clone(), Arc::clone(&text));
             texts.push((issued.fleet.clone(), text));
-            self.issued.insert(issued.fleet.clone(), issued);
+            self.issued.entry(issued.fleet.clone()).or_default().push(issued);
         }
         Ok(texts)
     }
 
+    /// Each fleet's tokens under its current policy, and what is wrong with them.
+    fn fleet_tokens(&self, desired: &desired::DesiredState) -> (BTreeMap<String, FleetTokens>, Vec<Problem>) {
+        let mut problems = Vec::new();
+        let mut fleets = BTreeMap::new();
+        for fleet in desired.fleets.values() {
+            let Some(tokens) = self.issued.get(fleet.name()) else { continue };
+            let newest = tokens.last().expect("fleets in `issued` have a token");
+            let policy = &fleet.spec.token;
+            if policy.rotate < newest.rotation {
+                problems.push(Problem::warning(
+                    &fleet.spec.file,
+                    None,
+                    format!(
+                        "`rotate = {}` is lower than {}, the rotation of the current token {}; tokens rotate only when `rotate` goes up",
+                        policy.rotate, newest.rotation, newest.id
+                    ),
+                ));
+            }
+            let text = self.texts.get(fleet.name()).cloned();
+            if text.is_none() {
+                problems.push(Problem::error(
+                    &fleet.spec.file,
+                    None,
+                    format!(
+                        "the token file of install token {} is missing or does not match it, so install files and rotation offers cannot be made; bump `rotate` to issue a new token",
+                        newest.id
+                    ),
+                ));
+            }
+            fleets.insert(fleet.name().to_owned(), FleetTokens { statuses: token::statuses(tokens, policy), text });
+        }
+        (fleets, problems)
+    }
+
     /// Writes the operator's token files for freshly issued tokens.
-    async fn write_token_files(&self, texts: Vec<(String, TokenText)>) {
+    async fn write_token_files(&self, texts: Vec<(String, Arc<TokenText>)>) {
         for (fleet, text) in texts {
             let data_dir = self.data_dir.clone();
             let writing = fleet.clone();
@@ -244,7 +344,7 @@ impl Reconciler {
                 .await
                 .expect("writing a token file does not panic");
             match written {
-                Ok(path) => info!(fleet = %fleet, path = %path.display(), "issued install token"),
+                Ok(path) => info!(fleet = %fleet, path = %path.display(), "wrote install token file"),
                 Err(io_error) => {
                     let message = format!("cannot write the token file of fleet `{fleet}`: {io_error}");
                     error!(fleet = %fleet, error = %message, "cannot write install token file");
@@ -287,4 +387,20 @@ impl Reconciler {
         }
         Ok(())
     }
+}
+
+/// Reads back the token files of the newest tokens; a missing or foreign file yields nothing.
+fn read_token_texts(data_dir: &std::path::Path, newest: &[IssuedToken]) -> BTreeMap<String, Arc<TokenText>> {
+    newest
+        .iter()
+        .filter_map(|token| {
+            let path = data_dir.join("install").join(&token.fleet).join("token");
+            let text = std::fs::read_to_string(&path).ok()?;
+            let text = TokenText::of(token, &text);
+            if text.is_none() {
+                warn!(fleet = %token.fleet, token = %token.id, path = %path.display(), "token file does not hold the current token");
+            }
+            Some((token.fleet.clone(), Arc::new(text?)))
+        })
+        .collect()
 }

@@ -34,6 +34,14 @@ pub struct ServeArgs {
     /// How often to fetch the repository when no webhook or filesystem event arrives.
     #[arg(long, env = "GITFLEET_POLL_INTERVAL", default_value = "30s")]
     pub poll_interval: String,
+    /// The URL collectors reach the collector port at, such as https://fleet.example.com:4320.
+    /// Install files and token-rotation offers use it for fleets without `[install].endpoint`.
+    #[arg(long, env = "GITFLEET_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// A directory of otelcol-contrib and opampsupervisor release files (with their
+    /// checksums files) to put into the offline install bundles.
+    #[arg(long, env = "GITFLEET_ARTIFACTS_DIR")]
+    pub artifacts_dir: Option<PathBuf>,
     /// Secret that POST /hooks/git deliveries must be signed with (GitHub, Gitea) or carry
     /// (GitLab). Without it, any POST triggers a fetch.
     #[arg(long, env = "GITFLEET_WEBHOOK_SECRET", hide_env_values = true)]
@@ -51,6 +59,9 @@ pub struct Settings {
     pub web_listen: SocketAddr,
     pub poll_interval: Duration,
     pub webhook_secret: Option<Arc<[u8]>>,
+    /// Without a trailing slash.
+    pub public_url: Option<String>,
+    pub artifacts_dir: Option<PathBuf>,
     /// The `.git` directory of a local repository, watched for ref changes.
     pub local_git_dir: Option<PathBuf>,
 }
@@ -73,6 +84,10 @@ pub enum SettingsError {
     BadPollInterval(String),
     #[error("--webhook-secret must not be empty")]
     EmptyWebhookSecret,
+    #[error("--public-url `{0}` is not an http:// or https:// URL without a path, like https://fleet.example.com:4320")]
+    BadPublicUrl(String),
+    #[error("--artifacts-dir {path}: {message}")]
+    ArtifactsDir { path: String, message: String },
     #[error("--data-dir {path}: {message}")]
     DataDir { path: String, message: String },
 }
@@ -110,6 +125,13 @@ impl ServeArgs {
             Some(secret) => Some(Arc::from(secret.into_bytes())),
             None => None,
         };
+        let public_url = self.public_url.as_deref().map(parse_public_url).transpose()?;
+        if let Some(dir) = &self.artifacts_dir {
+            std::fs::read_dir(dir).map_err(|error| SettingsError::ArtifactsDir {
+                path: dir.display().to_string(),
+                message: error.to_string(),
+            })?;
+        }
         std::fs::create_dir_all(&self.data_dir).map_err(|error| SettingsError::DataDir {
             path: self.data_dir.display().to_string(),
             message: error.to_string(),
@@ -130,9 +152,40 @@ impl ServeArgs {
             web_listen,
             poll_interval,
             webhook_secret,
+            public_url,
+            artifacts_dir: self.artifacts_dir,
             local_git_dir,
         })
     }
+}
+
+impl Settings {
+    /// The OpAMP URL from `--public-url`: `wss://` for `https://`, `ws://` for `http://`.
+    pub fn opamp_endpoint(&self) -> Option<String> {
+        self.public_url.as_deref().map(opamp_endpoint)
+    }
+}
+
+/// The OpAMP WebSocket URL under a public base URL (checked by `parse_public_url`).
+pub fn opamp_endpoint(public_url: &str) -> String {
+    match public_url.strip_prefix("https://") {
+        Some(rest) => format!("wss://{rest}/v1/opamp"),
+        None => format!("ws://{}/v1/opamp", public_url.trim_start_matches("http://")),
+    }
+}
+
+/// `http(s)://host[:port]`, with an optional trailing slash removed.
+pub fn parse_public_url(url: &str) -> Result<String, SettingsError> {
+    let trimmed = url.trim().trim_end_matches('/');
+    let bad = || SettingsError::BadPublicUrl(url.to_owned());
+    let rest = trimmed.strip_prefix("https://").or_else(|| trimmed.strip_prefix("http://")).ok_or_else(bad)?;
+    let valid = !rest.is_empty()
+        && rest.chars().all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c))
+        && !rest.starts_with([':', '.', '-']);
+    if !valid {
+        return Err(bad());
+    }
+    Ok(trimmed.to_owned())
 }
 
 /// The rules of `git check-ref-format` that matter for a branch given on a command line.
@@ -150,6 +203,19 @@ fn valid_branch(branch: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn public_urls() {
+        assert_eq!(
+            parse_public_url("https://fleet.example.com:4320/").ok().as_deref(),
+            Some("https://fleet.example.com:4320")
+        );
+        assert_eq!(opamp_endpoint("https://fleet.example.com:4320"), "wss://fleet.example.com:4320/v1/opamp");
+        assert_eq!(opamp_endpoint("http://10.0.0.5:4320"), "ws://10.0.0.5:4320/v1/opamp");
+        for bad in ["fleet.example.com", "ftp://x", "https://", "https://x/path", "https://u@x", "https://x?y"] {
+            assert!(parse_public_url(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn branch_names() {

@@ -24,8 +24,12 @@ use crate::opamp::registry::{
     ComponentHealth, Description, EffectiveConfig, Health, InstanceRecord, Registry, Targets, Transport,
 };
 
-/// AcceptsStatus | OffersRemoteConfig | AcceptsEffectiveConfig.
-pub const SERVER_CAPABILITIES: u64 = 0x1 | 0x2 | 0x4;
+/// AcceptsStatus | OffersRemoteConfig | AcceptsEffectiveConfig | OffersConnectionSettings.
+pub const SERVER_CAPABILITIES: u64 = 0x1 | 0x2 | 0x4 | 0x20;
+const ACCEPTS_OPAMP_CONNECTION_SETTINGS: u64 = 0x100;
+/// The heartbeat interval put in connection-settings offers: the Supervisor takes an
+/// omitted one as 0, which turns heartbeats off (opamp.md §4.8), so it is always sent.
+pub const OFFERED_HEARTBEAT_SECONDS: u64 = 30;
 const REPORT_FULL_STATE: u64 = 0x1;
 const REQUEST_INSTANCE_UID: u64 = 0x1;
 const REPORTS_EFFECTIVE_CONFIG: u64 = 0x4;
@@ -49,6 +53,11 @@ pub struct Connection {
     pub uid: Option<InstanceUid>,
     /// The `instance_uid` bytes to put in pushes: what the agent sent, or its new id.
     pub wire_uid: Vec<u8>,
+    /// The OpAMP endpoint this connection dialled (from its `Host`), offered when the
+    /// fleet names none.
+    pub dialled: Option<Arc<str>>,
+    /// The token id last offered on this connection, so each rotation is offered once.
+    pub offered: Option<Arc<str>>,
 }
 
 /// The reply, and what the transport must do besides sending it.
@@ -163,6 +172,7 @@ pub fn handle(
     }
 
     let remote_config = if disconnect { None } else { remote_config_for(record, targets, now_ms) };
+    let connection_settings = if disconnect { None } else { offer_for(connection, capabilities, target) };
     drop(shard);
 
     let reply = ServerToAgent {
@@ -171,6 +181,7 @@ pub fn handle(
         capabilities: if std::mem::take(&mut connection.first_reply) { SERVER_CAPABILITIES } else { 0 },
         remote_config,
         agent_identification: new_uid.map(|uid| AgentIdentification { new_instance_uid: uid.0.to_vec() }),
+        connection_settings,
         ..Default::default()
     };
     Outcome { reply, disconnect, replaced: false, uid }
@@ -186,6 +197,47 @@ pub fn remote_config_for(record: &mut InstanceRecord, targets: &Targets, now_ms:
     Some(AgentRemoteConfig {
         config: Some(AgentConfigMap { config_map: [(String::new(), file)].into_iter().collect() }),
         config_hash: assignment.hash,
+    })
+}
+
+/// The fleet's current token as an OpAMP connection-settings offer, when this connection
+/// still uses an older token, its agent accepts such offers, and it has not been offered
+/// this token yet. The offer carries everything the Supervisor rebuilds its connection
+/// from: the endpoint, the full header set and the heartbeat interval (opamp.md §4.8).
+pub fn offer_for(
+    connection: &mut Connection,
+    capabilities: u64,
+    target: Option<&crate::opamp::registry::FleetTarget>,
+) -> Option<proto::ConnectionSettingsOffers> {
+    let credentials = target?.credentials.as_ref()?;
+    if capabilities & ACCEPTS_OPAMP_CONNECTION_SETTINGS == 0
+        || connection.token_id == credentials.token_id
+        || connection.offered.as_ref() == Some(&credentials.token_id)
+    {
+        return None;
+    }
+    let endpoint = credentials.endpoint.as_deref().or(connection.dialled.as_deref())?.to_owned();
+    connection.offered = Some(Arc::clone(&credentials.token_id));
+    let header = proto::Header { key: "Authorization".to_owned(), value: credentials.authorization.clone() };
+    let hash = {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        for part in [endpoint.as_bytes(), header.key.as_bytes(), header.value.as_bytes()] {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part);
+        }
+        hasher.update(OFFERED_HEARTBEAT_SECONDS.to_be_bytes());
+        hasher.finalize().to_vec()
+    };
+    Some(proto::ConnectionSettingsOffers {
+        hash,
+        opamp: Some(proto::OpAmpConnectionSettings {
+            destination_endpoint: endpoint,
+            headers: Some(proto::Headers { headers: vec![header] }),
+            heartbeat_interval_seconds: OFFERED_HEARTBEAT_SECONDS,
+            ..Default::default()
+        }),
+        ..Default::default()
     })
 }
 
@@ -316,6 +368,8 @@ mod tests {
             content_type: "text/yaml".into(),
             body: Arc::from(&b"receivers: {}"[..]),
             stale_after_ms: 120_000,
+            current_token: Some(Arc::from("tk_00000001")),
+            credentials: None,
         };
         [("prod".to_owned(), target)].into_iter().collect()
     }
@@ -329,7 +383,19 @@ mod tests {
             first_reply: true,
             uid: None,
             wire_uid: Vec::new(),
+            dialled: Some(Arc::from("ws://gitfleet.test:4320/v1/opamp")),
+            offered: None,
         }
+    }
+
+    fn rotated(targets: &mut Targets, endpoint: Option<&str>) {
+        let target = targets.get_mut("prod").expect("prod");
+        target.current_token = Some(Arc::from("tk_00000002"));
+        target.credentials = Some(Arc::new(crate::opamp::registry::Credentials {
+            token_id: Arc::from("tk_00000002"),
+            authorization: "Bearer tk_00000002.secret".into(),
+            endpoint: endpoint.map(str::to_owned),
+        }));
     }
 
     fn full_state(seq: u64) -> AgentToServer {
@@ -386,6 +452,49 @@ mod tests {
         let second = handle(&registry, &targets(1), &mut connection, heartbeat(1), 10);
         assert_eq!(second.reply.capabilities, 0, "only the first reply");
         assert!(second.reply.remote_config.is_none(), "not sent twice");
+    }
+
+    #[test]
+    fn a_rotated_token_is_offered_once_per_connection_to_agents_that_accept_it() {
+        let registry = Registry::new();
+        let mut targets = targets(1);
+        rotated(&mut targets, None);
+        let accepts =
+            |seq| AgentToServer { capabilities: SUPERVISOR | ACCEPTS_OPAMP_CONNECTION_SETTINGS, ..full_state(seq) };
+
+        // Without the capability: no offer.
+        let mut plain = connection(Some(1));
+        assert!(handle(&registry, &targets, &mut plain, full_state(0), 0).reply.connection_settings.is_none());
+
+        let mut old = connection(Some(2));
+        let offer = handle(&registry, &targets, &mut old, accepts(1), 0).reply.connection_settings.expect("an offer");
+        let opamp = offer.opamp.expect("OpAMP settings");
+        assert_eq!(opamp.destination_endpoint, "ws://gitfleet.test:4320/v1/opamp", "the endpoint it dialled");
+        assert_eq!(opamp.heartbeat_interval_seconds, OFFERED_HEARTBEAT_SECONDS);
+        let headers = opamp.headers.expect("headers").headers;
+        assert_eq!(headers.len(), 1);
+        assert_eq!(
+            (headers[0].key.as_str(), headers[0].value.as_str()),
+            ("Authorization", "Bearer tk_00000002.secret")
+        );
+        assert_eq!(offer.hash.len(), 32);
+        assert!(handle(&registry, &targets, &mut old, accepts(2), 1).reply.connection_settings.is_none(), "once");
+
+        // A configured endpoint wins, and changes the hash.
+        let mut configured = targets.clone();
+        rotated(&mut configured, Some("wss://fleet.example.com:4320/v1/opamp"));
+        let mut other = connection(Some(3));
+        let second =
+            handle(&registry, &configured, &mut other, accepts(3), 2).reply.connection_settings.expect("offer");
+        assert_eq!(
+            second.opamp.as_ref().map(|o| o.destination_endpoint.as_str()),
+            Some("wss://fleet.example.com:4320/v1/opamp")
+        );
+        assert_ne!(second.hash, offer.hash);
+
+        // On the current token: nothing to offer.
+        let mut current = Connection { token_id: Arc::from("tk_00000002"), ..connection(Some(4)) };
+        assert!(handle(&registry, &targets, &mut current, accepts(4), 3).reply.connection_settings.is_none());
     }
 
     #[test]

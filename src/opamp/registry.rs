@@ -26,6 +26,31 @@ pub struct FleetTarget {
     pub content_type: String,
     pub body: Arc<[u8]>,
     pub stale_after_ms: i64,
+    /// The id of the fleet's current install token.
+    pub current_token: Option<Arc<str>>,
+    /// The fleet's current token, offered over OpAMP to instances still on an older one
+    /// (when gitfleet has its text).
+    pub credentials: Option<Arc<Credentials>>,
+}
+
+/// What an instance needs to move to a fleet's current install token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub token_id: Arc<str>,
+    /// `Bearer <token>`: a secret, never printed.
+    pub authorization: String,
+    /// The fleet's `[install].endpoint`, else the one from `--public-url`; without either,
+    /// the endpoint the instance dialled is offered.
+    pub endpoint: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("token_id", &self.token_id)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Every fleet's target, published by the reconciler.
@@ -271,12 +296,13 @@ impl Counts {
     }
 }
 
-/// A fleet's counts plus drift (served ≠ assigned).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+/// A fleet's counts plus drift (served ≠ assigned), and its instances per install token.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FleetSummary {
     pub instances: usize,
     pub counts: Counts,
     pub drift: usize,
+    pub by_token: BTreeMap<Arc<str>, usize>,
 }
 
 pub struct Registry {
@@ -332,6 +358,7 @@ impl Registry {
             if assigned.is_some() && record.config.served.as_ref() != assigned {
                 summary.drift += 1;
             }
+            *summary.by_token.entry(Arc::clone(&record.token_id)).or_default() += 1;
         });
         summaries
     }

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::install::token::TokenIndex;
 use crate::opamp::agent::{self, Connection};
 use crate::opamp::codec::{self, DecodeError, MAX_MESSAGE_BYTES};
 use crate::opamp::proto::ServerToAgent;
@@ -36,6 +37,9 @@ pub struct OpampState {
     pub registry: Arc<Registry>,
     pub targets: watch::Receiver<Arc<Targets>>,
     pub view: watch::Receiver<Arc<View>>,
+    /// Changes whenever a token may have become refused (revoked, expired, retired), so
+    /// that live sessions on it are closed at once.
+    pub tokens: watch::Receiver<Arc<TokenIndex>>,
     /// Live WebSockets plus HTTP requests in flight.
     pub connections: Arc<AtomicUsize>,
     pub max_connections: usize,
@@ -90,6 +94,8 @@ async fn opamp(State(state): State<OpampState>, request: Request) -> Response {
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
         return response;
     };
+    let is_http = request.method() == Method::POST
+        && request.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == PROTOBUF.as_bytes());
     let connection = Connection {
         fleet: Arc::from(token.fleet.as_str()),
         token_id: Arc::from(token.id.as_str()),
@@ -98,9 +104,9 @@ async fn opamp(State(state): State<OpampState>, request: Request) -> Response {
         first_reply: true,
         uid: None,
         wire_uid: Vec::new(),
+        dialled: dialled_endpoint(request.headers(), is_http),
+        offered: None,
     };
-    let is_http = request.method() == Method::POST
-        && request.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == PROTOBUF.as_bytes());
     if is_http {
         let response = plain_http(&state, connection, request).await;
         drop(slot);
@@ -183,6 +189,23 @@ async fn plain_http(state: &OpampState, mut connection: Connection, request: Req
     response.body(Body::from(body)).expect("a valid response")
 }
 
+/// The OpAMP URL a client used to reach us, from `Host` (and `X-Forwarded-Proto` when a
+/// TLS proxy is in front).
+fn dialled_endpoint(headers: &HeaderMap, is_http: bool) -> Option<Arc<str>> {
+    let host = headers.get(header::HOST)?.to_str().ok()?;
+    if host.is_empty() || host.contains(['/', ' ', '@']) {
+        return None;
+    }
+    let tls = headers.get("x-forwarded-proto").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+    let scheme = match (is_http, tls) {
+        (true, true) => "https",
+        (true, false) => "http",
+        (false, true) => "wss",
+        (false, false) => "ws",
+    };
+    Some(Arc::from(format!("{scheme}://{host}/v1/opamp")))
+}
+
 fn accepts_gzip(headers: &HeaderMap) -> bool {
     headers.get_all(header::ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(
         |coding| {
@@ -211,6 +234,8 @@ where
     connection.session = Some(session_id);
     let mut targets = state.targets.clone();
     targets.borrow_and_update();
+    let mut tokens = state.tokens.clone();
+    tokens.borrow_and_update();
     let (reader, mut writer) = tokio::io::split(io);
     // The read future owns the reader and is only replaced once it completes, so a push
     // never interrupts a frame halfway.
@@ -263,10 +288,20 @@ where
                     break Some((1001, "gitfleet is shutting down"));
                 }
                 let current = Arc::clone(&targets.borrow_and_update());
-                if let Some(push) = push_for(&state.registry, &current, &connection)
+                if let Some(push) = push_for(&state.registry, &current, &mut connection)
                     && ws::write_frame(&mut writer, 0x2, &codec::encode_ws_message(&push)).await.is_err()
                 {
                     break None;
+                }
+            }
+            changed = tokens.changed() => {
+                if changed.is_err() {
+                    break Some((1001, "gitfleet is shutting down"));
+                }
+                let refused = tokens.borrow_and_update().refusal(&connection.token_id, crate::time::now_unix());
+                if let Some(refused) = refused {
+                    info!(fleet = %connection.fleet, token = %connection.token_id, reason = %refused, "closing a session whose install token is refused now");
+                    break Some((1008, refused.close_reason()));
                 }
             }
         }
@@ -286,11 +321,12 @@ where
     drop(slot);
 }
 
-/// The config to push to this connection's instance after its fleet's target changed.
-fn push_for(registry: &Registry, targets: &Targets, connection: &Connection) -> Option<ServerToAgent> {
+/// What to push to this connection's instance after its fleet's target changed: the
+/// assigned config, and the fleet's new token when it was rotated.
+fn push_for(registry: &Registry, targets: &Targets, connection: &mut Connection) -> Option<ServerToAgent> {
     let uid = connection.uid?;
     let now = crate::time::now_ms();
-    let remote_config = {
+    let (remote_config, capabilities) = {
         let mut shard = registry.shard(&uid);
         let record = shard.get_mut(&uid)?;
         if record.session != connection.session {
@@ -298,11 +334,16 @@ fn push_for(registry: &Registry, targets: &Targets, connection: &Connection) -> 
             return None;
         }
         record.sync(targets.get(&*record.fleet), now);
-        agent::remote_config_for(record, targets, now)?
+        (agent::remote_config_for(record, targets, now), record.config.capabilities)
     };
+    let connection_settings = agent::offer_for(connection, capabilities, targets.get(&*connection.fleet));
+    if remote_config.is_none() && connection_settings.is_none() {
+        return None;
+    }
     Some(ServerToAgent {
         instance_uid: connection.wire_uid.clone(),
-        remote_config: Some(remote_config),
+        remote_config,
+        connection_settings,
         ..Default::default()
     })
 }
@@ -312,11 +353,14 @@ fn push_for(registry: &Registry, targets: &Targets, connection: &Connection) -> 
 pub async fn follow_targets(
     mut view: watch::Receiver<Arc<View>>,
     targets: watch::Sender<Arc<Targets>>,
+    tokens: watch::Sender<Arc<TokenIndex>>,
+    public_endpoint: Option<String>,
     registry: Arc<Registry>,
     cancel: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_refusal = None;
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
@@ -324,7 +368,12 @@ pub async fn follow_targets(
                 if changed.is_err() {
                     break;
                 }
-                let next = Arc::new(targets_of(&view.borrow_and_update()));
+                let index = Arc::clone(&view.borrow().tokens);
+                if !Arc::ptr_eq(&index, &tokens.borrow()) {
+                    next_refusal = index.next_refusal_after(crate::time::now_unix());
+                    tokens.send_replace(index);
+                }
+                let next = Arc::new(targets_of(&view.borrow_and_update(), public_endpoint.as_deref()));
                 let modified = targets.send_if_modified(|current| {
                     if **current == *next {
                         return false;
@@ -336,7 +385,13 @@ pub async fn follow_targets(
                     info!(fleets = next.len(), "fleet targets changed");
                 }
             }
-            _ = tick.tick() => {}
+            _ = tick.tick() => {
+                // A token reached its expiry or the end of its grace: wake the sessions.
+                let now = crate::time::now_unix();
+                if next_refusal.is_some_and(|at| now >= at) {
+                    tokens.send_modify(|index| next_refusal = index.next_refusal_after(now));
+                }
+            }
         }
         // Until the repository has been read, no target is known: leave records alone
         // rather than unassigning every restored instance.
@@ -352,8 +407,9 @@ pub async fn follow_targets(
     }
 }
 
-/// What each fleet's instances should run, from the desired state.
-pub fn targets_of(view: &View) -> Targets {
+/// What each fleet's instances should run, from the desired state. `public_endpoint` is
+/// the OpAMP URL from `--public-url`, offered when a fleet names no `[install].endpoint`.
+pub fn targets_of(view: &View, public_endpoint: Option<&str>) -> Targets {
     let Some(desired) = &view.desired else { return Targets::new() };
     desired
         .fleets
@@ -366,6 +422,20 @@ pub fn targets_of(view: &View) -> Targets {
                 content_type: version.map(|v| v.content_type.clone()).unwrap_or_default(),
                 body: version.map(|v| Arc::clone(&v.body)).unwrap_or_else(|| Arc::from(&b""[..])),
                 stale_after_ms: i64::try_from(fleet.spec.health.stale_after.as_millis()).unwrap_or(i64::MAX),
+                current_token: view
+                    .fleet_tokens
+                    .get(fleet.name())
+                    .and_then(|tokens| tokens.current())
+                    .map(|current| Arc::from(current.token.id.as_str())),
+                credentials: view.fleet_tokens.get(fleet.name()).and_then(|tokens| {
+                    let current = tokens.current()?;
+                    let text = tokens.text.as_ref()?;
+                    Some(Arc::new(crate::opamp::registry::Credentials {
+                        token_id: Arc::from(current.token.id.as_str()),
+                        authorization: format!("Bearer {}", text.expose()),
+                        endpoint: fleet.spec.install.endpoint.clone().or_else(|| public_endpoint.map(str::to_owned)),
+                    }))
+                }),
             };
             (fleet.name().to_owned(), target)
         })

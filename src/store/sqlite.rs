@@ -80,6 +80,9 @@ const MIGRATIONS: &[&str] = &[
         event TEXT NOT NULL
     );
     CREATE INDEX instance_events_by_uid ON instance_events (uid, id);",
+    // 4: a token's expiry follows its fleet file's `expires` from the issue time, so it is
+    // computed, not stored.
+    "ALTER TABLE tokens DROP COLUMN expires_at;",
 ];
 
 /// How many reconciles the history keeps.
@@ -247,9 +250,7 @@ impl Store for SqliteStore {
     fn tokens(&self) -> Result<Vec<IssuedToken>, StoreError> {
         let connection = self.connection();
         let mut statement = connection
-            .prepare(
-                "SELECT id, fleet, secret_hash, issued_at, expires_at, rotation FROM tokens ORDER BY issued_at, id",
-            )
+            .prepare("SELECT id, fleet, secret_hash, issued_at, rotation FROM tokens ORDER BY issued_at, id")
             .map_err(query("reading tokens"))?;
         let rows = statement
             .query_map([], |row| {
@@ -258,19 +259,18 @@ impl Store for SqliteStore {
                     row.get::<_, String>(1)?,
                     row.get::<_, Vec<u8>>(2)?,
                     row.get::<_, i64>(3)?,
-                    row.get::<_, Option<i64>>(4)?,
-                    row.get::<_, u32>(5)?,
+                    row.get::<_, u32>(4)?,
                 ))
             })
             .map_err(query("reading tokens"))?;
         let mut tokens = Vec::new();
         for row in rows {
-            let (id, fleet, hash, issued_at, expires_at, rotation) = row.map_err(query("reading tokens"))?;
+            let (id, fleet, hash, issued_at, rotation) = row.map_err(query("reading tokens"))?;
             let secret_hash = hash.try_into().map_err(|_| StoreError::Corrupt {
                 what: "token",
                 message: format!("token {id} has a malformed hash"),
             })?;
-            tokens.push(IssuedToken { id, fleet, secret_hash, issued_at, expires_at, rotation });
+            tokens.push(IssuedToken { id, fleet, secret_hash, issued_at, rotation });
         }
         Ok(tokens)
     }
@@ -278,8 +278,8 @@ impl Store for SqliteStore {
     fn save_token(&self, token: &IssuedToken) -> Result<(), StoreError> {
         self.connection()
             .execute(
-                "INSERT INTO tokens (id, fleet, secret_hash, issued_at, expires_at, rotation) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![token.id, token.fleet, &token.secret_hash[..], token.issued_at, token.expires_at, token.rotation],
+                "INSERT INTO tokens (id, fleet, secret_hash, issued_at, rotation) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![token.id, token.fleet, &token.secret_hash[..], token.issued_at, token.rotation],
             )
             .map_err(query("saving a token"))?;
         Ok(())
@@ -562,7 +562,7 @@ mod tests {
         let path = dir.path().join("state.db");
         Connection::open(&path).and_then(|c| c.pragma_update(None, "user_version", 99)).expect("set version");
         match SqliteStore::open(&path) {
-            Err(StoreError::TooNew { found: 99, supported: 3 }) => {}
+            Err(StoreError::TooNew { found: 99, supported: 4 }) => {}
             other => panic!("expected TooNew, got {:?}", other.map(|_| ())),
         }
     }

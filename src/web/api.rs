@@ -70,7 +70,7 @@ async fn fleets(State(state): State<WebState>) -> Response {
     let fleets: Vec<Value> = desired
         .fleets
         .values()
-        .map(|fleet| fleet_json(fleet, &view, summaries.get(fleet.name()).copied().unwrap_or_default()))
+        .map(|fleet| fleet_json(fleet, &view, summaries.get(fleet.name()).cloned().unwrap_or_default()))
         .collect();
     Json(json!({ "fleets": fleets })).into_response()
 }
@@ -82,7 +82,7 @@ async fn fleet(State(state): State<WebState>, Path(name): Path<String>) -> Respo
         return not_found(&format!("no fleet named `{}`", name.escape_default()));
     };
     let targets = Arc::clone(&state.targets.borrow());
-    let summary = state.registry.summaries(&targets, crate::time::now_ms()).get(&name).copied().unwrap_or_default();
+    let summary = state.registry.summaries(&targets, crate::time::now_ms()).get(&name).cloned().unwrap_or_default();
     Json(fleet_json(fleet, &view, summary)).into_response()
 }
 
@@ -136,7 +136,6 @@ async fn instance(State(state): State<WebState>, Path(uid): Path<String>) -> Res
         }
     };
     value["capabilities"] = json!(record.config.capabilities);
-    value["token_id"] = json!(&*record.token_id);
     value["first_seen"] = json!(rfc3339(record.first_seen_ms / 1000));
     let events: Vec<Value> = record
         .history
@@ -176,19 +175,34 @@ pub fn instance_json(record: &InstanceRecord, targets: &Targets, now_ms: i64) ->
         "error": record.config.error(),
         "transport": record.transport,
         "connected": record.session.is_some(),
+        "token_id": &*record.token_id,
+        "token_current": target.and_then(|t| t.current_token.as_deref()) == Some(&*record.token_id),
     })
 }
 
 pub fn fleet_json(fleet: &Fleet, view: &View, summary: FleetSummary) -> Value {
     let spec = &fleet.spec;
-    let token = view.fleet_tokens.get(fleet.name()).map(|token| {
-        json!({
-            "id": token.id,
-            "issued_at": rfc3339(token.issued_at),
-            "expires_at": token.expires_at.map(rfc3339),
-            "state": "active",
+    let now = crate::time::now_unix();
+    let tokens: Vec<Value> = view
+        .fleet_tokens
+        .get(fleet.name())
+        .map(|tokens| tokens.statuses.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|status| {
+            json!({
+                "id": status.token.id,
+                "issued_at": rfc3339(status.token.issued_at),
+                "expires_at": status.expires_at.map(rfc3339),
+                "retires_at": status.retires_at.map(rfc3339),
+                "state": status.state(now),
+                "instances": summary.by_token.get(status.token.id.as_str()).copied().unwrap_or(0),
+            })
         })
-    });
+        .collect();
+    let current = tokens.first().cloned();
+    let on_old_tokens =
+        summary.instances - current.as_ref().and_then(|t| t["instances"].as_u64()).unwrap_or(0) as usize;
     let assignment = fleet.assignment.as_deref();
     json!({
         "name": spec.name,
@@ -204,7 +218,9 @@ pub fn fleet_json(fleet: &Fleet, view: &View, summary: FleetSummary) -> Value {
         "instances": summary.instances,
         "counts": summary.counts,
         "drift": summary.drift,
-        "token": token,
+        "token": current,
+        "tokens": tokens,
+        "instances_on_old_tokens": on_old_tokens,
         "stale_after_seconds": spec.health.stale_after.as_secs(),
         "install": {
             "endpoint": spec.install.endpoint,

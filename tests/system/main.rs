@@ -8,3 +8,4 @@ mod opamp;
 mod peers;
 mod proto;
 mod serve;
+mod tokens;

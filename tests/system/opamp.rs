@@ -89,7 +89,7 @@ fn a_websocket_agent_gets_its_config_reports_in_sync_and_gets_the_next_version_p
     agent.send(&full_state(uid, 0, "gw-1"));
     let reply = agent.recv();
     assert_eq!(reply.instance_uid, uid.to_vec());
-    assert_eq!(reply.capabilities, 0x7, "server capabilities in the first reply");
+    assert_eq!(reply.capabilities, 0x27, "server capabilities in the first reply");
     assert_eq!(reply.flags, 0);
     let remote = reply.remote_config.expect("the assigned config");
     assert_eq!(hex::encode(&remote.config_hash), prod["config_hash"].as_str().expect("hash"));
