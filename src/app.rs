@@ -108,6 +108,16 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
         ),
         None => None,
     };
+    let install = crate::install::writer::InstallConfig {
+        data_dir: settings.data_dir.clone(),
+        public_endpoint: settings.opamp_endpoint(),
+        fallback_endpoint: format!("ws://{}:{}/v1/opamp", host_name(), opamp_addr.port()),
+        artifacts_dir: settings.artifacts_dir.clone(),
+    };
+    tracker.spawn(
+        crate::install::writer::keep_written(view_rx.clone(), install, events_tx.clone(), cancel.clone())
+            .instrument(info_span!("install")),
+    );
     let watcher_settings = WatcherSettings { branch: settings.branch.clone(), poll_interval: settings.poll_interval };
     tracker.spawn(
         watcher::run(watcher_settings, mirror, triggers_rx, events_tx, cancel.clone())
@@ -132,6 +142,7 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
         targets: targets_rx.clone(),
         view: view_rx.clone(),
         tokens: tokens_rx,
+        install_dir: settings.data_dir.join("install"),
         connections: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         max_connections: settings.max_connections,
         cancel: cancel.clone(),
@@ -195,4 +206,13 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = interrupt.await;
     info!("shutdown requested");
+}
+
+/// This machine's name, for install files that must name an endpoint when none is set.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-.".contains(c)))
+        .unwrap_or_else(|| "localhost".to_owned())
 }

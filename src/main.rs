@@ -27,6 +27,9 @@ enum Command {
     Check(CheckArgs),
     /// Run the whole product on this machine from the bundled example repository.
     Demo(DemoArgs),
+    /// Write a fleet's install files (supervisor.yaml, install.sh, Docker files, offline
+    /// bundles) from the server's data directory.
+    InstallFiles(gitfleet::install::export::InstallFilesArgs),
     /// Simulated collectors (OpAMP agents) for demos, tests and benchmarks; prints figures
     /// as JSON.
     Loadgen(gitfleet::loadgen::LoadgenArgs),
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         },
         Command::Serve(args) => report(serve(args)),
         Command::Demo(args) => report(run_demo(args)),
+        Command::InstallFiles(args) => report(install_files(&args)),
         Command::Loadgen(args) => report(loadgen(&args)),
         Command::Bench(args) => report(bench::run(&args).map_err(anyhow::Error::from)),
     }
@@ -101,7 +105,7 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         web_listen: args.web_listen.clone(),
         poll_interval: "30s".to_owned(),
         webhook_secret: None,
-        public_url: None,
+        public_url: Some(format!("http://{}", args.listen)),
         artifacts_dir: None,
     }
     .validate()?;
@@ -114,6 +118,13 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         running.shutdown().await;
         Ok(())
     })
+}
+
+fn install_files(args: &gitfleet::install::export::InstallFilesArgs) -> anyhow::Result<()> {
+    for path in gitfleet::install::export::run(args)? {
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 fn loadgen(args: &gitfleet::loadgen::LoadgenArgs) -> anyhow::Result<()> {

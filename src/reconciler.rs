@@ -25,6 +25,8 @@ pub enum Event {
     RepoUnreachable { message: String },
     /// A fetch succeeded and nothing changed.
     RepoReachable,
+    /// What is wrong with the install files now (empty when nothing is).
+    InstallProblems(Vec<Problem>),
 }
 
 /// What readers (the web API, later the OpAMP server) see. Replaced whole on each change.
@@ -163,12 +165,15 @@ impl Reconciler {
                     None => break,
                 },
             };
-            let now = crate::time::now_unix();
-            self.view.send_modify(|view| {
-                let view = Arc::make_mut(view);
-                view.fetches += 1;
-                view.last_fetched_at = Some(now);
-            });
+            let is_fetch = !matches!(event, Event::InstallProblems(_));
+            if is_fetch {
+                let now = crate::time::now_unix();
+                self.view.send_modify(|view| {
+                    let view = Arc::make_mut(view);
+                    view.fetches += 1;
+                    view.last_fetched_at = Some(now);
+                });
+            }
             match event {
                 Event::RepoRead(snapshot) => self.reconcile(*snapshot).await,
                 Event::RepoUnreachable { message } => {
@@ -176,6 +181,9 @@ impl Reconciler {
                     self.view.send_modify(|view| Arc::make_mut(view).fetch_problem = Some(problem));
                 }
                 Event::RepoReachable => self.view.send_modify(|view| Arc::make_mut(view).fetch_problem = None),
+                Event::InstallProblems(problems) => {
+                    self.view.send_modify(|view| Arc::make_mut(view).install_problems = problems);
+                }
             }
         }
         info!("reconciler stopped");

@@ -1,3 +1,8 @@
-//! What collectors need to join a fleet: install tokens (and, later, install files).
+//! What collectors need to join a fleet: install tokens and install files.
 
+pub mod artifacts;
+pub mod bundle;
+pub mod export;
+pub mod files;
 pub mod token;
+pub mod writer;

@@ -13,7 +13,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
+use axum::routing::{any, get};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -40,6 +40,8 @@ pub struct OpampState {
     /// Changes whenever a token may have become refused (revoked, expired, retired), so
     /// that live sessions on it are closed at once.
     pub tokens: watch::Receiver<Arc<TokenIndex>>,
+    /// `<data-dir>/install`: each fleet's install files, served at `/v1/install/<file>`.
+    pub install_dir: std::path::PathBuf,
     /// Live WebSockets plus HTTP requests in flight.
     pub connections: Arc<AtomicUsize>,
     pub max_connections: usize,
@@ -49,7 +51,10 @@ pub struct OpampState {
 pub fn router(state: OpampState) -> Router {
     Router::new()
         .route("/v1/opamp", any(opamp))
-        .fallback(|| async { (StatusCode::NOT_FOUND, "OpAMP is served at /v1/opamp\n") })
+        .route("/v1/install/{file}", get(install_file))
+        .fallback(|| async {
+            (StatusCode::NOT_FOUND, "OpAMP is served at /v1/opamp, install files at /v1/install/<file>\n")
+        })
         .with_state(state)
 }
 
@@ -77,6 +82,73 @@ fn plain(status: StatusCode, message: &str) -> Response {
     (status, format!("{message}\n")).into_response()
 }
 
+fn unauthorized(refused: &str) -> Response {
+    let mut response = plain(StatusCode::UNAUTHORIZED, &format!("unauthorized: {refused}"));
+    response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// `GET /v1/install/<file>`: one of the install files of the fleet whose current token the
+/// request carries. A token in its grace period does not download the new one.
+async fn install_file(
+    State(state): State<OpampState>,
+    axum::extract::Path(file): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let view = Arc::clone(&state.view.borrow());
+    let fleet = match view.tokens.authenticate(authorization, crate::time::now_unix()) {
+        Ok(token) => {
+            let current = view.fleet_tokens.get(&token.fleet).and_then(|tokens| tokens.current());
+            if current.is_none_or(|current| current.token.id != token.id) {
+                return unauthorized("install files need the fleet's current token");
+            }
+            token.fleet.clone()
+        }
+        Err(refused) => return unauthorized(&refused.to_string()),
+    };
+    if !crate::install::files::served_names(&fleet).contains(&file) {
+        let names = crate::install::files::served_names(&fleet).join(", ");
+        return plain(
+            StatusCode::NOT_FOUND,
+            &format!("no install file `{}`; there are: {names}", file.escape_default()),
+        );
+    }
+    let path = state.install_dir.join(&fleet).join(&file);
+    let opened = match tokio::fs::File::open(&path).await {
+        Ok(opened) => opened,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let mut response = plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the install files of this fleet are being written; retry shortly",
+            );
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return response;
+        }
+        Err(error) => {
+            warn!(path = %path.display(), %error, "cannot read an install file");
+            return plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the install file");
+        }
+    };
+    let length = opened.metadata().await.map(|m| m.len()).ok();
+    let content_type = match file.rsplit_once('.').map(|(_, ext)| ext) {
+        Some("gz") => "application/gzip",
+        Some("yaml") => "application/yaml",
+        Some("sh") => "text/x-shellscript; charset=utf-8",
+        _ => "text/plain; charset=utf-8",
+    };
+    info!(fleet = %fleet, file = %file, "serving an install file");
+    let mut response = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CONTENT_DISPOSITION, format!("attachment; filename=\"{file}\""))
+        .header(header::CACHE_CONTROL, "no-store");
+    if let Some(length) = length {
+        response = response.header(header::CONTENT_LENGTH, length);
+    }
+    response.body(Body::from_stream(tokio_util::io::ReaderStream::new(opened))).expect("a valid response")
+}
+
 async fn opamp(State(state): State<OpampState>, request: Request) -> Response {
     let authorization = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let tokens = Arc::clone(&state.view.borrow().tokens);
@@ -84,9 +156,7 @@ async fn opamp(State(state): State<OpampState>, request: Request) -> Response {
         Ok(token) => token.clone(),
         Err(refused) => {
             debug!(reason = %refused, "OpAMP request refused");
-            let mut response = plain(StatusCode::UNAUTHORIZED, &format!("unauthorized: {refused}"));
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return response;
+            return unauthorized(&refused.to_string());
         }
     };
     let Some(slot) = ConnectionSlot::take(&state) else {

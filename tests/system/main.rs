@@ -4,6 +4,7 @@
 mod common;
 
 mod check;
+mod install;
 mod opamp;
 mod peers;
 mod proto;

@@ -1,0 +1,110 @@
+//! `gitfleet install-files <fleet> --out DIR`: a fleet's install files written on the
+//! server host from the server's own state (its data directory), so they match what
+//! `/v1/install/` serves.
+
+use std::path::PathBuf;
+
+use crate::install::files::{self, InstallSpec};
+use crate::install::{artifacts, token};
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct InstallFilesArgs {
+    /// The fleet (the stem of its `fleets/<fleet>.toml`).
+    pub fleet: String,
+    /// Where to write the files (created if missing, mode 0700).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The data directory of `gitfleet serve`, which holds the fleet's token.
+    #[arg(long, env = "GITFLEET_DATA_DIR", default_value = "./.gitfleet")]
+    pub data_dir: PathBuf,
+    /// The URL collectors reach the collector port at, for a fleet without
+    /// `[install].endpoint` (as given to `gitfleet serve`).
+    #[arg(long, env = "GITFLEET_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Release files to put into the offline bundles (as given to `gitfleet serve`).
+    #[arg(long, env = "GITFLEET_ARTIFACTS_DIR")]
+    pub artifacts_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("{0}")]
+    Setting(#[from] crate::settings::SettingsError),
+    #[error("no gitfleet state in {0}: run `gitfleet serve --data-dir {0}` first")]
+    NoState(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("gitfleet has never served a fleet `{0}` (see `gitfleet check`)")]
+    UnknownFleet(String),
+    #[error("fleet `{0}` has no install token yet: `gitfleet serve` issues one when it first reads the fleet")]
+    NoToken(String),
+    #[error(
+        "the token file of fleet `{fleet}` is missing or does not hold its current token {id}; bump `rotate` in its fleet file to issue a new one"
+    )]
+    TokenFile { fleet: String, id: String },
+    #[error("fleet `{0}` names no `[install].endpoint`: give --public-url")]
+    NoEndpoint(String),
+    #[error("{0}")]
+    Artifacts(String),
+    #[error("cannot write {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+}
+
+/// Writes the set and returns the paths written.
+pub fn run(args: &InstallFilesArgs) -> Result<Vec<PathBuf>, ExportError> {
+    let public_url = args.public_url.as_deref().map(crate::settings::parse_public_url).transpose()?;
+    let database = args.data_dir.join("state.db");
+    if !database.is_file() {
+        return Err(ExportError::NoState(args.data_dir.display().to_string()));
+    }
+    let store = SqliteStore::open(&database)?;
+    let last_good = store.last_good_fleets()?;
+    let source = last_good.get(&args.fleet).ok_or_else(|| ExportError::UnknownFleet(args.fleet.clone()))?;
+    let file = format!("fleets/{}.toml", args.fleet);
+    let spec = crate::repo::manifest::parse_fleet(&args.fleet, &file, &source.source)
+        .0
+        .ok_or_else(|| ExportError::UnknownFleet(args.fleet.clone()))?;
+    let newest = store
+        .tokens()?
+        .into_iter()
+        .rfind(|t| t.fleet == args.fleet)
+        .ok_or_else(|| ExportError::NoToken(args.fleet.clone()))?;
+    let token_path = args.data_dir.join("install").join(&args.fleet).join("token");
+    let text = std::fs::read_to_string(&token_path)
+        .ok()
+        .and_then(|text| token::TokenText::of(&newest, &text))
+        .ok_or_else(|| ExportError::TokenFile { fleet: args.fleet.clone(), id: newest.id.clone() })?;
+    let endpoint = spec
+        .install
+        .endpoint
+        .clone()
+        .or_else(|| public_url.as_deref().map(crate::settings::opamp_endpoint))
+        .ok_or_else(|| ExportError::NoEndpoint(args.fleet.clone()))?;
+    let collector_version =
+        spec.install.collector_version.clone().unwrap_or_else(|| files::DEFAULT_COLLECTOR_VERSION.to_owned());
+    let supervisor_version =
+        spec.install.supervisor_version.clone().unwrap_or_else(|| files::DEFAULT_SUPERVISOR_VERSION.to_owned());
+    let install = InstallSpec {
+        fleet: &args.fleet,
+        token: &text,
+        endpoint: &endpoint,
+        collector_version: &collector_version,
+        supervisor_version: &supervisor_version,
+    };
+    let mut included = Vec::new();
+    if let Some(dir) = &args.artifacts_dir {
+        for arch in files::ARCHES {
+            if let Some(found) =
+                artifacts::verified(dir, &files::release_files(&install, arch)).map_err(ExportError::Artifacts)?
+            {
+                included.push((arch, found));
+            }
+        }
+    }
+    let rendered = files::render(&install);
+    files::write_set(&args.out, &install, &rendered, &included, "exported")
+        .map_err(|source| ExportError::Write { path: args.out.display().to_string(), source })?;
+    Ok(files::served_names(&args.fleet).into_iter().map(|name| args.out.join(name)).collect())
+}

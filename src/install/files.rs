@@ -1,0 +1,219 @@
+//! A fleet's install files (PRODUCT.md §6): rendered from the templates in `templates/`,
+//! written under `<data-dir>/install/<fleet>/` (directory 0700, files 0600) and packed into
+//! one offline bundle per architecture.
+//!
+//! Rendering is pure; only `write_set` touches the disk. Every value put into a template is
+//! checked first: fleet names and versions are safe names, the token is `tk_<hex>.<hex>`, and
+//! the endpoint goes into YAML as a quoted string.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::install::artifacts::Artifact;
+use crate::install::token::TokenText;
+
+/// Releases used when a fleet file pins none.
+pub const DEFAULT_COLLECTOR_VERSION: &str = "0.139.0";
+pub const DEFAULT_SUPERVISOR_VERSION: &str = "0.139.0";
+pub const ARCHES: [&str; 2] = ["amd64", "arm64"];
+/// Written last: what the set was made from, so an unchanged set is not rewritten.
+const FINGERPRINT: &str = ".fingerprint";
+
+/// What a fleet's install files are made from.
+pub struct InstallSpec<'a> {
+    pub fleet: &'a str,
+    pub token: &'a TokenText,
+    /// The OpAMP URL collectors dial.
+    pub endpoint: &'a str,
+    pub collector_version: &'a str,
+    pub supervisor_version: &'a str,
+}
+
+/// One rendered file and the mode it gets inside a bundle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TextFile {
+    pub name: &'static str,
+    pub mode: u32,
+    pub body: String,
+}
+
+/// The release files of one architecture, as the bundle and `install.sh` name them.
+pub fn release_files(spec: &InstallSpec<'_>, arch: &str) -> [String; 2] {
+    [
+        format!("otelcol-contrib_{}_linux_{arch}.tar.gz", spec.collector_version),
+        format!("opampsupervisor_{}_linux_{arch}", spec.supervisor_version),
+    ]
+}
+
+pub fn bundle_name(fleet: &str, arch: &str) -> String {
+    format!("gitfleet-{fleet}-linux-{arch}.tar.gz")
+}
+
+/// Every file `GET /v1/install/<file>` serves for `fleet`.
+pub fn served_names(fleet: &str) -> Vec<String> {
+    let mut names: Vec<String> = TEMPLATES.iter().map(|(name, ..)| (*name).to_owned()).collect();
+    names.extend(ARCHES.iter().map(|arch| bundle_name(fleet, arch)));
+    names
+}
+
+const TEMPLATES: [(&str, u32, &str); 6] = [
+    ("supervisor.yaml", 0o600, include_str!("templates/supervisor.yaml")),
+    ("install.sh", 0o755, include_str!("templates/install.sh")),
+    ("gitfleet-collector.service", 0o644, include_str!("templates/gitfleet-collector.service")),
+    ("Dockerfile", 0o644, include_str!("templates/Dockerfile")),
+    ("compose.yaml", 0o644, include_str!("templates/compose.yaml")),
+    ("README.txt", 0o644, include_str!("templates/README.txt")),
+];
+
+/// The text files of a fleet's install set.
+pub fn render(spec: &InstallSpec<'_>) -> Vec<TextFile> {
+    let tls = if spec.endpoint.starts_with("wss://") || spec.endpoint.starts_with("https://") {
+        "  tls:\n    insecure_skip_verify: false\n    # ca_file: /etc/gitfleet-collector/ca.pem   # for a private CA\n"
+    } else {
+        ""
+    };
+    let endpoint_yaml = serde_json::to_string(spec.endpoint).expect("a string serializes");
+    TEMPLATES
+        .iter()
+        .map(|&(name, mode, template)| {
+            let body = template
+                .replace("@TLS@\n", tls)
+                .replace("@ENDPOINT@", if name == "supervisor.yaml" { &endpoint_yaml } else { spec.endpoint })
+                .replace("@DOWNLOAD_BASE@", &download_base(spec.endpoint))
+                .replace("@TOKEN@", spec.token.expose())
+                .replace("@FLEET@", spec.fleet)
+                .replace("@COLLECTOR_VERSION@", spec.collector_version)
+                .replace("@SUPERVISOR_VERSION@", spec.supervisor_version);
+            TextFile { name, mode, body }
+        })
+        .collect()
+}
+
+/// `https://host:port/v1/install` for an OpAMP endpoint `wss://host:port/v1/opamp`.
+fn download_base(endpoint: &str) -> String {
+    let (scheme, rest) = endpoint.split_once("://").unwrap_or(("http", endpoint));
+    let scheme = if matches!(scheme, "wss" | "https") { "https" } else { "http" };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    format!("{scheme}://{host}/v1/install")
+}
+
+/// What a written set was made from: the rendered files and each artifact's name, size
+/// and modification time (hashing large archives on every check would be too slow).
+pub fn fingerprint(files: &[TextFile], artifacts: &[PathBuf]) -> String {
+    let mut hasher = Sha256::new();
+    for file in files {
+        hasher.update(file.name.as_bytes());
+        hasher.update((file.body.len() as u64).to_be_bytes());
+        hasher.update(file.body.as_bytes());
+    }
+    for path in artifacts {
+        hasher.update(path.to_string_lossy().as_bytes());
+        if let Ok(meta) = std::fs::metadata(path) {
+            hasher.update(meta.len().to_be_bytes());
+            let modified = meta.modified().ok().and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok());
+            hasher.update(modified.map_or(0, |d| d.as_nanos()).to_be_bytes());
+        }
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// Whether the set in `dir` was written from `fingerprint`.
+pub fn is_current(dir: &Path, fingerprint: &str) -> bool {
+    std::fs::read_to_string(dir.join(FINGERPRINT)).is_ok_and(|written| written.trim() == fingerprint)
+}
+
+/// Writes the text files and one bundle per architecture into `dir` (created 0700; every
+/// file 0600, replaced atomically), then the fingerprint. `artifacts` holds each
+/// architecture's verified release files, if the server has them.
+pub fn write_set(
+    dir: &Path,
+    spec: &InstallSpec<'_>,
+    files: &[TextFile],
+    artifacts: &[(&str, Vec<Artifact>)],
+    fingerprint: &str,
+) -> std::io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    for file in files {
+        write_private(dir, file.name, |out| out.write_all(file.body.as_bytes()))?;
+    }
+    let mtime = crate::time::now_unix().max(0) as u64;
+    for arch in ARCHES {
+        let included = artifacts.iter().find(|(a, _)| *a == arch).map(|(_, list)| list.as_slice()).unwrap_or_default();
+        let name = bundle_name(spec.fleet, arch);
+        write_private(dir, &name, |out| crate::install::bundle::write(out, spec.fleet, arch, files, included, mtime))?;
+    }
+    write_private(dir, FINGERPRINT, |out| out.write_all(fingerprint.as_bytes()))
+}
+
+fn write_private(
+    dir: &Path,
+    name: &str,
+    fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let temporary = dir.join(format!(".{name}.tmp"));
+    let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temporary)?;
+    let mut out = std::io::BufWriter::new(file);
+    fill(&mut out)?;
+    let file = out.into_inner().map_err(std::io::IntoInnerError::into_error)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, dir.join(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::install::token;
+
+    fn spec<'a>(token: &'a TokenText, endpoint: &'a str) -> InstallSpec<'a> {
+        InstallSpec {
+            fleet: "prod-gateway",
+            token,
+            endpoint,
+            collector_version: "0.115.0",
+            supervisor_version: "0.116.0",
+        }
+    }
+
+    #[test]
+    fn every_placeholder_is_filled() {
+        let (text, _) = token::issue("prod-gateway", 0, 0).expect("random");
+        for endpoint in ["ws://10.0.0.1:4320/v1/opamp", "wss://fleet.example.com:4320/v1/opamp"] {
+            for file in render(&spec(&text, endpoint)) {
+                let ats: Vec<usize> = file.body.match_indices('@').map(|(i, _)| i).collect();
+                let placeholder = ats
+                    .windows(2)
+                    .map(|w| &file.body[w[0] + 1..w[1]])
+                    .find(|word| !word.is_empty() && word.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'));
+                assert_eq!(placeholder, None, "{} keeps a placeholder:\n{}", file.name, file.body);
+            }
+        }
+    }
+
+    #[test]
+    fn only_supervisor_yaml_holds_the_token_and_tls_follows_the_scheme() {
+        let (text, _) = token::issue("prod-gateway", 0, 0).expect("random");
+        let files = render(&spec(&text, "wss://fleet.example.com:4320/v1/opamp"));
+        for file in &files {
+            assert_eq!(file.body.contains(text.expose()), file.name == "supervisor.yaml", "{}", file.name);
+        }
+        let yaml = &files.iter().find(|f| f.name == "supervisor.yaml").expect("supervisor.yaml").body;
+        assert!(yaml.contains("endpoint: \"wss://fleet.example.com:4320/v1/opamp\""), "{yaml}");
+        assert!(yaml.contains("insecure_skip_verify: false"), "{yaml}");
+        let readme = &files.iter().find(|f| f.name == "README.txt").expect("README").body;
+        assert!(readme.contains("https://fleet.example.com:4320/v1/install/<file>"), "{readme}");
+        let plain = render(&spec(&text, "ws://10.0.0.1:4320/v1/opamp"));
+        let yaml = &plain.iter().find(|f| f.name == "supervisor.yaml").expect("supervisor.yaml").body;
+        assert!(!yaml.contains("tls:"), "{yaml}");
+    }
+
+    #[test]
+    fn served_names_are_the_templates_and_the_bundles() {
+        let names = served_names("prod");
+        assert!(names.contains(&"install.sh".to_owned()));
+        assert!(names.contains(&"gitfleet-prod-linux-arm64.tar.gz".to_owned()));
+        assert!(!names.iter().any(|n| n == "token" || n.starts_with('.')));
+    }
+}

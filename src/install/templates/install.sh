@@ -1,0 +1,259 @@
+#!/bin/sh
+# Joins this host to the gitfleet fleet `@FLEET@`: installs opampsupervisor @SUPERVISOR_VERSION@
+# and otelcol-contrib @COLLECTOR_VERSION@ as the systemd service gitfleet-collector.
+# Written by gitfleet; run it again to update, it changes only what differs.
+#
+#   sh install.sh                install or update (as root)
+#   sh install.sh --uninstall    remove the service and its files (keeps its state)
+#
+# Options:
+#   --prefix DIR   install under DIR instead of / (no system user, no systemctl)
+#   --no-systemd   do not install or start the systemd unit
+#   --arch ARCH    amd64 or arm64 (default: this machine's)
+#   --purge        with --uninstall: also remove the state directory and the system user
+#
+# Next to the files of an offline bundle it installs the release files of the bundle;
+# otherwise it downloads the official releases. Either way their SHA-256 is checked
+# before anything is installed.
+set -eu
+
+FLEET='@FLEET@'
+COLLECTOR_VERSION='@COLLECTOR_VERSION@'
+SUPERVISOR_VERSION='@SUPERVISOR_VERSION@'
+RELEASES='https://github.com/open-telemetry/opentelemetry-collector-releases/releases/download'
+SERVICE='gitfleet-collector'
+SERVICE_USER='gitfleet-collector'
+
+say() { printf 'gitfleet-install: %s\n' "$*"; }
+die() {
+    printf 'gitfleet-install: error: %s\n' "$*" >&2
+    exit 1
+}
+
+usage() { sed -n '2,17s/^# \{0,1\}//p' "$0"; }
+
+prefix=''
+systemd=1
+action=install
+purge=0
+arch=''
+while [ $# -gt 0 ]; do
+    case $1 in
+        --prefix)
+            [ $# -ge 2 ] || die '--prefix needs a directory'
+            prefix=$2
+            shift 2
+            ;;
+        --prefix=*)
+            prefix=${1#--prefix=}
+            shift
+            ;;
+        --arch)
+            [ $# -ge 2 ] || die '--arch needs amd64 or arm64'
+            arch=$2
+            shift 2
+            ;;
+        --arch=*)
+            arch=${1#--arch=}
+            shift
+            ;;
+        --no-systemd) systemd=0; shift ;;
+        --uninstall) action=uninstall; shift ;;
+        --purge) purge=1; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) die "unknown option '$1' (see --help)" ;;
+    esac
+done
+
+case $prefix in
+    '') ;;
+    /*) prefix=${prefix%/} ;;
+    *) prefix=$(pwd)/${prefix%/} ;;
+esac
+case $prefix in
+    *'#'* | *'&'* | *\\*) die "--prefix must not contain '#', '&' or a backslash" ;;
+esac
+
+if [ -z "$arch" ]; then
+    machine=$(uname -m)
+    case $machine in
+        x86_64 | amd64) arch=amd64 ;;
+        aarch64 | arm64) arch=arm64 ;;
+        *) die "unsupported architecture '$machine': gitfleet installs on amd64 and arm64" ;;
+    esac
+fi
+case $arch in
+    amd64 | arm64) ;;
+    *) die "unsupported --arch '$arch': use amd64 or arm64" ;;
+esac
+
+is_root=0
+[ "$(id -u)" -eq 0 ] && is_root=1
+# A real install manages the system user and the service; one under --prefix does not.
+system=0
+[ -z "$prefix" ] && system=1
+if [ "$system" -eq 1 ] && [ "$is_root" -eq 0 ]; then
+    die 'run as root (for example with sudo), or use --prefix DIR --no-systemd to install elsewhere'
+fi
+
+bin_dir=$prefix/opt/gitfleet-collector/bin
+conf_dir=$prefix/etc/gitfleet-collector
+state_dir=$prefix/var/lib/gitfleet-collector
+unit_path=$prefix/etc/systemd/system/$SERVICE.service
+here=$(cd "$(dirname "$0")" && pwd)
+
+has_systemctl() { [ "$system" -eq 1 ] && [ "$systemd" -eq 1 ] && command -v systemctl >/dev/null 2>&1; }
+
+if [ "$action" = uninstall ]; then
+    if has_systemctl; then
+        systemctl disable --now "$SERVICE" >/dev/null 2>&1 || true
+    fi
+    removed=0
+    for path in "$unit_path" "$bin_dir/opampsupervisor" "$bin_dir/otelcol-contrib" "$conf_dir/supervisor.yaml"; do
+        if [ -e "$path" ]; then
+            rm -f "$path"
+            removed=1
+        fi
+    done
+    rmdir "$bin_dir" "$prefix/opt/gitfleet-collector" "$conf_dir" 2>/dev/null || true
+    has_systemctl && systemctl daemon-reload
+    if [ "$purge" -eq 1 ] && [ -d "$state_dir" ]; then
+        rm -rf "$state_dir"
+        removed=1
+    fi
+    if [ "$purge" -eq 1 ] && [ "$system" -eq 1 ] && id "$SERVICE_USER" >/dev/null 2>&1; then
+        userdel "$SERVICE_USER" 2>/dev/null || deluser "$SERVICE_USER" >/dev/null 2>&1 || true
+    fi
+    if [ "$removed" -eq 1 ]; then
+        say "removed the collector of fleet $FLEET"
+        [ "$purge" -eq 0 ] && [ -d "$state_dir" ] && say "kept its state in $state_dir (--purge removes it)"
+    else
+        say 'nothing to remove: the collector is not installed here'
+    fi
+    exit 0
+fi
+
+sha256() {
+    if command -v sha256sum >/dev/null 2>&1; then
+        sha256sum "$1" | cut -d ' ' -f 1
+    elif command -v shasum >/dev/null 2>&1; then
+        shasum -a 256 "$1" | cut -d ' ' -f 1
+    else
+        die 'neither sha256sum nor shasum is installed; cannot verify the downloads'
+    fi
+}
+
+# verify FILE NAME SUMS: FILE's SHA-256 must be the one SUMS lists for NAME.
+verify() {
+    expected=$(awk -v name="$2" '$2 == name || $2 == "*" name { print $1; exit }' "$3")
+    [ -n "$expected" ] || die "no checksum for $2 in $(basename "$3"); nothing was installed"
+    actual=$(sha256 "$1")
+    [ "$actual" = "$expected" ] ||
+        die "checksum mismatch for $2: expected $expected, got $actual; nothing was installed"
+}
+
+fetch() {
+    if command -v curl >/dev/null 2>&1; then
+        curl --proto '=https' --tlsv1.2 -fsSL -o "$2" "$1" || die "cannot download $1"
+    elif command -v wget >/dev/null 2>&1; then
+        wget -q -O "$2" "$1" || die "cannot download $1"
+    else
+        die 'neither curl nor wget is installed; use the offline bundle'
+    fi
+}
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT INT TERM
+
+collector_archive="otelcol-contrib_${COLLECTOR_VERSION}_linux_${arch}.tar.gz"
+supervisor_binary="opampsupervisor_${SUPERVISOR_VERSION}_linux_${arch}"
+if [ -f "$here/$collector_archive" ] || [ -f "$here/$supervisor_binary" ]; then
+    [ -f "$here/SHA256SUMS" ] || die "SHA256SUMS is missing next to $0; nothing was installed"
+    for name in "$collector_archive" "$supervisor_binary"; do
+        [ -f "$here/$name" ] || die "$name is missing next to $0; nothing was installed"
+        verify "$here/$name" "$name" "$here/SHA256SUMS"
+        cp "$here/$name" "$work/$name"
+    done
+    say "using the release files of the bundle ($arch)"
+else
+    for other in "$here"/otelcol-contrib_*_linux_*.tar.gz; do
+        [ -f "$other" ] && die "this bundle holds $(basename "$other"), not $collector_archive: use the bundle for $arch"
+    done
+    say "downloading otelcol-contrib $COLLECTOR_VERSION and opampsupervisor $SUPERVISOR_VERSION ($arch)"
+    fetch "$RELEASES/v$COLLECTOR_VERSION/$collector_archive" "$work/$collector_archive"
+    fetch "$RELEASES/v$COLLECTOR_VERSION/opentelemetry-collector-releases_otelcol-contrib_checksums.txt" "$work/collector.sums"
+    fetch "$RELEASES/cmd%2Fopampsupervisor%2Fv$SUPERVISOR_VERSION/$supervisor_binary" "$work/$supervisor_binary"
+    fetch "$RELEASES/cmd%2Fopampsupervisor%2Fv$SUPERVISOR_VERSION/checksums.txt" "$work/supervisor.sums"
+    verify "$work/$collector_archive" "$collector_archive" "$work/collector.sums"
+    verify "$work/$supervisor_binary" "$supervisor_binary" "$work/supervisor.sums"
+fi
+mkdir "$work/collector"
+tar -xzf "$work/$collector_archive" -C "$work/collector" otelcol-contrib ||
+    die "$collector_archive does not hold otelcol-contrib; nothing was installed"
+[ -f "$here/supervisor.yaml" ] || die "supervisor.yaml is missing next to $0; nothing was installed"
+[ "$systemd" -eq 0 ] || [ -f "$here/$SERVICE.service" ] || die "$SERVICE.service is missing next to $0; nothing was installed"
+
+# Paths in the config and the unit follow --prefix.
+relocate() { sed -e "s#/opt/gitfleet-collector#$prefix/opt/gitfleet-collector#g" -e "s#/etc/gitfleet-collector#$prefix/etc/gitfleet-collector#g" -e "s#/var/lib/gitfleet-collector#$prefix/var/lib/gitfleet-collector#g" "$1"; }
+relocate "$here/supervisor.yaml" >"$work/supervisor.yaml"
+[ "$systemd" -eq 0 ] || relocate "$here/$SERVICE.service" >"$work/$SERVICE.service"
+
+changed=0
+# place SOURCE TARGET MODE: installs SOURCE as TARGET unless it is already there.
+place() {
+    if [ -f "$2" ] && cmp -s "$1" "$2"; then
+        chmod "$3" "$2"
+        return 0
+    fi
+    cp "$1" "$2.new"
+    chmod "$3" "$2.new"
+    mv -f "$2.new" "$2"
+    say "installed $2"
+    changed=1
+}
+
+if [ "$system" -eq 1 ] && ! id "$SERVICE_USER" >/dev/null 2>&1; then
+    if command -v useradd >/dev/null 2>&1; then
+        useradd --system --no-create-home --home-dir /var/lib/gitfleet-collector --shell /usr/sbin/nologin "$SERVICE_USER"
+    else
+        adduser -S -D -H -h /var/lib/gitfleet-collector -s /sbin/nologin "$SERVICE_USER"
+    fi
+    say "created the system user $SERVICE_USER"
+    changed=1
+fi
+
+mkdir -p "$bin_dir" "$conf_dir" "$state_dir"
+chmod 0755 "$bin_dir"
+chmod 0750 "$conf_dir"
+chmod 0700 "$state_dir"
+place "$work/collector/otelcol-contrib" "$bin_dir/otelcol-contrib" 0755
+place "$work/$supervisor_binary" "$bin_dir/opampsupervisor" 0755
+# The config holds the fleet's install token.
+place "$work/supervisor.yaml" "$conf_dir/supervisor.yaml" 0600
+if [ "$system" -eq 1 ]; then
+    chown "$SERVICE_USER:" "$conf_dir/supervisor.yaml" "$state_dir"
+    chgrp "$SERVICE_USER" "$conf_dir"
+fi
+
+if [ "$systemd" -eq 1 ]; then
+    mkdir -p "$(dirname "$unit_path")"
+    place "$work/$SERVICE.service" "$unit_path" 0644
+fi
+
+if has_systemctl; then
+    systemctl daemon-reload
+    systemctl enable --now "$SERVICE" >/dev/null
+    if [ "$changed" -eq 1 ]; then
+        systemctl restart "$SERVICE"
+    fi
+    systemctl is-active --quiet "$SERVICE" || die "$SERVICE did not start: see journalctl -u $SERVICE"
+    say "$SERVICE is running; it appears in fleet $FLEET once it has connected"
+elif [ "$systemd" -eq 1 ] && [ "$system" -eq 1 ]; then
+    say "systemctl is not available: start it with $bin_dir/opampsupervisor --config $conf_dir/supervisor.yaml"
+fi
+
+if [ "$changed" -eq 0 ]; then
+    say "already up to date; nothing changed"
+else
+    say "installed the collector of fleet $FLEET under ${prefix:-/}"
+fi

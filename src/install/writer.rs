@@ -1,0 +1,180 @@
+//! Keeps every fleet's install files in `<data-dir>/install/<fleet>/` in step with its
+//! current token and `[install]` settings, off the reconciler's path (bundles with release
+//! archives take a while to pack). Problems go back to the reconciler as an event.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::install::files::{self, InstallSpec};
+use crate::install::{artifacts, token::TokenText};
+use crate::problem::Problem;
+use crate::reconciler::{Event, View};
+
+/// Where install files go and what they default to.
+#[derive(Clone, Debug)]
+pub struct InstallConfig {
+    pub data_dir: PathBuf,
+    /// The OpAMP URL from `--public-url`.
+    pub public_endpoint: Option<String>,
+    /// Used, with a warning, when neither the fleet nor `--public-url` names an endpoint.
+    pub fallback_endpoint: String,
+    pub artifacts_dir: Option<PathBuf>,
+}
+
+/// One fleet's set to write.
+struct Job {
+    fleet: String,
+    file: String,
+    token: Arc<TokenText>,
+    endpoint: String,
+    endpoint_fallback: bool,
+    collector_version: String,
+    supervisor_version: String,
+}
+
+pub async fn keep_written(
+    mut view: watch::Receiver<Arc<View>>,
+    config: InstallConfig,
+    events: mpsc::Sender<Event>,
+    cancel: CancellationToken,
+) {
+    // What each fleet's files were last written (or found) from.
+    let mut written: HashMap<String, String> = HashMap::new();
+    let mut reported: Vec<Problem> = Vec::new();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            changed = view.changed() => if changed.is_err() { break },
+        }
+        let jobs = jobs(&view.borrow_and_update(), &config);
+        let job_config = config.clone();
+        let mut memo = std::mem::take(&mut written);
+        let (memo, problems) = match tokio::task::spawn_blocking(move || {
+            let problems = write_all(&jobs, &job_config, &mut memo);
+            (memo, problems)
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(_) => {
+                warn!("writing install files panicked");
+                continue;
+            }
+        };
+        written = memo;
+        if problems != reported {
+            reported = problems.clone();
+            if events.send(Event::InstallProblems(problems)).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+fn jobs(view: &View, config: &InstallConfig) -> Vec<Job> {
+    let Some(desired) = &view.desired else { return Vec::new() };
+    desired
+        .fleets
+        .values()
+        .filter_map(|fleet| {
+            let token = view.fleet_tokens.get(fleet.name())?.text.clone()?;
+            let install = &fleet.spec.install;
+            let configured = install.endpoint.clone().or_else(|| config.public_endpoint.clone());
+            Some(Job {
+                fleet: fleet.name().to_owned(),
+                file: fleet.spec.file.clone(),
+                token,
+                endpoint_fallback: configured.is_none(),
+                endpoint: configured.unwrap_or_else(|| config.fallback_endpoint.clone()),
+                collector_version: install
+                    .collector_version
+                    .clone()
+                    .unwrap_or_else(|| files::DEFAULT_COLLECTOR_VERSION.to_owned()),
+                supervisor_version: install
+                    .supervisor_version
+                    .clone()
+                    .unwrap_or_else(|| files::DEFAULT_SUPERVISOR_VERSION.to_owned()),
+            })
+        })
+        .collect()
+}
+
+fn write_all(jobs: &[Job], config: &InstallConfig, written: &mut HashMap<String, String>) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for job in jobs {
+        let spec = InstallSpec {
+            fleet: &job.fleet,
+            token: &job.token,
+            endpoint: &job.endpoint,
+            collector_version: &job.collector_version,
+            supervisor_version: &job.supervisor_version,
+        };
+        if let Err(message) = write_fleet(&spec, job.endpoint_fallback, config, written) {
+            warn!(fleet = %job.fleet, error = %message, "cannot write install files");
+            problems.push(Problem::error(&job.file, None, message));
+        }
+    }
+    problems
+}
+
+/// Writes one fleet's set unless it is current. The error says what is wrong.
+fn write_fleet(
+    spec: &InstallSpec<'_>,
+    endpoint_fallback: bool,
+    config: &InstallConfig,
+    written: &mut HashMap<String, String>,
+) -> Result<(), String> {
+    let rendered = files::render(spec);
+    let release_paths: Vec<PathBuf> = match &config.artifacts_dir {
+        Some(dir) => {
+            files::ARCHES.iter().flat_map(|arch| files::release_files(spec, arch)).map(|n| dir.join(n)).collect()
+        }
+        None => Vec::new(),
+    };
+    let fingerprint = files::fingerprint(&rendered, &release_paths);
+    if written.get(spec.fleet) == Some(&fingerprint) {
+        return Ok(());
+    }
+    let dir = config.data_dir.join("install").join(spec.fleet);
+    if files::is_current(&dir, &fingerprint) {
+        written.insert(spec.fleet.to_owned(), fingerprint);
+        return Ok(());
+    }
+    let mut included = Vec::new();
+    let mut refused = None;
+    if let Some(artifacts_dir) = &config.artifacts_dir {
+        for arch in files::ARCHES {
+            match artifacts::verified(artifacts_dir, &files::release_files(spec, arch)) {
+                Ok(Some(found)) => included.push((arch, found)),
+                Ok(None) => {}
+                Err(message) => refused = Some(message),
+            }
+        }
+    }
+    files::write_set(&dir, spec, &rendered, &included, &fingerprint)
+        .map_err(|error| format!("cannot write the install files in {}: {error}", dir.display()))?;
+    info!(
+        fleet = %spec.fleet,
+        dir = %dir.display(),
+        offline_bundles = included.len(),
+        "wrote install files"
+    );
+    if endpoint_fallback {
+        warn!(
+            fleet = %spec.fleet,
+            endpoint = %spec.endpoint,
+            "the fleet has no [install].endpoint and --public-url is not set: its install files dial this machine's name, which collectors on other hosts may not reach"
+        );
+    }
+    written.insert(spec.fleet.to_owned(), fingerprint);
+    match refused {
+        // The set is written without the refused files; say why they are missing.
+        Some(message) => Err(format!("offline bundle left without release files: {message}")),
+        None => Ok(()),
+    }
+}
