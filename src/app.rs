@@ -142,6 +142,7 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
         targets: targets_rx.clone(),
         view: view_rx.clone(),
         tokens: tokens_rx,
+        dialled: Arc::default(),
         install_dir: settings.data_dir.join("install"),
         connections: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         max_connections: settings.max_connections,

@@ -176,8 +176,9 @@ pub async fn start_collectors(
 }
 
 /// What to try next, printed once the server is up.
-pub fn next_steps(repo: &Path, web: &str) -> String {
+pub fn next_steps(repo: &Path, data: &Path, web: &str) -> String {
     let repo = repo.display();
+    let data = data.display();
     let gitfleet = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "gitfleet".to_owned());
     format!(
         "
@@ -202,6 +203,11 @@ Try it in another terminal:
   # break a fleet file and watch the fleet keep its last good state:
   echo 'verison = \"v3\"' >> fleets/nodes.toml && git commit -qam oops
   curl -s http://{web}/api/v1/repo
+  # the install files a new prod collector would use (install.sh, Docker, offline bundles):
+  ls {data}/install/prod-gateway/
+  # rotate prod's install token; connected collectors keep working for the grace period:
+  sed -i 's/rotate  = 0/rotate  = 1/' fleets/prod-gateway.toml && git commit -qam 'Rotate the prod token'
+  curl -s http://{web}/api/v1/fleets/prod-gateway
 
 Stop with Ctrl-C.
 "

@@ -112,7 +112,7 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let running = app::start(settings).await?;
         let collectors = demo::start_collectors(&dir.join("data"), running.opamp_addr, &running.view).await?;
-        println!("{}", demo::next_steps(&repo, &running.web_addr.to_string()));
+        println!("{}", demo::next_steps(&repo, &dir.join("data"), &running.web_addr.to_string()));
         app::shutdown_signal().await;
         collectors.stop().await;
         running.shutdown().await;

@@ -40,6 +40,8 @@ pub struct OpampState {
     /// Changes whenever a token may have become refused (revoked, expired, retired), so
     /// that live sessions on it are closed at once.
     pub tokens: watch::Receiver<Arc<TokenIndex>>,
+    /// The endpoints agents dialled, shared: thousands of connections name a handful.
+    pub dialled: Arc<Interner>,
     /// `<data-dir>/install`: each fleet's install files, served at `/v1/install/<file>`.
     pub install_dir: std::path::PathBuf,
     /// Live WebSockets plus HTTP requests in flight.
@@ -174,7 +176,7 @@ async fn opamp(State(state): State<OpampState>, request: Request) -> Response {
         first_reply: true,
         uid: None,
         wire_uid: Vec::new(),
-        dialled: dialled_endpoint(request.headers(), is_http),
+        dialled: dialled_endpoint(request.headers(), is_http).map(|endpoint| state.dialled.intern(endpoint)),
         offered: None,
     };
     if is_http {
@@ -261,7 +263,7 @@ async fn plain_http(state: &OpampState, mut connection: Connection, request: Req
 
 /// The OpAMP URL a client used to reach us, from `Host` (and `X-Forwarded-Proto` when a
 /// TLS proxy is in front).
-fn dialled_endpoint(headers: &HeaderMap, is_http: bool) -> Option<Arc<str>> {
+fn dialled_endpoint(headers: &HeaderMap, is_http: bool) -> Option<String> {
     let host = headers.get(header::HOST)?.to_str().ok()?;
     if host.is_empty() || host.contains(['/', ' ', '@']) {
         return None;
@@ -273,7 +275,27 @@ fn dialled_endpoint(headers: &HeaderMap, is_http: bool) -> Option<Arc<str>> {
         (false, true) => "wss",
         (false, false) => "ws",
     };
-    Some(Arc::from(format!("{scheme}://{host}/v1/opamp")))
+    Some(format!("{scheme}://{host}/v1/opamp"))
+}
+
+/// Shares equal strings. Bounded: past `INTERNED_MAX` entries a string is not shared.
+#[derive(Debug, Default)]
+pub struct Interner(std::sync::Mutex<std::collections::HashSet<Arc<str>>>);
+
+const INTERNED_MAX: usize = 1024;
+
+impl Interner {
+    pub fn intern(&self, text: String) -> Arc<str> {
+        let mut set = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(shared) = set.get(text.as_str()) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = Arc::from(text);
+        if set.len() < INTERNED_MAX {
+            set.insert(Arc::clone(&shared));
+        }
+        shared
+    }
 }
 
 fn accepts_gzip(headers: &HeaderMap) -> bool {
