@@ -326,8 +326,9 @@ where
     connection.session = Some(session_id);
     let mut targets = state.targets.clone();
     targets.borrow_and_update();
+    // Checked once at the start too: the token may have been refused since the upgrade.
     let mut tokens = state.tokens.clone();
-    tokens.borrow_and_update();
+    tokens.mark_changed();
     let (reader, mut writer) = tokio::io::split(io);
     // The read future owns the reader and is only replaced once it completes, so a push
     // never interrupts a frame halfway.
