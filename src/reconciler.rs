@@ -402,11 +402,9 @@ fn read_token_texts(data_dir: &std::path::Path, newest: &[IssuedToken]) -> BTree
     newest
         .iter()
         .filter_map(|token| {
-            let path = data_dir.join("install").join(&token.fleet).join("token");
-            let text = std::fs::read_to_string(&path).ok()?;
-            let text = TokenText::of(token, &text);
+            let text = token::read_current(data_dir, token);
             if text.is_none() {
-                warn!(fleet = %token.fleet, token = %token.id, path = %path.display(), "token file does not hold the current token");
+                warn!(fleet = %token.fleet, token = %token.id, "the token file is missing or does not hold the current token");
             }
             Some((token.fleet.clone(), Arc::new(text?)))
         })

@@ -66,6 +66,24 @@ pub fn verified(dir: &Path, names: &[String]) -> Result<Option<Vec<Artifact>>, S
     Ok(Some(artifacts))
 }
 
+/// Each architecture's verified release files for `spec`, leaving out architectures whose
+/// files are absent, and why one was refused, if one was.
+pub fn for_bundles(
+    dir: &Path,
+    spec: &crate::install::files::InstallSpec<'_>,
+) -> (Vec<(&'static str, Vec<Artifact>)>, Option<String>) {
+    let mut included = Vec::new();
+    let mut refused = None;
+    for arch in crate::install::files::ARCHES {
+        match verified(dir, &crate::install::files::release_files(spec, arch)) {
+            Ok(Some(found)) => included.push((arch, found)),
+            Ok(None) => {}
+            Err(message) => refused = Some(message),
+        }
+    }
+    (included, refused)
+}
+
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut file = std::fs::File::open(path)?;
     let mut hasher = Sha256::new();

@@ -71,10 +71,7 @@ pub fn run(args: &InstallFilesArgs) -> Result<Vec<PathBuf>, ExportError> {
         .into_iter()
         .rfind(|t| t.fleet == args.fleet)
         .ok_or_else(|| ExportError::NoToken(args.fleet.clone()))?;
-    let token_path = args.data_dir.join("install").join(&args.fleet).join("token");
-    let text = std::fs::read_to_string(&token_path)
-        .ok()
-        .and_then(|text| token::TokenText::of(&newest, &text))
+    let text = token::read_current(&args.data_dir, &newest)
         .ok_or_else(|| ExportError::TokenFile { fleet: args.fleet.clone(), id: newest.id.clone() })?;
     let endpoint = spec
         .install
@@ -82,10 +79,7 @@ pub fn run(args: &InstallFilesArgs) -> Result<Vec<PathBuf>, ExportError> {
         .clone()
         .or_else(|| public_url.as_deref().map(crate::settings::opamp_endpoint))
         .ok_or_else(|| ExportError::NoEndpoint(args.fleet.clone()))?;
-    let collector_version =
-        spec.install.collector_version.clone().unwrap_or_else(|| files::DEFAULT_COLLECTOR_VERSION.to_owned());
-    let supervisor_version =
-        spec.install.supervisor_version.clone().unwrap_or_else(|| files::DEFAULT_SUPERVISOR_VERSION.to_owned());
+    let (collector_version, supervisor_version) = files::versions(&spec.install);
     let install = InstallSpec {
         fleet: &args.fleet,
         token: &text,
@@ -93,16 +87,13 @@ pub fn run(args: &InstallFilesArgs) -> Result<Vec<PathBuf>, ExportError> {
         collector_version: &collector_version,
         supervisor_version: &supervisor_version,
     };
-    let mut included = Vec::new();
-    if let Some(dir) = &args.artifacts_dir {
-        for arch in files::ARCHES {
-            if let Some(found) =
-                artifacts::verified(dir, &files::release_files(&install, arch)).map_err(ExportError::Artifacts)?
-            {
-                included.push((arch, found));
-            }
-        }
-    }
+    let included = match &args.artifacts_dir {
+        Some(dir) => match artifacts::for_bundles(dir, &install) {
+            (_, Some(refused)) => return Err(ExportError::Artifacts(refused)),
+            (included, None) => included,
+        },
+        None => Vec::new(),
+    };
     let rendered = files::render(&install);
     files::write_set(&args.out, &install, &rendered, &included, "exported")
         .map_err(|source| ExportError::Write { path: args.out.display().to_string(), source })?;

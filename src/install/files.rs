@@ -40,6 +40,14 @@ pub struct TextFile {
     pub body: String,
 }
 
+/// The releases a fleet's `[install]` pins (collector, supervisor), or the defaults.
+pub fn versions(install: &crate::repo::manifest::InstallSettings) -> (String, String) {
+    (
+        install.collector_version.clone().unwrap_or_else(|| DEFAULT_COLLECTOR_VERSION.to_owned()),
+        install.supervisor_version.clone().unwrap_or_else(|| DEFAULT_SUPERVISOR_VERSION.to_owned()),
+    )
+}
+
 /// The release files of one architecture, as the bundle and `install.sh` name them.
 pub fn release_files(spec: &InstallSpec<'_>, arch: &str) -> [String; 2] {
     [

@@ -285,6 +285,12 @@ pub fn write_token_file(
     Ok(path)
 }
 
+/// The text of `token` from its fleet's token file, if the file holds it.
+pub fn read_current(data_dir: &std::path::Path, token: &IssuedToken) -> Option<TokenText> {
+    let text = read_token_file(data_dir, &token.fleet, std::time::Duration::ZERO).ok()?;
+    TokenText::of(token, &text)
+}
+
 /// Reads a fleet's token file, waiting up to `timeout` for it to be written (it is written
 /// just after the token becomes valid).
 pub fn read_token_file(

@@ -46,12 +46,31 @@ pub async fn keep_written(
     // What each fleet's files were last written (or found) from.
     let mut written: HashMap<String, String> = HashMap::new();
     let mut reported: Vec<Problem> = Vec::new();
+    let mut last_inputs = None;
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
             changed = view.changed() => if changed.is_err() { break },
         }
-        let jobs = jobs(&view.borrow_and_update(), &config);
+        let jobs = {
+            let current = view.borrow_and_update();
+            // Most view changes (a fetch that found nothing new) touch neither input.
+            let inputs = (current.desired.clone(), Arc::clone(&current.fleet_tokens));
+            let unchanged = last_inputs.as_ref().is_some_and(|(desired, tokens)| {
+                Arc::ptr_eq(tokens, &inputs.1)
+                    && match (desired, &inputs.0) {
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        (None, None) => true,
+                        _ => false,
+                    }
+            });
+            if unchanged {
+                continue;
+            }
+            let jobs = jobs(&current, &config);
+            last_inputs = Some(inputs);
+            jobs
+        };
         let job_config = config.clone();
         let mut memo = std::mem::take(&mut written);
         let (memo, problems) = match tokio::task::spawn_blocking(move || {
@@ -67,6 +86,10 @@ pub async fn keep_written(
             }
         };
         written = memo;
+        if !problems.is_empty() {
+            // Try again on the next view change (the next fetch), as for a full disk.
+            last_inputs = None;
+        }
         if problems != reported {
             reported = problems.clone();
             if events.send(Event::InstallProblems(problems)).await.is_err() {
@@ -85,20 +108,15 @@ fn jobs(view: &View, config: &InstallConfig) -> Vec<Job> {
             let token = view.fleet_tokens.get(fleet.name())?.text.clone()?;
             let install = &fleet.spec.install;
             let configured = install.endpoint.clone().or_else(|| config.public_endpoint.clone());
+            let (collector_version, supervisor_version) = files::versions(install);
             Some(Job {
                 fleet: fleet.name().to_owned(),
                 file: fleet.spec.file.clone(),
                 token,
                 endpoint_fallback: configured.is_none(),
                 endpoint: configured.unwrap_or_else(|| config.fallback_endpoint.clone()),
-                collector_version: install
-                    .collector_version
-                    .clone()
-                    .unwrap_or_else(|| files::DEFAULT_COLLECTOR_VERSION.to_owned()),
-                supervisor_version: install
-                    .supervisor_version
-                    .clone()
-                    .unwrap_or_else(|| files::DEFAULT_SUPERVISOR_VERSION.to_owned()),
+                collector_version,
+                supervisor_version,
             })
         })
         .collect()
@@ -145,17 +163,10 @@ fn write_fleet(
         written.insert(spec.fleet.to_owned(), fingerprint);
         return Ok(());
     }
-    let mut included = Vec::new();
-    let mut refused = None;
-    if let Some(artifacts_dir) = &config.artifacts_dir {
-        for arch in files::ARCHES {
-            match artifacts::verified(artifacts_dir, &files::release_files(spec, arch)) {
-                Ok(Some(found)) => included.push((arch, found)),
-                Ok(None) => {}
-                Err(message) => refused = Some(message),
-            }
-        }
-    }
+    let (included, refused) = match &config.artifacts_dir {
+        Some(artifacts_dir) => artifacts::for_bundles(artifacts_dir, spec),
+        None => (Vec::new(), None),
+    };
     files::write_set(&dir, spec, &rendered, &included, &fingerprint)
         .map_err(|error| format!("cannot write the install files in {}: {error}", dir.display()))?;
     info!(

@@ -198,6 +198,20 @@ impl Server {
         }
     }
 
+    /// The fleet's token once the server has issued one other than `old` (after a rotation
+    /// or a revocation).
+    pub fn new_token(&self, fleet: &str, old: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let token = self.token(fleet);
+            if token != old {
+                return token;
+            }
+            assert!(Instant::now() < deadline, "no new token for fleet {fleet}; logs:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn logs(&self) -> String {
         self.logs.lock().expect("log lock").clone()
     }

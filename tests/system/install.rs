@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use gitfleet::repo::yaml::{self, Node};
 use sha2::{Digest, Sha256};
 
+use tempfile::TempDir;
+
 use crate::common::{GitRepo, Server, example, gitfleet, http};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -85,20 +87,29 @@ fn scalar<'a>(node: &'a Node, path: &[&str]) -> &'a str {
     current.as_str().unwrap_or_else(|| panic!("{path:?} is not a scalar"))
 }
 
-fn start(repo: &GitRepo, data: &Path, artifacts_dir: &Path) -> Server {
-    let artifacts_dir = artifacts_dir.display().to_string();
-    let extra =
-        ["--poll-interval", "1h", "--artifacts-dir", &artifacts_dir, "--public-url", "https://fleet.example.com:4320"];
-    Server::start(&repo.path().display().to_string(), data, &extra)
+/// The example repository served with stand-in release files and a public URL.
+struct Setup {
+    repo: GitRepo,
+    data: TempDir,
+    releases: TempDir,
+    server: Server,
 }
 
-#[test]
-fn install_files_are_served_to_the_current_token_and_follow_the_fleet_file() {
+fn start() -> Setup {
     let repo = example();
     let data = tempfile::tempdir().expect("temp dir");
     let releases = tempfile::tempdir().expect("temp dir");
     artifacts(releases.path());
-    let server = start(&repo, data.path(), releases.path());
+    let artifacts_dir = releases.path().display().to_string();
+    let extra =
+        ["--poll-interval", "1h", "--artifacts-dir", &artifacts_dir, "--public-url", "https://fleet.example.com:4320"];
+    let server = Server::start(&repo.path().display().to_string(), data.path(), &extra);
+    Setup { repo, data, releases, server }
+}
+
+#[test]
+fn install_files_are_served_to_the_current_token_and_follow_the_fleet_file() {
+    let Setup { repo, data, releases: _releases, server } = start();
     let token = server.token("prod-gateway");
 
     for file in TEXT_FILES.iter().copied().chain(["gitfleet-prod-gateway-linux-amd64.tar.gz"]) {
@@ -182,15 +193,7 @@ fn install_files_are_served_to_the_current_token_and_follow_the_fleet_file() {
         .replace("rotate  = 0", "rotate  = 1");
     repo.write("fleets/prod-gateway.toml", fleet_file);
     repo.commit("prod: collector 0.116.0 and a new token");
-    let deadline = Instant::now() + WAIT;
-    let new = loop {
-        let new = server.token("prod-gateway");
-        if new != token {
-            break new;
-        }
-        assert!(Instant::now() < deadline, "no new token");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let new = server.new_token("prod-gateway", &token);
     let deadline = Instant::now() + WAIT;
     loop {
         let script = download(&server, &new, "install.sh");
@@ -213,11 +216,8 @@ fn install_files_are_served_to_the_current_token_and_follow_the_fleet_file() {
 
 #[test]
 fn install_sh_from_an_offline_bundle_installs_updates_nothing_and_uninstalls() {
-    let repo = example();
-    let data = tempfile::tempdir().expect("temp dir");
-    let releases = tempfile::tempdir().expect("temp dir");
-    artifacts(releases.path());
-    let server = start(&repo, data.path(), releases.path());
+    // Bound, not `..`: the temporary directories must outlive the server.
+    let Setup { repo: _repo, data: _data, releases: _releases, server } = start();
     let token = server.token("prod-gateway");
     let work = tempfile::tempdir().expect("temp dir");
     let bundle = work.path().join("bundle.tar.gz");
@@ -302,11 +302,7 @@ fn install_sh_from_an_offline_bundle_installs_updates_nothing_and_uninstalls() {
 
 #[test]
 fn install_files_exports_what_the_server_serves() {
-    let repo = example();
-    let data = tempfile::tempdir().expect("temp dir");
-    let releases = tempfile::tempdir().expect("temp dir");
-    artifacts(releases.path());
-    let server = start(&repo, data.path(), releases.path());
+    let Setup { repo: _repo, data, releases, server } = start();
     let token = server.token("prod-gateway");
     let served = fetch(&server, &token, "supervisor.yaml");
     server.stop();
