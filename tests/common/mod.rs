@@ -387,6 +387,9 @@ impl OpampWs {
                     return Err(format!("close {}", frame.map(|f| u16::from(f.code)).unwrap_or(0)));
                 }
                 Ok(other) => return Err(format!("unexpected message {other:?}")),
+                // A socket with a read timeout is never restarted after a signal (socket(7));
+                // tungstenite keeps what it had buffered, so reading again is safe.
+                Err(tungstenite::Error::Io(error)) if error.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(error) => return Err(format!("error {error}")),
             }
         }
