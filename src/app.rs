@@ -13,9 +13,11 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::git::mirror::Mirror;
 use crate::git::watcher::{self, WatcherSettings};
 use crate::git::{GitError, watcher::redact_url};
+use crate::metrics::Metrics;
 use crate::opamp::registry::Registry;
 use crate::opamp::server::{self as opamp_server, OpampState};
 use crate::reconciler::{Reconciler, View};
+use crate::reporting::{self, Statuses};
 use crate::settings::Settings;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
@@ -69,8 +71,9 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
     };
     let mirror = {
         let (repo, path) = (settings.repo.clone(), settings.data_dir.join("repo.git"));
+        let ignored = settings.status_branch.as_ref().map(|branch| format!("refs/heads/{branch}"));
         Arc::new(
-            tokio::task::spawn_blocking(move || Mirror::open(&repo, &path))
+            tokio::task::spawn_blocking(move || Mirror::open(&repo, &path).map(|mirror| mirror.ignoring(ignored)))
                 .await
                 .expect("opening the mirror does not panic")?,
         )
@@ -103,7 +106,7 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
 
     let fs_watch = match &settings.local_git_dir {
         Some(git_dir) => Some(
-            watcher::watch_local_refs(git_dir.clone(), triggers_tx.clone())
+            watcher::watch_local_refs(git_dir.clone(), settings.status_branch.as_deref(), triggers_tx.clone())
                 .map_err(|source| AppError::Watch { path: git_dir.display().to_string(), source })?,
         ),
         None => None,
@@ -120,11 +123,60 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
     );
     let watcher_settings = WatcherSettings { branch: settings.branch.clone(), poll_interval: settings.poll_interval };
     tracker.spawn(
-        watcher::run(watcher_settings, mirror, triggers_rx, events_tx, cancel.clone())
+        watcher::run(watcher_settings, mirror, triggers_rx, events_tx.clone(), cancel.clone())
             .instrument(info_span!("watcher")),
     );
 
     let (targets_tx, targets_rx) = watch::channel(Arc::new(crate::opamp::registry::Targets::new()));
+    let metrics = Arc::new(Metrics::default());
+    let (statuses_tx, statuses_rx) = watch::channel(Arc::new(Statuses::default()));
+    tracker.spawn(
+        reporting::publish_statuses(
+            view_rx.clone(),
+            targets_rx.clone(),
+            Arc::clone(&registry),
+            statuses_tx,
+            cancel.clone(),
+        )
+        .instrument(info_span!("statuses")),
+    );
+    if let Some(branch) = &settings.status_branch {
+        let status_settings = reporting::StatusBranchSettings {
+            data_dir: settings.data_dir.clone(),
+            remote: settings.repo.clone(),
+            branch: branch.clone(),
+            interval: settings.status_interval,
+        };
+        let sources = reporting::Sources {
+            statuses: statuses_rx.clone(),
+            view: view_rx.clone(),
+            targets: targets_rx.clone(),
+            registry: Arc::clone(&registry),
+        };
+        tracker.spawn(
+            reporting::keep_status_branch(
+                status_settings,
+                sources,
+                Arc::clone(&metrics),
+                events_tx.clone(),
+                cancel.clone(),
+            )
+            .instrument(info_span!("status_branch")),
+        );
+    }
+    if let Some(forge) = &settings.forge {
+        tracker.spawn(
+            crate::forge::post_commit_statuses(
+                forge.clone(),
+                settings.status_interval,
+                statuses_rx.clone(),
+                Arc::clone(&metrics),
+                events_tx.clone(),
+                cancel.clone(),
+            )
+            .instrument(info_span!("forge")),
+        );
+    }
     let (tokens_tx, tokens_rx) = watch::channel(Arc::clone(&view_rx.borrow().tokens));
     tracker.spawn(
         opamp_server::follow_targets(
@@ -146,6 +198,7 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
         install_dir: settings.data_dir.join("install"),
         connections: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         max_connections: settings.max_connections,
+        metrics: Arc::clone(&metrics),
         cancel: cancel.clone(),
     });
     let opamp_cancel = cancel.clone();
@@ -167,6 +220,9 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
         registry: Arc::clone(&registry),
         store,
         targets: targets_rx,
+        statuses: statuses_rx,
+        metrics,
+        cancel: cancel.clone(),
     });
     let web_cancel = cancel.clone();
     tracker.spawn(

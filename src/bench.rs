@@ -169,6 +169,12 @@ fn reconcile(fleets: usize, tags: usize, configs: usize, rounds: usize, dir: Opt
         webhook_secret: None,
         public_url: None,
         artifacts_dir: None,
+        status_branch: "gitfleet/status".to_owned(),
+        no_status_branch: true,
+        status_interval: "10s".to_owned(),
+        forge: None,
+        forge_url: None,
+        forge_token_file: None,
     }
     .validate()?;
     let samples = runtime.block_on(async {

@@ -107,6 +107,12 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         webhook_secret: None,
         public_url: Some(format!("http://{}", args.listen)),
         artifacts_dir: None,
+        status_branch: "gitfleet/status".to_owned(),
+        no_status_branch: false,
+        status_interval: "10s".to_owned(),
+        forge: None,
+        forge_url: None,
+        forge_token_file: None,
     }
     .validate()?;
     runtime()?.block_on(async {

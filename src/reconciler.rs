@@ -25,8 +25,19 @@ pub enum Event {
     RepoUnreachable { message: String },
     /// A fetch succeeded and nothing changed.
     RepoReachable,
-    /// What is wrong with the install files now (empty when nothing is).
-    InstallProblems(Vec<Problem>),
+    /// What is wrong now with work done outside the reconciler (empty when nothing is).
+    Problems { source: ProblemSource, problems: Vec<Problem> },
+}
+
+/// The tasks that report problems of their own through the reconciler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ProblemSource {
+    /// Writing install files.
+    Install,
+    /// Committing and pushing the status branch.
+    StatusBranch,
+    /// Posting commit statuses to the forge.
+    Forge,
 }
 
 /// What readers (the web API, later the OpAMP server) see. Replaced whole on each change.
@@ -46,10 +57,14 @@ pub struct View {
     pub tokens: Arc<TokenIndex>,
     /// Token problems that do not depend on the clock (those are added by `problems`).
     pub token_problems: Vec<Problem>,
-    /// Why install files cannot be written, per fleet.
-    pub install_problems: Vec<Problem>,
+    /// What the install writer, the status branch and the forge poster last reported.
+    pub task_problems: BTreeMap<ProblemSource, Vec<Problem>>,
     /// Fetches attempted since the start, and the Unix time of the last one.
     pub fetches: u64,
+    /// Fetches that failed, reconciles run, and reconciles that found errors, since the start.
+    pub fetch_errors: u64,
+    pub reconciles: u64,
+    pub reconcile_errors: u64,
     pub last_fetched_at: Option<i64>,
 }
 
@@ -80,7 +95,7 @@ impl View {
             .iter()
             .chain(&self.store_problem)
             .chain(&self.token_problems)
-            .chain(&self.install_problems)
+            .chain(self.task_problems.values().flatten())
             .cloned()
             .collect();
         problems.extend(self.token_deadlines(crate::time::now_unix()));
@@ -165,7 +180,7 @@ impl Reconciler {
                     None => break,
                 },
             };
-            let is_fetch = !matches!(event, Event::InstallProblems(_));
+            let is_fetch = !matches!(event, Event::Problems { .. });
             if is_fetch {
                 let now = crate::time::now_unix();
                 self.view.send_modify(|view| {
@@ -178,11 +193,21 @@ impl Reconciler {
                 Event::RepoRead(snapshot) => self.reconcile(*snapshot).await,
                 Event::RepoUnreachable { message } => {
                     let problem = Problem::general(Severity::Error, message);
-                    self.view.send_modify(|view| Arc::make_mut(view).fetch_problem = Some(problem));
+                    self.view.send_modify(|view| {
+                        let view = Arc::make_mut(view);
+                        view.fetch_problem = Some(problem);
+                        view.fetch_errors += 1;
+                    });
                 }
                 Event::RepoReachable => self.view.send_modify(|view| Arc::make_mut(view).fetch_problem = None),
-                Event::InstallProblems(problems) => {
-                    self.view.send_modify(|view| Arc::make_mut(view).install_problems = problems);
+                Event::Problems { source, problems } => {
+                    self.view.send_if_modified(|view| {
+                        if view.task_problems.get(&source).map_or(problems.is_empty(), |p| *p == problems) {
+                            return false;
+                        }
+                        Arc::make_mut(view).task_problems.insert(source, problems);
+                        true
+                    });
                 }
             }
         }
@@ -209,7 +234,12 @@ impl Reconciler {
                 Severity::Error,
                 format!("{store_error}; gitfleet keeps serving the last reconciled state"),
             );
-            self.view.send_modify(|view| Arc::make_mut(view).store_problem = Some(problem));
+            self.view.send_modify(|view| {
+                let view = Arc::make_mut(view);
+                view.store_problem = Some(problem);
+                view.reconciles += 1;
+                view.reconcile_errors += 1;
+            });
             return;
         }
 
@@ -219,6 +249,7 @@ impl Reconciler {
             Err(problem) => (Vec::new(), Some(problem)),
         };
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let has_errors = desired.error_count() > 0 || token_problem.is_some();
         let changed = {
             let view = self.view.borrow();
             match &view.desired {
@@ -261,6 +292,8 @@ impl Reconciler {
             let view = Arc::make_mut(view);
             view.desired = Some(Arc::new(desired));
             view.reconcile_micros = micros;
+            view.reconciles += 1;
+            view.reconcile_errors += u64::from(has_errors);
             view.store_problem = token_problem;
             if let Some(tokens) = tokens {
                 view.tokens = tokens;

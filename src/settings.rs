@@ -46,6 +46,24 @@ pub struct ServeArgs {
     /// (GitLab). Without it, any POST triggers a fetch.
     #[arg(long, env = "GITFLEET_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
+    /// The orphan branch fleet status is committed to and pushed to the repository's remote.
+    #[arg(long, env = "GITFLEET_STATUS_BRANCH", default_value = "gitfleet/status")]
+    pub status_branch: String,
+    /// Do not write the status branch.
+    #[arg(long, env = "GITFLEET_NO_STATUS_BRANCH")]
+    pub no_status_branch: bool,
+    /// At most one status commit, and one commit status per fleet, per interval.
+    #[arg(long, env = "GITFLEET_STATUS_INTERVAL", default_value = "10s")]
+    pub status_interval: String,
+    /// Post commit statuses to this kind of forge (gitea also means Forgejo).
+    #[arg(long, env = "GITFLEET_FORGE", value_enum, requires_all = ["forge_url", "forge_token_file"])]
+    pub forge: Option<crate::forge::ForgeKind>,
+    /// The config repository's web address on the forge, like https://github.com/acme/fleet-config.
+    #[arg(long, env = "GITFLEET_FORGE_URL", requires = "forge")]
+    pub forge_url: Option<String>,
+    /// A file holding the forge API token (statuses write permission).
+    #[arg(long, env = "GITFLEET_FORGE_TOKEN_FILE", requires = "forge")]
+    pub forge_token_file: Option<PathBuf>,
 }
 
 /// Validated settings.
@@ -64,6 +82,10 @@ pub struct Settings {
     pub artifacts_dir: Option<PathBuf>,
     /// The `.git` directory of a local repository, watched for ref changes.
     pub local_git_dir: Option<PathBuf>,
+    /// `None` when the status branch is off.
+    pub status_branch: Option<String>,
+    pub status_interval: Duration,
+    pub forge: Option<crate::forge::Forge>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +112,16 @@ pub enum SettingsError {
     ArtifactsDir { path: String, message: String },
     #[error("--data-dir {path}: {message}")]
     DataDir { path: String, message: String },
+    #[error("--status-branch `{0}` is not a valid branch name")]
+    BadStatusBranch(String),
+    #[error("--status-branch must differ from --branch: gitfleet never writes the branch it reads")]
+    StatusBranchIsBranch,
+    #[error("--status-interval: {0}")]
+    BadStatusInterval(String),
+    #[error("--forge-url {0}")]
+    BadForgeUrl(#[from] crate::forge::ForgeUrlError),
+    #[error("--forge-token-file {path}: {message}")]
+    ForgeToken { path: String, message: String },
 }
 
 impl ServeArgs {
@@ -132,6 +164,31 @@ impl ServeArgs {
                 message: error.to_string(),
             })?;
         }
+        let status_branch = match self.no_status_branch {
+            true => None,
+            false if !valid_branch(&self.status_branch) => {
+                return Err(SettingsError::BadStatusBranch(self.status_branch));
+            }
+            false if self.status_branch == self.branch => return Err(SettingsError::StatusBranchIsBranch),
+            false => Some(self.status_branch),
+        };
+        let status_interval = parse_duration(&self.status_interval).map_err(SettingsError::BadStatusInterval)?;
+        if status_interval < Duration::from_secs(1) {
+            return Err(SettingsError::BadStatusInterval(format!("`{}` is shorter than 1s", self.status_interval)));
+        }
+        let forge = match (self.forge, &self.forge_url, &self.forge_token_file) {
+            (Some(kind), Some(url), Some(token_file)) => {
+                let token_error =
+                    |message: String| SettingsError::ForgeToken { path: token_file.display().to_string(), message };
+                let token = std::fs::read_to_string(token_file).map_err(|error| token_error(error.to_string()))?;
+                let token = token.trim();
+                if token.is_empty() || token.contains(char::is_whitespace) {
+                    return Err(token_error("the file must hold one token and nothing else".into()));
+                }
+                Some(crate::forge::Forge::new(kind, url, token)?)
+            }
+            _ => None,
+        };
         std::fs::create_dir_all(&self.data_dir).map_err(|error| SettingsError::DataDir {
             path: self.data_dir.display().to_string(),
             message: error.to_string(),
@@ -155,6 +212,9 @@ impl ServeArgs {
             public_url,
             artifacts_dir: self.artifacts_dir,
             local_git_dir,
+            status_branch,
+            status_interval,
+            forge,
         })
     }
 }

@@ -22,6 +22,8 @@ const EXPLICIT_REFSPECS_UP_TO: usize = 64;
 pub struct Mirror {
     url: String,
     repo: gix::ThreadSafeRepository,
+    /// A ref the mirror leaves out: the status branch gitfleet itself pushes.
+    ignored: Option<BString>,
 }
 
 impl Mirror {
@@ -35,7 +37,14 @@ impl Mirror {
             std::fs::create_dir_all(path).map_err(|error| open_error(gix::Error::from_error(error)))?;
             gix::init_bare(path).map_err(open_error)?
         };
-        Ok(Self { url: normalize_url(url), repo: repo.into_sync() })
+        Ok(Self { url: normalize_url(url), repo: repo.into_sync(), ignored: None })
+    }
+
+    /// Leaves `full_ref` (like `refs/heads/gitfleet/status`) out of every fetch, so that
+    /// gitfleet's own pushes are not taken for changes to the desired state.
+    pub fn ignoring(mut self, full_ref: Option<String>) -> Self {
+        self.ignored = full_ref.map(BString::from);
+        self
     }
 
     pub fn url(&self) -> &str {
@@ -59,10 +68,13 @@ impl Mirror {
         let interrupt = AtomicBool::new(false);
 
         let source = self.local_source()?;
-        let remote_refs = match &source {
+        let mut remote_refs = match &source {
             Some(source) => refs_of(source)?,
             None => self.list_remote_refs(&repo)?,
         };
+        if let Some(ignored) = &self.ignored {
+            remote_refs.remove(ignored);
+        }
         let local_refs = refs_of(&repo)?;
 
         let changed: Vec<&BString> =

@@ -3,6 +3,7 @@
 
 pub mod mirror;
 pub mod snapshot;
+pub mod status_branch;
 pub mod watcher;
 pub mod webhook;
 

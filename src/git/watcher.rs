@@ -37,12 +37,25 @@ pub struct WatcherSettings {
 }
 
 /// Starts a filesystem watch on a local repository's refs; triggers go to `triggers`.
+/// Changes to `ignored_branch` (the status branch gitfleet pushes) do not count.
 /// The returned watcher must be kept alive.
 pub fn watch_local_refs(
     git_dir: PathBuf,
+    ignored_branch: Option<&str>,
     triggers: mpsc::Sender<Trigger>,
 ) -> notify::Result<notify::RecommendedWatcher> {
     let refs = git_dir.join("refs");
+    // The ref, its lock file, and the directories the first push creates for it (a change
+    // to another branch in them shows up as that branch's own file).
+    let heads = refs.join("heads");
+    let ignored: Vec<PathBuf> = ignored_branch
+        .map(|branch| {
+            let path = heads.join(branch);
+            let lock = path.with_file_name(format!("{}.lock", path.file_name().unwrap_or_default().to_string_lossy()));
+            let parents = path.ancestors().skip(1).take_while(|dir| *dir != heads).map(PathBuf::from);
+            [path.clone(), lock].into_iter().chain(parents.collect::<Vec<_>>()).collect()
+        })
+        .unwrap_or_default();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         // Only changes count: reading the repository (as every fetch does) causes access
@@ -53,7 +66,7 @@ pub fn watch_local_refs(
             notify::EventKind::Access(_) | notify::EventKind::Other => false,
         };
         let relevant = changed
-            && event.paths.iter().any(|path| {
+            && event.paths.iter().filter(|path| !ignored.contains(path)).any(|path| {
                 path.starts_with(&refs) || path.file_name().is_some_and(|name| name == "packed-refs" || name == "HEAD")
             });
         if relevant {

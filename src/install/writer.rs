@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use crate::install::files::{self, InstallSpec};
 use crate::install::{artifacts, token::TokenText};
 use crate::problem::Problem;
-use crate::reconciler::{Event, View};
+use crate::reconciler::{Event, ProblemSource, View};
 
 /// Where install files go and what they default to.
 #[derive(Clone, Debug)]
@@ -92,7 +92,7 @@ pub async fn keep_written(
         }
         if problems != reported {
             reported = problems.clone();
-            if events.send(Event::InstallProblems(problems)).await.is_err() {
+            if events.send(Event::Problems { source: ProblemSource::Install, problems }).await.is_err() {
                 break;
             }
         }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::instance::{Assignment, Change, ConfigState, Status};
 use crate::opamp::codec::InstanceUid;
+use crate::status::InstanceRow;
 
 const SHARDS: usize = 64;
 /// History entries kept in memory per instance.
@@ -199,6 +200,40 @@ impl InstanceRecord {
 pub const LAST_SEEN_WRITE_EVERY_MS: i64 = 60_000;
 
 impl InstanceRecord {
+    /// The instance as the API, the page and the status branch show it.
+    pub fn row(&self, targets: &Targets, now_ms: i64) -> InstanceRow {
+        let target = targets.get(&*self.fleet);
+        let assignment = target.and_then(|t| t.assignment.as_ref());
+        let description = self.description.as_deref();
+        let described = |field: fn(&Description) -> &Option<String>| description.and_then(|d| field(d).clone());
+        let reported = self.config.reported.as_ref();
+        InstanceRow {
+            instance_uid: self.uid.to_string(),
+            fleet: self.fleet.to_string(),
+            status: self.config.status(now_ms, target.map_or(i64::MAX, |t| t.stale_after_ms)),
+            assigned_hash: assignment.map(|a| hex::encode(&a.hash)),
+            assigned_tag: assignment.map(|a| a.tag.clone()),
+            served_hash: self.config.served.as_ref().map(hex::encode),
+            reported_hash: reported.map(|(hash, _, _)| hex::encode(hash)).filter(|h| !h.is_empty()),
+            reported_status: reported.map(|(_, status, _)| *status),
+            host: described(|d| &d.host),
+            os: described(|d| &d.os),
+            arch: described(|d| &d.arch),
+            agent_version: described(|d| &d.agent_version),
+            healthy: self.health.as_ref().map(|h| h.healthy),
+            last_seen_ms: self.config.last_seen_ms,
+            error: self.config.error().map(str::to_owned),
+            transport: self.transport.map(|t| match t {
+                Transport::WebSocket => "websocket",
+                Transport::Http => "http",
+            }),
+            connected: self.session.is_some(),
+            token_id: self.token_id.to_string(),
+            token_current: target.and_then(|t| t.current_token.as_deref()) == Some(&*self.token_id),
+            drifted: assignment.is_some_and(|a| self.config.served.as_ref() != Some(&a.hash)),
+        }
+    }
+
     pub fn to_stored(&self) -> crate::store::StoredInstance {
         crate::store::StoredInstance {
             uid: self.uid.0,
@@ -272,29 +307,7 @@ fn to_json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("report types serialize to JSON")
 }
 
-/// Per-status counts of one fleet.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Counts {
-    pub in_sync: usize,
-    pub pending: usize,
-    pub applying: usize,
-    pub failed: usize,
-    pub stale: usize,
-    pub observed: usize,
-}
-
-impl Counts {
-    pub fn add(&mut self, status: Status) {
-        match status {
-            Status::InSync => self.in_sync += 1,
-            Status::Pending => self.pending += 1,
-            Status::Applying => self.applying += 1,
-            Status::Failed => self.failed += 1,
-            Status::Stale => self.stale += 1,
-            Status::Observed => self.observed += 1,
-        }
-    }
-}
+pub use crate::status::Counts;
 
 /// A fleet's counts plus drift (served ≠ assigned), and its instances per install token.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -361,6 +374,22 @@ impl Registry {
             *summary.by_token.entry(Arc::clone(&record.token_id)).or_default() += 1;
         });
         summaries
+    }
+
+    /// Every instance as a row, by fleet, each fleet's rows in `instance_uid` order.
+    pub fn rows(&self, targets: &Targets, now_ms: i64) -> BTreeMap<String, Vec<InstanceRow>> {
+        let mut rows: BTreeMap<String, Vec<InstanceRow>> = BTreeMap::new();
+        self.for_each(|record| {
+            let row = record.row(targets, now_ms);
+            match rows.get_mut(&*record.fleet) {
+                Some(fleet) => fleet.push(row),
+                None => {
+                    rows.insert(record.fleet.to_string(), vec![row]);
+                }
+            }
+        });
+        rows.values_mut().for_each(|fleet| fleet.sort_by(|a, b| a.instance_uid.cmp(&b.instance_uid)));
+        rows
     }
 
     /// Copies of the records of one fleet, or of all fleets.

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::install::token::TokenIndex;
+use crate::metrics::Metrics;
 use crate::opamp::agent::{self, Connection};
 use crate::opamp::codec::{self, DecodeError, MAX_MESSAGE_BYTES};
 use crate::opamp::proto::ServerToAgent;
@@ -47,6 +48,7 @@ pub struct OpampState {
     /// Live WebSockets plus HTTP requests in flight.
     pub connections: Arc<AtomicUsize>,
     pub max_connections: usize,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub cancel: CancellationToken,
 }
 
@@ -250,9 +252,11 @@ async fn plain_http(state: &OpampState, mut connection: Connection, request: Req
         Err(error @ DecodeError::TooLarge { .. }) => return plain(StatusCode::PAYLOAD_TOO_LARGE, &error.to_string()),
         Err(error) => return plain(StatusCode::BAD_REQUEST, &error.to_string()),
     };
+    Metrics::count(&state.metrics.opamp_messages_in);
     let targets = Arc::clone(&state.targets.borrow());
     let outcome = agent::handle(&state.registry, &targets, &mut connection, message, crate::time::now_ms());
     let mut body = codec::encode_http_body(&outcome.reply);
+    Metrics::count(&state.metrics.opamp_messages_out);
     let mut response = Response::builder().status(StatusCode::OK).header(header::CONTENT_TYPE, PROTOBUF);
     if accepts_gzip && body.len() >= GZIP_FROM {
         body = codec::gzip(&body);
@@ -349,6 +353,7 @@ where
                             }
                         };
                         drop(payload);
+                        Metrics::count(&state.metrics.opamp_messages_in);
                         let current = Arc::clone(&targets.borrow());
                         let outcome = agent::handle(&state.registry, &current, &mut connection, message, crate::time::now_ms());
                         if outcome.replaced {
@@ -357,6 +362,7 @@ where
                         if ws::write_frame(&mut writer, 0x2, &codec::encode_ws_message(&outcome.reply)).await.is_err() {
                             break None;
                         }
+                        Metrics::count(&state.metrics.opamp_messages_out);
                         if outcome.disconnect {
                             break Some((1000, "goodbye"));
                         }
@@ -381,10 +387,11 @@ where
                     break Some((1001, "gitfleet is shutting down"));
                 }
                 let current = Arc::clone(&targets.borrow_and_update());
-                if let Some(push) = push_for(&state.registry, &current, &mut connection)
-                    && ws::write_frame(&mut writer, 0x2, &codec::encode_ws_message(&push)).await.is_err()
-                {
-                    break None;
+                if let Some(push) = push_for(&state.registry, &current, &mut connection) {
+                    if ws::write_frame(&mut writer, 0x2, &codec::encode_ws_message(&push)).await.is_err() {
+                        break None;
+                    }
+                    Metrics::count(&state.metrics.opamp_messages_out);
                 }
             }
             changed = tokens.changed() => {

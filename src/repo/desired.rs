@@ -87,6 +87,10 @@ pub struct LastGoodFleet {
     pub source: String,
     /// The tag it was assigned (`None` for observe-only).
     pub tag: Option<String>,
+    /// The commit that set this assignment: the branch commit that changed the fleet file,
+    /// or the tagged commit when a new tag moved a `config/*` selector. Forges show the
+    /// rollout's status on it.
+    pub assigned_by: Option<String>,
 }
 
 /// The desired state of every fleet at one commit.
@@ -219,6 +223,7 @@ pub fn compile(snapshot: &RepoSnapshot, memory: Memory<'_>) -> Compiled {
         let (spec, fleet_problems) = parsed.unwrap_or((None, Vec::new()));
         problems.extend(fleet_problems);
         let fleet = resolve_fleet(
+            &snapshot.commit,
             &name,
             path,
             spec,
@@ -512,6 +517,7 @@ fn lint_cached(
 /// last good state: the current file when it resolved cleanly, the remembered one otherwise.
 #[allow(clippy::too_many_arguments)]
 fn resolve_fleet(
+    commit: &str,
     name: &str,
     path: &str,
     spec: Option<FleetSpec>,
@@ -592,10 +598,15 @@ fn resolve_fleet(
     let clean = if kept {
         remembered.cloned()
     } else {
-        Some(LastGoodFleet {
-            source: text.unwrap_or_default().to_owned(),
-            tag: assignment.as_ref().map(|v| v.tag.clone()),
-        })
+        let source = text.unwrap_or_default().to_owned();
+        let tag = assignment.as_ref().map(|v| v.tag.clone());
+        let assigned_by = match (remembered, &assignment) {
+            (_, None) => None,
+            (Some(before), Some(_)) if before.tag == tag && before.assigned_by.is_some() => before.assigned_by.clone(),
+            (Some(before), Some(version)) if before.source == source => Some(version.commit.clone()),
+            (_, Some(_)) => Some(commit.to_owned()),
+        };
+        Some(LastGoodFleet { source, tag, assigned_by })
     };
     Some((Fleet { spec, assignment, kept_last_good: kept }, clean))
 }
@@ -739,6 +750,36 @@ mod tests {
         // Without anything remembered, a broken fleet has no state to keep.
         let cold = compile(&broken, Memory::default()).desired;
         assert!(!cold.fleets.contains_key("prod"));
+    }
+
+    #[test]
+    fn the_commit_that_set_an_assignment_is_remembered() {
+        let at = |commit: &str, files: &[(&str, &str)], tags: Vec<TagSnapshot>, before: Option<&DesiredState>| {
+            let mut snap = snapshot(files, tags);
+            snap.commit = commit.to_owned();
+            let memory = Memory { last_good: before.map(|b| &b.last_good), ..Default::default() };
+            compile(&snap, memory).desired
+        };
+        let assigned_by = |desired: &DesiredState, fleet: &str| desired.last_good[fleet].assigned_by.clone();
+        let latest = ("fleets/prod.toml", "config = \"gateway\"\nversion = \"latest\"\n");
+        let watch = ("fleets/edge.toml", "description = \"watch only\"\n");
+        let v1 = || tag("gateway/v1", "c1", GATEWAY_V1);
+        let v2 = || tag("gateway/v2", "c2", GATEWAY_V2);
+
+        // A fleet seen for the first time: the branch commit it appeared in.
+        let first = at("main1", &[latest, watch], vec![v1()], None);
+        assert_eq!(assigned_by(&first, "prod").as_deref(), Some("main1"));
+        assert_eq!(assigned_by(&first, "edge"), None, "observe-only fleets have no assignment");
+        // Unrelated branch commits keep it.
+        let unrelated = at("main2", &[latest, watch, ("README.md", "hi")], vec![v1()], Some(&first));
+        assert_eq!(assigned_by(&unrelated, "prod").as_deref(), Some("main1"));
+        // A new tag moves the `latest` selector: the tagged commit set it.
+        let tagged = at("main2", &[latest, watch], vec![v1(), v2()], Some(&unrelated));
+        assert_eq!(assigned_by(&tagged, "prod").as_deref(), Some("c2"));
+        // Pinning back in the fleet file: the branch commit that changed the file.
+        let pinned = ("fleets/prod.toml", "config = \"gateway\"\nversion = \"v1\"\n");
+        let rolled_back = at("main3", &[pinned, watch], vec![v1(), v2()], Some(&tagged));
+        assert_eq!(assigned_by(&rolled_back, "prod").as_deref(), Some("main3"));
     }
 
     #[test]

@@ -83,6 +83,8 @@ const MIGRATIONS: &[&str] = &[
     // 4: a token's expiry follows its fleet file's `expires` from the issue time, so it is
     // computed, not stored.
     "ALTER TABLE tokens DROP COLUMN expires_at;",
+    // 5: the commit that set each fleet's assignment, for commit statuses.
+    "ALTER TABLE fleets_last_good ADD COLUMN assigned_by TEXT;",
 ];
 
 /// How many reconciles the history keeps.
@@ -205,11 +207,14 @@ impl Store for SqliteStore {
     fn last_good_fleets(&self) -> Result<BTreeMap<String, LastGoodFleet>, StoreError> {
         let connection = self.connection();
         let mut statement = connection
-            .prepare("SELECT fleet, source, tag FROM fleets_last_good")
+            .prepare("SELECT fleet, source, tag, assigned_by FROM fleets_last_good")
             .map_err(query("reading last good fleets"))?;
         let rows = statement
             .query_map([], |row| {
-                Ok((row.get::<_, String>(0)?, LastGoodFleet { source: row.get(1)?, tag: row.get(2)? }))
+                Ok((
+                    row.get::<_, String>(0)?,
+                    LastGoodFleet { source: row.get(1)?, tag: row.get(2)?, assigned_by: row.get(3)? },
+                ))
             })
             .map_err(query("reading last good fleets"))?;
         rows.collect::<Result<_, _>>().map_err(query("reading last good fleets"))
@@ -221,11 +226,13 @@ impl Store for SqliteStore {
         transaction.execute("DELETE FROM fleets_last_good", []).map_err(query("saving last good fleets"))?;
         {
             let mut insert = transaction
-                .prepare("INSERT INTO fleets_last_good (fleet, source, tag, saved_at) VALUES (?1, ?2, ?3, ?4)")
+                .prepare("INSERT INTO fleets_last_good (fleet, source, tag, assigned_by, saved_at) VALUES (?1, ?2, ?3, ?4, ?5)")
                 .map_err(query("saving last good fleets"))?;
             let now = crate::time::now_unix();
             for (fleet, good) in fleets {
-                insert.execute(params![fleet, good.source, good.tag, now]).map_err(query("saving last good fleets"))?;
+                insert
+                    .execute(params![fleet, good.source, good.tag, good.assigned_by, now])
+                    .map_err(query("saving last good fleets"))?;
             }
         }
         transaction.commit().map_err(query("saving last good fleets"))
@@ -532,7 +539,11 @@ mod tests {
                 .expect("remember again");
             let fleets = BTreeMap::from([(
                 "prod".to_owned(),
-                LastGoodFleet { source: "config = \"gateway\"".into(), tag: Some("gateway/v1".into()) },
+                LastGoodFleet {
+                    source: "config = \"gateway\"".into(),
+                    tag: Some("gateway/v1".into()),
+                    assigned_by: Some("c0ffee".into()),
+                },
             )]);
             store.save_last_good_fleets(&fleets).expect("save fleets");
             store
@@ -550,7 +561,9 @@ mod tests {
         assert_eq!(seen.keys().collect::<Vec<_>>(), vec!["gateway/v1", "gateway/v2"]);
         assert_eq!(&*seen["gateway/v1"].body, b"a: 1\n");
         assert_eq!(seen["gateway/v1"], version("gateway/v1", "a: 1\n"));
-        assert_eq!(store.last_good_fleets().expect("fleets")["prod"].tag.as_deref(), Some("gateway/v1"));
+        let fleets = store.last_good_fleets().expect("fleets");
+        assert_eq!(fleets["prod"].tag.as_deref(), Some("gateway/v1"));
+        assert_eq!(fleets["prod"].assigned_by.as_deref(), Some("c0ffee"));
         let history = store.reconcile_history(10).expect("history");
         assert_eq!(history.len(), 1);
         assert_eq!(history[0].problems, vec![Problem::error("fleets/x.toml", Some(2), "broken")]);
@@ -562,7 +575,7 @@ mod tests {
         let path = dir.path().join("state.db");
         Connection::open(&path).and_then(|c| c.pragma_update(None, "user_version", 99)).expect("set version");
         match SqliteStore::open(&path) {
-            Err(StoreError::TooNew { found: 99, supported: 4 }) => {}
+            Err(StoreError::TooNew { found: 99, supported: 5 }) => {}
             other => panic!("expected TooNew, got {:?}", other.map(|_| ())),
         }
     }

@@ -153,31 +153,7 @@ async fn instance(State(state): State<WebState>, Path(uid): Path<String>) -> Res
 
 /// One instance with the field names of PRODUCT.md §9.
 pub fn instance_json(record: &InstanceRecord, targets: &Targets, now_ms: i64) -> Value {
-    let target = targets.get(&*record.fleet);
-    let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
-    let description = record.description.as_deref();
-    let reported = record.config.reported.as_ref();
-    json!({
-        "instance_uid": record.uid.to_string(),
-        "fleet": &*record.fleet,
-        "status": record.config.status(now_ms, stale_after).as_str(),
-        "assigned_hash": target.and_then(|t| t.assignment.as_ref()).map(|a| hex::encode(&a.hash)),
-        "assigned_tag": target.and_then(|t| t.assignment.as_ref()).map(|a| a.tag.clone()),
-        "served_hash": record.config.served.as_ref().map(hex::encode),
-        "reported_hash": reported.map(|(hash, _, _)| hex::encode(hash)).filter(|h| !h.is_empty()),
-        "reported_status": reported.map(|(_, status, _)| *status),
-        "host": description.and_then(|d| d.host.clone()),
-        "os": description.and_then(|d| d.os.clone()),
-        "arch": description.and_then(|d| d.arch.clone()),
-        "agent_version": description.and_then(|d| d.agent_version.clone()),
-        "healthy": record.health.as_ref().map(|h| h.healthy),
-        "last_seen": rfc3339(record.config.last_seen_ms / 1000),
-        "error": record.config.error(),
-        "transport": record.transport,
-        "connected": record.session.is_some(),
-        "token_id": &*record.token_id,
-        "token_current": target.and_then(|t| t.current_token.as_deref()) == Some(&*record.token_id),
-    })
+    record.row(targets, now_ms).to_json()
 }
 
 pub fn fleet_json(fleet: &Fleet, view: &View, summary: FleetSummary) -> Value {

@@ -2,6 +2,7 @@
 //! Read-only: nothing here changes desired state; the webhook only asks the watcher to look.
 
 pub mod api;
+pub mod metrics;
 
 use std::sync::Arc;
 
@@ -29,6 +30,11 @@ pub struct WebState {
     pub targets: watch::Receiver<Arc<crate::opamp::registry::Targets>>,
     pub triggers: mpsc::Sender<Trigger>,
     pub webhook_secret: Option<Arc<[u8]>>,
+    /// Changes whenever a fleet's status does: the page's live updates follow it.
+    pub statuses: watch::Receiver<Arc<crate::reporting::Statuses>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Ends live-update streams at shutdown.
+    pub cancel: tokio_util::sync::CancellationToken,
 }
 
 pub fn router(state: WebState) -> Router {
@@ -36,6 +42,7 @@ pub fn router(state: WebState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/hooks/git", post(git_hook))
+        .route("/metrics", get(metrics::metrics))
         .merge(api::routes())
         .fallback(|| async { api::not_found("no such page") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_WEBHOOK_BYTES))

@@ -9,4 +9,5 @@ mod opamp;
 mod peers;
 mod proto;
 mod serve;
+mod status;
 mod tokens;

@@ -17,7 +17,7 @@ fn text(key: &str, value: &str) -> KeyValue {
     KeyValue { key: key.into(), value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.into())) }) }
 }
 
-fn full_state(uid: [u8; 16], seq: u64, host: &str) -> AgentToServer {
+pub(crate) fn full_state(uid: [u8; 16], seq: u64, host: &str) -> AgentToServer {
     AgentToServer {
         instance_uid: uid.to_vec(),
         sequence_num: seq,
@@ -49,7 +49,7 @@ fn full_state(uid: [u8; 16], seq: u64, host: &str) -> AgentToServer {
     }
 }
 
-fn report(uid: [u8; 16], seq: u64, hash: &[u8], status: i32, error: &str) -> AgentToServer {
+pub(crate) fn report(uid: [u8; 16], seq: u64, hash: &[u8], status: i32, error: &str) -> AgentToServer {
     AgentToServer {
         instance_uid: uid.to_vec(),
         sequence_num: seq,
@@ -63,7 +63,7 @@ fn report(uid: [u8; 16], seq: u64, hash: &[u8], status: i32, error: &str) -> Age
     }
 }
 
-fn uid_text(uid: [u8; 16]) -> String {
+pub(crate) fn uid_text(uid: [u8; 16]) -> String {
     gitfleet::opamp::codec::InstanceUid(uid).to_string()
 }
 

@@ -181,6 +181,10 @@ fn an_unreachable_remote_keeps_the_last_good_state_and_recovers() {
     let data = tempfile::tempdir().expect("temp dir");
     let server = Server::start(&repo.url(), data.path(), &["--poll-interval", "1s"]);
     server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "gateway/v1", |f| f["tag"] == "gateway/v1");
+    // Once the status branch is pushed, nothing more is pushed until an instance changes.
+    server.wait_for("/api/v1/repo", WAIT, "the status branch pushed", |_| {
+        repo.try_git(&["rev-parse", "--verify", "--quiet", "gitfleet/status"]).status.success()
+    });
 
     let moved = repo.path().with_extension("away");
     std::fs::rename(repo.path(), &moved).expect("move the repository away");
@@ -242,6 +246,14 @@ fn bad_settings_exit_with_one_clear_line_before_binding() {
     let taken = blocker.local_addr().expect("address").to_string();
     let not_a_repo = data.path().display().to_string();
     let path = repo.path().display().to_string();
+    let token_file = data.path().join("forge-token").display().to_string();
+    std::fs::write(&token_file, "t0ken\n").expect("write the token file");
+    let empty = data.path().join("empty-token").display().to_string();
+    std::fs::write(&empty, "\n").expect("write the empty token file");
+    let missing = data.path().join("no-such-file").display().to_string();
+    fn forge<'a>(repo: &'a str, url: &'a str, file: &'a str) -> Vec<&'a str> {
+        vec!["--repo", repo, "--forge", "github", "--forge-url", url, "--forge-token-file", file]
+    }
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--repo", &path, "--poll-interval", "soon"], "gitfleet: --poll-interval: `soon` is not a duration"),
         (vec!["--repo", &path, "--poll-interval", "10ms"], "gitfleet: --poll-interval: `10ms` is shorter than 1s"),
@@ -250,6 +262,19 @@ fn bad_settings_exit_with_one_clear_line_before_binding() {
         (vec!["--repo", &path, "--web-listen", "localhost"], "gitfleet: --web-listen `localhost` is not an address"),
         (vec!["--repo", &path, "--webhook-secret", ""], "gitfleet: --webhook-secret must not be empty"),
         (vec!["--repo", &path, "--web-listen", &taken], "gitfleet: cannot listen on"),
+        (vec!["--repo", &path, "--status-interval", "0s"], "gitfleet: --status-interval: `0s` is shorter than 1s"),
+        (vec!["--repo", &path, "--status-branch", "main"], "gitfleet: --status-branch must differ from --branch"),
+        (vec!["--repo", &path, "--status-branch", "a b"], "gitfleet: --status-branch `a b` is not a valid branch name"),
+        (
+            forge(&path, "ftp://example.com/a/b", &token_file),
+            "gitfleet: --forge-url `ftp://example.com/a/b` is not an http",
+        ),
+        (
+            forge(&path, "https://github.com/acme", &token_file),
+            "gitfleet: --forge-url `https://github.com/acme` does not name a repository",
+        ),
+        (forge(&path, "https://github.com/a/b", &missing), "gitfleet: --forge-token-file "),
+        (forge(&path, "https://github.com/a/b", &empty), "gitfleet: --forge-token-file "),
     ];
     for (args, expected) in cases {
         let output = gitfleet()
@@ -305,6 +330,9 @@ fn fetches_over_smart_http() {
         .status()
         .expect("git clone runs");
     assert!(status.success());
+    // Let `git http-backend` accept pushes, so that the status branch is pushed over HTTP too.
+    let allowed = crate::common::git_command(&bare).args(["config", "http.receivepack", "true"]).status();
+    assert!(allowed.expect("git config runs").success());
     let http = crate::common::GitHttpServer::start(served.path());
     let data = tempfile::tempdir().expect("temp dir");
     let server = Server::start(&http.url("fleet.git"), data.path(), &["--poll-interval", "1s"]);
@@ -320,6 +348,9 @@ fn fetches_over_smart_http() {
     let state = server.json("/api/v1/repo");
     assert_eq!(state["commit"], work.head());
     assert_eq!(state["problems"], serde_json::json!([]));
+    let pushed = crate::common::git_command(&bare).args(["log", "-1", "--format=%s", "gitfleet/status"]).output();
+    let subject = String::from_utf8_lossy(&pushed.expect("git log runs").stdout).into_owned();
+    assert!(subject.contains("fleets changed"), "the status branch over smart HTTP: {subject}");
 }
 
 #[test]

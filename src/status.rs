@@ -1,0 +1,385 @@
+//! What a fleet looks like from outside, computed from values only: the summary the status
+//! branch records, the commit status forges show, and the words both use.
+//!
+//! A `FleetStatus` is the part of a fleet's state that is worth a commit: the version, the
+//! counts, drift and failures. Heartbeats move `last_seen` and nothing here, so they never
+//! make a commit.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::instance::Status;
+use crate::repo::desired::{DesiredState, Fleet};
+
+/// One instance as the API, the status page and the status branch show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InstanceRow {
+    pub instance_uid: String,
+    pub fleet: String,
+    pub status: Status,
+    pub assigned_hash: Option<String>,
+    pub assigned_tag: Option<String>,
+    pub served_hash: Option<String>,
+    pub reported_hash: Option<String>,
+    pub reported_status: Option<crate::instance::Reported>,
+    pub host: Option<String>,
+    pub os: Option<String>,
+    pub arch: Option<String>,
+    pub agent_version: Option<String>,
+    pub healthy: Option<bool>,
+    /// Unix milliseconds.
+    #[serde(skip)]
+    pub last_seen_ms: i64,
+    pub error: Option<String>,
+    pub transport: Option<&'static str>,
+    pub connected: bool,
+    pub token_id: String,
+    pub token_current: bool,
+    /// Served differs from assigned.
+    #[serde(skip)]
+    pub drifted: bool,
+}
+
+impl InstanceRow {
+    /// The API's object: the fields above plus `last_seen` in RFC 3339.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).expect("instance rows serialize to JSON");
+        value["last_seen"] = serde_json::Value::String(crate::time::rfc3339(self.last_seen_ms / 1000));
+        value
+    }
+}
+
+/// Per-status counts of one fleet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub in_sync: usize,
+    pub pending: usize,
+    pub applying: usize,
+    pub failed: usize,
+    pub stale: usize,
+    pub observed: usize,
+}
+
+impl Counts {
+    pub fn add(&mut self, status: Status) {
+        match status {
+            Status::InSync => self.in_sync += 1,
+            Status::Pending => self.pending += 1,
+            Status::Applying => self.applying += 1,
+            Status::Failed => self.failed += 1,
+            Status::Stale => self.stale += 1,
+            Status::Observed => self.observed += 1,
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.in_sync + self.pending + self.applying + self.failed + self.stale + self.observed
+    }
+
+    /// Instances heard from within their fleet's `stale_after`.
+    pub fn live(&self) -> usize {
+        self.total() - self.stale
+    }
+}
+
+/// An instance that failed to apply the fleet's configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub instance_uid: String,
+    pub host: Option<String>,
+    pub error: String,
+}
+
+/// The commit-worthy state of one fleet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    pub fleet: String,
+    pub config: Option<String>,
+    /// `None` for observe-only fleets and fleets with nothing to roll out.
+    pub tag: Option<String>,
+    pub config_hash: Option<String>,
+    /// The commit that set the assignment (see `LastGoodFleet::assigned_by`).
+    pub assigned_by: Option<String>,
+    pub instances: usize,
+    pub counts: Counts,
+    pub drift: usize,
+    pub failures: Vec<Failure>,
+}
+
+/// What a forge shows for a fleet on its assignment commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Converging, or no live instance yet.
+    Pending,
+    /// Every live instance is in sync.
+    Success,
+    /// At least one instance failed to apply the configuration.
+    Failure,
+}
+
+impl FleetStatus {
+    /// The status of `fleet` given its instances (in any order).
+    pub fn of(fleet: &Fleet, desired: &DesiredState, rows: &[InstanceRow]) -> Self {
+        let assignment = fleet.assignment.as_deref();
+        let mut counts = Counts::default();
+        let mut failures = Vec::new();
+        let mut drift = 0;
+        for row in rows {
+            counts.add(row.status);
+            drift += usize::from(row.drifted);
+            if row.status == Status::Failed {
+                failures.push(Failure {
+                    instance_uid: row.instance_uid.clone(),
+                    host: row.host.clone(),
+                    error: row.error.clone().unwrap_or_default(),
+                });
+            }
+        }
+        failures.sort_by(|a, b| a.instance_uid.cmp(&b.instance_uid));
+        let assigned_by = assignment.and_then(|version| {
+            let good = desired.last_good.get(fleet.name())?;
+            (good.tag.as_deref() == Some(&version.tag)).then(|| good.assigned_by.clone())?
+        });
+        Self {
+            fleet: fleet.name().to_owned(),
+            config: fleet.spec.config.clone(),
+            tag: assignment.map(|v| v.tag.clone()),
+            config_hash: assignment.map(|v| hex::encode(v.config_hash)),
+            assigned_by,
+            instances: rows.len(),
+            counts,
+            drift,
+            failures,
+        }
+    }
+
+    pub fn verdict(&self) -> Verdict {
+        let counts = &self.counts;
+        if counts.failed > 0 {
+            Verdict::Failure
+        } else if counts.in_sync > 0 && counts.pending + counts.applying == 0 {
+            Verdict::Success
+        } else {
+            Verdict::Pending
+        }
+    }
+
+    /// "9/12 in sync, 1 failed, 2 stale": what converged, then what did not.
+    pub fn description(&self) -> String {
+        let counts = &self.counts;
+        if self.tag.is_none() {
+            return format!("{} observed", self.instances);
+        }
+        let mut text = format!("{}/{} in sync", counts.in_sync, self.instances);
+        for (count, word) in [
+            (counts.failed, "failed"),
+            (counts.applying, "applying"),
+            (counts.pending, "pending"),
+            (counts.stale, "stale"),
+            (counts.observed, "observed"),
+        ] {
+            if count > 0 {
+                let _ = write!(text, ", {count} {word}");
+            }
+        }
+        text
+    }
+
+    /// "prod-gateway: 12/12 in sync at gateway/v7", the line a commit message gives it.
+    pub fn headline(&self) -> String {
+        match &self.tag {
+            Some(tag) => format!("{}: {} at {tag}", self.fleet, self.description()),
+            None => format!("{}: {} (observe only)", self.fleet, self.description()),
+        }
+    }
+}
+
+/// The commit message for a change from `before` to `after`: the headline of a single
+/// changed fleet, or a count with one line per fleet in the body.
+pub fn commit_message(before: &BTreeMap<String, FleetStatus>, after: &BTreeMap<String, FleetStatus>) -> Option<String> {
+    let mut lines: Vec<String> =
+        after.iter().filter(|(name, status)| before.get(*name) != Some(status)).map(|(_, s)| s.headline()).collect();
+    lines.extend(before.keys().filter(|name| !after.contains_key(*name)).map(|name| format!("{name}: removed")));
+    match lines.len() {
+        0 => None,
+        1 => Some(lines.remove(0)),
+        n => Some(format!("{n} fleets changed\n\n{}", lines.join("\n"))),
+    }
+}
+
+/// The status branch's `README.md`: a table per fleet, for people.
+pub fn readme(desired: &DesiredState, statuses: &BTreeMap<String, FleetStatus>, now: i64) -> String {
+    let mut text = String::from("# Fleet status\n\n");
+    let _ = writeln!(
+        text,
+        "Written by gitfleet from `{}` at commit `{}`, {}. Each fleet's details are in `fleets/<fleet>.json`.\n",
+        desired.branch,
+        crate::repo::desired::short(&desired.commit),
+        crate::time::rfc3339(now),
+    );
+    if statuses.is_empty() {
+        text.push_str("No fleets yet.\n");
+    }
+    for status in statuses.values() {
+        let _ = writeln!(text, "## {}\n", markdown_text(&status.fleet));
+        text.push_str("| Version | Instances | In sync | Pending | Applying | Failed | Stale | Observed | Drift |\n");
+        text.push_str("|---|---|---|---|---|---|---|---|---|\n");
+        let counts = &status.counts;
+        let _ = writeln!(
+            text,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            status.tag.as_deref().map_or_else(|| "observe only".to_owned(), markdown_text),
+            status.instances,
+            counts.in_sync,
+            counts.pending,
+            counts.applying,
+            counts.failed,
+            counts.stale,
+            counts.observed,
+            status.drift,
+        );
+        if !status.failures.is_empty() {
+            text.push_str("| Failed instance | Host | Error |\n|---|---|---|\n");
+            for failure in &status.failures {
+                let _ = writeln!(
+                    text,
+                    "| `{}` | {} | {} |",
+                    failure.instance_uid,
+                    failure.host.as_deref().map(markdown_text).unwrap_or_default(),
+                    markdown_text(&failure.error),
+                );
+            }
+            text.push('\n');
+        }
+    }
+    text
+}
+
+/// Text an agent sent, made safe inside a Markdown table cell: no HTML, no table breaks,
+/// no line breaks.
+fn markdown_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '|' => out.push_str("\\|"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '`' | '*' | '_' | '[' | ']' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '\n' | '\r' => out.push(' '),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One fleet's machine-readable file, `fleets/<fleet>.json`.
+pub fn fleet_file(status: &FleetStatus, rows: &[InstanceRow]) -> String {
+    let instances: Vec<serde_json::Value> = rows.iter().map(InstanceRow::to_json).collect();
+    let file = serde_json::json!({
+        "summary": status,
+        "verdict": status.verdict(),
+        "description": status.description(),
+        "instances": instances,
+    });
+    let mut text = serde_json::to_string_pretty(&file).expect("JSON values serialize");
+    text.push('\n');
+    text
+}
+
+/// The summary back out of a fleet file, to know what the branch already records.
+pub fn summary_of_fleet_file(text: &str) -> Option<FleetStatus> {
+    #[derive(Deserialize)]
+    struct File {
+        summary: FleetStatus,
+    }
+    serde_json::from_str::<File>(text).ok().map(|file| file.summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(counts: Counts, tag: Option<&str>) -> FleetStatus {
+        FleetStatus {
+            fleet: "prod-gateway".into(),
+            config: Some("gateway".into()),
+            tag: tag.map(Into::into),
+            config_hash: None,
+            assigned_by: None,
+            instances: counts.total(),
+            counts,
+            drift: 0,
+            failures: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn verdicts_and_descriptions() {
+        let cases = [
+            (Counts { in_sync: 12, ..Default::default() }, Verdict::Success, "12/12 in sync"),
+            (
+                Counts { in_sync: 9, failed: 1, pending: 2, ..Default::default() },
+                Verdict::Failure,
+                "9/12 in sync, 1 failed, 2 pending",
+            ),
+            (Counts { in_sync: 3, applying: 1, ..Default::default() }, Verdict::Pending, "3/4 in sync, 1 applying"),
+            (Counts { in_sync: 10, stale: 2, ..Default::default() }, Verdict::Success, "10/12 in sync, 2 stale"),
+            (Counts { stale: 2, ..Default::default() }, Verdict::Pending, "0/2 in sync, 2 stale"),
+            (Counts::default(), Verdict::Pending, "0/0 in sync"),
+        ];
+        for (counts, verdict, description) in cases {
+            let status = status(counts, Some("gateway/v7"));
+            assert_eq!((status.verdict(), status.description().as_str()), (verdict, description), "{counts:?}");
+        }
+        assert_eq!(
+            status(Counts { in_sync: 12, ..Default::default() }, Some("gateway/v7")).headline(),
+            "prod-gateway: 12/12 in sync at gateway/v7"
+        );
+        assert_eq!(
+            status(Counts { observed: 3, ..Default::default() }, None).headline(),
+            "prod-gateway: 3 observed (observe only)"
+        );
+    }
+
+    #[test]
+    fn commit_messages_name_what_changed() {
+        let one = |fleet: &str, in_sync| {
+            let mut s = status(Counts { in_sync, pending: 2 - in_sync, ..Default::default() }, Some("gateway/v2"));
+            s.fleet = fleet.into();
+            (fleet.to_owned(), s)
+        };
+        let before = BTreeMap::from([one("a", 0), one("b", 0)]);
+        assert_eq!(commit_message(&before, &before), None);
+        let after = BTreeMap::from([one("a", 2), one("b", 0)]);
+        assert_eq!(commit_message(&before, &after).as_deref(), Some("a: 2/2 in sync at gateway/v2"));
+        let after = BTreeMap::from([one("a", 2), one("c", 1)]);
+        assert_eq!(
+            commit_message(&before, &after).as_deref(),
+            Some(
+                "3 fleets changed\n\na: 2/2 in sync at gateway/v2\nc: 1/2 in sync, 1 pending at gateway/v2\nb: removed"
+            )
+        );
+    }
+
+    #[test]
+    fn agent_text_cannot_break_the_readme() {
+        assert_eq!(markdown_text("<img src=x onerror=alert(1)>"), "&lt;img src=x onerror=alert(1)&gt;");
+        assert_eq!(markdown_text("a|b\nc`d`[e](f)"), "a\\|b c\\`d\\`\\[e\\](f)");
+    }
+
+    #[test]
+    fn fleet_files_round_trip_their_summary() {
+        let mut s = status(Counts { in_sync: 1, failed: 1, ..Default::default() }, Some("gateway/v2"));
+        s.failures.push(Failure { instance_uid: "u".into(), host: Some("h".into()), error: "bad".into() });
+        assert_eq!(summary_of_fleet_file(&fleet_file(&s, &[])), Some(s));
+        assert_eq!(summary_of_fleet_file("{"), None);
+    }
+}

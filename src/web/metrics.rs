@@ -1,0 +1,119 @@
+//! `GET /metrics`: Prometheus text format. Counters come from `Metrics` and the view;
+//! instance gauges are computed from the fleet statuses and the registry at scrape time.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+
+use crate::metrics::{Family, Metrics};
+use crate::opamp::registry::Transport;
+use crate::problem::Severity;
+use crate::web::WebState;
+
+pub async fn metrics(State(state): State<WebState>) -> Response {
+    let view = state.view.borrow().clone();
+    let statuses = Arc::clone(&state.statuses.borrow());
+    let targets = Arc::clone(&state.targets.borrow());
+    let now = crate::time::now_ms();
+    let (mut websocket, mut http) = (0usize, 0usize);
+    state.registry.for_each(|record| {
+        let stale_after = targets.get(&*record.fleet).map_or(i64::MAX, |t| t.stale_after_ms);
+        match record.transport {
+            Some(Transport::WebSocket) if record.session.is_some() => websocket += 1,
+            // Plain-HTTP agents hold no connection: they count while they keep polling.
+            Some(Transport::Http) if now - record.config.last_seen_ms <= stale_after => http += 1,
+            _ => {}
+        }
+    });
+
+    let mut out = String::with_capacity(4096);
+    {
+        let mut family = Family::new(&mut out, "gitfleet_instances", "gauge", "Instances by fleet and status.");
+        for status in statuses.fleets.values() {
+            let counts = &status.counts;
+            for (name, count) in [
+                ("in_sync", counts.in_sync),
+                ("pending", counts.pending),
+                ("applying", counts.applying),
+                ("failed", counts.failed),
+                ("stale", counts.stale),
+                ("observed", counts.observed),
+            ] {
+                family.sample(&[("fleet", &status.fleet), ("status", name)], count);
+            }
+        }
+    }
+    {
+        let mut family =
+            Family::new(&mut out, "gitfleet_fleet_drift", "gauge", "Instances served a config other than assigned.");
+        for status in statuses.fleets.values() {
+            family.sample(&[("fleet", &status.fleet)], status.drift);
+        }
+    }
+    Family::new(&mut out, "gitfleet_instances_connected", "gauge", "Instances connected, by transport.")
+        .sample(&[("transport", "websocket")], websocket)
+        .sample(&[("transport", "http")], http);
+    let counter = |out: &mut String, name: &'static str, help: &str, value: u64| {
+        Family::new(out, name, "counter", help).sample(&[], value);
+    };
+    let m = &state.metrics;
+    counter(
+        &mut out,
+        "gitfleet_opamp_messages_received_total",
+        "OpAMP messages received from agents.",
+        Metrics::read(&m.opamp_messages_in),
+    );
+    counter(
+        &mut out,
+        "gitfleet_opamp_messages_sent_total",
+        "OpAMP messages sent to agents.",
+        Metrics::read(&m.opamp_messages_out),
+    );
+    counter(&mut out, "gitfleet_reconciles_total", "Reconciles of the repository.", view.reconciles);
+    counter(
+        &mut out,
+        "gitfleet_reconcile_errors_total",
+        "Reconciles that found errors or could not persist.",
+        view.reconcile_errors,
+    );
+    Family::new(&mut out, "gitfleet_reconcile_duration_seconds", "gauge", "Duration of the last reconcile.")
+        .sample(&[], view.reconcile_micros as f64 / 1e6);
+    counter(&mut out, "gitfleet_git_fetches_total", "Fetches of the config repository.", view.fetches);
+    counter(
+        &mut out,
+        "gitfleet_git_fetch_errors_total",
+        "Fetches of the config repository that failed.",
+        view.fetch_errors,
+    );
+    counter(
+        &mut out,
+        "gitfleet_git_push_errors_total",
+        "Pushes of the status branch that failed.",
+        Metrics::read(&m.git_push_errors),
+    );
+    counter(
+        &mut out,
+        "gitfleet_status_commits_total",
+        "Commits made to the status branch.",
+        Metrics::read(&m.status_commits),
+    );
+    counter(
+        &mut out,
+        "gitfleet_forge_statuses_posted_total",
+        "Commit statuses posted to the forge.",
+        Metrics::read(&m.forge_posts),
+    );
+    counter(
+        &mut out,
+        "gitfleet_forge_errors_total",
+        "Commit status posts that failed.",
+        Metrics::read(&m.forge_errors),
+    );
+    let problems = view.problems();
+    Family::new(&mut out, "gitfleet_problems", "gauge", "Repository and server problems, by severity.")
+        .sample(&[("severity", "error")], problems.iter().filter(|p| p.severity == Severity::Error).count())
+        .sample(&[("severity", "warning")], problems.iter().filter(|p| p.severity == Severity::Warning).count());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
+}
