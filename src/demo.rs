@@ -184,11 +184,13 @@ pub fn next_steps(repo: &Path, data: &Path, web: &str) -> String {
         "
 gitfleet demo is running.
 
+  Status page  http://{web}/
   Repository   {repo}
   Fleets       http://{web}/api/v1/fleets
   Instances    http://{web}/api/v1/instances     (50 simulated collectors; a few fail)
   Problems     http://{web}/api/v1/repo
   Versions     http://{web}/api/v1/configs/gateway/versions
+  Metrics      http://{web}/metrics
 
 Try it in another terminal:
   cd {repo}
@@ -196,6 +198,8 @@ Try it in another terminal:
   sed -i 's/send_batch_size: 8192/send_batch_size: 4096/' configs/gateway.yaml
   git commit -qam 'Smaller batches' && git tag -a gateway/v2 -m 'Smaller batches'
   curl -s http://{web}/api/v1/fleets/staging-gateway
+  # the fleets' history, as gitfleet commits it:
+  git log --format='%ci %s' gitfleet/status
   # roll production forward, and see what that commit does, as a reviewer would:
   sed -i 's/version = \"v1\"/version = \"v2\"/' fleets/prod-gateway.toml
   git commit -qam 'Roll out gateway v2 to prod'

@@ -392,6 +392,18 @@ impl Registry {
         rows
     }
 
+    /// One fleet's instances as rows, in `instance_uid` order.
+    pub fn fleet_rows(&self, fleet: &str, targets: &Targets, now_ms: i64) -> Vec<InstanceRow> {
+        let mut rows = Vec::new();
+        self.for_each(|record| {
+            if *record.fleet == *fleet {
+                rows.push(record.row(targets, now_ms));
+            }
+        });
+        rows.sort_by(|a, b| a.instance_uid.cmp(&b.instance_uid));
+        rows
+    }
+
     /// Copies of the records of one fleet, or of all fleets.
     pub fn records(&self, fleet: Option<&str>) -> Vec<InstanceRecord> {
         let mut records = Vec::new();

@@ -1,5 +1,5 @@
 //! `GET /metrics`: Prometheus text format. Counters come from `Metrics` and the view;
-//! instance gauges are computed from the fleet statuses and the registry at scrape time.
+//! instance gauges are computed from the registry at scrape time.
 
 use std::sync::Arc;
 
@@ -14,9 +14,17 @@ use crate::web::WebState;
 
 pub async fn metrics(State(state): State<WebState>) -> Response {
     let view = state.view.borrow().clone();
-    let statuses = Arc::clone(&state.statuses.borrow());
     let targets = Arc::clone(&state.targets.borrow());
     let now = crate::time::now_ms();
+    let mut summaries = state.registry.summaries(&targets, now);
+    // Fleets without instances are shown too, at zero.
+    if let Some(desired) = &view.desired {
+        for name in desired.fleets.keys() {
+            summaries.entry(name.clone()).or_default();
+        }
+    }
+    let mut summaries: Vec<_> = summaries.into_iter().collect();
+    summaries.sort_by(|a, b| a.0.cmp(&b.0));
     let (mut websocket, mut http) = (0usize, 0usize);
     state.registry.for_each(|record| {
         let stale_after = targets.get(&*record.fleet).map_or(i64::MAX, |t| t.stale_after_ms);
@@ -31,8 +39,8 @@ pub async fn metrics(State(state): State<WebState>) -> Response {
     let mut out = String::with_capacity(4096);
     {
         let mut family = Family::new(&mut out, "gitfleet_instances", "gauge", "Instances by fleet and status.");
-        for status in statuses.fleets.values() {
-            let counts = &status.counts;
+        for (fleet, summary) in &summaries {
+            let counts = &summary.counts;
             for (name, count) in [
                 ("in_sync", counts.in_sync),
                 ("pending", counts.pending),
@@ -41,15 +49,15 @@ pub async fn metrics(State(state): State<WebState>) -> Response {
                 ("stale", counts.stale),
                 ("observed", counts.observed),
             ] {
-                family.sample(&[("fleet", &status.fleet), ("status", name)], count);
+                family.sample(&[("fleet", fleet), ("status", name)], count);
             }
         }
     }
     {
         let mut family =
             Family::new(&mut out, "gitfleet_fleet_drift", "gauge", "Instances served a config other than assigned.");
-        for status in statuses.fleets.values() {
-            family.sample(&[("fleet", &status.fleet)], status.drift);
+        for (fleet, summary) in &summaries {
+            family.sample(&[("fleet", fleet)], summary.drift);
         }
     }
     Family::new(&mut out, "gitfleet_instances_connected", "gauge", "Instances connected, by transport.")

@@ -1,8 +1,11 @@
-//! The people port (4321): the JSON API, health endpoints and the Git webhook.
+//! The people port (4321): the status page, the JSON API, metrics, health endpoints and the
+//! Git webhook.
 //! Read-only: nothing here changes desired state; the webhook only asks the watcher to look.
 
 pub mod api;
+pub mod html;
 pub mod metrics;
+pub mod pages;
 
 use std::sync::Arc;
 
@@ -44,6 +47,7 @@ pub fn router(state: WebState) -> Router {
         .route("/hooks/git", post(git_hook))
         .route("/metrics", get(metrics::metrics))
         .merge(api::routes())
+        .merge(pages::routes())
         .fallback(|| async { api::not_found("no such page") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_WEBHOOK_BYTES))
         .with_state(state)

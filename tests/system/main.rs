@@ -3,6 +3,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod browser;
 mod check;
 mod install;
 mod opamp;

@@ -1,0 +1,749 @@
+//! The status page (PRODUCT.md §8): overview, fleet, instance and configuration pages,
+//! rendered on the server from the same state as the JSON API, with `/events` telling open
+//! pages when to refresh. Read-only: only `GET` routes, no forms.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+
+use crate::instance::Status;
+use crate::opamp::codec::InstanceUid;
+use crate::problem::{Problem, Severity};
+use crate::reconciler::View;
+use crate::repo::desired::Configuration;
+use crate::status::{FleetStatus, InstanceRow};
+use crate::web::WebState;
+use crate::web::html::{self, Badge, Bar, Nav, OrDash, STATUSES, Short, Text, Time, Url, count_of, status_label};
+
+/// Instance table rows per page: enough to scan, small enough to render fast at 20,000.
+const ROWS_PER_PAGE: usize = 500;
+
+pub fn routes() -> Router<WebState> {
+    Router::new()
+        .route("/", get(overview))
+        .route("/fleets/{name}", get(fleet))
+        .route("/instances/{uid}", get(instance))
+        .route("/configs", get(configs))
+        .route("/configs/{name}", get(config))
+        .route("/events", get(events))
+        .route("/assets/gitfleet.css", get(|| async { asset("text/css; charset=utf-8", html::STYLESHEET) }))
+        .route("/assets/gitfleet.js", get(|| async { asset("text/javascript; charset=utf-8", html::SCRIPT) }))
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "max-age=300")], body).into_response()
+}
+
+fn not_found(what: &str) -> Response {
+    let body = format!("<h1>Not found</h1><p class=\"sub\">{}</p><p><a href=\"/\">All fleets</a></p>", Text(what));
+    (StatusCode::NOT_FOUND, html::page("Not found", Nav::Fleets, &body)).into_response()
+}
+
+fn not_ready() -> Response {
+    let body =
+        "<h1>Starting</h1><p class=\"sub\">The repository has not been read yet; this page refreshes by itself.</p>";
+    (StatusCode::SERVICE_UNAVAILABLE, html::page("Starting", Nav::Fleets, body)).into_response()
+}
+
+/// Server-sent events: `change` whenever a fleet's status or the desired state changes.
+async fn events(State(state): State<WebState>) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
+    let mut statuses = state.statuses.clone();
+    let mut view = state.view.clone();
+    statuses.mark_unchanged();
+    view.mark_unchanged();
+    let cancel = state.cancel.clone();
+    let stream =
+        futures_util::stream::unfold((statuses, view, cancel), |(mut statuses, mut view, cancel)| async move {
+            tokio::select! {
+                () = cancel.cancelled() => return None,
+                changed = statuses.changed() => changed.ok()?,
+                changed = view.changed() => changed.ok()?,
+            }
+            // A burst of changes makes one event.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            statuses.mark_unchanged();
+            view.mark_unchanged();
+            // Browsers drop events without data.
+            Some((Ok(SseEvent::default().event("change").data("refresh")), (statuses, view, cancel)))
+        });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+fn problems_list(out: &mut String, problems: &[Problem]) {
+    if problems.is_empty() {
+        return;
+    }
+    out.push_str("<ul class=\"problems\">");
+    for problem in problems {
+        let (class, word) = match problem.severity {
+            Severity::Error => ("error", "Error"),
+            Severity::Warning => ("warning", "Warning"),
+        };
+        let _ = write!(out, "<li class=\"{class}\"><b>{word}</b>");
+        if let Some(file) = &problem.file {
+            let _ = write!(out, "<code>{}", Text(file));
+            if let Some(line) = problem.line {
+                let _ = write!(out, ":{line}");
+            }
+            out.push_str("</code> ");
+        }
+        let _ = write!(out, "{}</li>", Text(&problem.message));
+    }
+    out.push_str("</ul>");
+}
+
+async fn overview(State(state): State<WebState>) -> Response {
+    let view = state.view.borrow().clone();
+    let Some(desired) = view.desired.clone() else { return not_ready() };
+    let targets = Arc::clone(&state.targets.borrow());
+    let now_ms = crate::time::now_ms();
+    let now = now_ms / 1000;
+    let rows = state.registry.rows(&targets, now_ms);
+    let mut out = String::with_capacity(8192);
+    let _ = write!(
+        out,
+        "<h1>Fleets</h1><p class=\"sub\">{} fleets from <code>{}</code> at commit {}",
+        desired.fleets.len(),
+        Text(&desired.branch),
+        Short(Some(&desired.commit)),
+    );
+    if let Some(at) = view.reconciled_at {
+        let _ = write!(out, ", reconciled {}", Time { unix_seconds: at, now });
+    }
+    out.push_str("</p>");
+    let problems = view.problems();
+    if !problems.is_empty() {
+        let _ = write!(out, "<h2>Problems ({})</h2>", problems.len());
+        problems_list(&mut out, &problems);
+    }
+    out.push_str(
+        "<table><thead><tr><th>Fleet</th><th>Version</th><th>Instances</th><th class=\"num\">In sync</th>\
+         <th>Status</th><th class=\"num\">Drift</th><th>Install token</th></tr></thead><tbody>",
+    );
+    for fleet in desired.fleets.values() {
+        let name = fleet.name();
+        let status = FleetStatus::of(fleet, &desired, rows.get(name).map(Vec::as_slice).unwrap_or_default());
+        let version = match (&status.tag, fleet.kept_last_good) {
+            (Some(tag), false) => format!("<code>{}</code>", Text(tag)),
+            (Some(tag), true) => format!("<code>{}</code> <span class=\"muted\">(kept)</span>", Text(tag)),
+            (None, _) => "<span class=\"muted\">observe only</span>".to_owned(),
+        };
+        let token = view
+            .fleet_tokens
+            .get(name)
+            .and_then(|tokens| tokens.current())
+            .map(|current| match current.expires_at {
+                Some(at) => {
+                    format!("<code>{}</code>, expires {}", Text(&current.token.id), Time { unix_seconds: at, now })
+                }
+                None => format!("<code>{}</code>, never expires", Text(&current.token.id)),
+            })
+            .unwrap_or_else(|| "<span class=\"muted\">—</span>".to_owned());
+        let _ = write!(
+            out,
+            "<tr><td><a href=\"/fleets/{}\"><b>{}</b></a><br><span class=\"muted\">{}</span></td><td>{version}</td>\
+             <td>{}</td><td class=\"num\">{}/{}</td><td>{}</td><td class=\"num\">{}</td><td>{token}</td></tr>",
+            Url(name),
+            Text(name),
+            Text(&fleet.spec.description),
+            Bar(&status.counts),
+            status.counts.in_sync,
+            status.instances,
+            Text(&status.description()),
+            status.drift,
+        );
+    }
+    out.push_str("</tbody></table>");
+    html::page("Fleets", Nav::Fleets, &out)
+}
+
+/// `?sort=host&order=desc&status=failed&page=2` on the fleet page.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct TableQuery {
+    sort: Option<String>,
+    order: Option<String>,
+    status: Option<String>,
+    page: Option<usize>,
+}
+
+/// The instance table's columns: query key, heading.
+const COLUMNS: [(&str, &str); 10] = [
+    ("instance", "Instance"),
+    ("host", "Host"),
+    ("os", "OS / arch"),
+    ("version", "Collector"),
+    ("assigned", "Assigned"),
+    ("served", "Served"),
+    ("status", "Status"),
+    ("health", "Health"),
+    ("last_seen", "Last seen"),
+    ("error", "Error"),
+];
+
+fn sort_rows(rows: &mut [InstanceRow], column: &str, descending: bool) {
+    let text = |value: &Option<String>| value.clone().unwrap_or_default().to_lowercase();
+    match column {
+        "host" => rows.sort_by_key(|r| text(&r.host)),
+        "os" => rows.sort_by_key(|r| (text(&r.os), text(&r.arch))),
+        "version" => rows.sort_by_key(|r| text(&r.agent_version)),
+        "assigned" => rows.sort_by_key(|r| text(&r.assigned_tag)),
+        "served" => rows.sort_by_key(|r| text(&r.served_hash)),
+        "status" => rows.sort_by_key(|r| r.status),
+        "health" => rows.sort_by_key(|r| r.healthy),
+        "last_seen" => rows.sort_by_key(|r| r.last_seen_ms),
+        "error" => rows.sort_by_key(|r| text(&r.error)),
+        _ => rows.sort_by(|a, b| a.instance_uid.cmp(&b.instance_uid)),
+    }
+    if descending {
+        rows.reverse();
+    }
+}
+
+/// A link to the fleet page with one query value changed.
+fn fleet_link(name: &str, sort: &str, descending: bool, status: Option<&str>, page: usize) -> String {
+    let mut link = format!("/fleets/{}?sort={sort}", Url(name));
+    if descending {
+        link.push_str("&amp;order=desc");
+    }
+    if let Some(status) = status {
+        let _ = write!(link, "&amp;status={}", Url(status));
+    }
+    if page > 1 {
+        let _ = write!(link, "&amp;page={page}");
+    }
+    link
+}
+
+async fn fleet(State(state): State<WebState>, Path(name): Path<String>, Query(query): Query<TableQuery>) -> Response {
+    let view = state.view.borrow().clone();
+    let Some(desired) = view.desired.clone() else { return not_ready() };
+    let Some(fleet) = desired.fleets.get(&name) else {
+        return not_found(&format!("There is no fleet named “{name}”."));
+    };
+    let targets = Arc::clone(&state.targets.borrow());
+    let now_ms = crate::time::now_ms();
+    let now = now_ms / 1000;
+    let mut rows = state.registry.fleet_rows(&name, &targets, now_ms);
+    let status = FleetStatus::of(fleet, &desired, &rows);
+
+    let mut out = String::with_capacity(16384 + rows.len().min(ROWS_PER_PAGE) * 900);
+    let _ = write!(out, "<h1>{}</h1><p class=\"sub\">{}", Text(&name), Text(&fleet.spec.description));
+    match fleet.assignment.as_deref() {
+        Some(version) => {
+            let _ = write!(
+                out,
+                " · runs <a href=\"/configs/{}\"><code>{}</code></a> (config hash {})",
+                Url(&version.config),
+                Text(&version.tag),
+                Short(Some(&hex::encode(version.config_hash)))
+            );
+        }
+        None => out.push_str(" · observe only: gitfleet never sends it a configuration"),
+    }
+    if let Some(commit) = &status.assigned_by {
+        let _ = write!(out, ", set by commit {}", Short(Some(commit)));
+    }
+    let _ = write!(out, " · <code>{}</code></p>", Text(&fleet.spec.file));
+    let fleet_problems: Vec<Problem> =
+        view.problems().into_iter().filter(|p| p.file.as_deref() == Some(fleet.spec.file.as_str())).collect();
+    problems_list(&mut out, &fleet_problems);
+
+    // The stats strip: each number filters the table.
+    let filter = query.status.as_deref().and_then(|wanted| STATUSES.into_iter().find(|s| s.as_str() == wanted));
+    let sort = query.sort.as_deref().filter(|s| COLUMNS.iter().any(|(key, _)| key == s)).unwrap_or("instance");
+    let descending = query.order.as_deref() == Some("desc");
+    out.push_str("<div class=\"stats\">");
+    let _ = write!(
+        out,
+        "<a class=\"stat\" href=\"{}\"{}><b>{}</b><span>instances</span></a>",
+        fleet_link(&name, sort, descending, None, 1),
+        if filter.is_none() { " aria-current=\"true\"" } else { "" },
+        status.instances
+    );
+    for (status_kind, label) in [
+        (Status::InSync, "in sync"),
+        (Status::Failed, "apply failed"),
+        (Status::Pending, "pending"),
+        (Status::Applying, "applying"),
+        (Status::Stale, "stale"),
+        (Status::Observed, "observed"),
+    ] {
+        let count = count_of(&status.counts, status_kind);
+        if count == 0 && matches!(status_kind, Status::Applying | Status::Observed | Status::Pending) {
+            continue;
+        }
+        let _ = write!(
+            out,
+            "<a class=\"stat s-{kind}\" href=\"{}\"{}><b>{count}</b><span>{label}</span></a>",
+            fleet_link(&name, sort, descending, Some(status_kind.as_str()), 1),
+            if filter == Some(status_kind) { " aria-current=\"true\"" } else { "" },
+            kind = status_kind.as_str(),
+        );
+    }
+    let _ = write!(out, "<div class=\"stat\"><b>{}</b><span>drift</span></div>", status.drift);
+    out.push_str("</div>");
+    let _ = write!(out, "<p>{}</p>", Bar(&status.counts));
+
+    token_section(&mut out, &view, &name, &rows, now);
+
+    if let Some(wanted) = filter {
+        rows.retain(|row| row.status == wanted);
+    }
+    sort_rows(&mut rows, sort, descending);
+    let pages = rows.len().div_ceil(ROWS_PER_PAGE).max(1);
+    let page = query.page.unwrap_or(1).clamp(1, pages);
+    let shown = &rows[(page - 1) * ROWS_PER_PAGE..(page * ROWS_PER_PAGE).min(rows.len())];
+    let _ = write!(out, "<h2>Instances{}</h2>", filter.map(|s| format!(": {}", status_label(s))).unwrap_or_default());
+    if rows.is_empty() {
+        out.push_str("<p class=\"muted\">No instances here yet. Install files for this fleet are served at <code>/v1/install/</code> on the collector port.</p>");
+        return html::page(&name, Nav::Fleets, &out);
+    }
+    out.push_str("<table><thead><tr>");
+    for (key, heading) in COLUMNS {
+        let (aria, next_descending) = match (key == sort, descending) {
+            (true, false) => (" aria-sort=\"ascending\"", true),
+            (true, true) => (" aria-sort=\"descending\"", false),
+            (false, _) => ("", false),
+        };
+        let _ = write!(
+            out,
+            "<th><a href=\"{}\"{aria}>{heading}</a></th>",
+            fleet_link(&name, key, next_descending, filter.map(Status::as_str), 1)
+        );
+    }
+    out.push_str("</tr></thead><tbody>");
+    for row in shown {
+        let os_arch = match (&row.os, &row.arch) {
+            (Some(os), Some(arch)) => format!("{} / {}", Text(os), Text(arch)),
+            (Some(one), None) | (None, Some(one)) => Text(one).to_string(),
+            (None, None) => "<span class=\"muted\">—</span>".to_owned(),
+        };
+        let health = match row.healthy {
+            Some(true) => "healthy",
+            Some(false) => "<span class=\"error-text\">unhealthy</span>",
+            None => "<span class=\"muted\">—</span>",
+        };
+        let _ = write!(
+            out,
+            "<tr><td><a class=\"mono\" href=\"/instances/{uid}\" title=\"{uid}\">{short_uid}</a></td><td>{}</td><td>{os_arch}</td>\
+             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{health}</td><td>{}</td><td class=\"error-text\">{}</td></tr>",
+            OrDash(row.host.as_deref()),
+            OrDash(row.agent_version.as_deref()),
+            row.assigned_tag.as_deref().map_or_else(
+                || Short(row.assigned_hash.as_deref()).to_string(),
+                |tag| format!("<code>{}</code>", Text(tag))
+            ),
+            Short(row.served_hash.as_deref()),
+            Badge(row.status),
+            Time { unix_seconds: row.last_seen_ms / 1000, now },
+            Text(row.error.as_deref().unwrap_or_default()),
+            uid = Text(&row.instance_uid),
+            short_uid = Text(row.instance_uid.get(..8).unwrap_or(&row.instance_uid)),
+        );
+    }
+    out.push_str("</tbody></table>");
+    if pages > 1 {
+        let _ = write!(out, "<p class=\"pager\">Page {page} of {pages} ({} instances) · ", rows.len());
+        for number in 1..=pages {
+            if number == page {
+                let _ = write!(out, "<b>{number}</b> ");
+            } else {
+                let _ = write!(
+                    out,
+                    "<a href=\"{}\">{number}</a>",
+                    fleet_link(&name, sort, descending, filter.map(Status::as_str), number)
+                );
+            }
+        }
+        out.push_str("</p>");
+    }
+    html::page(&name, Nav::Fleets, &out)
+}
+
+fn token_section(out: &mut String, view: &View, fleet: &str, rows: &[InstanceRow], now: i64) {
+    let Some(tokens) = view.fleet_tokens.get(fleet) else { return };
+    if tokens.statuses.is_empty() {
+        return;
+    }
+    out.push_str(
+        "<h2>Install tokens</h2><table><thead><tr><th>Token id</th><th>State</th><th>Issued</th><th>Expires</th>\
+         <th>Retires</th><th class=\"num\">Instances</th></tr></thead><tbody>",
+    );
+    for token in &tokens.statuses {
+        let id = token.token.id.as_str();
+        let instances = rows.iter().filter(|row| row.token_id == id).count();
+        let when = |at: Option<i64>| match at {
+            Some(at) => Time { unix_seconds: at, now }.to_string(),
+            None => "<span class=\"muted\">never</span>".to_owned(),
+        };
+        let state = serde_json::to_value(token.state(now)).ok().and_then(|v| v.as_str().map(str::to_owned));
+        let _ = write!(
+            out,
+            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{instances}</td></tr>",
+            Text(id),
+            OrDash(state.as_deref()),
+            Time { unix_seconds: token.token.issued_at, now },
+            when(token.expires_at),
+            if token.retires_at.is_some() {
+                when(token.retires_at)
+            } else {
+                "<span class=\"muted\">—</span>".to_owned()
+            },
+        );
+    }
+    out.push_str("</tbody></table>");
+}
+
+async fn instance(State(state): State<WebState>, Path(uid): Path<String>) -> Response {
+    let Some(parsed) = InstanceUid::parse(&uid) else {
+        return not_found("Instance ids are canonical UUIDs, like f81d4fae-7dec-11d0-a765-00a0c91e6bf6.");
+    };
+    let Some(record) = state.registry.get(&parsed) else {
+        return not_found(&format!("There is no instance {parsed}."));
+    };
+    let targets = Arc::clone(&state.targets.borrow());
+    let now_ms = crate::time::now_ms();
+    let now = now_ms / 1000;
+    let row = record.row(&targets, now_ms);
+    let effective = match &record.effective_config {
+        Some(effective) => Some(effective.body.clone()),
+        None => {
+            let store = Arc::clone(&state.store);
+            tokio::task::spawn_blocking(move || store.effective_config(parsed.0))
+                .await
+                .expect("the store does not panic")
+                .ok()
+                .flatten()
+                .and_then(|text| serde_json::from_str::<crate::opamp::registry::EffectiveConfig>(&text).ok())
+                .map(|effective| effective.body)
+        }
+    };
+
+    let mut out = String::with_capacity(16384);
+    let title = row.host.clone().unwrap_or_else(|| row.instance_uid.clone());
+    let _ = write!(
+        out,
+        "<h1>{}</h1><p class=\"sub\">{} · fleet <a href=\"/fleets/{}\">{}</a> · <code>{}</code></p>",
+        Text(&title),
+        Badge(row.status),
+        Url(&row.fleet),
+        Text(&row.fleet),
+        Text(&row.instance_uid),
+    );
+    if let Some(error) = &row.error {
+        let _ = write!(out, "<ul class=\"problems\"><li class=\"error\"><b>Apply failed</b>{}</li></ul>", Text(error));
+    }
+    out.push_str("<div class=\"grid2\"><div class=\"card\"><h2>Configuration</h2><dl class=\"facts\">");
+    let facts: [(&str, String); 8] = [
+        (
+            "Assigned",
+            row.assigned_tag
+                .as_deref()
+                .map_or_else(|| "<span class=\"muted\">—</span>".into(), |t| format!("<code>{}</code>", Text(t))),
+        ),
+        ("Assigned hash", Short(row.assigned_hash.as_deref()).to_string()),
+        ("Served hash", Short(row.served_hash.as_deref()).to_string()),
+        ("Reported hash", Short(row.reported_hash.as_deref()).to_string()),
+        ("Last seen", Time { unix_seconds: row.last_seen_ms / 1000, now }.to_string()),
+        ("First seen", Time { unix_seconds: record.first_seen_ms / 1000, now }.to_string()),
+        (
+            "Connection",
+            match (row.transport, row.connected) {
+                (Some(transport), true) => format!("{transport}, connected"),
+                (Some(transport), false) => format!("{transport}, not connected"),
+                (None, _) => "<span class=\"muted\">—</span>".into(),
+            },
+        ),
+        (
+            "Install token",
+            format!(
+                "<code>{}</code>{}",
+                Text(&row.token_id),
+                if row.token_current { "" } else { " <span class=\"muted\">(an older token)</span>" }
+            ),
+        ),
+    ];
+    for (label, value) in facts {
+        let _ = write!(out, "<dt>{label}</dt><dd>{value}</dd>");
+    }
+    out.push_str("</dl></div><div class=\"card\"><h2>Description</h2><dl class=\"facts\">");
+    match record.description.as_deref() {
+        Some(description) => {
+            for (key, value) in description.identifying.iter().chain(&description.non_identifying) {
+                let _ = write!(out, "<dt>{}</dt><dd>{}</dd>", Text(key), Text(value));
+            }
+        }
+        None => out.push_str("<dt>—</dt><dd class=\"muted\">The instance has not described itself.</dd>"),
+    }
+    out.push_str("</dl></div></div>");
+
+    out.push_str("<h2>Health</h2>");
+    match record.health.as_deref() {
+        Some(health) => {
+            out.push_str("<table><thead><tr><th>Component</th><th>Healthy</th><th>Status</th><th>Last error</th></tr></thead><tbody>");
+            let healthy = |ok: bool| if ok { "yes" } else { "<span class=\"error-text\">no</span>" };
+            let _ = write!(
+                out,
+                "<tr><td><b>collector</b></td><td>{}</td><td>{}</td><td class=\"error-text\">{}</td></tr>",
+                healthy(health.healthy),
+                Text(&health.status),
+                Text(&health.last_error)
+            );
+            for component in &health.components {
+                let _ = write!(
+                    out,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"error-text\">{}</td></tr>",
+                    Text(&component.name),
+                    healthy(component.healthy),
+                    Text(&component.status),
+                    Text(&component.last_error)
+                );
+            }
+            out.push_str("</tbody></table>");
+        }
+        None => out.push_str("<p class=\"muted\">No health reported.</p>"),
+    }
+
+    out.push_str("<h2>Effective configuration</h2>");
+    match effective.filter(|body| !body.is_empty()) {
+        Some(body) => {
+            let _ = write!(out, "<pre>{}</pre>", Text(&body));
+        }
+        None => out.push_str("<p class=\"muted\">Not reported.</p>"),
+    }
+
+    out.push_str("<h2>History</h2>");
+    if record.history.is_empty() {
+        out.push_str("<p class=\"muted\">Nothing yet.</p>");
+    } else {
+        out.push_str("<table><thead><tr><th>When</th><th>What</th></tr></thead><tbody>");
+        for entry in record.history.iter().rev() {
+            let what = match &entry.change {
+                crate::instance::Change::Status { from, to } => format!("{} → {}", Badge(*from), Badge(*to)),
+                crate::instance::Change::Assigned { tag, hash } => format!(
+                    "assigned {}",
+                    tag.as_deref()
+                        .map_or_else(|| Short(hash.as_deref()).to_string(), |t| format!("<code>{}</code>", Text(t)))
+                ),
+                crate::instance::Change::RolledBack { failed_hash, running_hash, error } => format!(
+                    "rolled back from {} to {}: <span class=\"error-text\">{}</span>",
+                    Short(Some(failed_hash)),
+                    Short(Some(running_hash)),
+                    Text(error)
+                ),
+            };
+            let _ = write!(out, "<tr><td>{}</td><td>{what}</td></tr>", Time { unix_seconds: entry.at_ms / 1000, now });
+        }
+        out.push_str("</tbody></table>");
+    }
+    html::page(&title, Nav::Fleets, &out)
+}
+
+async fn configs(State(state): State<WebState>) -> Response {
+    let view = state.view.borrow().clone();
+    let Some(desired) = view.desired.clone() else { return not_ready() };
+    let now = crate::time::now_unix();
+    let mut out = String::from(
+        "<h1>Configurations</h1><p class=\"sub\">Publish a version with <code>git tag &lt;config&gt;/vN &amp;&amp; git push --tags</code>.</p>\
+         <table><thead><tr><th>Configuration</th><th>Latest</th><th class=\"num\">Versions</th><th>Published</th><th>Fleets</th></tr></thead><tbody>",
+    );
+    for configuration in desired.configs.values() {
+        let latest = configuration.latest();
+        let fleets: Vec<String> = desired
+            .fleets
+            .values()
+            .filter(|f| f.spec.config.as_deref() == Some(configuration.name.as_str()))
+            .map(|f| format!("<a href=\"/fleets/{}\">{}</a>", Url(f.name()), Text(f.name())))
+            .collect();
+        let _ = write!(
+            out,
+            "<tr><td><a href=\"/configs/{}\"><b>{}</b></a></td><td>{}</td><td class=\"num\">{}</td><td>{}</td><td>{}</td></tr>",
+            Url(&configuration.name),
+            Text(&configuration.name),
+            latest.map_or_else(
+                || "<span class=\"muted\">none</span>".to_owned(),
+                |v| format!("<code>{}</code>", Text(&v.tag))
+            ),
+            configuration.versions.len(),
+            latest.map_or_else(String::new, |v| Time { unix_seconds: v.time, now }.to_string()),
+            fleets.join(", "),
+        );
+    }
+    out.push_str("</tbody></table>");
+    html::page("Configurations", Nav::Configs, &out)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct DiffQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+async fn config(State(state): State<WebState>, Path(name): Path<String>, Query(query): Query<DiffQuery>) -> Response {
+    let view = state.view.borrow().clone();
+    let Some(desired) = view.desired.clone() else { return not_ready() };
+    let Some(configuration) = desired.configs.get(&name) else {
+        return not_found(&format!("There is no configuration named “{name}”."));
+    };
+    let now = crate::time::now_unix();
+    let mut out = String::with_capacity(16384);
+    let _ = write!(
+        out,
+        "<h1>{}</h1><p class=\"sub\">{} published versions{}</p>",
+        Text(&name),
+        configuration.versions.len(),
+        configuration
+            .head_file
+            .as_deref()
+            .map(|f| format!(" · <code>{}</code> on the branch", Text(f)))
+            .unwrap_or_default()
+    );
+    diff_section(&mut out, configuration, &query);
+    out.push_str(
+        "<h2>Versions</h2><table><thead><tr><th>Version</th><th>Commit</th><th>Published</th><th>Note</th>\
+         <th>Config hash</th><th>Fleets</th><th>Compare</th></tr></thead><tbody>",
+    );
+    let versions: Vec<_> = configuration.versions.iter().rev().collect();
+    for (index, version) in versions.iter().enumerate() {
+        let fleets: Vec<String> = desired
+            .fleets
+            .values()
+            .filter(|f| f.assignment.as_ref().is_some_and(|a| a.tag == version.tag))
+            .map(|f| format!("<a href=\"/fleets/{}\">{}</a>", Url(f.name()), Text(f.name())))
+            .collect();
+        let compare = match versions.get(index + 1) {
+            Some(previous) => format!(
+                "<a href=\"/configs/{}?from={}&amp;to={}\">diff with {}</a>",
+                Url(&name),
+                Url(&previous.version),
+                Url(&version.version),
+                Text(&previous.version)
+            ),
+            None => "<span class=\"muted\">first</span>".to_owned(),
+        };
+        let _ = write!(
+            out,
+            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{compare}</td></tr>",
+            Text(&version.tag),
+            Short(Some(&version.commit)),
+            Time { unix_seconds: version.time, now },
+            OrDash(version.note.as_deref()),
+            Short(Some(&hex::encode(version.config_hash))),
+            fleets.join(", "),
+        );
+    }
+    out.push_str("</tbody></table>");
+    html::page(&name, Nav::Configs, &out)
+}
+
+/// The diff between `?from=` and `?to=` (by default the two newest versions).
+fn diff_section(out: &mut String, configuration: &Configuration, query: &DiffQuery) {
+    let versions = &configuration.versions;
+    let pick = |wanted: &Option<String>, fallback: Option<usize>| match wanted {
+        Some(wanted) => configuration.find(wanted).cloned(),
+        None => fallback.and_then(|index| versions.get(index).cloned()),
+    };
+    let newest = versions.len().checked_sub(1);
+    let (Some(from), Some(to)) = (pick(&query.from, newest.and_then(|n| n.checked_sub(1))), pick(&query.to, newest))
+    else {
+        if query.from.is_some() || query.to.is_some() {
+            out.push_str(
+                "<ul class=\"problems\"><li class=\"warning\"><b>Diff</b>No such version to compare.</li></ul>",
+            );
+        }
+        return;
+    };
+    let _ = write!(out, "<h2>Changes from <code>{}</code> to <code>{}</code></h2>", Text(&from.tag), Text(&to.tag));
+    let old = String::from_utf8_lossy(&from.body);
+    let new = String::from_utf8_lossy(&to.body);
+    if old == new {
+        out.push_str("<p class=\"muted\">The two versions have the same content.</p>");
+        return;
+    }
+    let diff = similar::TextDiff::from_lines(old.as_ref(), new.as_ref());
+    out.push_str("<pre class=\"diff\">");
+    for (index, group) in diff.grouped_ops(3).iter().enumerate() {
+        if index > 0 {
+            out.push_str("<span class=\"hunk\">⋯</span>");
+        }
+        for op in group {
+            for change in diff.iter_changes(op) {
+                let class = match change.tag() {
+                    similar::ChangeTag::Delete => "del",
+                    similar::ChangeTag::Insert => "add",
+                    similar::ChangeTag::Equal => "same",
+                };
+                let line = change.value().trim_end_matches(['\n', '\r']);
+                let _ = write!(out, "<span class=\"{class}\">{}</span>", Text(line));
+            }
+        }
+    }
+    out.push_str("</pre>");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(uid: &str, host: Option<&str>, status: Status, last_seen_ms: i64) -> InstanceRow {
+        InstanceRow {
+            instance_uid: uid.into(),
+            fleet: "f".into(),
+            status,
+            assigned_hash: None,
+            assigned_tag: None,
+            served_hash: None,
+            reported_hash: None,
+            reported_status: None,
+            host: host.map(Into::into),
+            os: None,
+            arch: None,
+            agent_version: None,
+            healthy: None,
+            last_seen_ms,
+            error: None,
+            transport: None,
+            connected: false,
+            token_id: "t".into(),
+            token_current: true,
+            drifted: false,
+        }
+    }
+
+    #[test]
+    fn instance_tables_sort_by_any_column() {
+        let mut rows = vec![
+            row("b", Some("Zeta"), Status::Failed, 30),
+            row("a", None, Status::InSync, 10),
+            row("c", Some("alpha"), Status::Stale, 20),
+        ];
+        let order = |rows: &[InstanceRow]| rows.iter().map(|r| r.instance_uid.clone()).collect::<Vec<_>>().join("");
+        sort_rows(&mut rows, "host", false);
+        assert_eq!(order(&rows), "acb", "no host first, then case-insensitive");
+        sort_rows(&mut rows, "last_seen", true);
+        assert_eq!(order(&rows), "bca");
+        sort_rows(&mut rows, "status", false);
+        assert_eq!(order(&rows), "abc");
+        sort_rows(&mut rows, "anything else", false);
+        assert_eq!(order(&rows), "abc");
+    }
+
+    #[test]
+    fn fleet_links_keep_the_query() {
+        assert_eq!(
+            fleet_link("prod", "host", true, Some("failed"), 2),
+            "/fleets/prod?sort=host&amp;order=desc&amp;status=failed&amp;page=2"
+        );
+        assert_eq!(fleet_link("prod", "instance", false, None, 1), "/fleets/prod?sort=instance");
+    }
+}
