@@ -12,7 +12,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 use crate::common::{GitRepo, Server, example, http};
-use crate::opamp::{full_state, report};
+use crate::opamp::converge;
 
 const WAIT: Duration = Duration::from_secs(20);
 const HOSTILE_HOST: &str = "<img src=x onerror=alert(1)>";
@@ -169,16 +169,6 @@ impl Drop for Browser {
     }
 }
 
-fn connect(server: &Server, token: &str, uid: [u8; 16], host: &str, error: Option<&str>) -> crate::common::OpampWs {
-    let mut agent = crate::common::OpampWs::connect(server.opamp, token).expect("connects");
-    agent.send(&full_state(uid, 0, host));
-    let remote = agent.recv().remote_config.expect("the assigned config");
-    let status = if error.is_some() { 3 } else { 1 };
-    agent.send(&report(uid, 1, &remote.config_hash, status, error.unwrap_or_default()));
-    agent.recv();
-    agent
-}
-
 fn publish_v2(repo: &GitRepo) {
     let text = std::fs::read_to_string(repo.path().join("configs/gateway.yaml")).expect("read");
     repo.write("configs/gateway.yaml", text.replace("send_batch_size: 8192", "send_batch_size: 4096"));
@@ -194,9 +184,9 @@ fn a_person_sees_every_page_live_and_agent_text_stays_text() {
     let server = Server::start(&repo.path().display().to_string(), data.path(), &["--poll-interval", "1h"]);
     let token = server.token("prod-gateway");
     let _agents = [
-        connect(&server, &token, [0x51; 16], "gw-1", None),
-        connect(&server, &token, [0x52; 16], "gw-2", None),
-        connect(&server, &token, [0x53; 16], HOSTILE_HOST, Some("exporter <script>alert(2)</script> refused")),
+        converge(&server, &token, [0x51; 16], "gw-1", None),
+        converge(&server, &token, [0x52; 16], "gw-2", None),
+        converge(&server, &token, [0x53; 16], HOSTILE_HOST, Some("exporter <script>alert(2)</script> refused")),
     ];
     server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "three instances", |f| f["instances"] == 3);
     let base = format!("http://{}", server.web);
@@ -232,7 +222,7 @@ fn a_person_sees_every_page_live_and_agent_text_stays_text() {
     let stat = "document.querySelector('.stats .stat b').textContent";
     assert_eq!(browser.eval(stat), json!("3"));
     browser.eval("window.loadedOnce = true");
-    let _fourth = connect(&server, &token, [0x54; 16], "gw-4", None);
+    let _fourth = converge(&server, &token, [0x54; 16], "gw-4", None);
     browser.wait_until(&format!("{stat} === '4'"), "the live update to count the fourth instance");
     assert_eq!(browser.eval("window.loadedOnce"), json!(true), "updated in place, not reloaded");
 
@@ -295,7 +285,7 @@ fn pages_are_read_only_and_agent_text_is_escaped_in_the_html() {
     let data = tempfile::tempdir().expect("temp dir");
     let server = Server::start(&repo.path().display().to_string(), data.path(), &["--poll-interval", "1h"]);
     let token = server.token("prod-gateway");
-    let _agent = connect(&server, &token, [0x61; 16], HOSTILE_HOST, None);
+    let _agent = converge(&server, &token, [0x61; 16], HOSTILE_HOST, None);
     server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "the instance", |f| f["instances"] == 1);
     let uid = gitfleet::opamp::codec::InstanceUid([0x61; 16]).to_string();
     let pages = ["/", "/fleets/prod-gateway", &format!("/instances/{uid}"), "/configs", "/configs/gateway"];

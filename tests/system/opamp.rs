@@ -63,6 +63,20 @@ pub(crate) fn report(uid: [u8; 16], seq: u64, hash: &[u8], status: i32, error: &
     }
 }
 
+/// An agent of `fleet` that connects, takes its config and reports it applied (or failed
+/// with `error`). Returns the open connection.
+pub(crate) fn converge(server: &Server, token: &str, uid: [u8; 16], host: &str, error: Option<&str>) -> OpampWs {
+    let mut agent = OpampWs::connect(server.opamp, token).expect("connects");
+    agent.send(&full_state(uid, 0, host));
+    let remote = agent.recv().remote_config.expect("the assigned config");
+    match error {
+        None => agent.send(&report(uid, 1, &remote.config_hash, 1, "")),
+        Some(error) => agent.send(&report(uid, 1, &remote.config_hash, 3, error)),
+    }
+    agent.recv();
+    agent
+}
+
 pub(crate) fn uid_text(uid: [u8; 16]) -> String {
     gitfleet::opamp::codec::InstanceUid(uid).to_string()
 }

@@ -6,8 +6,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::{GitRepo, OpampWs, Server, example};
-use crate::opamp::{full_state, report};
+use crate::common::{GitRepo, Server, example};
+use crate::opamp::converge;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -33,20 +33,6 @@ fn status_log(repo: &GitRepo) -> Vec<String> {
         .map(|message| message.trim().to_owned())
         .filter(|message| !message.is_empty())
         .collect()
-}
-
-/// An agent of `fleet` that connects, takes its config and reports it applied (or failed
-/// with `error`). Returns the open connection.
-fn converge(server: &Server, token: &str, uid: [u8; 16], host: &str, error: Option<&str>) -> OpampWs {
-    let mut agent = OpampWs::connect(server.opamp, token).expect("connects");
-    agent.send(&full_state(uid, 0, host));
-    let remote = agent.recv().remote_config.expect("the assigned config");
-    match error {
-        None => agent.send(&report(uid, 1, &remote.config_hash, 1, "")),
-        Some(error) => agent.send(&report(uid, 1, &remote.config_hash, 3, error)),
-    }
-    agent.recv();
-    agent
 }
 
 #[test]
