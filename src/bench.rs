@@ -518,6 +518,20 @@ fn api(address: std::net::SocketAddr, path: &str) -> Result<serde_json::Value, B
     serde_json::from_slice(&body).map_err(|error| BenchError::Failed(format!("GET {path}: {error}")))
 }
 
+/// Fetches a page whole; returns its size.
+fn fetch(address: std::net::SocketAddr, path: &str) -> Result<usize, BenchError> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).map_err(io("cannot reach the server's web port"))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
+        .map_err(io("sending a request"))?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).map_err(io("reading a response"))?;
+    if !raw.starts_with(b"HTTP/1.1 200") {
+        return Err(BenchError::Failed(format!("GET {path}: {}", String::from_utf8_lossy(&raw[..raw.len().min(80)]))));
+    }
+    Ok(raw.len())
+}
+
 fn wait_until(
     what: &str,
     timeout: Duration,
@@ -630,6 +644,16 @@ fn opamp(agents: usize, processes: usize, sample_seconds: u64, dir: Option<&Path
     );
     let idle = cpu_share(pid, sample_seconds)?;
     println!("  server CPU, idle with {agents} connected (30 s heartbeats): {:.1}% of a core", idle * 100.0);
+    for path in ["/", "/fleets/prod-gateway", "/fleets/prod-gateway?sort=host&order=desc", "/metrics"] {
+        let mut samples = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..9 {
+            let started = Instant::now();
+            bytes = fetch(web, path)?;
+            samples.push(started.elapsed());
+        }
+        println!("  GET {path} with {agents} instances ({} KiB): {}", bytes / 1024, spread(&mut samples));
+    }
 
     // Publish gateway/v2 and move prod-gateway to it in one push.
     let text = std::fs::read_to_string(repo.join("configs/gateway.yaml")).map_err(io("reading the config"))?;

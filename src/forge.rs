@@ -232,12 +232,17 @@ pub async fn post_commit_statuses(
             changed = statuses.changed() => if changed.is_err() { break },
             () = async { match wake { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {}
         }
-        let wanted: Vec<CommitStatus> = statuses.borrow().fleets.values().filter_map(CommitStatus::of).collect();
-        fleets.retain(|name, _| wanted.iter().any(|w| w.context == format!("gitfleet/{name}")));
+        let wanted: BTreeMap<String, CommitStatus> = statuses
+            .borrow()
+            .fleets
+            .values()
+            .filter_map(|status| Some((status.fleet.clone(), CommitStatus::of(status)?)))
+            .collect();
+        let before = fleets.len();
+        fleets.retain(|name, _| wanted.contains_key(name));
+        let mut errors_changed = fleets.len() != before;
         wake = None;
-        let mut errors_changed = false;
-        for status in wanted {
-            let name = status.context.trim_start_matches("gitfleet/").to_owned();
+        for (name, status) in wanted {
             let posting = fleets.entry(name.clone()).or_default();
             if !forge.must_post(posting.posted.as_ref(), &status) {
                 continue;

@@ -50,13 +50,13 @@ pub async fn publish_statuses(
         }
         let Some(desired) = view.borrow().desired.clone() else { continue };
         let targets = Arc::clone(&targets.borrow());
-        let rows = registry.rows(&targets, crate::time::now_ms());
+        let mut tallies = registry.tallies(&targets, crate::time::now_ms());
         let fleets = desired
             .fleets
             .values()
             .map(|fleet| {
-                let fleet_rows = rows.get(fleet.name()).map(Vec::as_slice).unwrap_or_default();
-                (fleet.name().to_owned(), FleetStatus::of(fleet, &desired, fleet_rows))
+                let tally = tallies.remove(fleet.name()).unwrap_or_default();
+                (fleet.name().to_owned(), FleetStatus::of_tally(fleet, &desired, tally))
             })
             .collect();
         let next = Statuses { ready: true, fleets };
@@ -117,7 +117,9 @@ pub async fn keep_status_branch(
     let mut problem = start_problem;
     report(&events, &problem).await;
 
-    let mut last_commit: Option<Instant> = None;
+    // After a restart, restored instances are stale until they reconnect; one interval
+    // lets them, so a restart alone does not make a commit.
+    let mut last_commit: Option<Instant> = (!recorded.is_empty()).then(Instant::now);
     let mut push_at: Option<Instant> = Some(Instant::now());
     let mut push_retry = FIRST_PUSH_RETRY;
     let mut stopping = false;
@@ -151,15 +153,19 @@ pub async fn keep_status_branch(
             let current = statuses.borrow().fleets.clone();
             let Some(desired) = view.borrow().desired.clone() else { continue };
             let Some(message) = crate::status::commit_message(&recorded, &current) else { continue };
-            let targets = Arc::clone(&targets.borrow());
-            let rows = registry.rows(&targets, crate::time::now_ms());
-            let unix = crate::time::now_unix();
-            let files = status_branch::files(&desired, &current, &rows, unix);
-            let committing = Arc::clone(&branch);
+            let job_targets = Arc::clone(&targets.borrow());
+            let (job_branch, job_registry, job_current) = (Arc::clone(&branch), Arc::clone(&registry), current.clone());
             let job_message = message.clone();
-            let committed = tokio::task::spawn_blocking(move || committing.commit(&files, &job_message, unix))
-                .await
-                .expect("committing does not panic");
+            // Every instance goes into the fleet files: megabytes at 20,000 instances, so the
+            // files are made off the runtime too.
+            let committed = tokio::task::spawn_blocking(move || {
+                let rows = job_registry.rows(&job_targets, crate::time::now_ms());
+                let unix = crate::time::now_unix();
+                let files = status_branch::files(&desired, &job_current, &rows, unix);
+                job_branch.commit(&files, &job_message, unix)
+            })
+            .await
+            .expect("committing does not panic");
             last_commit = Some(now);
             match committed {
                 Ok(commit) => {

@@ -120,25 +120,53 @@ pub enum Verdict {
     Failure,
 }
 
+/// What a fleet's instances add up to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub counts: Counts,
+    pub drift: usize,
+    /// In `instance_uid` order once `finish`ed.
+    pub failures: Vec<Failure>,
+}
+
+impl Tally {
+    /// Counts one instance; `failure` is asked for only when it failed.
+    pub fn add(&mut self, status: Status, drifted: bool, failure: impl FnOnce() -> Failure) {
+        self.counts.add(status);
+        self.drift += usize::from(drifted);
+        if status == Status::Failed {
+            self.failures.push(failure());
+        }
+    }
+
+    pub fn of_rows(rows: &[InstanceRow]) -> Self {
+        let mut tally = Tally::default();
+        for row in rows {
+            tally.add(row.status, row.drifted, || Failure {
+                instance_uid: row.instance_uid.clone(),
+                host: row.host.clone(),
+                error: row.error.clone().unwrap_or_default(),
+            });
+        }
+        tally.finish()
+    }
+
+    pub fn finish(mut self) -> Self {
+        self.failures.sort_by(|a, b| a.instance_uid.cmp(&b.instance_uid));
+        self
+    }
+}
+
 impl FleetStatus {
     /// The status of `fleet` given its instances (in any order).
     pub fn of(fleet: &Fleet, desired: &DesiredState, rows: &[InstanceRow]) -> Self {
+        Self::of_tally(fleet, desired, Tally::of_rows(rows))
+    }
+
+    /// The status of `fleet` given what its instances add up to.
+    pub fn of_tally(fleet: &Fleet, desired: &DesiredState, tally: Tally) -> Self {
         let assignment = fleet.assignment.as_deref();
-        let mut counts = Counts::default();
-        let mut failures = Vec::new();
-        let mut drift = 0;
-        for row in rows {
-            counts.add(row.status);
-            drift += usize::from(row.drifted);
-            if row.status == Status::Failed {
-                failures.push(Failure {
-                    instance_uid: row.instance_uid.clone(),
-                    host: row.host.clone(),
-                    error: row.error.clone().unwrap_or_default(),
-                });
-            }
-        }
-        failures.sort_by(|a, b| a.instance_uid.cmp(&b.instance_uid));
+        let Tally { counts, drift, failures } = tally.finish();
         let assigned_by = assignment.and_then(|version| {
             let good = desired.last_good.get(fleet.name())?;
             (good.tag.as_deref() == Some(&version.tag)).then(|| good.assigned_by.clone())?
@@ -149,7 +177,7 @@ impl FleetStatus {
             tag: assignment.map(|v| v.tag.clone()),
             config_hash: assignment.map(|v| hex::encode(v.config_hash)),
             assigned_by,
-            instances: rows.len(),
+            instances: counts.total(),
             counts,
             drift,
             failures,

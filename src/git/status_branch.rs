@@ -61,6 +61,16 @@ impl StatusBranch {
                 .map_err(StatusBranchError::Spawn)?;
             status.check("init", output)?;
         }
+        // Commits made for another repository are not this one's history. The remote is
+        // remembered by hash: its URL may carry credentials.
+        let remote_id = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(remote.as_bytes()));
+        let known = status.run("config", &["config", "--get", "gitfleet.remote"]).ok();
+        if known.as_deref() != Some(remote_id.as_str()) {
+            for reference in [status.local_ref(), status.remote_ref()] {
+                let _ = status.run("update-ref", &["update-ref", "-d", &reference]);
+            }
+            status.run("config", &["config", "gitfleet.remote", &remote_id])?;
+        }
         Ok(status)
     }
 

@@ -365,7 +365,8 @@ fn each_fleet_gets_an_install_token_that_survives_a_restart() {
     let mut secrets = Vec::new();
     for fleet in ["legacy-edge", "nodes", "prod-gateway", "sdk-agents", "staging-gateway"] {
         let path = data.path().join("install").join(fleet).join("token");
-        let text = std::fs::read_to_string(&path).expect("token file").trim().to_owned();
+        // The token file is written just after the API shows the id: wait for it.
+        let text = server.token(fleet);
         let mode = std::fs::metadata(&path).expect("metadata").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{fleet}: token file mode");
         let dir_mode = std::fs::metadata(path.parent().expect("dir")).expect("metadata").permissions().mode() & 0o777;
