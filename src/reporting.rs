@@ -50,6 +50,17 @@ pub async fn publish_statuses(
         }
         let Some(desired) = view.borrow().desired.clone() else { continue };
         let targets = Arc::clone(&targets.borrow());
+        // Right after a reconcile the targets may not have caught up with the desired state:
+        // counts against the old assignment under the new version's name would say "in
+        // sync" too early (and a forge would show success on the new commit).
+        let caught_up = desired.fleets.values().all(|fleet| {
+            let wanted = fleet.assignment.as_ref().map(|version| version.config_hash.as_slice());
+            let served = targets.get(fleet.name()).and_then(|t| t.assignment.as_ref()).map(|a| a.hash.as_slice());
+            wanted == served
+        });
+        if !caught_up {
+            continue;
+        }
         let mut tallies = registry.tallies(&targets, crate::time::now_ms());
         let fleets = desired
             .fleets
@@ -161,8 +172,9 @@ pub async fn keep_status_branch(
             let committed = tokio::task::spawn_blocking(move || {
                 let rows = job_registry.rows(&job_targets, crate::time::now_ms());
                 let unix = crate::time::now_unix();
-                let files = status_branch::files(&desired, &job_current, &rows, unix);
-                job_branch.commit(&files, &job_message, unix)
+                job_branch.commit(&job_message, unix, |import| {
+                    status_branch::write_files(import, &desired, &job_current, &rows, unix)
+                })
             })
             .await
             .expect("committing does not panic");

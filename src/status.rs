@@ -29,8 +29,8 @@ pub struct InstanceRow {
     pub arch: Option<String>,
     pub agent_version: Option<String>,
     pub healthy: Option<bool>,
-    /// Unix milliseconds.
-    #[serde(skip)]
+    /// Unix milliseconds; RFC 3339 as `last_seen` in JSON.
+    #[serde(rename = "last_seen", serialize_with = "rfc3339_of_ms")]
     pub last_seen_ms: i64,
     pub error: Option<String>,
     pub transport: Option<&'static str>,
@@ -43,12 +43,14 @@ pub struct InstanceRow {
 }
 
 impl InstanceRow {
-    /// The API's object: the fields above plus `last_seen` in RFC 3339.
+    /// The API's object.
     pub fn to_json(&self) -> serde_json::Value {
-        let mut value = serde_json::to_value(self).expect("instance rows serialize to JSON");
-        value["last_seen"] = serde_json::Value::String(crate::time::rfc3339(self.last_seen_ms / 1000));
-        value
+        serde_json::to_value(self).expect("instance rows serialize to JSON")
     }
+}
+
+fn rfc3339_of_ms<S: serde::Serializer>(unix_ms: &i64, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&crate::time::rfc3339(unix_ms / 1000))
 }
 
 /// Per-status counts of one fleet.
@@ -308,18 +310,23 @@ fn markdown_text(text: &str) -> String {
     out
 }
 
-/// One fleet's machine-readable file, `fleets/<fleet>.json`.
-pub fn fleet_file(status: &FleetStatus, rows: &[InstanceRow]) -> String {
-    let instances: Vec<serde_json::Value> = rows.iter().map(InstanceRow::to_json).collect();
-    let file = serde_json::json!({
-        "summary": status,
-        "verdict": status.verdict(),
-        "description": status.description(),
-        "instances": instances,
-    });
-    let mut text = serde_json::to_string_pretty(&file).expect("JSON values serialize");
-    text.push('\n');
-    text
+/// Writes one fleet's machine-readable file, `fleets/<fleet>.json`, as it is serialized:
+/// at 20,000 instances it is megabytes, and is never held whole in memory.
+pub fn write_fleet_file(
+    out: &mut dyn std::io::Write,
+    status: &FleetStatus,
+    rows: &[InstanceRow],
+) -> std::io::Result<()> {
+    #[derive(Serialize)]
+    struct File<'a> {
+        summary: &'a FleetStatus,
+        verdict: Verdict,
+        description: String,
+        instances: &'a [InstanceRow],
+    }
+    let file = File { summary: status, verdict: status.verdict(), description: status.description(), instances: rows };
+    serde_json::to_writer_pretty(&mut *out, &file)?;
+    out.write_all(b"\n")
 }
 
 /// The summary back out of a fleet file, to know what the branch already records.
@@ -407,7 +414,9 @@ mod tests {
     fn fleet_files_round_trip_their_summary() {
         let mut s = status(Counts { in_sync: 1, failed: 1, ..Default::default() }, Some("gateway/v2"));
         s.failures.push(Failure { instance_uid: "u".into(), host: Some("h".into()), error: "bad".into() });
-        assert_eq!(summary_of_fleet_file(&fleet_file(&s, &[])), Some(s));
+        let mut file = Vec::new();
+        write_fleet_file(&mut file, &s, &[]).expect("written");
+        assert_eq!(summary_of_fleet_file(&String::from_utf8(file).expect("UTF-8")), Some(s));
         assert_eq!(summary_of_fleet_file("{"), None);
     }
 }

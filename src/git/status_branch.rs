@@ -203,29 +203,15 @@ impl StatusBranch {
             .collect()
     }
 
-    /// Commits `files` (path → content) as the whole tree of a new commit on the local
-    /// branch. Returns the commit id.
+    /// Makes a new commit on the local branch whose whole tree is what `write` puts into
+    /// the `Import` (the files are streamed to `git fast-import`, never held whole). Returns
+    /// the commit id.
     pub fn commit(
         &self,
-        files: &BTreeMap<String, String>,
         message: &str,
         unix_seconds: i64,
+        write: impl FnOnce(&mut Import<'_>) -> std::io::Result<()>,
     ) -> Result<String, StatusBranchError> {
-        let mut script = Vec::new();
-        let _ = writeln!(script, "commit {}", self.local_ref());
-        let _ = writeln!(script, "committer gitfleet <gitfleet@localhost> {unix_seconds} +0000");
-        let _ = writeln!(script, "data {}\n{message}", message.len());
-        if let Some(parent) = self.tip() {
-            let _ = writeln!(script, "from {parent}");
-        }
-        script.extend_from_slice(b"deleteall\n");
-        for (path, content) in files {
-            let _ = writeln!(script, "M 100644 inline {path}\ndata {}", content.len());
-            script.extend_from_slice(content.as_bytes());
-            script.push(b'\n');
-        }
-        script.extend_from_slice(b"done\n");
-
         let mut child = self
             .git()
             .args(["fast-import", "--quiet", "--done"])
@@ -234,12 +220,26 @@ impl StatusBranch {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(StatusBranchError::Spawn)?;
-        let written = child.stdin.take().expect("stdin is piped").write_all(&script);
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdin);
+        let written = (|| {
+            writeln!(out, "commit {}", self.local_ref())?;
+            writeln!(out, "committer gitfleet <gitfleet@localhost> {unix_seconds} +0000")?;
+            writeln!(out, "data {}\n{message}", message.len())?;
+            if let Some(parent) = self.tip() {
+                writeln!(out, "from {parent}")?;
+            }
+            out.write_all(b"deleteall\n")?;
+            write(&mut Import { out: &mut out })?;
+            out.write_all(b"done\n")?;
+            out.flush()
+        })();
+        drop(out);
         let output = child.wait_with_output().map_err(StatusBranchError::Spawn)?;
+        self.check("fast-import", output)?;
         if let Err(error) = written {
             return Err(StatusBranchError::Git { what: "fast-import".into(), message: error.to_string() });
         }
-        self.check("fast-import", output)?;
         self.tip().ok_or_else(|| StatusBranchError::Git {
             what: "fast-import".into(),
             message: "the branch has no commit after the import".into(),
@@ -304,17 +304,40 @@ fn last_line(stderr: &[u8]) -> String {
     cause.or_else(|| lines.next_back()).unwrap_or("no message").to_owned()
 }
 
+/// The files of one status commit, as they are written.
+pub struct Import<'a> {
+    out: &'a mut dyn std::io::Write,
+}
+
+/// Ends each file in the fast-import stream. A file's content never has this line: the
+/// fleet files are JSON and the README's lines are headings, tables and prose.
+const END_OF_FILE: &str = "GITFLEET-END-OF-FILE-6d1f0c";
+
+impl Import<'_> {
+    /// Adds the file at `path` with what `content` writes (it should end with a newline).
+    pub fn file(
+        &mut self,
+        path: &str,
+        content: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        writeln!(self.out, "M 100644 inline {path}\ndata <<{END_OF_FILE}")?;
+        content(&mut *self.out)?;
+        writeln!(self.out, "{END_OF_FILE}")
+    }
+}
+
 /// The files of a status commit: `README.md` and one JSON file per fleet.
-pub fn files(
+pub fn write_files(
+    import: &mut Import<'_>,
     desired: &crate::repo::desired::DesiredState,
     statuses: &BTreeMap<String, FleetStatus>,
     rows: &BTreeMap<String, Vec<crate::status::InstanceRow>>,
     now: i64,
-) -> BTreeMap<String, String> {
-    let mut files = BTreeMap::from([("README.md".to_owned(), status::readme(desired, statuses, now))]);
-    for (fleet, status) in statuses {
+) -> std::io::Result<()> {
+    import.file("README.md", |out| out.write_all(status::readme(desired, statuses, now).as_bytes()))?;
+    for (fleet, fleet_status) in statuses {
         let fleet_rows = rows.get(fleet).map(Vec::as_slice).unwrap_or_default();
-        files.insert(format!("fleets/{fleet}.json"), status::fleet_file(status, fleet_rows));
+        import.file(&format!("fleets/{fleet}.json"), |out| status::write_fleet_file(out, fleet_status, fleet_rows))?;
     }
-    files
+    Ok(())
 }

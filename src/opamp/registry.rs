@@ -200,6 +200,20 @@ impl InstanceRecord {
 pub const LAST_SEEN_WRITE_EVERY_MS: i64 = 60_000;
 
 impl InstanceRecord {
+    /// The status against `target` as it is now. Readers call this rather than
+    /// `config.status`: between a new target and `sync` catching up with it, the record
+    /// still holds the old assignment, and would count as in sync with it.
+    pub fn status_for(&self, target: Option<&FleetTarget>, now_ms: i64) -> Status {
+        let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
+        let assigned = target.and_then(|t| t.assignment.as_ref());
+        if self.config.assigned.as_ref() == assigned {
+            return self.config.status(now_ms, stale_after);
+        }
+        let mut config = self.config.clone();
+        let _ = config.assign(assigned.cloned(), now_ms, stale_after);
+        config.status(now_ms, stale_after)
+    }
+
     /// The instance as the API, the page and the status branch show it.
     pub fn row(&self, targets: &Targets, now_ms: i64) -> InstanceRow {
         let target = targets.get(&*self.fleet);
@@ -210,7 +224,7 @@ impl InstanceRecord {
         InstanceRow {
             instance_uid: self.uid.to_string(),
             fleet: self.fleet.to_string(),
-            status: self.config.status(now_ms, target.map_or(i64::MAX, |t| t.stale_after_ms)),
+            status: self.status_for(target, now_ms),
             assigned_hash: assignment.map(|a| hex::encode(&a.hash)),
             assigned_tag: assignment.map(|a| a.tag.clone()),
             served_hash: self.config.served.as_ref().map(hex::encode),
@@ -363,10 +377,9 @@ impl Registry {
         let mut summaries: HashMap<String, FleetSummary> = HashMap::new();
         self.for_each(|record| {
             let target = targets.get(&*record.fleet);
-            let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
             let summary = summaries.entry(record.fleet.to_string()).or_default();
             summary.instances += 1;
-            summary.counts.add(record.config.status(now_ms, stale_after));
+            summary.counts.add(record.status_for(target, now_ms));
             let assigned = target.and_then(|t| t.assignment.as_ref()).map(|a| &a.hash);
             if assigned.is_some() && record.config.served.as_ref() != assigned {
                 summary.drift += 1;
@@ -381,7 +394,7 @@ impl Registry {
         let mut tallies: HashMap<Arc<str>, Tally> = HashMap::new();
         self.for_each(|record| {
             let target = targets.get(&*record.fleet);
-            let status = record.config.status(now_ms, target.map_or(i64::MAX, |t| t.stale_after_ms));
+            let status = record.status_for(target, now_ms);
             let assigned = target.and_then(|t| t.assignment.as_ref()).map(|a| &a.hash);
             let drifted = assigned.is_some() && record.config.served.as_ref() != assigned;
             let tally = match tallies.get_mut(&record.fleet) {
@@ -481,5 +494,41 @@ impl Registry {
         for record in records {
             self.shard(&record.uid).insert(record.uid, record);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(hash: u8) -> FleetTarget {
+        FleetTarget {
+            assignment: Some(Assignment { hash: vec![hash; 32], tag: format!("gateway/v{hash}") }),
+            content_type: "text/yaml".into(),
+            body: Arc::from(&b"a: 1\n"[..]),
+            stale_after_ms: 60_000,
+            current_token: None,
+            credentials: None,
+        }
+    }
+
+    #[test]
+    fn readers_count_against_the_target_before_sync_catches_up() {
+        let v1 = target(1);
+        let mut record = InstanceRecord::new(InstanceUid([7; 16]), Arc::from("prod"), Arc::from("tk"), 0x3847, 0);
+        record.sync(Some(&v1), 0);
+        let _ = record.config.served(vec![1; 32], 0, 60_000);
+        let report = Some((vec![1; 32], crate::instance::Reported::Applied, String::new()));
+        let _ = record.config.heard(0x3847, report, 10, 60_000);
+        assert_eq!(record.status_for(Some(&v1), 20), Status::InSync);
+
+        // v2 is the target now; `sync` has not run yet.
+        let v2 = target(2);
+        assert_eq!(record.status_for(Some(&v2), 20), Status::Pending, "not in sync with v2");
+        let targets = Targets::from([("prod".to_owned(), v2.clone())]);
+        assert_eq!(record.row(&targets, 20).status, Status::Pending);
+        assert!(record.row(&targets, 20).drifted);
+        record.sync(Some(&v2), 20);
+        assert_eq!(record.status_for(Some(&v2), 20), Status::Pending, "the same once synced");
     }
 }

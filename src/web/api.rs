@@ -11,7 +11,7 @@ use axum::routing::get;
 use serde_json::{Value, json};
 
 use crate::opamp::codec::InstanceUid;
-use crate::opamp::registry::{FleetSummary, InstanceRecord, Targets};
+use crate::opamp::registry::{FleetSummary, FleetTarget, InstanceRecord, Targets};
 use crate::reconciler::View;
 use crate::repo::desired::{Configuration, Fleet, Version};
 use crate::time::rfc3339;
@@ -70,7 +70,10 @@ async fn fleets(State(state): State<WebState>) -> Response {
     let fleets: Vec<Value> = desired
         .fleets
         .values()
-        .map(|fleet| fleet_json(fleet, &view, summaries.get(fleet.name()).cloned().unwrap_or_default()))
+        .map(|fleet| {
+            let summary = summaries.get(fleet.name()).cloned().unwrap_or_default();
+            fleet_json(fleet, &view, targets.get(fleet.name()), summary)
+        })
         .collect();
     Json(json!({ "fleets": fleets })).into_response()
 }
@@ -83,7 +86,7 @@ async fn fleet(State(state): State<WebState>, Path(name): Path<String>) -> Respo
     };
     let targets = Arc::clone(&state.targets.borrow());
     let summary = state.registry.summaries(&targets, crate::time::now_ms()).get(&name).cloned().unwrap_or_default();
-    Json(fleet_json(fleet, &view, summary)).into_response()
+    Json(fleet_json(fleet, &view, targets.get(&name), summary)).into_response()
 }
 
 async fn fleet_instances(State(state): State<WebState>, Path(name): Path<String>) -> Response {
@@ -156,7 +159,10 @@ pub fn instance_json(record: &InstanceRecord, targets: &Targets, now_ms: i64) ->
     record.row(targets, now_ms).to_json()
 }
 
-pub fn fleet_json(fleet: &Fleet, view: &View, summary: FleetSummary) -> Value {
+/// `target` is what the fleet's instances are being served now; its assignment gives the
+/// `tag` and `config_hash`, so that they always match the counts (the desired state is
+/// published a moment before the targets follow it).
+pub fn fleet_json(fleet: &Fleet, view: &View, target: Option<&FleetTarget>, summary: FleetSummary) -> Value {
     let spec = &fleet.spec;
     let now = crate::time::now_unix();
     let tokens: Vec<Value> = view
@@ -180,15 +186,23 @@ pub fn fleet_json(fleet: &Fleet, view: &View, summary: FleetSummary) -> Value {
     let on_old_tokens =
         summary.instances - current.as_ref().and_then(|t| t["instances"].as_u64()).unwrap_or(0) as usize;
     let assignment = fleet.assignment.as_deref();
+    let (tag, config_hash) = match target {
+        Some(target) => {
+            let serving = target.assignment.as_ref();
+            (serving.map(|a| a.tag.clone()), serving.map(|a| hex::encode(&a.hash)))
+        }
+        None => (assignment.map(|v| v.tag.clone()), assignment.map(|v| hex::encode(v.config_hash))),
+    };
+    let version = tag.as_deref().and_then(|tag| tag.split_once('/')).map(|(_, version)| version.to_owned());
     json!({
         "name": spec.name,
         "description": spec.description,
         "file": spec.file,
         "config": spec.config,
-        "version": assignment.map(|v| v.version.clone()),
+        "version": version,
         "selector": spec.version.as_ref().map(ToString::to_string),
-        "tag": assignment.map(|v| v.tag.clone()),
-        "config_hash": assignment.map(|v| hex::encode(v.config_hash)),
+        "tag": tag,
+        "config_hash": config_hash,
         "observe_only": spec.observe_only(),
         "kept_last_good": fleet.kept_last_good,
         "instances": summary.instances,
