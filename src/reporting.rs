@@ -170,10 +170,17 @@ pub async fn keep_status_branch(
             // Every instance goes into the fleet files: megabytes at 20,000 instances, so the
             // files are made off the runtime too.
             let committed = tokio::task::spawn_blocking(move || {
-                let rows = job_registry.rows(&job_targets, crate::time::now_ms());
-                let unix = crate::time::now_unix();
+                let now_ms = crate::time::now_ms();
+                let unix = now_ms / 1000;
+                // Only the ids are collected; each row is made as it is written.
+                let uids = job_registry.uids_by_fleet();
                 job_branch.commit(&job_message, unix, |import| {
-                    status_branch::write_files(import, &desired, &job_current, &rows, unix)
+                    status_branch::write_files(import, &desired, &job_current, unix, &mut |status, out| {
+                        let fleet_uids = uids.get(status.fleet.as_str()).map(Vec::as_slice).unwrap_or_default();
+                        let mut rows =
+                            fleet_uids.iter().filter_map(|uid| job_registry.row_of(uid, &job_targets, now_ms));
+                        crate::status::write_fleet_file(out, status, &mut rows)
+                    })
                 })
             })
             .await

@@ -311,22 +311,26 @@ fn markdown_text(text: &str) -> String {
 }
 
 /// Writes one fleet's machine-readable file, `fleets/<fleet>.json`, as it is serialized:
-/// at 20,000 instances it is megabytes, and is never held whole in memory.
+/// at 20,000 instances it is megabytes, and is never held whole, nor are its rows. Each
+/// instance is one line, so that `git diff` between two status commits shows which
+/// instances changed.
 pub fn write_fleet_file(
     out: &mut dyn std::io::Write,
     status: &FleetStatus,
-    rows: &[InstanceRow],
+    rows: &mut dyn Iterator<Item = InstanceRow>,
 ) -> std::io::Result<()> {
-    #[derive(Serialize)]
-    struct File<'a> {
-        summary: &'a FleetStatus,
-        verdict: Verdict,
-        description: String,
-        instances: &'a [InstanceRow],
+    let summary = serde_json::to_string_pretty(status)?.replace('\n', "\n  ");
+    let verdict = serde_json::to_string(&status.verdict())?;
+    let description = serde_json::to_string(&status.description())?;
+    write!(
+        out,
+        "{{\n  \"summary\": {summary},\n  \"verdict\": {verdict},\n  \"description\": {description},\n  \"instances\": ["
+    )?;
+    for (index, row) in rows.enumerate() {
+        out.write_all(if index == 0 { b"\n    " } else { b",\n    " })?;
+        serde_json::to_writer(&mut *out, &row)?;
     }
-    let file = File { summary: status, verdict: status.verdict(), description: status.description(), instances: rows };
-    serde_json::to_writer_pretty(&mut *out, &file)?;
-    out.write_all(b"\n")
+    out.write_all(b"\n  ]\n}\n")
 }
 
 /// The summary back out of a fleet file, to know what the branch already records.
@@ -410,13 +414,56 @@ mod tests {
         assert_eq!(markdown_text("a|b\nc`d`[e](f)"), "a\\|b c\\`d\\`\\[e\\](f)");
     }
 
+    fn row(uid: &str) -> InstanceRow {
+        InstanceRow {
+            instance_uid: uid.into(),
+            fleet: "prod-gateway".into(),
+            status: Status::InSync,
+            assigned_hash: None,
+            assigned_tag: None,
+            served_hash: None,
+            reported_hash: None,
+            reported_status: None,
+            host: Some("<h>".into()),
+            os: None,
+            arch: None,
+            agent_version: None,
+            healthy: Some(true),
+            last_seen_ms: 1_795_579_704_000,
+            error: None,
+            transport: Some("websocket"),
+            connected: true,
+            token_id: "tk".into(),
+            token_current: true,
+            drifted: false,
+        }
+    }
+
     #[test]
     fn fleet_files_round_trip_their_summary() {
         let mut s = status(Counts { in_sync: 1, failed: 1, ..Default::default() }, Some("gateway/v2"));
         s.failures.push(Failure { instance_uid: "u".into(), host: Some("h".into()), error: "bad".into() });
-        let mut file = Vec::new();
-        write_fleet_file(&mut file, &s, &[]).expect("written");
-        assert_eq!(summary_of_fleet_file(&String::from_utf8(file).expect("UTF-8")), Some(s));
+        for rows in [vec![], vec![row("a"), row("b")]] {
+            let mut file = Vec::new();
+            write_fleet_file(&mut file, &s, &mut rows.clone().into_iter()).expect("written");
+            let text = String::from_utf8(file).expect("UTF-8");
+            assert_eq!(summary_of_fleet_file(&text), Some(s.clone()));
+            let value: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+            assert_eq!(value["verdict"], "failure");
+            assert_eq!(value["description"], "1/2 in sync, 1 failed");
+            let uids: Vec<&str> = value["instances"]
+                .as_array()
+                .expect("instances")
+                .iter()
+                .filter_map(|i| i["instance_uid"].as_str())
+                .collect();
+            assert_eq!(uids, rows.iter().map(|r| r.instance_uid.as_str()).collect::<Vec<_>>());
+            assert_eq!(
+                text.lines().filter(|line| line.starts_with("    {\"instance_uid\"")).count(),
+                rows.len(),
+                "one line each"
+            );
+        }
         assert_eq!(summary_of_fleet_file("{"), None);
     }
 }

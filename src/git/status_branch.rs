@@ -326,18 +326,18 @@ impl Import<'_> {
     }
 }
 
-/// The files of a status commit: `README.md` and one JSON file per fleet.
+/// The files of a status commit: `README.md`, and one JSON file per fleet written by
+/// `fleet_file`.
 pub fn write_files(
     import: &mut Import<'_>,
     desired: &crate::repo::desired::DesiredState,
     statuses: &BTreeMap<String, FleetStatus>,
-    rows: &BTreeMap<String, Vec<crate::status::InstanceRow>>,
     now: i64,
+    fleet_file: &mut dyn FnMut(&FleetStatus, &mut dyn std::io::Write) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     import.file("README.md", |out| out.write_all(status::readme(desired, statuses, now).as_bytes()))?;
     for (fleet, fleet_status) in statuses {
-        let fleet_rows = rows.get(fleet).map(Vec::as_slice).unwrap_or_default();
-        import.file(&format!("fleets/{fleet}.json"), |out| status::write_fleet_file(out, fleet_status, fleet_rows))?;
+        import.file(&format!("fleets/{fleet}.json"), |out| fleet_file(fleet_status, out))?;
     }
     Ok(())
 }

@@ -410,20 +410,23 @@ impl Registry {
         tallies
     }
 
-    /// Every instance as a row, by fleet, each fleet's rows in `instance_uid` order.
-    pub fn rows(&self, targets: &Targets, now_ms: i64) -> BTreeMap<String, Vec<InstanceRow>> {
-        let mut rows: BTreeMap<String, Vec<InstanceRow>> = BTreeMap::new();
-        self.for_each(|record| {
-            let row = record.row(targets, now_ms);
-            match rows.get_mut(&*record.fleet) {
-                Some(fleet) => fleet.push(row),
-                None => {
-                    rows.insert(record.fleet.to_string(), vec![row]);
-                }
+    /// Every instance's id, by fleet, in `instance_uid` order: 16 bytes each, where rows
+    /// would be hundreds.
+    pub fn uids_by_fleet(&self) -> BTreeMap<Arc<str>, Vec<InstanceUid>> {
+        let mut uids: BTreeMap<Arc<str>, Vec<InstanceUid>> = BTreeMap::new();
+        self.for_each(|record| match uids.get_mut(&record.fleet) {
+            Some(fleet) => fleet.push(record.uid),
+            None => {
+                uids.insert(Arc::clone(&record.fleet), vec![record.uid]);
             }
         });
-        rows.values_mut().for_each(|fleet| fleet.sort_by(|a, b| a.instance_uid.cmp(&b.instance_uid)));
-        rows
+        uids.values_mut().for_each(|fleet| fleet.sort_unstable());
+        uids
+    }
+
+    /// One instance as a row, if it is still there.
+    pub fn row_of(&self, uid: &InstanceUid, targets: &Targets, now_ms: i64) -> Option<InstanceRow> {
+        self.shard(uid).get(uid).map(|record| record.row(targets, now_ms))
     }
 
     /// One fleet's instances as rows, in `instance_uid` order.

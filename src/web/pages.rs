@@ -106,7 +106,7 @@ async fn overview(State(state): State<WebState>) -> Response {
     let targets = Arc::clone(&state.targets.borrow());
     let now_ms = crate::time::now_ms();
     let now = now_ms / 1000;
-    let rows = state.registry.rows(&targets, now_ms);
+    let mut tallies = state.registry.tallies(&targets, now_ms);
     let mut out = String::with_capacity(8192);
     let _ = write!(
         out,
@@ -130,7 +130,7 @@ async fn overview(State(state): State<WebState>) -> Response {
     );
     for fleet in desired.fleets.values() {
         let name = fleet.name();
-        let status = FleetStatus::of(fleet, &desired, rows.get(name).map(Vec::as_slice).unwrap_or_default());
+        let status = FleetStatus::of_tally(fleet, &desired, tallies.remove(name).unwrap_or_default());
         let version = match (&status.tag, fleet.kept_last_good) {
             (Some(tag), false) => format!("<code>{}</code>", Text(tag)),
             (Some(tag), true) => format!("<code>{}</code> <span class=\"muted\">(kept)</span>", Text(tag)),
