@@ -175,6 +175,7 @@ fn reconcile(fleets: usize, tags: usize, configs: usize, rounds: usize, dir: Opt
         forge: None,
         forge_url: None,
         forge_token_file: None,
+        status_page_url: None,
     }
     .validate()?;
     let samples = runtime.block_on(async {

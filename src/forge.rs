@@ -43,6 +43,8 @@ pub struct Forge {
     /// The API prefix up to the repository, like `https://api.github.com/repos/acme/fleet`.
     repository_api: String,
     token: Arc<str>,
+    /// The status page, for each status's link to its fleet.
+    status_page: Option<String>,
 }
 
 impl std::fmt::Debug for Forge {
@@ -84,11 +86,26 @@ impl Forge {
             ForgeKind::Gitea => format!("{scheme}://{host}/api/v1/repos/{path}"),
             ForgeKind::Gitlab => format!("{scheme}://{host}/api/v4/projects/{}", path.replace('/', "%2F")),
         };
-        Ok(Self { kind, repository_api, token: Arc::from(token) })
+        Ok(Self { kind, repository_api, token: Arc::from(token), status_page: None })
+    }
+
+    /// Statuses link to `/fleets/<fleet>` on the status page at `url`.
+    pub fn linking_to(mut self, url: Option<&str>) -> Self {
+        self.status_page = url.map(str::to_owned);
+        self
     }
 
     /// The request for one status: URL, headers (beyond content type) and JSON body.
     pub fn request(&self, status: &CommitStatus) -> (String, Vec<(&'static str, String)>, serde_json::Value) {
+        let (url, headers, mut body) = self.request_without_link(status);
+        let fleet = status.context.trim_start_matches("gitfleet/");
+        if let Some(page) = &self.status_page {
+            body["target_url"] = serde_json::Value::String(format!("{page}/fleets/{fleet}"));
+        }
+        (url, headers, body)
+    }
+
+    fn request_without_link(&self, status: &CommitStatus) -> (String, Vec<(&'static str, String)>, serde_json::Value) {
         let url = format!("{}/statuses/{}", self.repository_api, status.commit);
         let user_agent = ("User-Agent", concat!("gitfleet/", env!("CARGO_PKG_VERSION")).to_owned());
         match self.kind {
@@ -330,7 +347,11 @@ mod tests {
         ];
         for (kind, url, api) in cases {
             let forge = Forge::new(kind, url, "t").expect("valid");
-            assert_eq!(forge.request(&status(Verdict::Pending, "")).0, api);
+            let (address, _, body) = forge.request(&status(Verdict::Pending, ""));
+            assert_eq!(address, api);
+            assert_eq!(body.get("target_url"), None, "no link without a status page");
+            let linked = forge.linking_to(Some("https://fleet.example.com")).request(&status(Verdict::Pending, "")).2;
+            assert_eq!(linked["target_url"], "https://fleet.example.com/fleets/prod");
         }
         for bad in [
             "github.com/acme/fleet",

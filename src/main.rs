@@ -113,6 +113,7 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         forge: None,
         forge_url: None,
         forge_token_file: None,
+        status_page_url: None,
     }
     .validate()?;
     runtime()?.block_on(async {

@@ -64,6 +64,10 @@ pub struct ServeArgs {
     /// A file holding the forge API token (statuses write permission).
     #[arg(long, env = "GITFLEET_FORGE_TOKEN_FILE", requires = "forge")]
     pub forge_token_file: Option<PathBuf>,
+    /// The URL people reach the status page at, like https://fleet.example.com; commit
+    /// statuses link to the fleet's page there.
+    #[arg(long, env = "GITFLEET_STATUS_PAGE_URL")]
+    pub status_page_url: Option<String>,
 }
 
 /// Validated settings.
@@ -86,6 +90,8 @@ pub struct Settings {
     pub status_branch: Option<String>,
     pub status_interval: Duration,
     pub forge: Option<crate::forge::Forge>,
+    /// Without a trailing slash.
+    pub status_page_url: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +124,8 @@ pub enum SettingsError {
     StatusBranchIsBranch,
     #[error("--status-interval: {0}")]
     BadStatusInterval(String),
+    #[error("--status-page-url `{0}` is not an http:// or https:// URL without a path, like https://fleet.example.com")]
+    BadStatusPageUrl(String),
     #[error("--forge-url {0}")]
     BadForgeUrl(#[from] crate::forge::ForgeUrlError),
     #[error("--forge-token-file {path}: {message}")]
@@ -176,6 +184,10 @@ impl ServeArgs {
         if status_interval < Duration::from_secs(1) {
             return Err(SettingsError::BadStatusInterval(format!("`{}` is shorter than 1s", self.status_interval)));
         }
+        let status_page_url = match &self.status_page_url {
+            Some(url) => Some(parse_public_url(url).map_err(|_| SettingsError::BadStatusPageUrl(url.clone()))?),
+            None => None,
+        };
         let forge = match (self.forge, &self.forge_url, &self.forge_token_file) {
             (Some(kind), Some(url), Some(token_file)) => {
                 let token_error =
@@ -185,7 +197,7 @@ impl ServeArgs {
                 if token.is_empty() || token.contains(char::is_whitespace) {
                     return Err(token_error("the file must hold one token and nothing else".into()));
                 }
-                Some(crate::forge::Forge::new(kind, url, token)?)
+                Some(crate::forge::Forge::new(kind, url, token)?.linking_to(status_page_url.as_deref()))
             }
             _ => None,
         };
@@ -215,6 +227,7 @@ impl ServeArgs {
             status_branch,
             status_interval,
             forge,
+            status_page_url,
         })
     }
 }

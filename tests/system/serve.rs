@@ -266,6 +266,10 @@ fn bad_settings_exit_with_one_clear_line_before_binding() {
         (vec!["--repo", &path, "--status-branch", "main"], "gitfleet: --status-branch must differ from --branch"),
         (vec!["--repo", &path, "--status-branch", "a b"], "gitfleet: --status-branch `a b` is not a valid branch name"),
         (
+            vec!["--repo", &path, "--status-page-url", "fleet.example.com"],
+            "gitfleet: --status-page-url `fleet.example.com` is not",
+        ),
+        (
             forge(&path, "ftp://example.com/a/b", &token_file),
             "gitfleet: --forge-url `ftp://example.com/a/b` is not an http",
         ),

@@ -326,6 +326,8 @@ fn check_contract(contract: &Contract) {
             &forge_url,
             "--forge-token-file",
             &token_file.display().to_string(),
+            "--status-page-url",
+            "https://fleet.example.com/",
         ],
     );
     let for_prod = |r: &Received| r.body[contract.context_key] == "gitfleet/prod-gateway";
@@ -346,6 +348,7 @@ fn check_contract(contract: &Contract) {
     }
     assert_eq!(posts[1].body[contract.state_key], contract.states[0], "{}", contract.forge);
     assert_eq!(posts[1].body["description"], "0/0 in sync");
+    assert_eq!(posts[1].body["target_url"], "https://fleet.example.com/fleets/prod-gateway");
 
     let token = server.token("prod-gateway");
     let _good = converge(&server, &token, [0x41; 16], "gw-1", None);
