@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::{GitRepo, Server, example};
-use crate::opamp::converge;
+use crate::opamp::{converge, full_state, report};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -373,5 +373,45 @@ fn check_contract(contract: &Contract) {
     // Observe-only fleets have nothing to show.
     assert!(forge.received().iter().all(|r| r.body[contract.context_key] != "gitfleet/legacy-edge"));
     assert!(!server.logs().contains("forge-s3cret"), "the forge token is never logged");
+    server.stop();
+}
+
+#[test]
+fn a_restart_alone_makes_no_status_commit() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let path = repo.path().display().to_string();
+    let args = ["--poll-interval", "1h", "--status-interval", "4s"];
+    let server = Server::start(&path, data.path(), &args);
+    let token = server.token("prod-gateway");
+    let uid = [0x71; 16];
+    let agent = converge(&server, &token, uid, "gw-1", None);
+    eventually("the instance in the status branch", &server, || {
+        let shown = repo.try_git(&["show", "gitfleet/status:fleets/prod-gateway.json"]);
+        let file: serde_json::Value = serde_json::from_slice(&shown.stdout).ok()?;
+        (file["summary"]["counts"]["in_sync"] == 1).then_some(())
+    });
+    drop(agent);
+    assert_eq!(server.stop(), Some(0));
+    let commits = status_log(&repo).len();
+
+    // The same collector comes back soon after the restart, still running its config: in
+    // between, the restored instance is stale.
+    let server = Server::start(&path, data.path(), &args);
+    let fleet = server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "the fleet", |f| f["config_hash"].is_string());
+    let hash = hex::decode(fleet["config_hash"].as_str().expect("hash")).expect("hex");
+    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "the instance stale", |f| f["counts"]["stale"] == 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut agent = crate::common::OpampWs::connect(server.opamp, &token).expect("connects");
+    let mut hello = full_state(uid, 0, "gw-1");
+    hello.remote_config_status = report(uid, 0, &hash, 1, "").remote_config_status;
+    agent.send(&hello);
+    agent.recv();
+    let uid_text = crate::opamp::uid_text(uid);
+    server.wait_for(&format!("/api/v1/instances/{uid_text}"), WAIT, "in sync again", |i| i["status"] == "in_sync");
+    // Longer than the interval: had the restart's moment of "stale" been committed, it
+    // would be there by now.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(status_log(&repo).len(), commits, "{:#?}", status_log(&repo));
     server.stop();
 }
