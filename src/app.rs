@@ -170,6 +170,7 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
                 forge.clone(),
                 settings.status_interval,
                 statuses_rx.clone(),
+                Arc::clone(&store),
                 Arc::clone(&metrics),
                 events_tx.clone(),
                 cancel.clone(),

@@ -20,6 +20,7 @@ use crate::problem::{Problem, Severity};
 use crate::reconciler::{Event, ProblemSource};
 use crate::reporting::Statuses;
 use crate::status::{FleetStatus, Verdict};
+use crate::store::{PostedStatus, Store};
 
 const FIRST_RETRY: Duration = Duration::from_secs(2);
 const MAX_RETRY: Duration = Duration::from_secs(300);
@@ -236,12 +237,37 @@ pub async fn post_commit_statuses(
     forge: Forge,
     interval: Duration,
     mut statuses: watch::Receiver<Arc<Statuses>>,
+    store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     events: mpsc::Sender<Event>,
     cancel: CancellationToken,
 ) {
     let forge = Arc::new(forge);
-    let mut fleets: BTreeMap<String, Posting> = BTreeMap::new();
+    // What was posted before a restart is not posted again.
+    let remembered = {
+        let (store, key) = (Arc::clone(&store), forge.repository_api.clone());
+        tokio::task::spawn_blocking(move || store.posted_statuses(&key)).await.expect("the store does not panic")
+    };
+    let mut fleets: BTreeMap<String, Posting> = match remembered {
+        Ok(posted) => posted
+            .into_iter()
+            .filter_map(|posted| {
+                let fleet = posted.context.strip_prefix("gitfleet/")?.to_owned();
+                let verdict = Verdict::parse(&posted.state)?;
+                let status = CommitStatus {
+                    commit: posted.commit,
+                    context: posted.context,
+                    verdict,
+                    description: posted.description,
+                };
+                Some((fleet, Posting { posted: Some(status), ..Default::default() }))
+            })
+            .collect(),
+        Err(error) => {
+            warn!(%error, "cannot read the commit statuses posted before; they may be posted again");
+            BTreeMap::new()
+        }
+    };
     let mut wake: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -276,6 +302,20 @@ pub async fn post_commit_statuses(
             match posted {
                 Ok(()) => {
                     Metrics::count(&metrics.forge_posts);
+                    let remember = PostedStatus {
+                        forge: forge.repository_api.clone(),
+                        context: status.context.clone(),
+                        commit: status.commit.clone(),
+                        state: status.github_state().to_owned(),
+                        description: status.description.clone(),
+                    };
+                    let saving = Arc::clone(&store);
+                    let saved = tokio::task::spawn_blocking(move || saving.save_posted_status(&remember))
+                        .await
+                        .expect("the store does not panic");
+                    if let Err(error) = saved {
+                        warn!(fleet = %name, %error, "cannot remember the posted commit status");
+                    }
                     info!(fleet = %name, commit = %crate::repo::desired::short(&status.commit), state = ?status.verdict, description = %status.description, "commit status posted");
                     posting.posted = Some(status);
                     posting.not_before = Some(Instant::now() + interval);

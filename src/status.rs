@@ -159,6 +159,18 @@ impl Tally {
     }
 }
 
+impl Verdict {
+    /// From its snake_case name, as serialized.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "pending" => Some(Verdict::Pending),
+            "success" => Some(Verdict::Success),
+            "failure" => Some(Verdict::Failure),
+            _ => None,
+        }
+    }
+}
+
 impl FleetStatus {
     /// The status of `fleet` given its instances (in any order).
     pub fn of(fleet: &Fleet, desired: &DesiredState, rows: &[InstanceRow]) -> Self {

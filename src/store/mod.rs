@@ -72,6 +72,19 @@ pub struct StoredEvent {
     pub event: String,
 }
 
+/// A commit status as last posted to a forge, so that a restart does not post it again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PostedStatus {
+    /// Which forge and repository (its API address).
+    pub forge: String,
+    /// `gitfleet/<fleet>`.
+    pub context: String,
+    pub commit: String,
+    /// `pending`, `success` or `failure`.
+    pub state: String,
+    pub description: String,
+}
+
 /// Blocking: call from a blocking thread (`spawn_blocking`), never on the async runtime.
 pub trait Store: Send + Sync + 'static {
     /// Every version seen so far, by tag, with the content first seen.
@@ -96,4 +109,8 @@ pub trait Store: Send + Sync + 'static {
     fn prune_events(&self, per_instance: usize) -> Result<usize, StoreError>;
     /// The newest reconciles first.
     fn reconcile_history(&self, limit: usize) -> Result<Vec<ReconcileRecord>, StoreError>;
+    /// The commit statuses last posted to `forge`.
+    fn posted_statuses(&self, forge: &str) -> Result<Vec<PostedStatus>, StoreError>;
+    /// Remembers a posted commit status (replacing the one before for its context).
+    fn save_posted_status(&self, status: &PostedStatus) -> Result<(), StoreError>;
 }

@@ -8,7 +8,7 @@ use rusqlite::{Connection, params};
 
 use crate::install::token::IssuedToken;
 use crate::repo::desired::{LastGoodFleet, SeenVersion};
-use crate::store::{ReconcileRecord, Store, StoreError, StoredEvent, StoredInstance};
+use crate::store::{PostedStatus, ReconcileRecord, Store, StoreError, StoredEvent, StoredInstance};
 
 /// Each entry moves the schema one version forward. Never edit one that has shipped.
 const MIGRATIONS: &[&str] = &[
@@ -85,6 +85,16 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE tokens DROP COLUMN expires_at;",
     // 5: the commit that set each fleet's assignment, for commit statuses.
     "ALTER TABLE fleets_last_good ADD COLUMN assigned_by TEXT;",
+    // 6: commit statuses as last posted, so that a restart does not post them again.
+    "CREATE TABLE commit_statuses (
+        forge TEXT NOT NULL,
+        context TEXT NOT NULL,
+        commit_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        description TEXT NOT NULL,
+        posted_at INTEGER NOT NULL,
+        PRIMARY KEY (forge, context)
+    );",
 ];
 
 /// How many reconciles the history keeps.
@@ -236,6 +246,43 @@ impl Store for SqliteStore {
             }
         }
         transaction.commit().map_err(query("saving last good fleets"))
+    }
+
+    fn posted_statuses(&self, forge: &str) -> Result<Vec<PostedStatus>, StoreError> {
+        let connection = self.connection();
+        let mut statement = connection
+            .prepare("SELECT context, commit_id, state, description FROM commit_statuses WHERE forge = ?1")
+            .map_err(query("reading posted commit statuses"))?;
+        let rows = statement
+            .query_map([forge], |row| {
+                Ok(PostedStatus {
+                    forge: forge.to_owned(),
+                    context: row.get(0)?,
+                    commit: row.get(1)?,
+                    state: row.get(2)?,
+                    description: row.get(3)?,
+                })
+            })
+            .map_err(query("reading posted commit statuses"))?;
+        rows.collect::<Result<_, _>>().map_err(query("reading posted commit statuses"))
+    }
+
+    fn save_posted_status(&self, status: &PostedStatus) -> Result<(), StoreError> {
+        self.connection()
+            .execute(
+                "INSERT OR REPLACE INTO commit_statuses (forge, context, commit_id, state, description, posted_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    status.forge,
+                    status.context,
+                    status.commit,
+                    status.state,
+                    status.description,
+                    crate::time::now_unix()
+                ],
+            )
+            .map(|_| ())
+            .map_err(query("remembering a posted commit status"))
     }
 
     fn record_reconcile(&self, record: &ReconcileRecord) -> Result<(), StoreError> {
@@ -570,12 +617,30 @@ mod tests {
     }
 
     #[test]
+    fn posted_commit_statuses_are_kept_per_forge_and_context() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(&dir.path().join("state.db")).expect("open");
+        let posted = |forge: &str, commit: &str, state: &str| PostedStatus {
+            forge: forge.into(),
+            context: "gitfleet/prod".into(),
+            commit: commit.into(),
+            state: state.into(),
+            description: "1/2 in sync".into(),
+        };
+        store.save_posted_status(&posted("github", "c1", "pending")).expect("save");
+        store.save_posted_status(&posted("github", "c1", "success")).expect("replace");
+        store.save_posted_status(&posted("gitlab", "c9", "pending")).expect("another forge");
+        assert_eq!(store.posted_statuses("github").expect("read"), vec![posted("github", "c1", "success")]);
+        assert_eq!(store.posted_statuses("gitea").expect("read"), vec![]);
+    }
+
+    #[test]
     fn a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("state.db");
         Connection::open(&path).and_then(|c| c.pragma_update(None, "user_version", 99)).expect("set version");
         match SqliteStore::open(&path) {
-            Err(StoreError::TooNew { found: 99, supported: 5 }) => {}
+            Err(StoreError::TooNew { found: 99, supported: 6 }) => {}
             other => panic!("expected TooNew, got {:?}", other.map(|_| ())),
         }
     }

@@ -311,25 +311,24 @@ fn check_contract(contract: &Contract) {
     let token_file = data.path().join("forge-token");
     std::fs::write(&token_file, "forge-s3cret\n").expect("write the token file");
     let forge_url = format!("http://{}/acme/fleet-config", forge.address);
-    let server = Server::start(
-        &repo.path().display().to_string(),
-        &data.path().join("data"),
-        &[
-            "--poll-interval",
-            "1h",
-            "--status-interval",
-            "1s",
-            "--no-status-branch",
-            "--forge",
-            contract.forge,
-            "--forge-url",
-            &forge_url,
-            "--forge-token-file",
-            &token_file.display().to_string(),
-            "--status-page-url",
-            "https://fleet.example.com/",
-        ],
-    );
+    let token_path = token_file.display().to_string();
+    let args = [
+        "--poll-interval",
+        "1h",
+        "--status-interval",
+        "1s",
+        "--no-status-branch",
+        "--forge",
+        contract.forge,
+        "--forge-url",
+        &forge_url,
+        "--forge-token-file",
+        &token_path,
+        "--status-page-url",
+        "https://fleet.example.com/",
+    ];
+    let (repo_path, data_path) = (repo.path().display().to_string(), data.path().join("data"));
+    let server = Server::start(&repo_path, &data_path, &args);
     let for_prod = |r: &Received| r.body[contract.context_key] == "gitfleet/prod-gateway";
     // The first post is answered 503 and retried.
     let posts = eventually("the retried pending status", &server, || {
@@ -373,6 +372,19 @@ fn check_contract(contract: &Contract) {
     // Observe-only fleets have nothing to show.
     assert!(forge.received().iter().all(|r| r.body[contract.context_key] != "gitfleet/legacy-edge"));
     assert!(!server.logs().contains("forge-s3cret"), "the forge token is never logged");
+    server.stop();
+
+    // After a restart, what was posted is not posted again: staging's status is the same,
+    // prod's changed (its instances are stale until they reconnect).
+    let count = |context: &str| forge.received().iter().filter(|r| r.body[contract.context_key] == context).count();
+    let (staging_before, prod_before) = (count("gitfleet/staging-gateway"), count("gitfleet/prod-gateway"));
+    assert!(staging_before >= 1);
+    let server = Server::start(&repo_path, &data_path, &args);
+    eventually("prod's changed status after the restart", &server, || {
+        (count("gitfleet/prod-gateway") > prod_before).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(count("gitfleet/staging-gateway"), staging_before, "{}: not posted again", contract.forge);
     server.stop();
 }
 
