@@ -146,6 +146,7 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
             remote: settings.repo.clone(),
             branch: branch.clone(),
             interval: settings.status_interval,
+            status_page_url: settings.status_page_url.clone(),
         };
         let sources = reporting::Sources {
             statuses: statuses_rx.clone(),

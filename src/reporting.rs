@@ -96,6 +96,8 @@ pub struct StatusBranchSettings {
     pub branch: String,
     /// At most one commit per interval.
     pub interval: Duration,
+    /// The status page, for the README's links.
+    pub status_page_url: Option<String>,
 }
 
 /// Commits status changes to the status branch, at most one commit per interval, and
@@ -167,6 +169,7 @@ pub async fn keep_status_branch(
             let job_targets = Arc::clone(&targets.borrow());
             let (job_branch, job_registry, job_current) = (Arc::clone(&branch), Arc::clone(&registry), current.clone());
             let job_message = message.clone();
+            let status_page = settings.status_page_url.clone();
             // Every instance goes into the fleet files: megabytes at 20,000 instances, so the
             // files are made off the runtime too.
             let committed = tokio::task::spawn_blocking(move || {
@@ -175,12 +178,19 @@ pub async fn keep_status_branch(
                 // Only the ids are collected; each row is made as it is written.
                 let uids = job_registry.uids_by_fleet();
                 job_branch.commit(&job_message, unix, |import| {
-                    status_branch::write_files(import, &desired, &job_current, unix, &mut |status, out| {
-                        let fleet_uids = uids.get(status.fleet.as_str()).map(Vec::as_slice).unwrap_or_default();
-                        let mut rows =
-                            fleet_uids.iter().filter_map(|uid| job_registry.row_of(uid, &job_targets, now_ms));
-                        crate::status::write_fleet_file(out, status, &mut rows)
-                    })
+                    status_branch::write_files(
+                        import,
+                        &desired,
+                        &job_current,
+                        unix,
+                        status_page.as_deref(),
+                        &mut |status, out| {
+                            let fleet_uids = uids.get(status.fleet.as_str()).map(Vec::as_slice).unwrap_or_default();
+                            let mut rows =
+                                fleet_uids.iter().filter_map(|uid| job_registry.row_of(uid, &job_targets, now_ms));
+                            crate::status::write_fleet_file(out, status, &mut rows)
+                        },
+                    )
                 })
             })
             .await

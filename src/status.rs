@@ -253,7 +253,13 @@ pub fn commit_message(before: &BTreeMap<String, FleetStatus>, after: &BTreeMap<S
 }
 
 /// The status branch's `README.md`: a table per fleet, for people.
-pub fn readme(desired: &DesiredState, statuses: &BTreeMap<String, FleetStatus>, now: i64) -> String {
+/// With `status_page`, it links to the live status page and each fleet's page there.
+pub fn readme(
+    desired: &DesiredState,
+    statuses: &BTreeMap<String, FleetStatus>,
+    now: i64,
+    status_page: Option<&str>,
+) -> String {
     let mut text = String::from("# Fleet status\n\n");
     let _ = writeln!(
         text,
@@ -262,11 +268,21 @@ pub fn readme(desired: &DesiredState, statuses: &BTreeMap<String, FleetStatus>, 
         crate::repo::desired::short(&desired.commit),
         crate::time::rfc3339(now),
     );
+    if let Some(page) = status_page {
+        let _ = writeln!(text, "Live status: <{page}/>\n");
+    }
     if statuses.is_empty() {
         text.push_str("No fleets yet.\n");
     }
     for status in statuses.values() {
-        let _ = writeln!(text, "## {}\n", markdown_text(&status.fleet));
+        match status_page {
+            Some(page) => {
+                let _ = writeln!(text, "## [{}]({page}/fleets/{})\n", markdown_text(&status.fleet), status.fleet);
+            }
+            None => {
+                let _ = writeln!(text, "## {}\n", markdown_text(&status.fleet));
+            }
+        }
         text.push_str("| Version | Instances | In sync | Pending | Applying | Failed | Stale | Observed | Drift |\n");
         text.push_str("|---|---|---|---|---|---|---|---|---|\n");
         let counts = &status.counts;

@@ -333,9 +333,10 @@ pub fn write_files(
     desired: &crate::repo::desired::DesiredState,
     statuses: &BTreeMap<String, FleetStatus>,
     now: i64,
+    status_page: Option<&str>,
     fleet_file: &mut dyn FnMut(&FleetStatus, &mut dyn std::io::Write) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    import.file("README.md", |out| out.write_all(status::readme(desired, statuses, now).as_bytes()))?;
+    import.file("README.md", |out| out.write_all(status::readme(desired, statuses, now, status_page).as_bytes()))?;
     for (fleet, fleet_status) in statuses {
         import.file(&format!("fleets/{fleet}.json"), |out| fleet_file(fleet_status, out))?;
     }

@@ -44,7 +44,7 @@ fn the_status_branch_records_a_convergence_in_few_commits() {
     let server = Server::start(
         &repo.path().display().to_string(),
         data.path(),
-        &["--poll-interval", "1h", "--status-interval", "1h"],
+        &["--poll-interval", "1h", "--status-interval", "1h", "--status-page-url", "https://fleet.example.com"],
     );
     let first = eventually("the first status commit", &server, || status_log(&repo).first().cloned());
     assert!(first.starts_with("5 fleets changed\n\n"), "{first}");
@@ -108,7 +108,8 @@ fn the_status_branch_records_a_convergence_in_few_commits() {
     }
 
     let readme = repo.git(&["show", "gitfleet/status:README.md"]);
-    assert!(readme.contains("## prod-gateway\n"), "{readme}");
+    assert!(readme.contains("Live status: <https://fleet.example.com/>"), "{readme}");
+    assert!(readme.contains("## [prod-gateway](https://fleet.example.com/fleets/prod-gateway)\n"), "{readme}");
     assert!(readme.contains("| gateway/v1 | 4 | 3 | 0 | 0 | 1 | 0 | 0 | 0 |"), "{readme}");
     assert!(readme.contains("| gw-bad | exporter \"otlp\" \\| &lt;b&gt;unknown&lt;/b&gt; |"), "{readme}");
     // The user's branch is untouched.
