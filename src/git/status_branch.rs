@@ -74,10 +74,6 @@ impl StatusBranch {
         Ok(status)
     }
 
-    pub fn branch(&self) -> &str {
-        &self.branch
-    }
-
     fn local_ref(&self) -> String {
         format!("refs/heads/{}", self.branch)
     }
