@@ -98,43 +98,32 @@ impl Forge {
 
     /// The request for one status: URL, headers (beyond content type) and JSON body.
     pub fn request(&self, status: &CommitStatus) -> (String, Vec<(&'static str, String)>, serde_json::Value) {
-        let (url, headers, mut body) = self.request_without_link(status);
-        let fleet = status.context.trim_start_matches("gitfleet/");
+        let url = format!("{}/statuses/{}", self.repository_api, status.commit);
+        let mut headers = vec![("User-Agent", concat!("gitfleet/", env!("CARGO_PKG_VERSION")).to_owned())];
+        let (state, context_key) = match self.kind {
+            ForgeKind::Github => {
+                headers.push(("Authorization", format!("Bearer {}", self.token)));
+                headers.push(("Accept", "application/vnd.github+json".into()));
+                headers.push(("X-GitHub-Api-Version", "2022-11-28".into()));
+                (status.github_state(), "context")
+            }
+            ForgeKind::Gitea => {
+                headers.push(("Authorization", format!("token {}", self.token)));
+                headers.push(("Accept", "application/json".into()));
+                (status.github_state(), "context")
+            }
+            ForgeKind::Gitlab => {
+                headers.push(("PRIVATE-TOKEN", self.token.to_string()));
+                headers.push(("Accept", "application/json".into()));
+                (status.gitlab_state(), "name")
+            }
+        };
+        let mut body = json!({ "state": state, "description": status.description, context_key: status.context });
         if let Some(page) = &self.status_page {
+            let fleet = status.context.trim_start_matches("gitfleet/");
             body["target_url"] = serde_json::Value::String(format!("{page}/fleets/{fleet}"));
         }
         (url, headers, body)
-    }
-
-    fn request_without_link(&self, status: &CommitStatus) -> (String, Vec<(&'static str, String)>, serde_json::Value) {
-        let url = format!("{}/statuses/{}", self.repository_api, status.commit);
-        let user_agent = ("User-Agent", concat!("gitfleet/", env!("CARGO_PKG_VERSION")).to_owned());
-        match self.kind {
-            ForgeKind::Github => (
-                url,
-                vec![
-                    ("Authorization", format!("Bearer {}", self.token)),
-                    ("Accept", "application/vnd.github+json".into()),
-                    ("X-GitHub-Api-Version", "2022-11-28".into()),
-                    user_agent,
-                ],
-                json!({ "state": status.github_state(), "description": status.description, "context": status.context }),
-            ),
-            ForgeKind::Gitea => (
-                url,
-                vec![
-                    ("Authorization", format!("token {}", self.token)),
-                    ("Accept", "application/json".into()),
-                    user_agent,
-                ],
-                json!({ "state": status.github_state(), "description": status.description, "context": status.context }),
-            ),
-            ForgeKind::Gitlab => (
-                url,
-                vec![("PRIVATE-TOKEN", self.token.to_string()), ("Accept", "application/json".into()), user_agent],
-                json!({ "state": status.gitlab_state(), "description": status.description, "name": status.context }),
-            ),
-        }
     }
 
     /// Posts one status. Blocking: call it from a blocking thread.

@@ -28,6 +28,9 @@ pub enum Status {
 }
 
 impl Status {
+    pub const ALL: [Status; 6] =
+        [Status::InSync, Status::Pending, Status::Applying, Status::Failed, Status::Stale, Status::Observed];
+
     /// The API spelling: `in_sync`, `pending`, ...
     pub fn as_str(self) -> &'static str {
         match self {

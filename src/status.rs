@@ -76,6 +76,17 @@ impl Counts {
         }
     }
 
+    pub fn get(&self, status: Status) -> usize {
+        match status {
+            Status::InSync => self.in_sync,
+            Status::Pending => self.pending,
+            Status::Applying => self.applying,
+            Status::Failed => self.failed,
+            Status::Stale => self.stale,
+            Status::Observed => self.observed,
+        }
+    }
+
     pub fn total(&self) -> usize {
         self.in_sync + self.pending + self.applying + self.failed + self.stale + self.observed
     }

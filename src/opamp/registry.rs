@@ -214,6 +214,11 @@ impl InstanceRecord {
         config.status(now_ms, stale_after)
     }
 
+    /// Whether the config last delivered is not the one `target` assigns.
+    pub fn drifted(&self, target: Option<&FleetTarget>) -> bool {
+        target.and_then(|t| t.assignment.as_ref()).is_some_and(|a| self.config.served.as_ref() != Some(&a.hash))
+    }
+
     /// The instance as the API, the page and the status branch show it.
     pub fn row(&self, targets: &Targets, now_ms: i64) -> InstanceRow {
         let target = targets.get(&*self.fleet);
@@ -244,7 +249,7 @@ impl InstanceRecord {
             connected: self.session.is_some(),
             token_id: self.token_id.to_string(),
             token_current: target.and_then(|t| t.current_token.as_deref()) == Some(&*self.token_id),
-            drifted: assignment.is_some_and(|a| self.config.served.as_ref() != Some(&a.hash)),
+            drifted: self.drifted(target),
         }
     }
 
@@ -373,17 +378,14 @@ impl Registry {
     }
 
     /// Counts and drift of every fleet that has instances.
-    pub fn summaries(&self, targets: &Targets, now_ms: i64) -> HashMap<String, FleetSummary> {
-        let mut summaries: HashMap<String, FleetSummary> = HashMap::new();
+    pub fn summaries(&self, targets: &Targets, now_ms: i64) -> HashMap<Arc<str>, FleetSummary> {
+        let mut summaries: HashMap<Arc<str>, FleetSummary> = HashMap::new();
         self.for_each(|record| {
             let target = targets.get(&*record.fleet);
-            let summary = summaries.entry(record.fleet.to_string()).or_default();
+            let summary = summaries.entry(Arc::clone(&record.fleet)).or_default();
             summary.instances += 1;
             summary.counts.add(record.status_for(target, now_ms));
-            let assigned = target.and_then(|t| t.assignment.as_ref()).map(|a| &a.hash);
-            if assigned.is_some() && record.config.served.as_ref() != assigned {
-                summary.drift += 1;
-            }
+            summary.drift += usize::from(record.drifted(target));
             *summary.by_token.entry(Arc::clone(&record.token_id)).or_default() += 1;
         });
         summaries
@@ -395,8 +397,7 @@ impl Registry {
         self.for_each(|record| {
             let target = targets.get(&*record.fleet);
             let status = record.status_for(target, now_ms);
-            let assigned = target.and_then(|t| t.assignment.as_ref()).map(|a| &a.hash);
-            let drifted = assigned.is_some() && record.config.served.as_ref() != assigned;
+            let drifted = record.drifted(target);
             let tally = match tallies.get_mut(&record.fleet) {
                 Some(tally) => tally,
                 None => tallies.entry(Arc::clone(&record.fleet)).or_default(),

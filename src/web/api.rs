@@ -85,7 +85,8 @@ async fn fleet(State(state): State<WebState>, Path(name): Path<String>) -> Respo
         return not_found(&format!("no fleet named `{}`", name.escape_default()));
     };
     let targets = Arc::clone(&state.targets.borrow());
-    let summary = state.registry.summaries(&targets, crate::time::now_ms()).get(&name).cloned().unwrap_or_default();
+    let summary =
+        state.registry.summaries(&targets, crate::time::now_ms()).get(name.as_str()).cloned().unwrap_or_default();
     Json(fleet_json(fleet, &view, targets.get(&name), summary)).into_response()
 }
 
@@ -124,19 +125,9 @@ async fn instance(State(state): State<WebState>, Path(uid): Path<String>) -> Res
     let mut value = instance_json(&record, &targets, crate::time::now_ms());
     value["description"] = json!(record.description);
     value["health"] = json!(record.health);
-    value["effective_config"] = match &record.effective_config {
-        Some(effective) => json!(effective),
-        None => {
-            let store = Arc::clone(&state.store);
-            let stored = tokio::task::spawn_blocking(move || store.effective_config(parsed.0))
-                .await
-                .expect("the store does not panic");
-            match stored {
-                Ok(Some(text)) => serde_json::from_str(&text).unwrap_or(Value::Null),
-                Ok(None) => Value::Null,
-                Err(store_error) => return error(StatusCode::SERVICE_UNAVAILABLE, &store_error.to_string()),
-            }
-        }
+    value["effective_config"] = match crate::web::effective_config(&state.store, &record).await {
+        Ok(effective) => json!(effective),
+        Err(store_error) => return error(StatusCode::SERVICE_UNAVAILABLE, &store_error.to_string()),
     };
     value["capabilities"] = json!(record.config.capabilities);
     value["first_seen"] = json!(rfc3339(record.first_seen_ms / 1000));

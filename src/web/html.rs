@@ -164,19 +164,9 @@ impl Display for Badge {
     }
 }
 
+/// The order statuses appear in on the page: converged, converging, not converging.
 pub const STATUSES: [Status; 6] =
     [Status::InSync, Status::Applying, Status::Pending, Status::Failed, Status::Stale, Status::Observed];
-
-pub fn count_of(counts: &Counts, status: Status) -> usize {
-    match status {
-        Status::InSync => counts.in_sync,
-        Status::Pending => counts.pending,
-        Status::Applying => counts.applying,
-        Status::Failed => counts.failed,
-        Status::Stale => counts.stale,
-        Status::Observed => counts.observed,
-    }
-}
 
 /// A bar of instance statuses, each segment as wide as its share, with an accessible
 /// summary.
@@ -187,8 +177,8 @@ impl Display for Bar<'_> {
         let total = self.0.total();
         let summary: Vec<String> = STATUSES
             .iter()
-            .filter(|s| count_of(self.0, **s) > 0)
-            .map(|s| format!("{} {}", count_of(self.0, *s), status_label(*s)))
+            .filter(|s| self.0.get(**s) > 0)
+            .map(|s| format!("{} {}", self.0.get(*s), status_label(*s)))
             .collect();
         let label = if summary.is_empty() { "no instances".to_owned() } else { summary.join(", ") };
         // SVG attributes, not inline styles: the page's policy allows no inline style.
@@ -199,7 +189,7 @@ impl Display for Bar<'_> {
         )?;
         let mut x = 0.0;
         for status in STATUSES {
-            let count = count_of(self.0, status);
+            let count = self.0.get(status);
             if count > 0 {
                 let width = count as f64 * 100.0 / total as f64;
                 write!(f, "<rect class=\"s-{}\" x=\"{x:.3}\" width=\"{width:.3}\" height=\"1\"/>", status.as_str())?;

@@ -7,6 +7,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
+use crate::instance::Status;
 use crate::metrics::{Family, Metrics};
 use crate::opamp::registry::Transport;
 use crate::problem::Severity;
@@ -20,7 +21,7 @@ pub async fn metrics(State(state): State<WebState>) -> Response {
     // Fleets without instances are shown too, at zero.
     if let Some(desired) = &view.desired {
         for name in desired.fleets.keys() {
-            summaries.entry(name.clone()).or_default();
+            summaries.entry(Arc::from(name.as_str())).or_default();
         }
     }
     let mut summaries: Vec<_> = summaries.into_iter().collect();
@@ -40,16 +41,8 @@ pub async fn metrics(State(state): State<WebState>) -> Response {
     {
         let mut family = Family::new(&mut out, "gitfleet_instances", "gauge", "Instances by fleet and status.");
         for (fleet, summary) in &summaries {
-            let counts = &summary.counts;
-            for (name, count) in [
-                ("in_sync", counts.in_sync),
-                ("pending", counts.pending),
-                ("applying", counts.applying),
-                ("failed", counts.failed),
-                ("stale", counts.stale),
-                ("observed", counts.observed),
-            ] {
-                family.sample(&[("fleet", fleet), ("status", name)], count);
+            for status in Status::ALL {
+                family.sample(&[("fleet", fleet), ("status", status.as_str())], summary.counts.get(status));
             }
         }
     }

@@ -53,6 +53,21 @@ pub fn router(state: WebState) -> Router {
         .with_state(state)
 }
 
+/// An instance's effective config: in memory until the store has it, then read back from
+/// the store (it can be tens of KB per collector).
+pub async fn effective_config(
+    store: &Arc<dyn crate::store::Store>,
+    record: &crate::opamp::registry::InstanceRecord,
+) -> Result<Option<crate::opamp::registry::EffectiveConfig>, crate::store::StoreError> {
+    if let Some(effective) = &record.effective_config {
+        return Ok(Some((**effective).clone()));
+    }
+    let (store, uid) = (Arc::clone(store), record.uid.0);
+    let stored =
+        tokio::task::spawn_blocking(move || store.effective_config(uid)).await.expect("the store does not panic")?;
+    Ok(stored.and_then(|text| serde_json::from_str(&text).ok()))
+}
+
 /// Ready once the first reconcile has produced a desired state.
 async fn readyz(State(state): State<WebState>) -> Response {
     if state.view.borrow().desired.is_some() {
