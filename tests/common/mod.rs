@@ -337,9 +337,62 @@ fn dechunk(mut body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A stream whose reads and writes are retried when a signal interrupts them.
+///
+/// Socket calls on a socket with a timeout are never restarted by the kernel: a signal, or
+/// the process being stopped and continued (signal(7)), makes them fail with `EINTR`. The
+/// standard library retries that inside `read_exact` and `write_all`, but a WebSocket
+/// calls plain `read` and `write` and takes the error as fatal, so its stream retries here.
+pub struct Restarting<S>(pub S);
+
+impl<S: Read> Read for Restarting<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        retry(|| self.0.read(buf))
+    }
+}
+
+impl<S: Write> Write for Restarting<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        retry(|| self.0.write(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        retry(|| self.0.flush())
+    }
+}
+
+fn retry<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match call() {
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            done => return done,
+        }
+    }
+}
+
+/// A WebSocket client on a blocking stream that gives up after `timeout` without data.
+pub type WebSocket = tungstenite::WebSocket<Restarting<TcpStream>>;
+
+/// Opens a WebSocket to `request`'s host, with reads that time out after `timeout`.
+pub fn websocket(
+    request: impl tungstenite::client::IntoClientRequest,
+    timeout: Duration,
+) -> Result<WebSocket, tungstenite::Error> {
+    let request = request.into_client_request()?;
+    let uri = request.uri();
+    let address = format!("{}:{}", uri.host().unwrap_or("127.0.0.1"), uri.port_u16().unwrap_or(80));
+    let stream = TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(timeout))?;
+    match tungstenite::client(request, Restarting(stream)) {
+        Ok((socket, _)) => Ok(socket),
+        Err(tungstenite::HandshakeError::Failure(error)) => Err(error),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("a blocking handshake does not pause"),
+    }
+}
+
 /// A scripted OpAMP agent over WebSocket.
 pub struct OpampWs {
-    pub socket: tungstenite::WebSocket<TcpStream>,
+    pub socket: WebSocket,
 }
 
 impl OpampWs {
@@ -349,13 +402,7 @@ impl OpampWs {
         use tungstenite::client::IntoClientRequest;
         let mut request = format!("ws://{address}/v1/opamp").into_client_request().expect("a valid request");
         request.headers_mut().insert("Authorization", format!("Bearer {token}").parse().expect("header value"));
-        let stream = TcpStream::connect(address).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-        match tungstenite::client(request, stream) {
-            Ok((socket, _)) => Ok(Self { socket }),
-            Err(tungstenite::HandshakeError::Failure(error)) => Err(error),
-            Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("the handshake does not block"),
-        }
+        websocket(request, Duration::from_secs(10)).map(|socket| Self { socket })
     }
 
     pub fn send(&mut self, message: &gitfleet::opamp::proto::AgentToServer) {
@@ -387,9 +434,6 @@ impl OpampWs {
                     return Err(format!("close {}", frame.map(|f| u16::from(f.code)).unwrap_or(0)));
                 }
                 Ok(other) => return Err(format!("unexpected message {other:?}")),
-                // A socket with a read timeout is never restarted after a signal (socket(7));
-                // tungstenite keeps what it had buffered, so reading again is safe.
-                Err(tungstenite::Error::Io(error)) if error.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(error) => return Err(format!("error {error}")),
             }
         }

@@ -4,14 +4,13 @@
 //! `target/tmp/screenshots/`.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::common::{GitRepo, Server, example, http};
+use crate::common::{GitRepo, Server, WebSocket, example, http, websocket};
 use crate::opamp::converge;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -20,7 +19,7 @@ const HOSTILE_HOST: &str = "<img src=x onerror=alert(1)>";
 /// A headless Chromium and one page in it.
 struct Browser {
     child: Child,
-    socket: tungstenite::WebSocket<TcpStream>,
+    socket: WebSocket,
     session: String,
     next_id: u64,
     /// Events received while waiting for replies, oldest first.
@@ -63,10 +62,7 @@ impl Browser {
             }
         });
         let url = url_rx.recv_timeout(Duration::from_secs(30)).expect("chromium prints its DevTools address");
-        let address = url.trim_start_matches("ws://").split('/').next().expect("host:port").to_owned();
-        let stream = TcpStream::connect(&address).expect("connect to DevTools");
-        stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-        let (socket, _) = tungstenite::client(url.as_str(), stream).expect("DevTools WebSocket");
+        let socket = websocket(url.as_str(), Duration::from_secs(30)).expect("DevTools WebSocket");
         let mut browser =
             Self { child, socket, session: String::new(), next_id: 1, events: Vec::new(), _profile: profile };
         let target = browser.call("Target.createTarget", json!({ "url": "about:blank" }));
@@ -104,7 +100,6 @@ impl Browser {
                     return serde_json::from_str(&text).expect("JSON from DevTools");
                 }
                 Ok(_) => continue,
-                Err(tungstenite::Error::Io(error)) if error.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(error) => panic!("DevTools connection failed: {error}"),
             }
         }
