@@ -114,7 +114,12 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
     let install = crate::install::writer::InstallConfig {
         data_dir: settings.data_dir.clone(),
         public_endpoint: settings.opamp_endpoint(),
-        fallback_endpoint: format!("ws://{}:{}/v1/opamp", host_name(), opamp_addr.port()),
+        fallback_endpoint: format!(
+            "{}://{}:{}/v1/opamp",
+            if settings.tls.is_some() { "wss" } else { "ws" },
+            host_name(),
+            opamp_addr.port()
+        ),
         artifacts_dir: settings.artifacts_dir.clone(),
     };
     tracker.spawn(
@@ -200,19 +205,13 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
         install_dir: settings.data_dir.join("install"),
         connections: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         max_connections: settings.max_connections,
+        tls: settings.tls.is_some(),
         metrics: Arc::clone(&metrics),
         cancel: cancel.clone(),
     });
-    let opamp_cancel = cancel.clone();
+    let tls = settings.tls.clone();
     tracker.spawn(
-        async move {
-            let served =
-                axum::serve(opamp_listener, opamp_router).with_graceful_shutdown(opamp_cancel.cancelled_owned()).await;
-            if let Err(error) = served {
-                warn!(%error, "OpAMP server stopped with an error");
-            }
-        }
-        .instrument(info_span!("opamp")),
+        serve(opamp_listener, opamp_addr, tls.clone(), opamp_router, cancel.clone()).instrument(info_span!("opamp")),
     );
 
     let router = web::router(WebState {
@@ -226,16 +225,11 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
         metrics,
         cancel: cancel.clone(),
     });
-    let web_cancel = cancel.clone();
-    tracker.spawn(
-        async move {
-            let served = axum::serve(listener, router).with_graceful_shutdown(web_cancel.cancelled_owned()).await;
-            if let Err(error) = served {
-                warn!(%error, "web server stopped with an error");
-            }
-        }
-        .instrument(info_span!("web")),
-    );
+    tracker.spawn(serve(listener, web_addr, tls.clone(), router, cancel.clone()).instrument(info_span!("web")));
+    if let Some(tls) = tls {
+        tracker
+            .spawn(tls.keep_fresh(crate::tls::RELOAD_CHECK, events_tx, cancel.clone()).instrument(info_span!("tls")));
+    }
 
     info!(
         repo = %redact_url(&settings.repo),
@@ -245,9 +239,28 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
         poll_interval = %crate::duration::format_duration(settings.poll_interval),
         fs_watch = settings.local_git_dir.is_some(),
         webhook_secret = settings.webhook_secret.is_some(),
+        tls = settings.tls.is_some(),
         "gitfleet serving"
     );
     Ok(Running { web_addr, opamp_addr, registry, view: view_rx, cancel, tracker, _fs_watch: fs_watch })
+}
+
+/// Serves `router` on `listener`, through TLS when it is on, until `cancel`.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    local: SocketAddr,
+    tls: Option<crate::tls::Tls>,
+    router: axum::Router,
+    cancel: CancellationToken,
+) {
+    let shutdown = cancel.clone().cancelled_owned();
+    let served = match tls {
+        None => axum::serve(listener, router).with_graceful_shutdown(shutdown).await,
+        Some(tls) => axum::serve(tls.listen(listener, local, cancel), router).with_graceful_shutdown(shutdown).await,
+    };
+    if let Err(error) = served {
+        warn!(%error, "the server stopped with an error");
+    }
 }
 
 /// Waits for SIGINT or SIGTERM.

@@ -38,6 +38,12 @@ pub enum Bench {
         /// Where to put the repository and the server's data (a temporary directory by default).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Serve over TLS with this certificate (one valid for 127.0.0.1); agents dial wss://.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Reconcile a generated repository: cold, after a one-file push, and push-to-reconciled
     /// through a running server watching a local repository.
@@ -79,8 +85,9 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         Bench::Reconcile { fleets, tags, configs, rounds, dir } => {
             reconcile(*fleets, *tags, *configs, *rounds, dir.as_deref())
         }
-        Bench::Opamp { agents, processes, sample_seconds, dir } => {
-            opamp(*agents, *processes, *sample_seconds, dir.as_deref())
+        Bench::Opamp { agents, processes, sample_seconds, dir, tls_cert, tls_key } => {
+            let tls = tls_cert.as_deref().zip(tls_key.as_deref());
+            opamp(*agents, *processes, *sample_seconds, dir.as_deref(), tls)
         }
     }
 }
@@ -176,6 +183,8 @@ fn reconcile(fleets: usize, tags: usize, configs: usize, rounds: usize, dir: Opt
         forge_url: None,
         forge_token_file: None,
         status_page_url: None,
+        tls_cert: None,
+        tls_key: None,
     }
     .validate()?;
     let samples = runtime.block_on(async {
@@ -491,47 +500,69 @@ fn cpu_share(pid: u32, seconds: u64) -> Result<f64, BenchError> {
     Ok((proc_cpu_seconds(pid)? - before) / started.elapsed().as_secs_f64())
 }
 
-/// `GET path` on the server's API, as JSON.
-fn api(address: std::net::SocketAddr, path: &str) -> Result<serde_json::Value, BenchError> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address).map_err(io("cannot reach the server's API"))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
-        .map_err(io("sending a request"))?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(io("reading a response"))?;
-    let split =
-        raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| BenchError::Failed("no HTTP head".into()))?;
-    let head = String::from_utf8_lossy(&raw[..split]).to_lowercase();
-    let mut body = raw[split + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        let mut out = Vec::new();
-        let mut rest = body.as_slice();
-        while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
-            let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..end]).trim(), 16).unwrap_or(0);
-            if size == 0 {
-                break;
-            }
-            out.extend_from_slice(&rest[end + 2..end + 2 + size]);
-            rest = &rest[end + 4 + size..];
-        }
-        body = out;
-    }
-    serde_json::from_slice(&body).map_err(|error| BenchError::Failed(format!("GET {path}: {error}")))
+/// How the bench reaches the server: plain TCP, or TLS trusting the server's certificate.
+struct Client {
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
-/// Fetches a page whole; returns its size.
-fn fetch(address: std::net::SocketAddr, path: &str) -> Result<usize, BenchError> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address).map_err(io("cannot reach the server's web port"))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
-        .map_err(io("sending a request"))?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(io("reading a response"))?;
-    if !raw.starts_with(b"HTTP/1.1 200") {
-        return Err(BenchError::Failed(format!("GET {path}: {}", String::from_utf8_lossy(&raw[..raw.len().min(80)]))));
+impl Client {
+    /// `GET path` with `Connection: close`; the whole response.
+    fn get(&self, address: std::net::SocketAddr, path: &str) -> Result<Vec<u8>, BenchError> {
+        use std::io::{Read, Write};
+        let tcp = std::net::TcpStream::connect(address).map_err(io("cannot reach the server"))?;
+        let mut stream: Box<dyn ReadWrite> = match &self.tls {
+            None => Box::new(tcp),
+            Some(config) => {
+                let name = tokio_rustls::rustls::pki_types::ServerName::IpAddress(address.ip().into());
+                let connection = tokio_rustls::rustls::ClientConnection::new(Arc::clone(config), name)
+                    .map_err(|error| BenchError::Failed(format!("TLS: {error}")))?;
+                Box::new(tokio_rustls::rustls::StreamOwned::new(connection, tcp))
+            }
+        };
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
+            .map_err(io("sending a request"))?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).map_err(io("reading a response"))?;
+        Ok(raw)
     }
-    Ok(raw.len())
+
+    /// `GET path` on the server's API, as JSON.
+    fn api(&self, address: std::net::SocketAddr, path: &str) -> Result<serde_json::Value, BenchError> {
+        let raw = self.get(address, path)?;
+        let split =
+            raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| BenchError::Failed("no HTTP head".into()))?;
+        let head = String::from_utf8_lossy(&raw[..split]).to_lowercase();
+        let mut body = raw[split + 4..].to_vec();
+        if head.contains("transfer-encoding: chunked") {
+            let mut out = Vec::new();
+            let mut rest = body.as_slice();
+            while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
+                let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..end]).trim(), 16).unwrap_or(0);
+                if size == 0 {
+                    break;
+                }
+                out.extend_from_slice(&rest[end + 2..end + 2 + size]);
+                rest = &rest[end + 4 + size..];
+            }
+            body = out;
+        }
+        serde_json::from_slice(&body).map_err(|error| BenchError::Failed(format!("GET {path}: {error}")))
+    }
+
+    /// Fetches a page whole; returns its size.
+    fn fetch(&self, address: std::net::SocketAddr, path: &str) -> Result<usize, BenchError> {
+        let raw = self.get(address, path)?;
+        if !raw.starts_with(b"HTTP/1.1 200") {
+            let start = String::from_utf8_lossy(&raw[..raw.len().min(80)]).into_owned();
+            return Err(BenchError::Failed(format!("GET {path}: {start}")));
+        }
+        Ok(raw.len())
+    }
 }
+
+trait ReadWrite: std::io::Read + std::io::Write {}
+
+impl<S: std::io::Read + std::io::Write> ReadWrite for S {}
 
 fn wait_until(
     what: &str,
@@ -554,6 +585,7 @@ fn start_loadgens(
     agents: usize,
     processes: usize,
     heartbeat: &str,
+    ca_file: Option<&Path>,
 ) -> Result<Vec<ChildGuard>, BenchError> {
     let exe = std::env::current_exe().map_err(io("cannot find the gitfleet binary"))?;
     let per_process = agents.div_ceil(processes.max(1));
@@ -566,8 +598,15 @@ fn start_loadgens(
         }
         // 100 source addresses per process: 127.0.<process + 1>.1-100.
         let sources = format!("127.0.{n}.1-127.0.{n}.100", n = process + 1);
-        let child = Command::new(&exe)
-            .args(["loadgen", "--url", &format!("ws://{opamp}/v1/opamp"), "--agents", &count.to_string()])
+        let mut command = Command::new(&exe);
+        match ca_file {
+            None => command.args(["loadgen", "--url", &format!("ws://{opamp}/v1/opamp")]),
+            Some(ca_file) => {
+                command.args(["loadgen", "--url", &format!("wss://{opamp}/v1/opamp")]).arg("--ca-file").arg(ca_file)
+            }
+        };
+        let child = command
+            .args(["--agents", &count.to_string()])
             .args(["--first-agent", &first.to_string(), "--heartbeat", heartbeat, "--source-ips", &sources])
             .args(["--connect-rate", "5000", "--duration", "1h"])
             .env("GITFLEET_LOADGEN_TOKEN", token)
@@ -581,7 +620,13 @@ fn start_loadgens(
     Ok(children)
 }
 
-fn opamp(agents: usize, processes: usize, sample_seconds: u64, dir: Option<&Path>) -> Result<(), BenchError> {
+fn opamp(
+    agents: usize,
+    processes: usize,
+    sample_seconds: u64,
+    dir: Option<&Path>,
+    tls: Option<(&Path, &Path)>,
+) -> Result<(), BenchError> {
     let temp = tempfile::TempDir::new().map_err(io("cannot create a temporary directory"))?;
     let root = dir.map(Path::to_path_buf).unwrap_or_else(|| temp.path().to_path_buf());
     let repo = root.join("repo");
@@ -589,9 +634,12 @@ fn opamp(agents: usize, processes: usize, sample_seconds: u64, dir: Option<&Path
     let _ = std::fs::remove_dir_all(&repo);
     let _ = std::fs::remove_dir_all(&data);
     let repo = crate::demo::prepare_repository(&root).map_err(|error| BenchError::Failed(error.to_string()))?;
+    let over = if tls.is_some() { " over TLS" } else { "" };
     println!(
-        "gitfleet bench opamp: {agents} WebSocket agents in {processes} loadgen processes, server in its own process"
+        "gitfleet bench opamp: {agents} WebSocket agents{over} in {processes} loadgen processes, server in its own process"
     );
+    let ca_file = tls.map(|(cert, _)| cert);
+    let client = Client { tls: ca_file.map(crate::tls::client_trusting).transpose().map_err(BenchError::Failed)? };
 
     let exe = std::env::current_exe().map_err(io("cannot find the gitfleet binary"))?;
     let web = std::net::TcpListener::bind("127.0.0.1:0")
@@ -600,13 +648,18 @@ fn opamp(agents: usize, processes: usize, sample_seconds: u64, dir: Option<&Path
     let opamp_addr = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(io("cannot find a free port"))?;
+    let mut serve = Command::new(&exe);
+    serve
+        .args(["serve", "--repo", &repo.display().to_string(), "--poll-interval", "1h"])
+        .args(["--web-listen", &web.to_string(), "--listen", &opamp_addr.to_string()])
+        .args(["--max-connections", &(agents + 100).to_string()])
+        .arg("--data-dir")
+        .arg(&data);
+    if let Some((cert, key)) = tls {
+        serve.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+    }
     let server = ChildGuard(
-        Command::new(&exe)
-            .args(["serve", "--repo", &repo.display().to_string(), "--poll-interval", "1h"])
-            .args(["--web-listen", &web.to_string(), "--listen", &opamp_addr.to_string()])
-            .args(["--max-connections", &(agents + 100).to_string()])
-            .arg("--data-dir")
-            .arg(&data)
+        serve
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -615,7 +668,7 @@ fn opamp(agents: usize, processes: usize, sample_seconds: u64, dir: Option<&Path
     );
     let pid = server.0.id();
     wait_until("the server to reconcile", Duration::from_secs(30), || {
-        Ok(api(web, "/api/v1/fleets/prod-gateway").is_ok_and(|f| f["token"]["id"].is_string()))
+        Ok(client.api(web, "/api/v1/fleets/prod-gateway").is_ok_and(|f| f["token"]["id"].is_string()))
     })?;
     let token = crate::install::token::read_token_file(&data, "prod-gateway", Duration::from_secs(10))
         .map_err(io("cannot read the token of prod-gateway"))?;
@@ -624,13 +677,13 @@ fn opamp(agents: usize, processes: usize, sample_seconds: u64, dir: Option<&Path
 
     // Phase 1: connect everyone with the default 30 s heartbeat.
     let in_sync = |expected: usize, tag: &str| {
-        let tag = tag.to_owned();
+        let (tag, client) = (tag.to_owned(), &client);
         move || -> Result<bool, BenchError> {
-            let fleet = api(web, "/api/v1/fleets/prod-gateway")?;
+            let fleet = client.api(web, "/api/v1/fleets/prod-gateway")?;
             Ok(fleet["tag"] == tag.as_str() && fleet["counts"]["in_sync"].as_u64() == Some(expected as u64))
         }
     };
-    let loadgens = start_loadgens(opamp_addr, &token, agents, processes, "30s")?;
+    let loadgens = start_loadgens(opamp_addr, &token, agents, processes, "30s", ca_file)?;
     let took = wait_until("every agent in sync", Duration::from_secs(300), in_sync(agents, "gateway/v1"))?;
     println!("  {agents} agents connected and in sync at gateway/v1 after {:.1} s", took.as_secs_f64());
     std::thread::sleep(Duration::from_secs(2));
@@ -650,7 +703,7 @@ fn opamp(agents: usize, processes: usize, sample_seconds: u64, dir: Option<&Path
         let mut bytes = 0;
         for _ in 0..9 {
             let started = Instant::now();
-            bytes = fetch(web, path)?;
+            bytes = client.fetch(web, path)?;
             samples.push(started.elapsed());
         }
         println!("  GET {path} with {agents} instances ({} KiB): {}", bytes / 1024, spread(&mut samples));
@@ -691,14 +744,15 @@ fn opamp(agents: usize, processes: usize, sample_seconds: u64, dir: Option<&Path
     );
     drop(loadgens);
     wait_until("the agents to disconnect", Duration::from_secs(60), || {
-        Ok(api(web, "/api/v1/instances")
+        Ok(client
+            .api(web, "/api/v1/instances")
             .is_ok_and(|v| v["instances"].as_array().is_some_and(|i| i.iter().all(|i| i["connected"] == false))))
     })?;
 
     // Phase 2: everyone heartbeats every second.
-    let _loadgens = start_loadgens(opamp_addr, &token, agents, processes, "1s")?;
+    let _loadgens = start_loadgens(opamp_addr, &token, agents, processes, "1s", ca_file)?;
     wait_until("every agent reconnected", Duration::from_secs(300), || {
-        Ok(api(web, "/api/v1/instances").is_ok_and(|v| {
+        Ok(client.api(web, "/api/v1/instances").is_ok_and(|v| {
             v["instances"].as_array().is_some_and(|i| i.iter().filter(|i| i["connected"] == true).count() == agents)
         }))
     })?;

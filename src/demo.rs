@@ -154,6 +154,7 @@ pub async fn start_collectors(
         .map_err(|source| DemoError::Token { fleet: fleet.to_owned(), source })?;
         let args = crate::loadgen::LoadgenArgs {
             url: format!("{scheme}://{opamp}/v1/opamp"),
+            ca_file: None,
             token: token.trim().to_owned(),
             agents,
             first_agent,

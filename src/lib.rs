@@ -24,4 +24,5 @@ pub mod settings;
 pub mod status;
 pub mod store;
 pub mod time;
+pub mod tls;
 pub mod web;

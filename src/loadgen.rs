@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use crate::duration::parse_duration;
@@ -31,9 +32,13 @@ const REPORT_FULL_STATE: u64 = 0x1;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct LoadgenArgs {
-    /// The OpAMP endpoint: ws://host:4320/v1/opamp (WebSocket) or http://… (plain HTTP).
+    /// The OpAMP endpoint: ws://host:4320/v1/opamp (WebSocket), wss://… (WebSocket over
+    /// TLS, with --ca-file) or http://… (plain HTTP).
     #[arg(long)]
     pub url: String,
+    /// The PEM certificate (the server's own, or its CA's) that wss:// connections trust.
+    #[arg(long)]
+    pub ca_file: Option<std::path::PathBuf>,
     /// The fleet's install token.
     #[arg(long, env = "GITFLEET_LOADGEN_TOKEN", hide_env_values = true)]
     pub token: String,
@@ -65,8 +70,12 @@ pub struct LoadgenArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadgenError {
-    #[error("--url `{0}`: expected ws://host:port/path or http://host:port/path")]
+    #[error("--url `{0}`: expected ws://ip:port/path, wss://ip:port/path or http://ip:port/path")]
     BadUrl(String),
+    #[error("--ca-file: {0}")]
+    BadCaFile(String),
+    #[error("--url wss://… needs --ca-file, the certificate to trust")]
+    NoCaFile,
     #[error("--{flag}: {message}")]
     BadFlag { flag: &'static str, message: String },
 }
@@ -82,20 +91,31 @@ struct Target {
     address: SocketAddr,
     host_header: String,
     path: String,
+    /// For wss://: what the server's certificate is checked against.
+    tls: Option<tokio_rustls::TlsConnector>,
 }
 
-fn parse_url(url: &str) -> Result<Target, LoadgenError> {
+fn parse_url(url: &str, ca_file: Option<&std::path::Path>) -> Result<Target, LoadgenError> {
     let bad = || LoadgenError::BadUrl(url.to_owned());
     let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
-    let transport = match scheme {
-        "ws" => Transport::WebSocket,
-        "http" => Transport::Http,
+    let (transport, secure) = match scheme {
+        "ws" => (Transport::WebSocket, false),
+        "wss" => (Transport::WebSocket, true),
+        "http" => (Transport::Http, false),
         _ => return Err(bad()),
     };
     let (authority, path) =
         rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, "/v1/opamp".to_owned()));
     let address: SocketAddr = authority.parse().map_err(|_| bad())?;
-    Ok(Target { transport, address, host_header: authority.to_owned(), path })
+    let tls = match (secure, ca_file) {
+        (false, _) => None,
+        (true, None) => return Err(LoadgenError::NoCaFile),
+        (true, Some(ca_file)) => {
+            let config = crate::tls::client_trusting(ca_file).map_err(LoadgenError::BadCaFile)?;
+            Some(tokio_rustls::TlsConnector::from(config))
+        }
+    };
+    Ok(Target { transport, address, host_header: authority.to_owned(), path, tls })
 }
 
 /// `127.0.0.2-127.0.0.41` → every address in the range.
@@ -362,7 +382,7 @@ pub async fn run(args: &LoadgenArgs) -> Result<Figures, LoadgenError> {
 
 /// Runs until `stop` is cancelled.
 pub async fn run_until(args: &LoadgenArgs, stop: CancellationToken) -> Result<Figures, LoadgenError> {
-    let target = Arc::new(parse_url(&args.url)?);
+    let target = Arc::new(parse_url(&args.url, args.ca_file.as_deref())?);
     let heartbeat =
         parse_duration(&args.heartbeat).map_err(|message| LoadgenError::BadFlag { flag: "heartbeat", message })?;
     let report_every = args
@@ -464,9 +484,22 @@ async fn run_websocket(
         let Ok(mut request) = tungstenite::client::IntoClientRequest::into_client_request(url.as_str()) else { return };
         let Ok(authorization) = format!("Bearer {token}").parse() else { return };
         request.headers_mut().insert("Authorization", authorization);
-        let Ok(stream) = connect_tcp(target, source).await else {
+        let Ok(tcp) = connect_tcp(target, source).await else {
             stats.errors.fetch_add(1, Ordering::Relaxed);
             continue;
+        };
+        let stream = match &target.tls {
+            None => Either::Left(tcp),
+            Some(connector) => {
+                let name = tokio_rustls::rustls::pki_types::ServerName::IpAddress(target.address.ip().into());
+                match connector.connect(name, tcp).await {
+                    Ok(tls) => Either::Right(tls),
+                    Err(_) => {
+                        stats.errors.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
+            }
         };
         let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
         let mut socket = match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
@@ -674,9 +707,13 @@ mod tests {
         assert_eq!(parse_ip_range("127.0.0.2-127.0.0.4").map(|r| r.len()), Ok(3));
         assert!(parse_ip_range("127.0.0.9-127.0.0.2").is_err());
         assert!(parse_ip_range("localhost").is_err());
-        let target = parse_url("ws://127.0.0.1:4320/v1/opamp").expect("url");
+        let target = parse_url("ws://127.0.0.1:4320/v1/opamp", None).expect("url");
         assert_eq!((target.transport, target.path.as_str()), (Transport::WebSocket, "/v1/opamp"));
-        assert!(parse_url("wss://example.com/v1/opamp").is_err());
+        assert!(target.tls.is_none());
+        assert!(parse_url("ws://example.com/v1/opamp", None).is_err(), "names are not resolved");
+        assert!(matches!(parse_url("wss://127.0.0.1:4320/v1/opamp", None), Err(LoadgenError::NoCaFile)));
+        let missing = std::path::Path::new("/nonexistent/ca.pem");
+        assert!(matches!(parse_url("wss://127.0.0.1:4320/v1/opamp", Some(missing)), Err(LoadgenError::BadCaFile(_))));
     }
 
     #[test]

@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Watch a config repository and serve its desired state.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Validate a config repository and show what a change would do (for pull-request CI).
     /// Exits 1 when the repository has errors.
     Check(CheckArgs),
@@ -51,7 +51,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Serve(args) => report(serve(args)),
+        Command::Serve(args) => report(serve(*args)),
         Command::Demo(args) => report(run_demo(args)),
         Command::InstallFiles(args) => report(install_files(&args)),
         Command::Loadgen(args) => report(loadgen(&args)),
@@ -114,6 +114,8 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         forge_url: None,
         forge_token_file: None,
         status_page_url: None,
+        tls_cert: None,
+        tls_key: None,
     }
     .validate()?;
     runtime()?.block_on(async {

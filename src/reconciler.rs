@@ -38,6 +38,8 @@ pub enum ProblemSource {
     StatusBranch,
     /// Posting commit statuses to the forge.
     Forge,
+    /// Loading a changed TLS certificate.
+    Tls,
 }
 
 /// What readers (the web API, later the OpAMP server) see. Replaced whole on each change.

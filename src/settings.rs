@@ -68,6 +68,13 @@ pub struct ServeArgs {
     /// statuses link to the fleet's page there.
     #[arg(long, env = "GITFLEET_STATUS_PAGE_URL")]
     pub status_page_url: Option<String>,
+    /// A PEM certificate chain: both ports then speak only TLS (wss://, https://). Read
+    /// again when it changes, so a renewal needs no restart.
+    #[arg(long, env = "GITFLEET_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "GITFLEET_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Validated settings.
@@ -92,6 +99,8 @@ pub struct Settings {
     pub forge: Option<crate::forge::Forge>,
     /// Without a trailing slash.
     pub status_page_url: Option<String>,
+    /// TLS on both ports, with the certificate already loaded.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +139,8 @@ pub enum SettingsError {
     BadForgeUrl(#[from] crate::forge::ForgeUrlError),
     #[error("--forge-token-file {path}: {message}")]
     ForgeToken { path: String, message: String },
+    #[error("--tls-cert/--tls-key: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl ServeArgs {
@@ -201,6 +212,10 @@ impl ServeArgs {
             }
             _ => None,
         };
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::Tls::new(crate::tls::TlsFiles { cert, key })?),
+            _ => None,
+        };
         std::fs::create_dir_all(&self.data_dir).map_err(|error| SettingsError::DataDir {
             path: self.data_dir.display().to_string(),
             message: error.to_string(),
@@ -228,6 +243,7 @@ impl ServeArgs {
             status_interval,
             forge,
             status_page_url,
+            tls,
         })
     }
 }

@@ -48,6 +48,8 @@ pub struct OpampState {
     /// Live WebSockets plus HTTP requests in flight.
     pub connections: Arc<AtomicUsize>,
     pub max_connections: usize,
+    /// Whether this port terminates TLS itself (`--tls-cert`).
+    pub tls: bool,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub cancel: CancellationToken,
 }
@@ -178,7 +180,7 @@ async fn opamp(State(state): State<OpampState>, request: Request) -> Response {
         first_reply: true,
         uid: None,
         wire_uid: Vec::new(),
-        dialled: dialled_endpoint(request.headers(), is_http).map(|endpoint| state.dialled.intern(endpoint)),
+        dialled: dialled_endpoint(request.headers(), is_http, state.tls).map(|endpoint| state.dialled.intern(endpoint)),
         offered: None,
     };
     if is_http {
@@ -265,14 +267,14 @@ async fn plain_http(state: &OpampState, mut connection: Connection, request: Req
     response.body(Body::from(body)).expect("a valid response")
 }
 
-/// The OpAMP URL a client used to reach us, from `Host` (and `X-Forwarded-Proto` when a
-/// TLS proxy is in front).
-fn dialled_endpoint(headers: &HeaderMap, is_http: bool) -> Option<String> {
+/// The OpAMP URL a client used to reach us, from `Host`; secure when we terminate TLS or a
+/// TLS proxy in front says so (`X-Forwarded-Proto`).
+fn dialled_endpoint(headers: &HeaderMap, is_http: bool, tls: bool) -> Option<String> {
     let host = headers.get(header::HOST)?.to_str().ok()?;
     if host.is_empty() || host.contains(['/', ' ', '@']) {
         return None;
     }
-    let tls = headers.get("x-forwarded-proto").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+    let tls = tls || headers.get("x-forwarded-proto").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
     let scheme = match (is_http, tls) {
         (true, true) => "https",
         (true, false) => "http",

@@ -9,6 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio_rustls::rustls::{ClientConfig, ClientConnection, StreamOwned};
+
 /// The `gitfleet` binary Cargo built for these tests.
 pub fn gitfleet() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_gitfleet"));
@@ -131,6 +133,8 @@ pub struct Server {
     pub opamp: SocketAddr,
     pub data_dir: PathBuf,
     logs: Arc<Mutex<String>>,
+    /// Set when the server speaks TLS: how the helpers reach it.
+    pub tls: Option<Arc<ClientConfig>>,
 }
 
 impl Server {
@@ -176,7 +180,18 @@ impl Server {
             opamp: opamp.parse().expect("a socket address"),
             data_dir: data_dir.to_owned(),
             logs,
+            tls: None,
         }
+    }
+
+    /// Starts a server with `--tls-cert`/`--tls-key`; its helpers trust that certificate.
+    pub fn start_tls(repo: &str, data_dir: &Path, cert: &Path, key: &Path, extra: &[&str]) -> Self {
+        let (cert_text, key_text) = (cert.display().to_string(), key.display().to_string());
+        let mut args = vec!["--tls-cert", &cert_text, "--tls-key", &key_text];
+        args.extend_from_slice(extra);
+        let mut server = Self::start(repo, data_dir, &args);
+        server.tls = Some(tls_client(&[cert]));
+        server
     }
 
     /// The fleet's install token from the operator's token file, once the server accepts it
@@ -217,7 +232,10 @@ impl Server {
     }
 
     pub fn get(&self, path: &str) -> Response {
-        http(self.web, "GET", path, &[], b"")
+        match &self.tls {
+            None => http(self.web, "GET", path, &[], b""),
+            Some(tls) => https(self.web, tls, "GET", path, &[], b""),
+        }
     }
 
     pub fn json(&self, path: &str) -> serde_json::Value {
@@ -299,8 +317,91 @@ impl Response {
 
 /// One HTTP/1.1 request with `Connection: close`; enough for a test to talk to gitfleet.
 pub fn http(address: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
-    let mut stream = TcpStream::connect(address).expect("connect to gitfleet");
+    exchange(Restarting(connect(address)), address, method, path, headers, body)
+}
+
+/// The same over TLS, trusting what `tls` trusts.
+pub fn https(
+    address: SocketAddr,
+    tls: &Arc<ClientConfig>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    exchange(Restarting(tls_connect(address, tls)), address, method, path, headers, body)
+}
+
+fn connect(address: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(address).expect("connect to gitfleet");
     stream.set_read_timeout(Some(Duration::from_secs(10))).expect("set timeout");
+    stream
+}
+
+/// A self-signed certificate for `127.0.0.1` and its key, made by `openssl`.
+pub struct SelfSigned {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl SelfSigned {
+    /// Writes `<name>.crt` and `<name>.key` into `dir`.
+    pub fn new(dir: &Path, name: &str) -> Self {
+        let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+        let output = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2"])
+            .args(["-subj", &format!("/CN={name}"), "-addext", "subjectAltName=IP:127.0.0.1"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("the TLS tests need `openssl` (.ci/run installs it)");
+        assert!(output.status.success(), "openssl: {}", String::from_utf8_lossy(&output.stderr));
+        Self { cert, key }
+    }
+}
+
+/// A TLS client that trusts only the certificates in `trusted` (PEM files).
+pub fn tls_client(trusted: &[&Path]) -> Arc<ClientConfig> {
+    use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for path in trusted {
+        for cert in CertificateDer::pem_file_iter(path).expect("a PEM file") {
+            roots.add(cert.expect("a certificate")).expect("a usable root");
+        }
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("default versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// A TLS stream to `address`, its handshake done; the server name is the IP address.
+pub fn tls_connect(address: SocketAddr, tls: &Arc<ClientConfig>) -> TlsStream {
+    let name = tokio_rustls::rustls::pki_types::ServerName::IpAddress(address.ip().into());
+    let connection = ClientConnection::new(Arc::clone(tls), name).expect("a client connection");
+    let mut stream = StreamOwned::new(connection, connect(address));
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut Restarting(&mut stream.sock)).expect("the TLS handshake");
+    }
+    stream
+}
+
+pub type TlsStream = StreamOwned<ClientConnection, TcpStream>;
+
+fn exchange(
+    mut stream: impl Read + Write,
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -370,19 +471,32 @@ fn retry<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> 
     }
 }
 
-/// A WebSocket client on a blocking stream that gives up after `timeout` without data.
-pub type WebSocket = tungstenite::WebSocket<Restarting<TcpStream>>;
+/// A blocking stream, plain or TLS.
+pub trait Stream: Read + Write + Send {}
 
-/// Opens a WebSocket to `request`'s host, with reads that time out after `timeout`.
+impl<S: Read + Write + Send> Stream for S {}
+
+/// A WebSocket client on a blocking stream that gives up after `timeout` without data.
+pub type WebSocket = tungstenite::WebSocket<Restarting<Box<dyn Stream>>>;
+
+/// Opens a WebSocket to `request`'s host (over TLS with `tls`), with reads that time out
+/// after `timeout`.
 pub fn websocket(
     request: impl tungstenite::client::IntoClientRequest,
+    tls: Option<&Arc<ClientConfig>>,
     timeout: Duration,
 ) -> Result<WebSocket, tungstenite::Error> {
     let request = request.into_client_request()?;
     let uri = request.uri();
     let address = format!("{}:{}", uri.host().unwrap_or("127.0.0.1"), uri.port_u16().unwrap_or(80));
-    let stream = TcpStream::connect(address)?;
-    stream.set_read_timeout(Some(timeout))?;
+    let stream: Box<dyn Stream> = match tls {
+        None => {
+            let stream = TcpStream::connect(address)?;
+            stream.set_read_timeout(Some(timeout))?;
+            Box::new(stream)
+        }
+        Some(tls) => Box::new(tls_connect(address.parse().expect("an IP address and port"), tls)),
+    };
     match tungstenite::client(request, Restarting(stream)) {
         Ok((socket, _)) => Ok(socket),
         Err(tungstenite::HandshakeError::Failure(error)) => Err(error),
@@ -399,10 +513,20 @@ impl OpampWs {
     /// Connects to `/v1/opamp` with `Authorization: Bearer <token>`; the error is the
     /// handshake failure (for example 401).
     pub fn connect(address: SocketAddr, token: &str) -> Result<Self, tungstenite::Error> {
+        Self::connect_over(address, None, token)
+    }
+
+    /// Connects over `wss://` when `tls` is given.
+    pub fn connect_over(
+        address: SocketAddr,
+        tls: Option<&Arc<ClientConfig>>,
+        token: &str,
+    ) -> Result<Self, tungstenite::Error> {
         use tungstenite::client::IntoClientRequest;
-        let mut request = format!("ws://{address}/v1/opamp").into_client_request().expect("a valid request");
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
+        let mut request = format!("{scheme}://{address}/v1/opamp").into_client_request().expect("a valid request");
         request.headers_mut().insert("Authorization", format!("Bearer {token}").parse().expect("header value"));
-        websocket(request, Duration::from_secs(10)).map(|socket| Self { socket })
+        websocket(request, tls, Duration::from_secs(10)).map(|socket| Self { socket })
     }
 
     pub fn send(&mut self, message: &gitfleet::opamp::proto::AgentToServer) {

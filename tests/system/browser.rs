@@ -62,7 +62,7 @@ impl Browser {
             }
         });
         let url = url_rx.recv_timeout(Duration::from_secs(30)).expect("chromium prints its DevTools address");
-        let socket = websocket(url.as_str(), Duration::from_secs(30)).expect("DevTools WebSocket");
+        let socket = websocket(url.as_str(), None, Duration::from_secs(30)).expect("DevTools WebSocket");
         let mut browser =
             Self { child, socket, session: String::new(), next_id: 1, events: Vec::new(), _profile: profile };
         let target = browser.call("Target.createTarget", json!({ "url": "about:blank" }));

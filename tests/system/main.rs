@@ -11,4 +11,5 @@ mod peers;
 mod proto;
 mod serve;
 mod status;
+mod tls;
 mod tokens;

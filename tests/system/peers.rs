@@ -1,6 +1,6 @@
 //! Real OpAMP clients written by others (shared/reference/peers.md), installed at pinned
 //! versions by `tests/peers/install.sh`: the Python `opentelemetry-opamp-client` and the
-//! Node `@elastic/opamp-client-node`. Both speak plain HTTP.
+//! Node `@elastic/opamp-client-node`. Both speak plain HTTP; the Node one over TLS here.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{GitRepo, Server, example};
+use crate::common::{GitRepo, SelfSigned, Server, example};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -100,10 +100,18 @@ fn roll_out(repo: &GitRepo, config_file: &str, from: &str, to: &str, tag: &str, 
     repo.commit(&format!("roll out {tag}"));
 }
 
+/// Whether a peer reaches the server over TLS.
+#[derive(Clone, Copy, PartialEq)]
+enum Transport {
+    Plain,
+    Tls,
+}
+
 /// A peer receives the fleet's config, the API shows it in sync, a rollout reaches it on its
 /// next poll, and it is in sync again.
 fn follows_a_rollout(
     start: impl Fn(&str, &str, &str) -> Command,
+    transport: Transport,
     fleet: &str,
     config_file: &str,
     from: &str,
@@ -112,12 +120,24 @@ fn follows_a_rollout(
 ) {
     let repo = example();
     let data = tempfile::tempdir().expect("temp dir");
-    let server = Server::start(&repo.path().display().to_string(), data.path(), &["--poll-interval", "1h"]);
-    let endpoint = format!("http://{}/v1/opamp", server.opamp);
+    let repo_path = repo.path().display().to_string();
+    let certificates = tempfile::tempdir().expect("temp dir");
+    let certificate = SelfSigned::new(certificates.path(), "gitfleet");
+    let server = match transport {
+        Transport::Plain => Server::start(&repo_path, data.path(), &["--poll-interval", "1h"]),
+        Transport::Tls => {
+            Server::start_tls(&repo_path, data.path(), &certificate.cert, &certificate.key, &["--poll-interval", "1h"])
+        }
+    };
+    let scheme = if transport == Transport::Tls { "https" } else { "http" };
+    let endpoint = format!("{scheme}://{}/v1/opamp", server.opamp);
     let token = server.token(fleet);
     let assigned = server.json(&format!("/api/v1/fleets/{fleet}"))["config_hash"].as_str().expect("hash").to_owned();
 
-    let mut peer = Peer::start(start(&endpoint, &token, "peer-host-1"));
+    let mut command = start(&endpoint, &token, "peer-host-1");
+    // Each client's own way to trust a private CA: Node's TLS stack and Python's requests.
+    command.env("NODE_EXTRA_CA_CERTS", &certificate.cert).env("REQUESTS_CA_BUNDLE", &certificate.cert);
+    let mut peer = Peer::start(command);
     let uid =
         peer.wait_for("its instance id", |v| v["event"] == "started")["instance_uid"].as_str().expect("uid").to_owned();
     peer.wait_for("the assigned config", |v| v["event"] == "config" && v["config_hash"] == assigned.as_str());
@@ -141,6 +161,7 @@ fn follows_a_rollout(
 fn the_python_client_follows_a_json_fleet() {
     follows_a_rollout(
         python_agent,
+        Transport::Plain,
         "sdk-agents",
         "configs/sdk-agent.json",
         "\"ratio\": 0.25",
@@ -150,9 +171,10 @@ fn the_python_client_follows_a_json_fleet() {
 }
 
 #[test]
-fn the_node_client_follows_a_collector_fleet() {
+fn the_node_client_follows_a_collector_fleet_over_tls() {
     follows_a_rollout(
         node_agent,
+        Transport::Tls,
         "nodes",
         "configs/node-agent.yaml",
         "limit_mib: 256",
