@@ -10,6 +10,7 @@ pub mod demo;
 pub mod duration;
 pub mod forge;
 pub mod git;
+pub mod import;
 pub mod install;
 pub mod instance;
 pub mod loadgen;

@@ -30,6 +30,9 @@ enum Command {
     /// Write a fleet's install files (supervisor.yaml, install.sh, Docker files, offline
     /// bundles) from the server's data directory.
     InstallFiles(gitfleet::install::export::InstallFilesArgs),
+    /// Adopt an existing collector config as a new configuration, committed and tagged as
+    /// its first version. Exits 1 when the config has errors (nothing is written then).
+    Import(gitfleet::import::ImportArgs),
     /// Simulated collectors (OpAMP agents) for demos, tests and benchmarks; prints figures
     /// as JSON.
     Loadgen(gitfleet::loadgen::LoadgenArgs),
@@ -50,6 +53,23 @@ fn main() -> ExitCode {
                 eprintln!("gitfleet check: {error}");
                 ExitCode::from(2)
             }
+        },
+        Command::Import(args) => match gitfleet::import::run(&args) {
+            Ok(imported) => {
+                for warning in &imported.warnings {
+                    eprintln!("{warning}");
+                }
+                print!("{}", gitfleet::import::next_steps(&imported));
+                ExitCode::SUCCESS
+            }
+            Err(gitfleet::import::ImportError::Problems(problems)) => {
+                for problem in &problems {
+                    eprintln!("{problem}");
+                }
+                eprintln!("gitfleet import: the configuration has errors; nothing was written");
+                ExitCode::from(1)
+            }
+            Err(error) => report(Err(error.into())),
         },
         Command::Serve(args) => report(serve(*args)),
         Command::Demo(args) => report(run_demo(args)),
