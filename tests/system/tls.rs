@@ -192,30 +192,24 @@ fn certificate_files_that_cannot_be_used_stop_the_server_with_one_clear_line() {
         ),
         (&one.key, &one.key, format!("gitfleet: --tls-cert/--tls-key: {}: no PEM certificate in it", text(&one.key))),
     ];
+    let repo_path = repo.path().display().to_string();
+    let serve = |cert: &Path, key: Option<&Path>| {
+        let mut command = gitfleet();
+        command.args(["serve", "--repo", &repo_path, "--tls-cert"]).arg(cert).arg("--data-dir").arg(data.path());
+        if let Some(key) = key {
+            command.arg("--tls-key").arg(key);
+        }
+        let output = command.output().expect("gitfleet runs");
+        (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
     for (cert, key, expected) in cases {
-        let output = gitfleet()
-            .args(["serve", "--repo", &repo.path().display().to_string(), "--tls-cert"])
-            .arg(cert)
-            .arg("--tls-key")
-            .arg(key)
-            .arg("--data-dir")
-            .arg(data.path())
-            .output()
-            .expect("gitfleet runs");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        let (code, stderr) = serve(cert, Some(key));
+        assert_eq!(code, Some(2), "{stderr}");
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.starts_with(&expected), "expected {expected:?}, got {stderr}");
     }
     // One without the other is a usage error naming the missing flag.
-    let output = gitfleet()
-        .args(["serve", "--repo", &repo.path().display().to_string(), "--tls-cert"])
-        .arg(&one.cert)
-        .arg("--data-dir")
-        .arg(data.path())
-        .output()
-        .expect("gitfleet runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = serve(&one.cert, None);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--tls-key"), "{stderr}");
 }
