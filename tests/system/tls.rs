@@ -85,7 +85,7 @@ fn both_ports_speak_tls_and_collectors_connect_over_wss_and_https() {
         .args(["loadgen", "--url", &format!("wss://{}/v1/opamp", server.opamp), "--token", &token])
         .arg("--ca-file")
         .arg(&certificate.cert)
-        .args(["--agents", "10", "--heartbeat", "1s", "--duration", "2s"])
+        .args(["--agents", "10", "--heartbeat", "1s", "--duration", "4s"])
         .output()
         .expect("loadgen runs");
     assert!(output.status.success(), "loadgen: {}", String::from_utf8_lossy(&output.stderr));
