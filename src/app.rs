@@ -211,7 +211,8 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
     });
     let tls = settings.tls.clone();
     tracker.spawn(
-        serve(opamp_listener, opamp_addr, tls.clone(), opamp_router, cancel.clone()).instrument(info_span!("opamp")),
+        serve(opamp_listener, opamp_addr, tls.clone(), opamp_router, Arc::clone(&metrics), cancel.clone())
+            .instrument(info_span!("opamp")),
     );
 
     let router = web::router(WebState {
@@ -222,13 +223,17 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
         store,
         targets: targets_rx,
         statuses: statuses_rx,
-        metrics,
+        metrics: Arc::clone(&metrics),
         cancel: cancel.clone(),
     });
-    tracker.spawn(serve(listener, web_addr, tls.clone(), router, cancel.clone()).instrument(info_span!("web")));
+    tracker.spawn(
+        serve(listener, web_addr, tls.clone(), router, Arc::clone(&metrics), cancel.clone())
+            .instrument(info_span!("web")),
+    );
     if let Some(tls) = tls {
-        tracker
-            .spawn(tls.keep_fresh(crate::tls::RELOAD_CHECK, events_tx, cancel.clone()).instrument(info_span!("tls")));
+        tracker.spawn(
+            tls.keep_fresh(crate::tls::RELOAD_CHECK, metrics, events_tx, cancel.clone()).instrument(info_span!("tls")),
+        );
     }
 
     info!(
@@ -251,12 +256,15 @@ async fn serve(
     local: SocketAddr,
     tls: Option<crate::tls::Tls>,
     router: axum::Router,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
     let shutdown = cancel.clone().cancelled_owned();
     let served = match tls {
         None => axum::serve(listener, router).with_graceful_shutdown(shutdown).await,
-        Some(tls) => axum::serve(tls.listen(listener, local, cancel), router).with_graceful_shutdown(shutdown).await,
+        Some(tls) => {
+            axum::serve(tls.listen(listener, local, metrics, cancel), router).with_graceful_shutdown(shutdown).await
+        }
     };
     if let Err(error) = served {
         warn!(%error, "the server stopped with an error");

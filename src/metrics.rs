@@ -1,7 +1,7 @@
 //! Counters the components bump as things happen; `/metrics` reads them along with the
 //! state it can compute (instances by status, connections by transport).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -14,6 +14,9 @@ pub struct Metrics {
     pub status_commits: AtomicU64,
     pub forge_posts: AtomicU64,
     pub forge_errors: AtomicU64,
+    pub tls_handshake_failures: AtomicU64,
+    /// The end of the served certificate's validity (Unix seconds); 0 without TLS.
+    pub tls_certificate_not_after: AtomicI64,
 }
 
 impl Metrics {

@@ -8,6 +8,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -23,6 +24,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::metrics::Metrics;
 use crate::problem::{Problem, Severity};
 use crate::reconciler::{Event, ProblemSource};
 
@@ -122,7 +124,7 @@ struct Current(RwLock<Arc<CertifiedKey>>);
 
 impl ResolvesServerCert for Current {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(&self.0.read().unwrap_or_else(|poisoned| poisoned.into_inner())))
+        Some(self.get())
     }
 }
 
@@ -148,18 +150,33 @@ impl Tls {
 
     /// Accepts on `listener` (bound to `local`) and hands out connections once their
     /// handshake is done.
-    pub fn listen(&self, listener: TcpListener, local: SocketAddr, cancel: CancellationToken) -> TlsListener {
+    pub fn listen(
+        &self,
+        listener: TcpListener,
+        local: SocketAddr,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> TlsListener {
         let (done, accepted) = mpsc::channel(HANDSHAKES_AT_ONCE);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&self.config));
-        tokio::spawn(accept_and_handshake(listener, acceptor, done, cancel));
+        tokio::spawn(accept_and_handshake(listener, acceptor, done, metrics, cancel));
         TlsListener { accepted, local }
     }
 
     /// Reads the files again whenever they change, checking every `every`. A pair that
     /// cannot be used (a renewal caught half-written, a wrong key) is reported as a problem
-    /// and the previous certificate stays in use.
-    pub async fn keep_fresh(self, every: Duration, events: mpsc::Sender<Event>, cancel: CancellationToken) {
+    /// and the previous certificate stays in use. A certificate near or past its end is
+    /// reported too, and its end is exported as a metric.
+    pub async fn keep_fresh(
+        self,
+        every: Duration,
+        metrics: Arc<Metrics>,
+        events: mpsc::Sender<Event>,
+        cancel: CancellationToken,
+    ) {
         let mut seen = self.files.stamp();
+        let mut reload_problem = None;
+        let mut reported = Vec::new();
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
@@ -168,35 +185,159 @@ impl Tls {
                 _ = ticks.tick() => {}
             }
             let stamp = self.files.stamp();
-            if stamp == seen {
-                continue;
+            if stamp != seen {
+                seen = stamp;
+                let files = self.files.clone();
+                let loaded = tokio::task::spawn_blocking(move || files.load()).await.expect("loading does not panic");
+                reload_problem = match loaded {
+                    Ok(certified) => {
+                        *self.current.0.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = certified;
+                        info!(cert = %self.files.cert.display(), "TLS certificate loaded again");
+                        None
+                    }
+                    Err(error) => {
+                        warn!(%error, "the changed TLS files cannot be used; the previous certificate stays in use");
+                        let message = format!("TLS: {error}; the previous certificate stays in use");
+                        Some(Problem::general(Severity::Warning, message))
+                    }
+                };
             }
-            seen = stamp;
-            let files = self.files.clone();
-            let loaded = tokio::task::spawn_blocking(move || files.load()).await.expect("loading does not panic");
-            let problems = match loaded {
-                Ok(certified) => {
-                    *self.current.0.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = certified;
-                    info!(cert = %self.files.cert.display(), "TLS certificate loaded again");
-                    Vec::new()
+            let validity = validity(self.current.get().end_entity_cert().map(|cert| cert.as_ref()).unwrap_or_default());
+            metrics.tls_certificate_not_after.store(validity.map_or(0, |v| v.not_after), Ordering::Relaxed);
+            let expiry = validity.and_then(|v| v.problem(&self.files.cert, crate::time::now_unix()));
+            if let Some(expiry) = &expiry
+                && !reported.contains(expiry)
+            {
+                warn!(message = %expiry.message, "the TLS certificate needs renewing");
+            }
+            let problems: Vec<Problem> = reload_problem.iter().chain(&expiry).cloned().collect();
+            if problems != reported {
+                reported = problems.clone();
+                if events.send(Event::Problems { source: ProblemSource::Tls, problems }).await.is_err() {
+                    return;
                 }
-                Err(error) => {
-                    warn!(%error, "the changed TLS files cannot be used; the previous certificate stays in use");
-                    let message = format!("TLS: {error}; the previous certificate stays in use");
-                    vec![Problem::general(Severity::Warning, message)]
-                }
-            };
-            if events.send(Event::Problems { source: ProblemSource::Tls, problems }).await.is_err() {
-                return;
             }
         }
     }
+}
+
+impl Current {
+    fn get(&self) -> Arc<CertifiedKey> {
+        Arc::clone(&self.0.read().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+}
+
+/// When a certificate is valid, in Unix seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Validity {
+    not_before: i64,
+    not_after: i64,
+}
+
+impl Validity {
+    /// An error once the certificate has expired; a warning in the last third of its
+    /// lifetime, and at most 14 days before the end: renewers act at two thirds, so a
+    /// certificate still served then was not renewed.
+    fn problem(self, path: &Path, now: i64) -> Option<Problem> {
+        const WARN_AT_MOST: i64 = 14 * 24 * 3600;
+        let left = self.not_after - now;
+        let end = crate::time::rfc3339(self.not_after);
+        if left <= 0 {
+            let message = format!("TLS: the certificate in {} expired at {end}; collectors refuse it", path.display());
+            return Some(Problem::general(Severity::Error, message));
+        }
+        let warn_from = ((self.not_after - self.not_before) / 3).min(WARN_AT_MOST);
+        (left < warn_from).then(|| {
+            let within = if left >= 2 * 24 * 3600 {
+                format!("{} days", left / 86_400)
+            } else {
+                format!("{} hours", left / 3600)
+            };
+            let message = format!("TLS: the certificate in {} expires at {end}, in {within}; renew it", path.display());
+            Problem::general(Severity::Warning, message)
+        })
+    }
+}
+
+/// The validity of an X.509 certificate in DER. Only the path to `validity` is read:
+/// `Certificate → TBSCertificate → [version], serial, signature, issuer, validity`.
+fn validity(der: &[u8]) -> Option<Validity> {
+    let (certificate, _) = element(der, SEQUENCE)?;
+    let (mut fields, _) = element(certificate, SEQUENCE)?;
+    if fields.first() == Some(&VERSION) {
+        fields = skip(fields)?;
+    }
+    for _serial_signature_issuer in 0..3 {
+        fields = skip(fields)?;
+    }
+    let (validity, _) = element(fields, SEQUENCE)?;
+    let (not_before, rest) = time(validity)?;
+    let (not_after, _) = time(rest)?;
+    Some(Validity { not_before, not_after })
+}
+
+const SEQUENCE: u8 = 0x30;
+const VERSION: u8 = 0xa0;
+const UTC_TIME: u8 = 0x17;
+const GENERALIZED_TIME: u8 = 0x18;
+
+/// The content of the DER element starting `input` when its tag is `tag`, and what follows.
+fn element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&found, rest) = input.split_first()?;
+    if found != tag {
+        return None;
+    }
+    let (&first, mut rest) = rest.split_first()?;
+    let length = match first {
+        0..=0x7f => usize::from(first),
+        0x81..=0x84 => {
+            let (bytes, after) = rest.split_at_checked(usize::from(first & 0x7f))?;
+            rest = after;
+            bytes.iter().fold(0, |length, &byte| length << 8 | usize::from(byte))
+        }
+        _ => return None,
+    };
+    rest.split_at_checked(length)
+}
+
+fn skip(input: &[u8]) -> Option<&[u8]> {
+    element(input, *input.first()?).map(|(_, rest)| rest)
+}
+
+/// A `UTCTime` (years 1950–2049) or `GeneralizedTime`, in UTC with whole seconds.
+fn time(input: &[u8]) -> Option<(i64, &[u8])> {
+    let tag = *input.first()?;
+    let (text, rest) = element(input, tag)?;
+    let digits = std::str::from_utf8(text).ok()?.strip_suffix('Z')?;
+    let (year, digits) = match tag {
+        UTC_TIME => {
+            let short: u32 = digits.get(..2)?.parse().ok()?;
+            (if short >= 50 { 1900 + short } else { 2000 + short }, digits.get(2..)?)
+        }
+        GENERALIZED_TIME => (digits.get(..4)?.parse().ok()?, digits.get(4..)?),
+        _ => return None,
+    };
+    if digits.len() != 10 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let rfc3339 = format!(
+        "{year:04}-{}-{}T{}:{}:{}Z",
+        &digits[0..2],
+        &digits[2..4],
+        &digits[4..6],
+        &digits[6..8],
+        &digits[8..10]
+    );
+    let at = humantime::parse_rfc3339(&rfc3339).ok()?;
+    let seconds = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    Some((i64::try_from(seconds).ok()?, rest))
 }
 
 async fn accept_and_handshake(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     done: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
     let handshakes = Arc::new(Semaphore::new(HANDSHAKES_AT_ONCE));
@@ -215,16 +356,18 @@ async fn accept_and_handshake(
                 }
             },
         };
-        let (acceptor, done) = (acceptor.clone(), done.clone());
+        let (acceptor, done, metrics) = (acceptor.clone(), done.clone(), Arc::clone(&metrics));
         tokio::spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
                     let _ = done.send((tls, peer)).await;
+                    return;
                 }
                 Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
                 Err(_) => debug!(%peer, "TLS handshake timed out"),
             }
+            Metrics::count(&metrics.tls_handshake_failures);
         });
     }
 }
@@ -260,5 +403,85 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `openssl req -x509 … -days 30`: UTCTime validity, 2026-11-25T10:30:25Z to 2026-12-25T10:30:25Z.
+    const THIRTY_DAYS: &str = "-----BEGIN CERTIFICATE-----
+MIIBejCCASCgAwIBAgIUAmPfmMBkSEgWGGZgcW0FygszUo4wCgYIKoZIzj0EAwIw
+FDESMBAGA1UEAwwJZXhwaXJ5LTMwMB4XDTI2MTEyNTEwMzAyNVoXDTI2MTIyNTEw
+MzAyNVowFDESMBAGA1UEAwwJZXhwaXJ5LTMwMFkwEwYHKoZIzj0CAQYIKoZIzj0D
+AQcDQgAE8fsdv7YpkKPBs8dlDm+E+/u1ySg+Jaa61osTIOtxcgs6Ilh9tuWcv2Q/
+gKuU6S7CyCGvhkQ7v3GdpVFGF7ZtC6NQME4wHQYDVR0OBBYEFPcQwc6YgdEh/WMo
+gITcSnPQnf4LMB8GA1UdIwQYMBaAFPcQwc6YgdEh/WMogITcSnPQnf4LMAwGA1Ud
+EwEB/wQCMAAwCgYIKoZIzj0EAwIDSAAwRQIhALfymdpzmvZZ8obtc8EYE+AVsTQ2
+vOf2IxsZ+DyUyl0qAiBSbR4WHorzsRtD8Xovv2WAgB0g1gkVcbowftGBVLrRJQ==
+-----END CERTIFICATE-----
+";
+
+    /// `-days 10000`: the end is in 2054, so it is a GeneralizedTime.
+    const INTO_2054: &str = "-----BEGIN CERTIFICATE-----
+MIIBgzCCASigAwIBAgIUDf+OPV4gpR+Vd08D2ovZDWXTZlwwCgYIKoZIzj0EAwIw
+FzEVMBMGA1UEAwwMZXhwaXJ5LTEwMDAwMCAXDTI2MTEyNTEwMzAyNVoYDzIwNTQw
+NDEyMTAzMDI1WjAXMRUwEwYDVQQDDAxleHBpcnktMTAwMDAwWTATBgcqhkjOPQIB
+BggqhkjOPQMBBwNCAATRWEbx0dHRREK6fKDzYAe++GPV6q3REuXwZTXOnRcuShqB
+1gHex/DLqGAk0x55LttRiiVYdVAwVXOMBE9vCebyo1AwTjAdBgNVHQ4EFgQUemKL
+CiRyiCN6LUhK4SKfGzUzomAwHwYDVR0jBBgwFoAUemKLCiRyiCN6LUhK4SKfGzUz
+omAwDAYDVR0TAQH/BAIwADAKBggqhkjOPQQDAgNJADBGAiEAuzC5DK80vArS1I27
+X725xe7/sP1gzBk4/6prYAIAmUsCIQC6wDcFrnx/X05q3/QT/AQOFpb2vasJXFUZ
+94s5C9KnhQ==
+-----END CERTIFICATE-----
+";
+
+    fn der(pem: &str) -> Vec<u8> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).expect("a PEM certificate").to_vec()
+    }
+
+    #[test]
+    fn validity_is_read_from_utc_and_generalized_times() {
+        // The figures are `date -u -d "<openssl x509 -startdate/-enddate>" +%s`.
+        assert_eq!(validity(&der(THIRTY_DAYS)), Some(Validity { not_before: 1_795_602_625, not_after: 1_798_194_625 }));
+        assert_eq!(validity(&der(INTO_2054)), Some(Validity { not_before: 1_795_602_625, not_after: 2_659_602_625 }));
+    }
+
+    #[test]
+    fn anything_but_a_certificate_has_no_validity() {
+        let whole = der(THIRTY_DAYS);
+        for cut in [0, 1, 4, 40, 80, whole.len() / 2] {
+            assert_eq!(validity(&whole[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(validity(b"\x30\x80\x30\x80"), None, "indefinite lengths are not DER");
+        assert_eq!(validity(b"\x30\x85\xff\xff\xff\xff\xff"), None, "a length over four bytes");
+    }
+
+    #[test]
+    fn a_certificate_is_reported_in_the_last_third_of_its_life_and_at_most_fourteen_days_ahead() {
+        let day = 24 * 3600;
+        let path = Path::new("/etc/gitfleet/tls.crt");
+        // 90 days: a warning from 14 days before the end.
+        let ninety = Validity { not_before: 0, not_after: 90 * day };
+        assert_eq!(ninety.problem(path, 75 * day), None);
+        let soon = ninety.problem(path, 77 * day).expect("13 days left");
+        assert_eq!(soon.severity, Severity::Warning);
+        assert_eq!(
+            soon.message,
+            "TLS: the certificate in /etc/gitfleet/tls.crt expires at 1970-04-01T00:00:00Z, in 13 days; renew it"
+        );
+        let hours = ninety.problem(path, 90 * day - 5 * 3600).expect("5 hours left");
+        assert!(hours.message.ends_with("in 5 hours; renew it"), "{}", hours.message);
+        let expired = ninety.problem(path, 90 * day).expect("expired");
+        assert_eq!(expired.severity, Severity::Error);
+        assert_eq!(
+            expired.message,
+            "TLS: the certificate in /etc/gitfleet/tls.crt expired at 1970-04-01T00:00:00Z; collectors refuse it"
+        );
+        // A 6-day certificate is renewed every 4 days: quiet for its first two thirds.
+        let short = Validity { not_before: 0, not_after: 6 * day };
+        assert_eq!(short.problem(path, 3 * day), None);
+        assert!(short.problem(path, 4 * day + 3600).is_some());
     }
 }

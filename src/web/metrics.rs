@@ -112,6 +112,22 @@ pub async fn metrics(State(state): State<WebState>) -> Response {
         "Commit status posts that failed.",
         Metrics::read(&m.forge_errors),
     );
+    let not_after = m.tls_certificate_not_after.load(std::sync::atomic::Ordering::Relaxed);
+    if not_after != 0 {
+        counter(
+            &mut out,
+            "gitfleet_tls_handshake_failures_total",
+            "TLS handshakes that failed or timed out, on both ports.",
+            Metrics::read(&m.tls_handshake_failures),
+        );
+        Family::new(
+            &mut out,
+            "gitfleet_tls_certificate_expiry_timestamp_seconds",
+            "gauge",
+            "When the served TLS certificate expires (Unix seconds).",
+        )
+        .sample(&[], not_after);
+    }
     let problems = view.problems();
     Family::new(&mut out, "gitfleet_problems", "gauge", "Repository and server problems, by severity.")
         .sample(&[("severity", "error")], problems.iter().filter(|p| p.severity == Severity::Error).count())

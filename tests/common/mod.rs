@@ -365,7 +365,19 @@ impl SelfSigned {
 
 /// A TLS client that trusts only the certificates in `trusted` (PEM files).
 pub fn tls_client(trusted: &[&Path]) -> Arc<ClientConfig> {
-    use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
+    tls_client_at(trusted, None)
+}
+
+/// The same, checking validity at the Unix time `at` instead of now when given.
+pub fn tls_client_at(trusted: &[&Path], at: Option<u64>) -> Arc<ClientConfig> {
+    use tokio_rustls::rustls::pki_types::{CertificateDer, UnixTime, pem::PemObject};
+    #[derive(Debug)]
+    struct At(u64);
+    impl tokio_rustls::rustls::time_provider::TimeProvider for At {
+        fn current_time(&self) -> Option<UnixTime> {
+            Some(UnixTime::since_unix_epoch(Duration::from_secs(self.0)))
+        }
+    }
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     for path in trusted {
         for cert in CertificateDer::pem_file_iter(path).expect("a PEM file") {
@@ -373,7 +385,11 @@ pub fn tls_client(trusted: &[&Path]) -> Arc<ClientConfig> {
         }
     }
     let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
+    let builder = match at {
+        None => ClientConfig::builder_with_provider(provider),
+        Some(at) => ClientConfig::builder_with_details(provider, Arc::new(At(at))),
+    };
+    let config = builder
         .with_safe_default_protocol_versions()
         .expect("default versions")
         .with_root_certificates(roots)
@@ -383,13 +399,18 @@ pub fn tls_client(trusted: &[&Path]) -> Arc<ClientConfig> {
 
 /// A TLS stream to `address`, its handshake done; the server name is the IP address.
 pub fn tls_connect(address: SocketAddr, tls: &Arc<ClientConfig>) -> TlsStream {
+    tls_handshake(address, tls).expect("the TLS handshake")
+}
+
+/// The handshake, or why the client refused it.
+pub fn tls_handshake(address: SocketAddr, tls: &Arc<ClientConfig>) -> std::io::Result<TlsStream> {
     let name = tokio_rustls::rustls::pki_types::ServerName::IpAddress(address.ip().into());
     let connection = ClientConnection::new(Arc::clone(tls), name).expect("a client connection");
     let mut stream = StreamOwned::new(connection, connect(address));
     while stream.conn.is_handshaking() {
-        stream.conn.complete_io(&mut Restarting(&mut stream.sock)).expect("the TLS handshake");
+        stream.conn.complete_io(&mut Restarting(&mut stream.sock))?;
     }
-    stream
+    Ok(stream)
 }
 
 pub type TlsStream = StreamOwned<ClientConnection, TcpStream>;

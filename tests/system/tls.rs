@@ -5,6 +5,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,9 @@ use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 
-use crate::common::{OpampWs, SelfSigned, Server, example, gitfleet, https, tls_client, tls_connect};
+use crate::common::{
+    OpampWs, SelfSigned, Server, example, gitfleet, https, tls_client, tls_client_at, tls_connect, tls_handshake,
+};
 use crate::opamp::{full_state, uid_text};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -56,6 +59,24 @@ fn both_ports_speak_tls_and_collectors_connect_over_wss_and_https() {
     let mut answer = Vec::new();
     let _ = plain.read_to_end(&mut answer);
     assert!(!answer.starts_with(b"HTTP/"), "plain HTTP was answered: {}", String::from_utf8_lossy(&answer));
+    // That was a failed handshake, counted; and the certificate's end is a metric.
+    let deadline = Instant::now() + WAIT;
+    let metrics = loop {
+        let metrics = server.get("/metrics").body;
+        if metrics.contains("\ngitfleet_tls_handshake_failures_total 1\n") {
+            break metrics;
+        }
+        assert!(Instant::now() < deadline, "no failed handshake counted:\n{metrics}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let not_after = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("gitfleet_tls_certificate_expiry_timestamp_seconds "))
+        .and_then(|value| value.parse::<u64>().ok())
+        .expect("the certificate's end");
+    let in_two_days =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs() + 2 * 86_400;
+    assert!(not_after.abs_diff(in_two_days) < 3600, "{not_after} is not two days ahead");
 
     // OpAMP over wss://: the fleet's config arrives and the instance is a WebSocket one.
     let uid = [0x81; 16];
@@ -160,6 +181,59 @@ fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_a_probl
     std::fs::copy(&next.key, &first.key).expect("copy the key");
     server.wait_for("/api/v1/repo", WAIT, "the TLS problem cleared", |r| tls_problems(r).is_empty());
     assert!(server.logs().contains("TLS certificate loaded again"));
+    server.stop();
+}
+
+/// A certificate for 127.0.0.1 valid only in January 2025, signed by its own key with
+/// `openssl ca` (`openssl req` cannot date a certificate in the past).
+fn expired_certificate(dir: &Path) -> SelfSigned {
+    std::fs::write(dir.join("index.txt"), "").expect("write");
+    std::fs::write(dir.join("serial"), "01\n").expect("write");
+    let config = "[ca]\ndefault_ca = this\n[this]\ndatabase = index.txt\nnew_certs_dir = .\nserial = serial\n\
+                  default_md = sha256\npolicy = any\nx509_extensions = leaf\n[any]\ncommonName = supplied\n\
+                  [leaf]\nbasicConstraints = critical,CA:FALSE\nsubjectAltName = IP:127.0.0.1\n";
+    std::fs::write(dir.join("ca.cnf"), config).expect("write");
+    let openssl = |args: &[&str]| {
+        let output = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl runs");
+        assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    openssl(
+        &["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=old"]
+            .into_iter()
+            .chain(["-keyout", "old.key", "-out", "old.csr"])
+            .collect::<Vec<_>>(),
+    );
+    openssl(
+        &["ca", "-batch", "-selfsign", "-config", "ca.cnf", "-keyfile", "old.key", "-in", "old.csr"]
+            .into_iter()
+            .chain(["-startdate", "20250101000000Z", "-enddate", "20250201000000Z", "-out", "old.crt"])
+            .collect::<Vec<_>>(),
+    );
+    SelfSigned { cert: dir.join("old.crt"), key: dir.join("old.key") }
+}
+
+#[test]
+fn an_expired_certificate_is_an_error_problem_and_its_end_a_metric() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let old = expired_certificate(dir.path());
+    let repo_path = repo.path().display().to_string();
+    // The server starts (a renewal may be on its way) and says what is wrong.
+    let mut server = Server::start_tls(&repo_path, data.path(), &old.cert, &old.key, &["--poll-interval", "1h"]);
+    let refused = tls_handshake(server.web, server.tls.as_ref().expect("a TLS client")).expect_err("refused");
+    assert!(refused.to_string().contains("certificate expired"), "{refused}");
+    // A client that lives in January 2025 can still read what the server says.
+    server.tls = Some(tls_client_at(&[&old.cert], Some(1_736_899_200)));
+    let repo_state = server.wait_for("/api/v1/repo", WAIT, "the expiry error", |r| !tls_problems(r).is_empty());
+    let problem = &tls_problems(&repo_state)[0];
+    assert_eq!(problem["severity"], "error");
+    let expected =
+        format!("TLS: the certificate in {} expired at 2025-02-01T00:00:00Z; collectors refuse it", old.cert.display());
+    assert_eq!(problem["message"], expected.as_str());
+    let metrics = server.get("/metrics").body;
+    assert!(metrics.contains("\ngitfleet_tls_certificate_expiry_timestamp_seconds 1738368000\n"), "{metrics}");
+    assert!(server.logs().contains("the TLS certificate needs renewing"), "{}", server.logs());
     server.stop();
 }
 
