@@ -94,12 +94,19 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
     let (events_tx, events_rx) = mpsc::channel(64);
     let (triggers_tx, triggers_rx) = mpsc::channel(16);
 
+    let metrics = Arc::new(Metrics::default());
     let registry = Registry::new();
     let restored = crate::opamp::persist::restore(&registry, Arc::clone(&store)).await?;
     info!(instances = restored, "restored instances");
     tracker.spawn(
-        crate::opamp::persist::run(Arc::clone(&registry), Arc::clone(&store), cancel.clone())
-            .instrument(info_span!("persist")),
+        crate::opamp::persist::run(
+            Arc::clone(&registry),
+            Arc::clone(&store),
+            settings.forget_after,
+            Arc::clone(&metrics),
+            cancel.clone(),
+        )
+        .instrument(info_span!("persist")),
     );
     let reconciler = Reconciler::load(Arc::clone(&store), settings.data_dir.clone(), view_tx).await?;
     tracker.spawn(reconciler.run(events_rx, cancel.clone()).instrument(info_span!("reconciler")));
@@ -133,7 +140,6 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
     );
 
     let (targets_tx, targets_rx) = watch::channel(Arc::new(crate::opamp::registry::Targets::new()));
-    let metrics = Arc::new(Metrics::default());
     let (statuses_tx, statuses_rx) = watch::channel(Arc::new(Statuses::default()));
     tracker.spawn(
         reporting::publish_statuses(

@@ -185,6 +185,7 @@ fn reconcile(fleets: usize, tags: usize, configs: usize, rounds: usize, dir: Opt
         status_page_url: None,
         tls_cert: None,
         tls_key: None,
+        forget_after: "7d".to_owned(),
     }
     .validate()?;
     let samples = runtime.block_on(async {

@@ -136,6 +136,7 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         status_page_url: None,
         tls_cert: None,
         tls_key: None,
+        forget_after: "7d".to_owned(),
     }
     .validate()?;
     runtime()?.block_on(async {

@@ -15,6 +15,7 @@ pub struct Metrics {
     pub forge_posts: AtomicU64,
     pub forge_errors: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
+    pub instances_forgotten: AtomicU64,
     /// The end of the served certificate's validity (Unix seconds); 0 without TLS.
     pub tls_certificate_not_after: AtomicI64,
 }

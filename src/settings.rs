@@ -68,6 +68,11 @@ pub struct ServeArgs {
     /// statuses link to the fleet's page there.
     #[arg(long, env = "GITFLEET_STATUS_PAGE_URL")]
     pub status_page_url: Option<String>,
+    /// Forget an instance (its record and history) once it has had no connection and sent
+    /// nothing for this long; `never` keeps every instance. A forgotten collector that comes
+    /// back is simply new again.
+    #[arg(long, env = "GITFLEET_FORGET_AFTER", default_value = "7d")]
+    pub forget_after: String,
     /// A PEM certificate chain: both ports then speak only TLS (wss://, https://). Read
     /// again when it changes, so a renewal needs no restart.
     #[arg(long, env = "GITFLEET_TLS_CERT", requires = "tls_key")]
@@ -101,6 +106,8 @@ pub struct Settings {
     pub status_page_url: Option<String>,
     /// TLS on both ports, with the certificate already loaded.
     pub tls: Option<crate::tls::Tls>,
+    /// `None` for `never`.
+    pub forget_after: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +146,8 @@ pub enum SettingsError {
     BadForgeUrl(#[from] crate::forge::ForgeUrlError),
     #[error("--forge-token-file {path}: {message}")]
     ForgeToken { path: String, message: String },
+    #[error("--forget-after: {0}")]
+    BadForgetAfter(String),
     #[error("--tls-cert/--tls-key: {0}")]
     Tls(#[from] crate::tls::TlsError),
 }
@@ -212,6 +221,16 @@ impl ServeArgs {
             }
             _ => None,
         };
+        let forget_after = match self.forget_after.trim() {
+            "never" => None,
+            text => {
+                let after = parse_duration(text).map_err(SettingsError::BadForgetAfter)?;
+                if after < Duration::from_secs(1) {
+                    return Err(SettingsError::BadForgetAfter(format!("`{text}` is shorter than 1s")));
+                }
+                Some(after)
+            }
+        };
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => Some(crate::tls::Tls::new(crate::tls::TlsFiles { cert, key })?),
             _ => None,
@@ -244,6 +263,7 @@ impl ServeArgs {
             forge,
             status_page_url,
             tls,
+            forget_after,
         })
     }
 }

@@ -1,18 +1,22 @@
 //! Writes instance changes to the store in batches, one transaction every `FLUSH_EVERY`:
 //! never a write per heartbeat (`last_seen` alone is written once a minute at most), and a
-//! last flush on shutdown.
+//! last flush on shutdown. Instances silent for `--forget-after` are forgotten, in memory
+//! and in the store.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
+use crate::metrics::Metrics;
 use crate::opamp::registry::{InstanceRecord, Registry};
 use crate::store::{Store, StoreError};
 
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// The longest wait between looks for instances to forget.
+const FORGET_CHECK_MAX: Duration = Duration::from_secs(60);
 /// History entries kept per instance in the store (the newest ones).
 pub const EVENTS_KEPT: usize = 200;
 /// History entries loaded per instance at startup.
@@ -31,15 +35,30 @@ pub async fn restore(registry: &Registry, store: Arc<dyn Store>) -> Result<usize
     Ok(count)
 }
 
-pub async fn run(registry: Arc<Registry>, store: Arc<dyn Store>, cancel: CancellationToken) {
+pub async fn run(
+    registry: Arc<Registry>,
+    store: Arc<dyn Store>,
+    forget_after: Option<Duration>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
     let mut flush_tick = tokio::time::interval(FLUSH_EVERY);
     flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut prune_tick = tokio::time::interval(PRUNE_EVERY);
     prune_tick.tick().await;
+    // Often enough that an instance goes at most a quarter of `forget_after` late, and at
+    // most a minute late.
+    let forget_every = forget_after.map_or(FORGET_CHECK_MAX, |after| (after / 4).clamp(FLUSH_EVERY, FORGET_CHECK_MAX));
+    let mut forget_tick = tokio::time::interval_at(tokio::time::Instant::now() + forget_every, forget_every);
     loop {
         let stopping = tokio::select! {
             () = cancel.cancelled() => true,
             _ = flush_tick.tick() => false,
+            _ = forget_tick.tick(), if forget_after.is_some() => {
+                let after = forget_after.expect("checked by the branch guard");
+                forget(&registry, &store, after, &metrics).await;
+                false
+            }
             _ = prune_tick.tick() => {
                 let store = Arc::clone(&store);
                 match tokio::task::spawn_blocking(move || store.prune_events(EVENTS_KEPT)).await.expect("pruning does not panic") {
@@ -53,6 +72,28 @@ pub async fn run(registry: Arc<Registry>, store: Arc<dyn Store>, cancel: Cancell
         if stopping {
             break;
         }
+    }
+}
+
+/// Forgets the instances without a connection that have been silent for `after`.
+async fn forget(registry: &Registry, store: &Arc<dyn Store>, after: Duration, metrics: &Metrics) {
+    let cutoff = crate::time::now_ms() - i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+    let forgotten = registry.forget_silent_since(cutoff);
+    if forgotten.is_empty() {
+        return;
+    }
+    let count = forgotten.len();
+    metrics.instances_forgotten.fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+    let store = Arc::clone(store);
+    match tokio::task::spawn_blocking(move || store.forget_instances(&forgotten))
+        .await
+        .expect("forgetting does not panic")
+    {
+        Ok(()) => {
+            info!(instances = count, after = %crate::duration::format_duration(after), "forgot instances not heard from")
+        }
+        // They stay in the store, come back at the next start, and are forgotten again.
+        Err(error) => warn!(%error, instances = count, "cannot delete forgotten instances from the store"),
     }
 }
 

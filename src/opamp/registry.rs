@@ -372,6 +372,23 @@ impl Registry {
         }
     }
 
+    /// Removes the instances without a live connection that have not been heard from since
+    /// `cutoff_ms`; returns their ids.
+    pub fn forget_silent_since(&self, cutoff_ms: i64) -> Vec<[u8; 16]> {
+        let mut forgotten = Vec::new();
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            shard.retain(|uid, record| {
+                let keep = record.session.is_some() || record.config.last_seen_ms >= cutoff_ms;
+                if !keep {
+                    forgotten.push(uid.0);
+                }
+                keep
+            });
+        }
+        forgotten
+    }
+
     /// Brings every record up to date with the targets (see `InstanceRecord::sync`).
     pub fn sync_all(&self, targets: &Targets, now_ms: i64) {
         self.for_each(|record| record.sync(targets.get(&*record.fleet), now_ms));

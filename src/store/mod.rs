@@ -107,6 +107,8 @@ pub trait Store: Send + Sync + 'static {
     fn effective_config(&self, uid: [u8; 16]) -> Result<Option<String>, StoreError>;
     /// Keeps only the newest `per_instance` history entries of each instance.
     fn prune_events(&self, per_instance: usize) -> Result<usize, StoreError>;
+    /// Deletes instances and their history.
+    fn forget_instances(&self, uids: &[[u8; 16]]) -> Result<(), StoreError>;
     /// The newest reconciles first.
     fn reconcile_history(&self, limit: usize) -> Result<Vec<ReconcileRecord>, StoreError>;
     /// The commit statuses last posted to `forge`.

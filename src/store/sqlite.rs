@@ -516,6 +516,23 @@ impl Store for SqliteStore {
             .map_err(query("pruning instance events"))
     }
 
+    fn forget_instances(&self, uids: &[[u8; 16]]) -> Result<(), StoreError> {
+        let mut connection = self.connection();
+        let transaction = connection.transaction().map_err(query("forgetting instances"))?;
+        {
+            let mut events = transaction
+                .prepare_cached("DELETE FROM instance_events WHERE uid = ?1")
+                .map_err(query("forgetting"))?;
+            let mut instances =
+                transaction.prepare_cached("DELETE FROM instances WHERE uid = ?1").map_err(query("forgetting"))?;
+            for uid in uids {
+                events.execute([uid.as_slice()]).map_err(query("forgetting instance events"))?;
+                instances.execute([uid.as_slice()]).map_err(query("forgetting instances"))?;
+            }
+        }
+        transaction.commit().map_err(query("forgetting instances"))
+    }
+
     fn reconcile_history(&self, limit: usize) -> Result<Vec<ReconcileRecord>, StoreError> {
         let connection = self.connection();
         let mut statement = connection

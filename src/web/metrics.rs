@@ -112,6 +112,12 @@ pub async fn metrics(State(state): State<WebState>) -> Response {
         "Commit status posts that failed.",
         Metrics::read(&m.forge_errors),
     );
+    counter(
+        &mut out,
+        "gitfleet_instances_forgotten_total",
+        "Instances forgotten after --forget-after without a word.",
+        Metrics::read(&m.instances_forgotten),
+    );
     let not_after = m.tls_certificate_not_after.load(std::sync::atomic::Ordering::Relaxed);
     if not_after != 0 {
         counter(

@@ -317,6 +317,59 @@ fn a_restart_keeps_instances_which_come_back_stale_until_heard_from() {
         .wait_for(&format!("/api/v1/instances/{}", uid_text(uid)), WAIT, "in sync again", |i| i["status"] == "in_sync");
 }
 
+/// The ids of every instance the server knows, sorted.
+fn known_uids(server: &Server) -> Vec<String> {
+    let instances = server.json("/api/v1/instances");
+    let mut uids: Vec<String> = instances["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .map(|i| i["instance_uid"].as_str().expect("an id").to_owned())
+        .collect();
+    uids.sort();
+    uids
+}
+
+#[test]
+fn silent_instances_are_forgotten_and_stay_forgotten_after_a_restart() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let path = repo.path().display().to_string();
+    let server = Server::start(&path, data.path(), &["--poll-interval", "1h", "--forget-after", "2s"]);
+    let token = server.token("prod-gateway");
+    let (gone, polled, quiet) = ([0xa1; 16], [0xa2; 16], [0xa3; 16]);
+    // One that leaves, one that polls once over HTTP, one that stays connected and says nothing.
+    let mut leaving = OpampWs::connect(server.opamp, &token).expect("connects");
+    leaving.send(&full_state(gone, 0, "leaving"));
+    leaving.recv();
+    drop(leaving);
+    let bearer = format!("Bearer {token}");
+    let headers = [("Content-Type", "application/x-protobuf"), ("Authorization", bearer.as_str())];
+    let polled_once =
+        http(server.opamp, "POST", "/v1/opamp", &headers, &full_state(polled, 0, "polled").encode_to_vec());
+    assert_eq!(polled_once.status, 200);
+    let mut staying = OpampWs::connect(server.opamp, &token).expect("connects");
+    staying.send(&full_state(quiet, 0, "staying"));
+    // Each was answered, so each was known; the two silent ones go within a few seconds.
+    staying.recv();
+
+    let deadline = Instant::now() + WAIT;
+    while known_uids(&server) != [uid_text(quiet)] {
+        assert!(Instant::now() < deadline, "still known: {:?}; logs:\n{}", known_uids(&server), server.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(server.get(&format!("/api/v1/instances/{}", uid_text(gone))).status, 404);
+    assert!(server.get("/metrics").body.contains("\ngitfleet_instances_forgotten_total 2\n"));
+    assert!(server.logs().contains("forgot instances not heard from"), "{}", server.logs());
+    drop(staying);
+    assert_eq!(server.stop(), Some(0));
+
+    // The store forgot them too: after a restart only the connected one comes back.
+    let server = Server::start(&path, data.path(), &["--poll-interval", "1h", "--forget-after", "never"]);
+    assert_eq!(known_uids(&server), [uid_text(quiet)]);
+    server.stop();
+}
+
 fn loadgen(server: &Server, fleet: &str, args: &[&str]) -> serde_json::Value {
     let output = crate::common::gitfleet()
         .args(["loadgen", "--url", &format!("ws://{}/v1/opamp", server.opamp), "--token", &server.token(fleet)])

@@ -263,6 +263,8 @@ fn bad_settings_exit_with_one_clear_line_before_binding() {
         (vec!["--repo", &path, "--webhook-secret", ""], "gitfleet: --webhook-secret must not be empty"),
         (vec!["--repo", &path, "--web-listen", &taken], "gitfleet: cannot listen on"),
         (vec!["--repo", &path, "--status-interval", "0s"], "gitfleet: --status-interval: `0s` is shorter than 1s"),
+        (vec!["--repo", &path, "--forget-after", "0s"], "gitfleet: --forget-after: `0s` is shorter than 1s"),
+        (vec!["--repo", &path, "--forget-after", "forever"], "gitfleet: --forget-after: `forever` is not a duration"),
         (vec!["--repo", &path, "--status-branch", "main"], "gitfleet: --status-branch must differ from --branch"),
         (vec!["--repo", &path, "--status-branch", "a b"], "gitfleet: --status-branch `a b` is not a valid branch name"),
         (
