@@ -128,6 +128,7 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
             opamp_addr.port()
         ),
         artifacts_dir: settings.artifacts_dir.clone(),
+        ca: settings.install_ca.clone(),
     };
     tracker.spawn(
         crate::install::writer::keep_written(view_rx.clone(), install, events_tx.clone(), cancel.clone())

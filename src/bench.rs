@@ -186,6 +186,7 @@ fn reconcile(fleets: usize, tags: usize, configs: usize, rounds: usize, dir: Opt
         tls_cert: None,
         tls_key: None,
         forget_after: "7d".to_owned(),
+        install_ca_file: None,
     }
     .validate()?;
     let samples = runtime.block_on(async {

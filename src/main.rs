@@ -137,6 +137,7 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         tls_cert: None,
         tls_key: None,
         forget_after: "7d".to_owned(),
+        install_ca_file: None,
     }
     .validate()?;
     runtime()?.block_on(async {

@@ -73,6 +73,11 @@ pub struct ServeArgs {
     /// back is simply new again.
     #[arg(long, env = "GITFLEET_FORGET_AFTER", default_value = "7d")]
     pub forget_after: String,
+    /// A PEM file of the CA certificates collectors should trust for this server (for a
+    /// private CA): put into the install files of fleets that dial wss:// or https://, as
+    /// ca.pem and the supervisor's `server.tls.ca_file`.
+    #[arg(long, env = "GITFLEET_INSTALL_CA_FILE")]
+    pub install_ca_file: Option<PathBuf>,
     /// A PEM certificate chain: both ports then speak only TLS (wss://, https://). Read
     /// again when it changes, so a renewal needs no restart.
     #[arg(long, env = "GITFLEET_TLS_CERT", requires = "tls_key")]
@@ -108,6 +113,8 @@ pub struct Settings {
     pub tls: Option<crate::tls::Tls>,
     /// `None` for `never`.
     pub forget_after: Option<Duration>,
+    /// The PEM text of `--install-ca-file`.
+    pub install_ca: Option<Arc<str>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +153,8 @@ pub enum SettingsError {
     BadForgeUrl(#[from] crate::forge::ForgeUrlError),
     #[error("--forge-token-file {path}: {message}")]
     ForgeToken { path: String, message: String },
+    #[error("--install-ca-file {0}")]
+    InstallCa(String),
     #[error("--forget-after: {0}")]
     BadForgetAfter(String),
     #[error("--tls-cert/--tls-key: {0}")]
@@ -231,6 +240,10 @@ impl ServeArgs {
                 Some(after)
             }
         };
+        let install_ca = match &self.install_ca_file {
+            Some(path) => Some(Arc::from(crate::tls::read_ca_bundle(path).map_err(SettingsError::InstallCa)?)),
+            None => None,
+        };
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => Some(crate::tls::Tls::new(crate::tls::TlsFiles { cert, key })?),
             _ => None,
@@ -264,6 +277,7 @@ impl ServeArgs {
             status_page_url,
             tls,
             forget_after,
+            install_ca,
         })
     }
 }

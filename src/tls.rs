@@ -114,6 +114,21 @@ pub fn client_trusting(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, Stri
     Ok(Arc::new(config))
 }
 
+/// The text of a PEM file of CA certificates for collectors to trust, once every
+/// certificate in it parses.
+pub fn read_ca_bundle(path: &Path) -> Result<String, String> {
+    let bad = |message: String| format!("{}: {message}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|error| bad(error.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_slice_iter(text.as_bytes()) {
+        roots.add(certificate.map_err(|error| bad(error.to_string()))?).map_err(|error| bad(error.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no PEM certificate in it".into()));
+    }
+    Ok(text)
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }

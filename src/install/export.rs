@@ -26,6 +26,9 @@ pub struct InstallFilesArgs {
     /// Release files to put into the offline bundles (as given to `gitfleet serve`).
     #[arg(long, env = "GITFLEET_ARTIFACTS_DIR")]
     pub artifacts_dir: Option<PathBuf>,
+    /// CA certificates collectors should trust (as given to `gitfleet serve`).
+    #[arg(long, env = "GITFLEET_INSTALL_CA_FILE")]
+    pub install_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +58,10 @@ pub enum ExportError {
 /// Writes the set and returns the paths written.
 pub fn run(args: &InstallFilesArgs) -> Result<Vec<PathBuf>, ExportError> {
     let public_url = args.public_url.as_deref().map(crate::settings::parse_public_url).transpose()?;
+    let ca = match &args.install_ca_file {
+        Some(path) => Some(crate::tls::read_ca_bundle(path).map_err(crate::settings::SettingsError::InstallCa)?),
+        None => None,
+    };
     let database = args.data_dir.join("state.db");
     if !database.is_file() {
         return Err(ExportError::NoState(args.data_dir.display().to_string()));
@@ -86,6 +93,7 @@ pub fn run(args: &InstallFilesArgs) -> Result<Vec<PathBuf>, ExportError> {
         endpoint: &endpoint,
         collector_version: &collector_version,
         supervisor_version: &supervisor_version,
+        ca: ca.as_deref(),
     };
     let included = match &args.artifacts_dir {
         Some(dir) => match artifacts::for_bundles(dir, &install) {
@@ -97,5 +105,7 @@ pub fn run(args: &InstallFilesArgs) -> Result<Vec<PathBuf>, ExportError> {
     let rendered = files::render(&install);
     files::write_set(&args.out, &install, &rendered, &included, "exported")
         .map_err(|source| ExportError::Write { path: args.out.display().to_string(), source })?;
-    Ok(files::served_names(&args.fleet).into_iter().map(|name| args.out.join(name)).collect())
+    let mut written: Vec<PathBuf> = rendered.iter().map(|file| args.out.join(file.name)).collect();
+    written.extend(files::ARCHES.iter().map(|arch| args.out.join(files::bundle_name(&args.fleet, arch))));
+    Ok(written)
 }

@@ -30,6 +30,8 @@ pub struct InstallSpec<'a> {
     pub endpoint: &'a str,
     pub collector_version: &'a str,
     pub supervisor_version: &'a str,
+    /// CA certificates (PEM) collectors trust for a `wss://` or `https://` endpoint.
+    pub ca: Option<&'a str>,
 }
 
 /// One rendered file and the mode it gets inside a bundle.
@@ -60,9 +62,13 @@ pub fn bundle_name(fleet: &str, arch: &str) -> String {
     format!("gitfleet-{fleet}-linux-{arch}.tar.gz")
 }
 
-/// Every file `GET /v1/install/<file>` serves for `fleet`.
+/// Where `install.sh` and the Docker image put `ca.pem`.
+const CA_PATH: &str = "/etc/gitfleet-collector/ca.pem";
+
+/// Every file `GET /v1/install/<file>` may serve for `fleet` (`ca.pem` only when there is one).
 pub fn served_names(fleet: &str) -> Vec<String> {
     let mut names: Vec<String> = TEMPLATES.iter().map(|(name, ..)| (*name).to_owned()).collect();
+    names.push("ca.pem".to_owned());
     names.extend(ARCHES.iter().map(|arch| bundle_name(fleet, arch)));
     names
 }
@@ -78,17 +84,26 @@ const TEMPLATES: [(&str, u32, &str); 6] = [
 
 /// The text files of a fleet's install set.
 pub fn render(spec: &InstallSpec<'_>) -> Vec<TextFile> {
-    let tls = if spec.endpoint.starts_with("wss://") || spec.endpoint.starts_with("https://") {
-        "  tls:\n    insecure_skip_verify: false\n    # ca_file: /etc/gitfleet-collector/ca.pem   # for a private CA\n"
-    } else {
-        ""
+    let secure = spec.endpoint.starts_with("wss://") || spec.endpoint.starts_with("https://");
+    let ca = spec.ca.filter(|_| secure);
+    let tls = match (secure, ca) {
+        (false, _) => String::new(),
+        (true, None) => {
+            format!("  tls:\n    insecure_skip_verify: false\n    # ca_file: {CA_PATH}   # for a private CA\n")
+        }
+        (true, Some(_)) => format!("  tls:\n    insecure_skip_verify: false\n    ca_file: {CA_PATH}\n"),
+    };
+    let copy_ca = match ca {
+        Some(_) => format!("COPY --chmod=0644 ca.pem {CA_PATH}\n"),
+        None => String::new(),
     };
     let endpoint_yaml = serde_json::to_string(spec.endpoint).expect("a string serializes");
-    TEMPLATES
+    let mut files: Vec<TextFile> = TEMPLATES
         .iter()
         .map(|&(name, mode, template)| {
             let body = template
-                .replace("@TLS@\n", tls)
+                .replace("@TLS@\n", &tls)
+                .replace("@COPY_CA@\n", &copy_ca)
                 .replace("@ENDPOINT@", if name == "supervisor.yaml" { &endpoint_yaml } else { spec.endpoint })
                 .replace("@DOWNLOAD_BASE@", &download_base(spec.endpoint))
                 .replace("@TOKEN@", spec.token.expose())
@@ -97,7 +112,11 @@ pub fn render(spec: &InstallSpec<'_>) -> Vec<TextFile> {
                 .replace("@SUPERVISOR_VERSION@", spec.supervisor_version);
             TextFile { name, mode, body }
         })
-        .collect()
+        .collect();
+    if let Some(ca) = ca {
+        files.push(TextFile { name: "ca.pem", mode: 0o644, body: ca.to_owned() });
+    }
+    files
 }
 
 /// `https://host:port/v1/install` for an OpAMP endpoint `wss://host:port/v1/opamp`.
@@ -147,6 +166,14 @@ pub fn write_set(
     for file in files {
         write_private(dir, file.name, |out| out.write_all(file.body.as_bytes()))?;
     }
+    // The one optional file: gone from the set (no CA any more, or a plain endpoint), gone
+    // from the disk, so that it is not served.
+    if !files.iter().any(|file| file.name == "ca.pem") {
+        match std::fs::remove_file(dir.join("ca.pem")) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+            _ => {}
+        }
+    }
     let mtime = crate::time::now_unix().max(0) as u64;
     for arch in ARCHES {
         let included = artifacts.iter().find(|(a, _)| *a == arch).map(|(_, list)| list.as_slice()).unwrap_or_default();
@@ -182,6 +209,7 @@ mod tests {
             endpoint,
             collector_version: "0.115.0",
             supervisor_version: "0.116.0",
+            ca: None,
         }
     }
 
@@ -215,6 +243,27 @@ mod tests {
         let plain = render(&spec(&text, "ws://10.0.0.1:4320/v1/opamp"));
         let yaml = &plain.iter().find(|f| f.name == "supervisor.yaml").expect("supervisor.yaml").body;
         assert!(!yaml.contains("tls:"), "{yaml}");
+    }
+
+    #[test]
+    fn a_private_ca_goes_with_secure_endpoints_only() {
+        let (text, _) = token::issue("prod-gateway", 0, 0).expect("random");
+        let ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let file = |files: &[TextFile], name: &str| files.iter().find(|f| f.name == name).map(|f| f.body.clone());
+        let secure = render(&InstallSpec { ca: Some(ca), ..spec(&text, "wss://fleet.example.com:4320/v1/opamp") });
+        let yaml = file(&secure, "supervisor.yaml").expect("supervisor.yaml");
+        assert!(yaml.contains("\n    ca_file: /etc/gitfleet-collector/ca.pem\n"), "{yaml}");
+        assert_eq!(file(&secure, "ca.pem").as_deref(), Some(ca));
+        assert_eq!(secure.iter().find(|f| f.name == "ca.pem").map(|f| f.mode), Some(0o644));
+        let dockerfile = file(&secure, "Dockerfile").expect("Dockerfile");
+        assert!(dockerfile.contains("\nCOPY --chmod=0644 ca.pem /etc/gitfleet-collector/ca.pem\n"), "{dockerfile}");
+
+        let plain = render(&InstallSpec { ca: Some(ca), ..spec(&text, "ws://10.0.0.1:4320/v1/opamp") });
+        assert_eq!(file(&plain, "ca.pem"), None);
+        assert!(!file(&plain, "Dockerfile").expect("Dockerfile").contains("ca.pem"));
+        let without = render(&spec(&text, "wss://fleet.example.com:4320/v1/opamp"));
+        assert!(file(&without, "supervisor.yaml").expect("yaml").contains("# ca_file:"), "a hint, commented out");
+        assert!(!file(&without, "Dockerfile").expect("Dockerfile").contains("ca.pem"));
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub struct InstallConfig {
     /// Used, with a warning, when neither the fleet nor `--public-url` names an endpoint.
     pub fallback_endpoint: String,
     pub artifacts_dir: Option<PathBuf>,
+    /// `--install-ca-file`, for fleets that dial `wss://` or `https://`.
+    pub ca: Option<std::sync::Arc<str>>,
 }
 
 /// One fleet's set to write.
@@ -131,6 +133,7 @@ fn write_all(jobs: &[Job], config: &InstallConfig, written: &mut HashMap<String,
             endpoint: &job.endpoint,
             collector_version: &job.collector_version,
             supervisor_version: &job.supervisor_version,
+            ca: config.ca.as_deref(),
         };
         if let Err(message) = write_fleet(&spec, job.endpoint_fallback, config, written) {
             warn!(fleet = %job.fleet, error = %message, "cannot write install files");

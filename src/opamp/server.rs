@@ -123,6 +123,10 @@ async fn install_file(
     let path = state.install_dir.join(&fleet).join(&file);
     let opened = match tokio::fs::File::open(&path).await {
         Ok(opened) => opened,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound && file == "ca.pem" => {
+            let message = "this fleet's set has no ca.pem: the server has no --install-ca-file, or the fleet's endpoint is not TLS";
+            return plain(StatusCode::NOT_FOUND, message);
+        }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let mut response = plain(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use tempfile::TempDir;
 
-use crate::common::{GitRepo, Server, example, gitfleet, http};
+use crate::common::{GitRepo, SelfSigned, Server, example, gitfleet, http};
 
 const WAIT: Duration = Duration::from_secs(15);
 const TEXT_FILES: [&str; 6] =
@@ -87,11 +87,14 @@ fn scalar<'a>(node: &'a Node, path: &[&str]) -> &'a str {
     current.as_str().unwrap_or_else(|| panic!("{path:?} is not a scalar"))
 }
 
-/// The example repository served with stand-in release files and a public URL.
+/// The example repository served with stand-in release files, a public URL and a private
+/// CA for collectors to trust.
 struct Setup {
     repo: GitRepo,
     data: TempDir,
     releases: TempDir,
+    /// Holds `ca.crt`, given as `--install-ca-file`.
+    ca: TempDir,
     server: Server,
 }
 
@@ -100,16 +103,23 @@ fn start() -> Setup {
     let data = tempfile::tempdir().expect("temp dir");
     let releases = tempfile::tempdir().expect("temp dir");
     artifacts(releases.path());
+    let ca = tempfile::tempdir().expect("temp dir");
+    let ca_file = SelfSigned::new(ca.path(), "ca").cert.display().to_string();
     let artifacts_dir = releases.path().display().to_string();
-    let extra =
-        ["--poll-interval", "1h", "--artifacts-dir", &artifacts_dir, "--public-url", "https://fleet.example.com:4320"];
+    let extra = [
+        ["--poll-interval", "1h"],
+        ["--artifacts-dir", &artifacts_dir],
+        ["--public-url", "https://fleet.example.com:4320"],
+        ["--install-ca-file", &ca_file],
+    ]
+    .concat();
     let server = Server::start(&repo.path().display().to_string(), data.path(), &extra);
-    Setup { repo, data, releases, server }
+    Setup { repo, data, releases, ca, server }
 }
 
 #[test]
 fn install_files_are_served_to_the_current_token_and_follow_the_fleet_file() {
-    let Setup { repo, data, releases: _releases, server } = start();
+    let Setup { repo, data, releases: _releases, ca, server } = start();
     let token = server.token("prod-gateway");
 
     for file in TEXT_FILES.iter().copied().chain(["gitfleet-prod-gateway-linux-amd64.tar.gz"]) {
@@ -173,6 +183,11 @@ fn install_files_are_served_to_the_current_token_and_follow_the_fleet_file() {
     let nodes_yaml = yaml::parse(&nodes_yaml).expect("YAML").expect("document");
     assert_eq!(scalar(&nodes_yaml, &["server", "endpoint"]), "wss://fleet.example.com:4320/v1/opamp");
     assert_eq!(scalar(&nodes_yaml, &["server", "tls", "insecure_skip_verify"]), "false");
+    // With the private CA the set holds, for this TLS endpoint only.
+    assert_eq!(scalar(&nodes_yaml, &["server", "tls", "ca_file"]), "/etc/gitfleet-collector/ca.pem");
+    let ca_pem = std::fs::read(ca.path().join("ca.crt")).expect("the CA file");
+    assert_eq!(fetch(&server, &nodes, "ca.pem"), ca_pem);
+    assert_eq!(download(&server, &token, "ca.pem").status, 404, "prod dials ws://: no CA in its set");
 
     // Refused: no token, a wrong one, another fleet's files, anything outside the set.
     assert_eq!(http(server.opamp, "GET", "/v1/install/install.sh", &[], b"").status, 401);
@@ -217,7 +232,7 @@ fn install_files_are_served_to_the_current_token_and_follow_the_fleet_file() {
 #[test]
 fn install_sh_from_an_offline_bundle_installs_updates_nothing_and_uninstalls() {
     // Bound, not `..`: the temporary directories must outlive the server.
-    let Setup { repo: _repo, data: _data, releases: _releases, server } = start();
+    let Setup { repo: _repo, data: _data, releases: _releases, ca, server } = start();
     let token = server.token("prod-gateway");
     let work = tempfile::tempdir().expect("temp dir");
     let bundle = work.path().join("bundle.tar.gz");
@@ -269,10 +284,17 @@ fn install_sh_from_an_offline_bundle_installs_updates_nothing_and_uninstalls() {
     assert!(ok && out.contains("already up to date; nothing changed"), "{out}");
     assert_eq!(std::fs::metadata(bin.join("otelcol-contrib")).and_then(|m| m.modified()).expect("mtime"), before);
 
+    // A set from a server with a private CA holds ca.pem: it goes beside the config.
+    std::fs::copy(ca.path().join("ca.crt"), unpacked.join("ca.pem")).expect("copy the CA");
+    let (ok, out) = install(&[]);
+    let installed_ca = prefix.join("etc/gitfleet-collector/ca.pem");
+    assert!(ok && out.contains(&format!("installed {}", installed_ca.display())), "{out}");
+    assert_eq!(std::fs::metadata(&installed_ca).expect("ca.pem").permissions().mode() & 0o777, 0o644);
+
     // Uninstall removes the files and keeps the state; a second time there is nothing to do.
     let (ok, out) = install(&["--uninstall"]);
     assert!(ok && out.contains("removed the collector of fleet prod-gateway"), "{out}");
-    assert!(!bin.join("opampsupervisor").exists() && !config.exists() && !unit.exists());
+    assert!(!bin.join("opampsupervisor").exists() && !config.exists() && !unit.exists() && !installed_ca.exists());
     assert!(state.is_dir(), "the state is kept");
     let (ok, out) = install(&["--uninstall"]);
     assert!(ok && out.contains("nothing to remove"), "{out}");
@@ -302,7 +324,7 @@ fn install_sh_from_an_offline_bundle_installs_updates_nothing_and_uninstalls() {
 
 #[test]
 fn install_files_exports_what_the_server_serves() {
-    let Setup { repo: _repo, data, releases, server } = start();
+    let Setup { repo: _repo, data, releases, ca: _ca, server } = start();
     let token = server.token("prod-gateway");
     let served = fetch(&server, &token, "supervisor.yaml");
     server.stop();

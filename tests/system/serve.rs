@@ -280,6 +280,8 @@ fn bad_settings_exit_with_one_clear_line_before_binding() {
             "gitfleet: --forge-url `https://github.com/acme` does not name a repository",
         ),
         (forge(&path, "https://github.com/a/b", &missing), "gitfleet: --forge-token-file "),
+        (vec!["--repo", &path, "--install-ca-file", &missing], "gitfleet: --install-ca-file "),
+        (vec!["--repo", &path, "--install-ca-file", &token_file], "gitfleet: --install-ca-file "),
         (forge(&path, "https://github.com/a/b", &empty), "gitfleet: --forge-token-file "),
     ];
     for (args, expected) in cases {

@@ -109,7 +109,7 @@ if [ "$action" = uninstall ]; then
         systemctl disable --now "$SERVICE" >/dev/null 2>&1 || true
     fi
     removed=0
-    for path in "$unit_path" "$bin_dir/opampsupervisor" "$bin_dir/otelcol-contrib" "$conf_dir/supervisor.yaml"; do
+    for path in "$unit_path" "$bin_dir/opampsupervisor" "$bin_dir/otelcol-contrib" "$conf_dir/supervisor.yaml" "$conf_dir/ca.pem"; do
         if [ -e "$path" ]; then
             rm -f "$path"
             removed=1
@@ -230,6 +230,10 @@ place "$work/collector/otelcol-contrib" "$bin_dir/otelcol-contrib" 0755
 place "$work/$supervisor_binary" "$bin_dir/opampsupervisor" 0755
 # The config holds the fleet's install token.
 place "$work/supervisor.yaml" "$conf_dir/supervisor.yaml" 0600
+# A server with a private CA: the certificates the supervisor trusts (its tls.ca_file).
+if [ -f "$here/ca.pem" ]; then
+    place "$here/ca.pem" "$conf_dir/ca.pem" 0644
+fi
 if [ "$system" -eq 1 ]; then
     chown "$SERVICE_USER:" "$conf_dir/supervisor.yaml" "$state_dir"
     chgrp "$SERVICE_USER" "$conf_dir"
