@@ -84,11 +84,13 @@ impl TlsFiles {
     }
 
     /// What tells a changed file: modification time and size of both.
-    fn stamp(&self) -> [Option<(SystemTime, u64)>; 2] {
+    fn stamp(&self) -> Stamp {
         let stamp = |path: &Path| std::fs::metadata(path).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
         [stamp(&self.cert), stamp(&self.key)]
     }
 }
+
+type Stamp = [Option<(SystemTime, u64)>; 2];
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read { path: path.display().to_string(), source })
@@ -98,18 +100,11 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 /// server's own certificate, or its CA's): for `loadgen` and `bench` reaching a server
 /// with a private certificate.
 pub fn client_trusting(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
-    let bad = |message: String| format!("{}: {message}", ca_file.display());
-    let mut roots = rustls::RootCertStore::empty();
-    for certificate in CertificateDer::pem_file_iter(ca_file).map_err(|error| bad(error.to_string()))? {
-        roots.add(certificate.map_err(|error| bad(error.to_string()))?).map_err(|error| bad(error.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(bad("no PEM certificate in it".into()));
-    }
+    let pem = std::fs::read(ca_file).map_err(|error| format!("{}: {error}", ca_file.display()))?;
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("the default provider supports the default protocol versions")
-        .with_root_certificates(roots)
+        .with_root_certificates(roots(&pem, ca_file)?)
         .with_no_client_auth();
     Ok(Arc::new(config))
 }
@@ -117,16 +112,22 @@ pub fn client_trusting(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, Stri
 /// The text of a PEM file of CA certificates for collectors to trust, once every
 /// certificate in it parses.
 pub fn read_ca_bundle(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|error| format!("{}: {error}", path.display()))?;
+    roots(text.as_bytes(), path)?;
+    Ok(text)
+}
+
+/// Every certificate in `pem` (read from `path`) as a trust anchor; at least one.
+fn roots(pem: &[u8], path: &Path) -> Result<rustls::RootCertStore, String> {
     let bad = |message: String| format!("{}: {message}", path.display());
-    let text = std::fs::read_to_string(path).map_err(|error| bad(error.to_string()))?;
     let mut roots = rustls::RootCertStore::empty();
-    for certificate in CertificateDer::pem_slice_iter(text.as_bytes()) {
+    for certificate in CertificateDer::pem_slice_iter(pem) {
         roots.add(certificate.map_err(|error| bad(error.to_string()))?).map_err(|error| bad(error.to_string()))?;
     }
     if roots.is_empty() {
         return Err(bad("no PEM certificate in it".into()));
     }
-    Ok(text)
+    Ok(roots)
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -147,12 +148,16 @@ impl ResolvesServerCert for Current {
 #[derive(Clone, Debug)]
 pub struct Tls {
     files: TlsFiles,
+    /// What the files looked like when the pair in use was read.
+    loaded_stamp: Stamp,
     current: Arc<Current>,
     config: Arc<ServerConfig>,
 }
 
 impl Tls {
     pub fn new(files: TlsFiles) -> Result<Self, TlsError> {
+        // Taken before reading, so that a change made while loading is seen later.
+        let loaded_stamp = files.stamp();
         let current = Arc::new(Current(RwLock::new(files.load()?)));
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -160,7 +165,7 @@ impl Tls {
             .with_no_client_auth()
             .with_cert_resolver(Arc::clone(&current) as Arc<dyn ResolvesServerCert>);
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Self { files, current, config: Arc::new(config) })
+        Ok(Self { files, loaded_stamp, current, config: Arc::new(config) })
     }
 
     /// Accepts on `listener` (bound to `local`) and hands out connections once their
@@ -189,7 +194,7 @@ impl Tls {
         events: mpsc::Sender<Event>,
         cancel: CancellationToken,
     ) {
-        let mut seen = self.files.stamp();
+        let mut seen = self.loaded_stamp;
         let mut reload_problem = None;
         let mut reported = Vec::new();
         let mut ticks = tokio::time::interval(every);
