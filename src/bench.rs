@@ -166,27 +166,11 @@ fn reconcile(fleets: usize, tags: usize, configs: usize, rounds: usize, dir: Opt
     let server_data = root.join("server-data");
     let _ = std::fs::remove_dir_all(&server_data);
     let settings = ServeArgs {
-        repo: source_url,
-        branch: "main".into(),
-        data_dir: server_data,
         listen: "127.0.0.1:0".into(),
-        max_connections: 19_500,
         web_listen: "127.0.0.1:0".into(),
         poll_interval: "1h".into(),
-        webhook_secret: None,
-        public_url: None,
-        artifacts_dir: None,
-        status_branch: "gitfleet/status".to_owned(),
         no_status_branch: true,
-        status_interval: "10s".to_owned(),
-        forge: None,
-        forge_url: None,
-        forge_token_file: None,
-        status_page_url: None,
-        tls_cert: None,
-        tls_key: None,
-        forget_after: "7d".to_owned(),
-        install_ca_file: None,
+        ..ServeArgs::new(source_url, server_data)
     }
     .validate()?;
     let samples = runtime.block_on(async {

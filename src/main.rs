@@ -117,27 +117,10 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     let dir = std::fs::canonicalize(&args.dir).with_context(|| format!("cannot resolve {}", args.dir.display()))?;
     let repo = demo::prepare_repository(&dir)?;
     let settings = ServeArgs {
-        repo: repo.display().to_string(),
-        branch: "main".to_owned(),
-        data_dir: dir.join("data"),
         listen: args.listen.clone(),
-        max_connections: 19_500,
         web_listen: args.web_listen.clone(),
-        poll_interval: "30s".to_owned(),
-        webhook_secret: None,
         public_url: Some(format!("http://{}", args.listen)),
-        artifacts_dir: None,
-        status_branch: "gitfleet/status".to_owned(),
-        no_status_branch: false,
-        status_interval: "10s".to_owned(),
-        forge: None,
-        forge_url: None,
-        forge_token_file: None,
-        status_page_url: None,
-        tls_cert: None,
-        tls_key: None,
-        forget_after: "7d".to_owned(),
-        install_ca_file: None,
+        ..ServeArgs::new(repo.display().to_string(), dir.join("data"))
     }
     .validate()?;
     runtime()?.block_on(async {

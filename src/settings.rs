@@ -9,6 +9,15 @@ use std::time::Duration;
 use crate::duration::parse_duration;
 use crate::git::mirror::local_git_dir;
 
+const DEFAULT_BRANCH: &str = "main";
+const DEFAULT_LISTEN: &str = "0.0.0.0:4320";
+const DEFAULT_MAX_CONNECTIONS: usize = 19_500;
+const DEFAULT_WEB_LISTEN: &str = "127.0.0.1:4321";
+const DEFAULT_POLL_INTERVAL: &str = "30s";
+const DEFAULT_STATUS_BRANCH: &str = "gitfleet/status";
+const DEFAULT_STATUS_INTERVAL: &str = "10s";
+const DEFAULT_FORGET_AFTER: &str = "7d";
+
 /// `gitfleet serve` flags. Every flag has a `GITFLEET_*` variable.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ServeArgs {
@@ -16,23 +25,23 @@ pub struct ServeArgs {
     #[arg(long, env = "GITFLEET_REPO")]
     pub repo: String,
     /// The branch whose tip is the desired state.
-    #[arg(long, env = "GITFLEET_BRANCH", default_value = "main")]
+    #[arg(long, env = "GITFLEET_BRANCH", default_value = DEFAULT_BRANCH)]
     pub branch: String,
     /// Where gitfleet keeps its state database and repository mirror.
     #[arg(long, env = "GITFLEET_DATA_DIR", default_value = "./.gitfleet")]
     pub data_dir: PathBuf,
     /// Address of the collector port: OpAMP at /v1/opamp (WebSocket and plain HTTP).
-    #[arg(long, env = "GITFLEET_LISTEN", default_value = "0.0.0.0:4320")]
+    #[arg(long, env = "GITFLEET_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: String,
     /// Most WebSocket connections and HTTP requests in flight on the collector port; more
     /// get 503 with Retry-After. The process may open 20,000 files here.
-    #[arg(long, env = "GITFLEET_MAX_CONNECTIONS", default_value_t = 19_500)]
+    #[arg(long, env = "GITFLEET_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// Address of the people port: status API, /healthz, /readyz, POST /hooks/git.
-    #[arg(long, env = "GITFLEET_WEB_LISTEN", default_value = "127.0.0.1:4321")]
+    #[arg(long, env = "GITFLEET_WEB_LISTEN", default_value = DEFAULT_WEB_LISTEN)]
     pub web_listen: String,
     /// How often to fetch the repository when no webhook or filesystem event arrives.
-    #[arg(long, env = "GITFLEET_POLL_INTERVAL", default_value = "30s")]
+    #[arg(long, env = "GITFLEET_POLL_INTERVAL", default_value = DEFAULT_POLL_INTERVAL)]
     pub poll_interval: String,
     /// The URL collectors reach the collector port at, such as https://fleet.example.com:4320.
     /// Install files and token-rotation offers use it for fleets without `[install].endpoint`.
@@ -47,13 +56,13 @@ pub struct ServeArgs {
     #[arg(long, env = "GITFLEET_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
     /// The orphan branch fleet status is committed to and pushed to the repository's remote.
-    #[arg(long, env = "GITFLEET_STATUS_BRANCH", default_value = "gitfleet/status")]
+    #[arg(long, env = "GITFLEET_STATUS_BRANCH", default_value = DEFAULT_STATUS_BRANCH)]
     pub status_branch: String,
     /// Do not write the status branch.
     #[arg(long, env = "GITFLEET_NO_STATUS_BRANCH")]
     pub no_status_branch: bool,
     /// At most one status commit, and one commit status per fleet, per interval.
-    #[arg(long, env = "GITFLEET_STATUS_INTERVAL", default_value = "10s")]
+    #[arg(long, env = "GITFLEET_STATUS_INTERVAL", default_value = DEFAULT_STATUS_INTERVAL)]
     pub status_interval: String,
     /// Post commit statuses to this kind of forge (gitea also means Forgejo).
     #[arg(long, env = "GITFLEET_FORGE", value_enum, requires_all = ["forge_url", "forge_token_file"])]
@@ -71,7 +80,7 @@ pub struct ServeArgs {
     /// Forget an instance (its record and history) once it has had no connection and sent
     /// nothing for this long; `never` keeps every instance. A forgotten collector that comes
     /// back is simply new again.
-    #[arg(long, env = "GITFLEET_FORGET_AFTER", default_value = "7d")]
+    #[arg(long, env = "GITFLEET_FORGET_AFTER", default_value = DEFAULT_FORGET_AFTER)]
     pub forget_after: String,
     /// A PEM file of the CA certificates collectors should trust for this server (for a
     /// private CA): put into the install files of fleets that dial wss:// or https://, as
@@ -162,6 +171,34 @@ pub enum SettingsError {
 }
 
 impl ServeArgs {
+    /// `serve --repo <repo> --data-dir <data_dir>` with every other flag at its default
+    /// (and no `GITFLEET_*` variable read): for the commands that run a server of their own.
+    pub fn new(repo: String, data_dir: PathBuf) -> Self {
+        Self {
+            repo,
+            branch: DEFAULT_BRANCH.to_owned(),
+            data_dir,
+            listen: DEFAULT_LISTEN.to_owned(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            web_listen: DEFAULT_WEB_LISTEN.to_owned(),
+            poll_interval: DEFAULT_POLL_INTERVAL.to_owned(),
+            public_url: None,
+            artifacts_dir: None,
+            webhook_secret: None,
+            status_branch: DEFAULT_STATUS_BRANCH.to_owned(),
+            no_status_branch: false,
+            status_interval: DEFAULT_STATUS_INTERVAL.to_owned(),
+            forge: None,
+            forge_url: None,
+            forge_token_file: None,
+            status_page_url: None,
+            forget_after: DEFAULT_FORGET_AFTER.to_owned(),
+            install_ca_file: None,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+
     pub fn validate(self) -> Result<Settings, SettingsError> {
         let repo = self.repo.trim().to_owned();
         if repo.is_empty() {
