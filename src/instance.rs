@@ -228,19 +228,26 @@ impl ConfigState {
                     error: failed_error.clone(),
                 });
             }
-            // Running (or moving to) something other than the assigned hash, and not because
-            // it failed it: what was delivered is gone (a restart, a lost message).
+            // It runs, moves to, failed or knows nothing of something other than the assigned
+            // hash, and not because it failed that one: whatever was delivered is gone (a
+            // restart without its saved state, a lost message). It gets it again (opamp.md §3.3).
             let failed_assigned = self.failed.as_ref().map(|(h, _)| h) == assigned_hash.as_ref();
-            if matches!(reported, Reported::Applied | Reported::Applying)
-                && Some(&hash) != assigned_hash.as_ref()
-                && !failed_assigned
-            {
+            if Some(&hash) != assigned_hash.as_ref() && !failed_assigned {
                 self.served = None;
             }
             self.reported = Some((hash, reported, error));
         }
         push_status_change(&mut changes, before, self.status(now_ms, stale_after_ms));
         changes
+    }
+
+    /// The instance started over (its sequence numbers did) without being able to say what
+    /// it runs: an agent without `ReportsRemoteConfig` may have lost what it was given, so
+    /// it is given it again. Agents that report their status say so themselves (`heard`).
+    pub fn restarted(&mut self) {
+        if self.capabilities & REPORTS_REMOTE_CONFIG == 0 {
+            self.served = None;
+        }
     }
 
     /// The error message to show: the failure of the assigned hash, if any.
@@ -381,6 +388,48 @@ mod tests {
         state.heard(SUPERVISOR, report(1, Reported::Applied, ""), 10, STALE);
         assert_eq!(state.status(10, STALE), Status::Pending);
         assert_eq!(state.config_to_push(), Some(&v(2)));
+    }
+
+    #[test]
+    fn an_agent_back_without_its_state_gets_the_config_again() {
+        let in_sync = || {
+            let mut state = ConfigState::new(SUPERVISOR, Some(v(2)), 0);
+            state.served(vec![2; 32], 0, STALE);
+            state.heard(SUPERVISOR, report(2, Reported::Applied, ""), 0, STALE);
+            state
+        };
+        let unset = Some((Vec::new(), Reported::Unset, String::new()));
+        let cases = [
+            ("no status at all: unset, empty hash", unset),
+            ("applying another hash", report(1, Reported::Applying, "")),
+            ("failed another hash", report(1, Reported::Failed, "old failure")),
+            ("unset with another hash", report(1, Reported::Unset, "")),
+        ];
+        for (name, report) in cases {
+            let mut state = in_sync();
+            assert_eq!(state.config_to_push(), None, "{name}: delivered and applied");
+            let changes = state.heard(SUPERVISOR, report, 10, STALE);
+            assert_eq!(changes, vec![Change::Status { from: Status::InSync, to: Status::Pending }], "{name}");
+            assert_eq!(state.config_to_push(), Some(&v(2)), "{name}: sent again");
+            assert_eq!(state.error(), None, "{name}: a failure of another hash is not this one's");
+        }
+        // Back without state after failing the assigned hash: it is not sent again.
+        let mut state = ConfigState::new(SUPERVISOR, Some(v(2)), 0);
+        state.served(vec![2; 32], 0, STALE);
+        state.heard(SUPERVISOR, report(2, Reported::Failed, "bad exporter"), 5, STALE);
+        state.heard(SUPERVISOR, Some((Vec::new(), Reported::Unset, String::new())), 10, STALE);
+        assert_eq!(state.status(10, STALE), Status::Failed);
+        assert_eq!(state.config_to_push(), None);
+        // An agent that cannot report its status gets it again when it starts over; one that
+        // can is left to say what it runs.
+        let mut silent = ConfigState::new(SILENT, Some(v(2)), 0);
+        silent.served(vec![2; 32], 0, STALE);
+        assert_eq!(silent.status(0, STALE), Status::InSync);
+        silent.restarted();
+        assert_eq!(silent.config_to_push(), Some(&v(2)));
+        let mut reporting = in_sync();
+        reporting.restarted();
+        assert_eq!(reporting.config_to_push(), None);
     }
 
     #[test]

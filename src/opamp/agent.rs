@@ -125,6 +125,8 @@ pub fn handle(
         record.dirty = true;
     }
     let gap = known && record.sequence_num.map(|last| last.wrapping_add(1)) != Some(message.sequence_num);
+    // Sequence numbers start over with each agent process (a repeat is an HTTP retry).
+    let started_over = known && record.sequence_num.is_some_and(|last| message.sequence_num < last);
     let capabilities = message.capabilities;
     let lacks_state = (capabilities & REPORTS_EFFECTIVE_CONFIG != 0 && message.effective_config.is_none())
         || (capabilities & REPORTS_HEALTH != 0 && message.health.is_none())
@@ -154,6 +156,9 @@ pub fn handle(
         (status.last_remote_config_hash.clone(), Reported::from_wire(status.status), status.error_message.clone())
     });
     record.sync(target, now_ms);
+    if started_over {
+        record.config.restarted();
+    }
     let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
     let changes = record.config.heard(capabilities, report, now_ms, stale_after);
     record.record(changes, now_ms);
@@ -527,6 +532,38 @@ mod tests {
         assert_eq!(record.status, Status::Failed);
         assert_eq!(record.config.error(), Some("bad exporter"));
         assert!(record.history.iter().any(|h| matches!(h.change, crate::instance::Change::RolledBack { .. })));
+    }
+
+    #[test]
+    fn an_agent_that_comes_back_without_its_config_gets_it_again() {
+        let registry = Registry::new();
+        let mut first = connection(Some(1));
+        handle(&registry, &targets(1), &mut first, full_state(0), 0);
+        handle(&registry, &targets(1), &mut first, status(1, 1, 1, ""), 5);
+        assert_eq!(registry.get(&InstanceUid(UID)).expect("record").status, Status::InSync);
+        // The same id from a new process that kept nothing: its first message says UNSET.
+        for (session, transport_session) in [(2, Some(2)), (3, None)] {
+            let mut again = connection(transport_session);
+            let outcome = handle(&registry, &targets(1), &mut again, full_state(0), 10 * session);
+            let pushed = outcome.reply.remote_config.map(|r| r.config_hash);
+            assert_eq!(pushed, Some(vec![1; 32]), "the assigned config again (session {session:?})");
+            assert_eq!(registry.get(&InstanceUid(UID)).expect("record").status, Status::Applying);
+            handle(&registry, &targets(1), &mut again, status(1, 1, 1, ""), 10 * session + 1);
+        }
+        // An agent that reports no status at all, started over: sent again too.
+        let silent = 0x2847;
+        let uid = [0x22; 16];
+        let mut connection = connection(Some(9));
+        let message = |seq| AgentToServer {
+            instance_uid: uid.to_vec(),
+            capabilities: silent,
+            remote_config_status: None,
+            ..full_state(seq)
+        };
+        assert!(handle(&registry, &targets(1), &mut connection, message(0), 0).reply.remote_config.is_some());
+        assert!(handle(&registry, &targets(1), &mut connection, message(1), 1).reply.remote_config.is_none());
+        assert!(handle(&registry, &targets(1), &mut connection, message(1), 2).reply.remote_config.is_none(), "a retry");
+        assert!(handle(&registry, &targets(1), &mut connection, message(0), 3).reply.remote_config.is_some());
     }
 
     #[test]
