@@ -4,7 +4,8 @@
 //!
 //! Rules that real fleets need:
 //! - a hash the instance reported `FAILED` is not pushed to it again until the fleet's
-//!   assignment changes (otherwise the supervisor loops: apply, fail, roll back, apply…);
+//!   assignment changes (otherwise the supervisor loops: apply, fail, roll back, apply…),
+//!   and it stays failed unless the instance reports that very hash `APPLIED`;
 //! - an instance that rolls back (reports `APPLIED` for its previous hash after failing
 //!   the new one) stays `failed` for the new hash, and the history says it rolled back;
 //! - instances that cannot accept remote config, and observe-only fleets, are `observed`;
@@ -216,6 +217,11 @@ impl ConfigState {
             if reported == Reported::Failed && Some(&hash) == assigned_hash.as_ref() {
                 self.failed = Some((hash.clone(), error.clone()));
             }
+            // Applied after all: the Supervisor can report a failure under the hash it was just
+            // sent (a check of the previous config finishing late), then apply it.
+            if reported == Reported::Applied && self.failed.as_ref().is_some_and(|(failed, _)| *failed == hash) {
+                self.failed = None;
+            }
             if reported == Reported::Applied
                 && let (Some((failed_hash, failed_error)), Some(assigned_hash)) = (&self.failed, &assigned_hash)
                 && failed_hash == assigned_hash
@@ -370,6 +376,11 @@ mod tests {
         );
         assert_eq!(state.status(30, STALE), Status::Failed, "still failed for the assigned hash");
         assert_eq!(state.config_to_push(), None, "and still not pushed again");
+        // A late APPLIED for the failed hash itself means it runs after all.
+        let mut late = state.clone();
+        late.heard(SUPERVISOR, report(2, Reported::Applied, ""), 35, STALE);
+        assert_eq!(late.status(35, STALE), Status::InSync);
+        assert_eq!(late.error(), None);
         // A new assignment (a fix, or a rollback in Git) is pushed.
         state.assign(Some(v(3)), 40, STALE);
         assert_eq!(state.status(40, STALE), Status::Pending);

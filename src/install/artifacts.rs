@@ -1,7 +1,7 @@
 //! `--artifacts-dir`: official release files kept on the server for offline bundles.
 //!
-//! The directory holds files under their release names (`otelcol-contrib_0.115.0_linux_amd64.tar.gz`,
-//! `opampsupervisor_0.115.0_linux_amd64`) and the releases' checksums files (any file named
+//! The directory holds files under their release names (`otelcol-contrib_0.158.0_linux_amd64.tar.gz`,
+//! `opampsupervisor_0.158.0_linux_amd64`) and the releases' checksums files (any file named
 //! `SHA256SUMS` or ending in `checksums.txt`). A release file is bundled only when a
 //! checksums file lists it and its SHA-256 matches.
 

@@ -13,11 +13,9 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::install::artifacts::Artifact;
+use crate::install::supervisor::{self, Release};
 use crate::install::token::TokenText;
 
-/// Releases used when a fleet file pins none.
-pub const DEFAULT_COLLECTOR_VERSION: &str = "0.139.0";
-pub const DEFAULT_SUPERVISOR_VERSION: &str = "0.139.0";
 pub const ARCHES: [&str; 2] = ["amd64", "arm64"];
 /// Written last: what the set was made from, so an unchanged set is not rewritten.
 const FINGERPRINT: &str = ".fingerprint";
@@ -45,8 +43,8 @@ pub struct TextFile {
 /// The releases a fleet's `[install]` pins (collector, supervisor), or the defaults.
 pub fn versions(install: &crate::repo::manifest::InstallSettings) -> (String, String) {
     (
-        install.collector_version.clone().unwrap_or_else(|| DEFAULT_COLLECTOR_VERSION.to_owned()),
-        install.supervisor_version.clone().unwrap_or_else(|| DEFAULT_SUPERVISOR_VERSION.to_owned()),
+        install.collector_version.clone().unwrap_or_else(|| supervisor::DEFAULT_COLLECTOR.to_string()),
+        install.supervisor_version.clone().unwrap_or_else(|| supervisor::DEFAULT.to_string()),
     )
 }
 
@@ -98,12 +96,16 @@ pub fn render(spec: &InstallSpec<'_>) -> Vec<TextFile> {
         None => String::new(),
     };
     let endpoint_yaml = serde_json::to_string(spec.endpoint).expect("a string serializes");
+    // The fleet file's pin was checked when it was read; a pin that does not parse gets only
+    // the settings every supported release knows.
+    let agent_settings = Release::parse(spec.supervisor_version).map(supervisor::agent_settings).unwrap_or_default();
     let mut files: Vec<TextFile> = TEMPLATES
         .iter()
         .map(|&(name, mode, template)| {
             let body = template
                 .replace("@TLS@\n", &tls)
                 .replace("@COPY_CA@\n", &copy_ca)
+                .replace("@AGENT_SETTINGS@", &agent_settings)
                 .replace("@ENDPOINT@", if name == "supervisor.yaml" { &endpoint_yaml } else { spec.endpoint })
                 .replace("@DOWNLOAD_BASE@", &download_base(spec.endpoint))
                 .replace("@TOKEN@", spec.token.expose())
@@ -264,6 +266,28 @@ mod tests {
         let without = render(&spec(&text, "wss://fleet.example.com:4320/v1/opamp"));
         assert!(file(&without, "supervisor.yaml").expect("yaml").contains("# ca_file:"), "a hint, commented out");
         assert!(!file(&without, "Dockerfile").expect("Dockerfile").contains("ca.pem"));
+    }
+
+    #[test]
+    fn supervisor_yaml_holds_only_keys_the_pinned_release_knows() {
+        let (text, _) = token::issue("prod-gateway", 0, 0).expect("random");
+        let yaml = |version: &str| {
+            let files =
+                render(&InstallSpec { supervisor_version: version, ..spec(&text, "ws://10.0.0.1:4320/v1/opamp") });
+            files.into_iter().find(|f| f.name == "supervisor.yaml").expect("supervisor.yaml").body
+        };
+        let oldest = yaml("0.149.0");
+        let current = yaml("0.158.0");
+        for body in [&oldest, &current] {
+            assert!(body.contains("\n  reports_available_components: true\n"), "{body}");
+            assert!(body.contains("\n  validate_config: true\n"), "{body}");
+        }
+        for key in ["collector_crash_log_snippet_kib", "automatic_config_rollback"] {
+            assert!(!oldest.contains(key), "0.149.0 refuses {key}:\n{oldest}");
+            assert!(current.contains(&format!("\n  {key}: ")), "{current}");
+        }
+        assert!(current.starts_with("# opampsupervisor 0.158.0 configuration"), "{current}");
+        assert!(current.contains("\n  description:\n    non_identifying_attributes:\n"), "{current}");
     }
 
     #[test]

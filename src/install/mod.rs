@@ -4,5 +4,6 @@ pub mod artifacts;
 pub mod bundle;
 pub mod export;
 pub mod files;
+pub mod supervisor;
 pub mod token;
 pub mod writer;

@@ -562,7 +562,10 @@ mod tests {
         };
         assert!(handle(&registry, &targets(1), &mut connection, message(0), 0).reply.remote_config.is_some());
         assert!(handle(&registry, &targets(1), &mut connection, message(1), 1).reply.remote_config.is_none());
-        assert!(handle(&registry, &targets(1), &mut connection, message(1), 2).reply.remote_config.is_none(), "a retry");
+        assert!(
+            handle(&registry, &targets(1), &mut connection, message(1), 2).reply.remote_config.is_none(),
+            "a retry"
+        );
         assert!(handle(&registry, &targets(1), &mut connection, message(0), 3).reply.remote_config.is_some());
     }
 

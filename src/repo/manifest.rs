@@ -10,6 +10,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::duration::parse_duration;
+use crate::install::supervisor::{self, Release};
 use crate::problem::{Problem, line_of_offset};
 use crate::repo::names;
 
@@ -294,24 +295,24 @@ impl<'a> Walker<'a> {
             }
         }
         for key in ["collector_version", "supervisor_version"] {
-            if let Some((version, line)) = self.string(section, key) {
-                let release = version.strip_prefix('v').unwrap_or(&version);
-                let parts: Vec<&str> = release.split('.').collect();
-                if parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
-                    let value = Some(release.to_owned());
-                    if key == "collector_version" {
-                        install.collector_version = value
-                    } else {
-                        install.supervisor_version = value
-                    }
-                } else {
-                    self.error(
-                        line,
-                        format!(
-                            "`install.{key}` must be a release number like 0.115.0, found `{}`",
-                            version.escape_default()
-                        ),
-                    );
+            let Some((version, line)) = self.string(section, key) else { continue };
+            let Some(release) = Release::parse(&version) else {
+                self.error(
+                    line,
+                    format!(
+                        "`install.{key}` must be a release number like {}, found `{}`",
+                        supervisor::DEFAULT,
+                        version.escape_default()
+                    ),
+                );
+                continue;
+            };
+            if key == "collector_version" {
+                install.collector_version = Some(release.to_string());
+            } else {
+                match supervisor::check_pin(release) {
+                    Ok(()) => install.supervisor_version = Some(release.to_string()),
+                    Err(message) => self.error(line, format!("`install.supervisor_version`: {message}")),
                 }
             }
         }
@@ -377,8 +378,8 @@ grace   = "24h"
 revoked = ["tk_4f9c2a1b"]
 [install]
 endpoint = "wss://fleet.example.com:4320/v1/opamp"
-collector_version  = "0.115.0"
-supervisor_version = "0.115.0"
+collector_version  = "0.158.0"
+supervisor_version = "0.158.0"
 [health]
 stale_after = "2m"
 "#;
@@ -398,7 +399,27 @@ stale_after = "2m"
             }
         );
         assert_eq!(spec.install.endpoint.as_deref(), Some("wss://fleet.example.com:4320/v1/opamp"));
+        assert_eq!(spec.install.supervisor_version.as_deref(), Some("0.158.0"));
         assert_eq!(spec.health.stale_after, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn a_supervisor_older_than_the_oldest_supported_is_an_error_on_its_line() {
+        let text = "config = \"gateway\"\nversion = \"v1\"\n[install]\ncollector_version = \"0.115.0\"\nsupervisor_version = \"v0.115.0\"\n";
+        let (spec, problems) = parse_fleet("prod", "fleets/prod.toml", text);
+        assert!(spec.is_none(), "the fleet keeps its last good state");
+        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with(
+                "fleets/prod.toml:5: error: `install.supervisor_version`: OpAMP Supervisor 0.115.0 is older than 0.149.0"
+            ),
+            "{problems:?}"
+        );
+        let newer = text.replace("v0.115.0", "v0.149.0");
+        let (spec, problems) = parse_fleet("prod", "fleets/prod.toml", &newer);
+        assert_eq!(problems, vec![]);
+        assert_eq!(spec.expect("valid").install.supervisor_version.as_deref(), Some("0.149.0"), "the v is dropped");
     }
 
     #[test]
@@ -435,7 +456,7 @@ stale_after = "2m"
                 "fleets/prod.toml:5: error: `token.rotate` must be a whole number from 0 (bump it to issue a new token)",
                 "fleets/prod.toml:6: error: `abc` in `token.revoked` is not a token id (like tk_4f9c2a1b)",
                 "fleets/prod.toml:8: error: `install.endpoint`: scheme `ftp` is not one collectors dial (ws, wss, http or https)",
-                "fleets/prod.toml:9: error: `install.collector_version` must be a release number like 0.115.0, found `latest`",
+                "fleets/prod.toml:9: error: `install.collector_version` must be a release number like 0.158.0, found `latest`",
                 "fleets/prod.toml:11: error: `health.stale_after`: `2` needs a unit (s, m, h, d, w or y)",
             ]
         );

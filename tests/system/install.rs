@@ -18,7 +18,7 @@ const WAIT: Duration = Duration::from_secs(15);
 const TEXT_FILES: [&str; 6] =
     ["supervisor.yaml", "install.sh", "gitfleet-collector.service", "Dockerfile", "compose.yaml", "README.txt"];
 
-/// Stand-ins for the official release files of 0.115.0 (what the example pins), with
+/// Stand-ins for the official release files of 0.158.0 (what the example pins), with
 /// checksums files named as the releases name them.
 fn artifacts(dir: &Path) {
     let stage = dir.join("stage");
@@ -29,7 +29,7 @@ fn artifacts(dir: &Path) {
         let binary = stage.join("otelcol-contrib");
         std::fs::write(&binary, format!("#!/bin/sh\necho otelcol-contrib stand-in {arch}\n")).expect("write");
         std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let archive = format!("otelcol-contrib_0.115.0_linux_{arch}.tar.gz");
+        let archive = format!("otelcol-contrib_0.158.0_linux_{arch}.tar.gz");
         let status = Command::new("tar")
             .args(["-czf"])
             .arg(dir.join(&archive))
@@ -39,7 +39,7 @@ fn artifacts(dir: &Path) {
             .status()
             .expect("tar runs");
         assert!(status.success());
-        let supervisor = format!("opampsupervisor_0.115.0_linux_{arch}");
+        let supervisor = format!("opampsupervisor_0.158.0_linux_{arch}");
         std::fs::write(dir.join(&supervisor), format!("#!/bin/sh\necho opampsupervisor stand-in {arch}\n"))
             .expect("write");
         collector_sums.push_str(&format!("{}  {archive}\n", sha256(&dir.join(&archive))));
@@ -173,7 +173,7 @@ fn install_files_are_served_to_the_current_token_and_follow_the_fleet_file() {
     assert!(compose.get("volumes").and_then(|v| v.get("supervisor-storage")).is_some(), "the named volume");
     let dockerfile = download(&server, &token, "Dockerfile").body;
     assert!(
-        dockerfile.contains("ARG COLLECTOR_VERSION=0.115.0") && dockerfile.contains("sha256sum -c"),
+        dockerfile.contains("ARG COLLECTOR_VERSION=0.158.0") && dockerfile.contains("sha256sum -c"),
         "{dockerfile}"
     );
 
@@ -204,16 +204,16 @@ fn install_files_are_served_to_the_current_token_and_follow_the_fleet_file() {
     // the old one no longer downloads anything.
     let fleet_file = std::fs::read_to_string(repo.path().join("fleets/prod-gateway.toml")).expect("read");
     let fleet_file = fleet_file
-        .replace("collector_version  = \"0.115.0\"", "collector_version  = \"0.116.0\"")
+        .replace("collector_version  = \"0.158.0\"", "collector_version  = \"0.159.0\"")
         .replace("rotate  = 0", "rotate  = 1");
     repo.write("fleets/prod-gateway.toml", fleet_file);
-    repo.commit("prod: collector 0.116.0 and a new token");
+    repo.commit("prod: collector 0.159.0 and a new token");
     let new = server.new_token("prod-gateway", &token);
     let deadline = Instant::now() + WAIT;
     loop {
         let script = download(&server, &new, "install.sh");
         let yaml = download(&server, &new, "supervisor.yaml");
-        if script.body.contains("COLLECTOR_VERSION='0.116.0'") && yaml.body.contains(&new) {
+        if script.body.contains("COLLECTOR_VERSION='0.159.0'") && yaml.body.contains(&new) {
             break;
         }
         assert!(Instant::now() < deadline, "install files not regenerated:\n{}", script.body);
@@ -244,8 +244,8 @@ fn install_sh_from_an_offline_bundle_installs_updates_nothing_and_uninstalls() {
     let unpacked = work.path().join("gitfleet-prod-gateway-linux-amd64");
     for name in TEXT_FILES.iter().copied().chain([
         "SHA256SUMS",
-        "otelcol-contrib_0.115.0_linux_amd64.tar.gz",
-        "opampsupervisor_0.115.0_linux_amd64",
+        "otelcol-contrib_0.158.0_linux_amd64.tar.gz",
+        "opampsupervisor_0.158.0_linux_amd64",
     ]) {
         assert!(unpacked.join(name).is_file(), "{name} is in the bundle");
     }
@@ -300,7 +300,7 @@ fn install_sh_from_an_offline_bundle_installs_updates_nothing_and_uninstalls() {
     assert!(ok && out.contains("nothing to remove"), "{out}");
 
     // A release file that does not match its checksum stops it before anything is installed.
-    let tampered = unpacked.join("opampsupervisor_0.115.0_linux_amd64");
+    let tampered = unpacked.join("opampsupervisor_0.158.0_linux_amd64");
     let mut bytes = std::fs::read(&tampered).expect("read");
     bytes.extend_from_slice(b"# tampered\n");
     std::fs::write(&tampered, bytes).expect("write");
@@ -309,7 +309,7 @@ fn install_sh_from_an_offline_bundle_installs_updates_nothing_and_uninstalls() {
         run(Command::new("sh").arg(&script).arg("--prefix").arg(&clean).args(["--arch", "amd64", "--no-systemd"]));
     assert!(!ok, "{out}");
     assert!(
-        out.contains("checksum mismatch for opampsupervisor_0.115.0_linux_amd64")
+        out.contains("checksum mismatch for opampsupervisor_0.158.0_linux_amd64")
             && out.contains("nothing was installed"),
         "{out}"
     );
@@ -345,7 +345,7 @@ fn install_files_exports_what_the_server_serves() {
     assert_eq!(listed.lines().count(), 8, "{listed}");
     assert_eq!(std::fs::read(target.join("supervisor.yaml")).expect("exported"), served);
     let (ok, out) = run(Command::new("tar").arg("-tzf").arg(target.join("gitfleet-prod-gateway-linux-arm64.tar.gz")));
-    assert!(ok && out.contains("gitfleet-prod-gateway-linux-arm64/opampsupervisor_0.115.0_linux_arm64"), "{out}");
+    assert!(ok && out.contains("gitfleet-prod-gateway-linux-arm64/opampsupervisor_0.158.0_linux_arm64"), "{out}");
 
     let failures: [(&[&str], &str); 3] = [
         (&["install-files", "no-such-fleet", "--out", "x"], "never served a fleet `no-such-fleet`"),
