@@ -94,6 +94,7 @@ pub fn run(args: &InstallFilesArgs) -> Result<Vec<PathBuf>, ExportError> {
         collector_version: &collector_version,
         supervisor_version: &supervisor_version,
         ca: ca.as_deref(),
+        server_releases: &[],
     };
     let included = match &args.artifacts_dir {
         Some(dir) => match artifacts::for_bundles(dir, &install) {
@@ -102,6 +103,9 @@ pub fn run(args: &InstallFilesArgs) -> Result<Vec<PathBuf>, ExportError> {
         },
         None => Vec::new(),
     };
+    // As the server writes it: a server with the same --artifacts-dir serves these.
+    let served: Vec<artifacts::Artifact> = included.iter().flat_map(|(_, found)| found.iter().cloned()).collect();
+    let install = InstallSpec { server_releases: &served, ..install };
     let rendered = files::render(&install);
     files::write_set(&args.out, &install, &rendered, &included, "exported")
         .map_err(|source| ExportError::Write { path: args.out.display().to_string(), source })?;

@@ -19,8 +19,11 @@ use crate::install::token::TokenText;
 pub const ARCHES: [&str; 2] = ["amd64", "arm64"];
 /// Written last: what the set was made from, so an unchanged set is not rewritten.
 const FINGERPRINT: &str = ".fingerprint";
+/// The release files the server serves with the set: one `<name>\t<path>` per line.
+const SERVED_RELEASES: &str = ".releases";
 
 /// What a fleet's install files are made from.
+#[derive(Clone, Copy)]
 pub struct InstallSpec<'a> {
     pub fleet: &'a str,
     pub token: &'a TokenText,
@@ -30,6 +33,9 @@ pub struct InstallSpec<'a> {
     pub supervisor_version: &'a str,
     /// CA certificates (PEM) collectors trust for a `wss://` or `https://` endpoint.
     pub ca: Option<&'a str>,
+    /// The verified release files the server serves to this fleet at `/v1/install/<name>`
+    /// (from `--artifacts-dir`): `install.sh` downloads them from there.
+    pub server_releases: &'a [Artifact],
 }
 
 /// One rendered file and the mode it gets inside a bundle.
@@ -80,7 +86,8 @@ const TEMPLATES: [(&str, u32, &str); 6] = [
     ("README.txt", 0o644, include_str!("templates/README.txt")),
 ];
 
-/// The text files of a fleet's install set.
+/// The text files of a fleet's install set. `install.sh` carries the rendered
+/// `supervisor.yaml`, unit file and CA, so that it needs no other file.
 pub fn render(spec: &InstallSpec<'_>) -> Vec<TextFile> {
     let secure = spec.endpoint.starts_with("wss://") || spec.endpoint.starts_with("https://");
     let ca = spec.ca.filter(|_| secure);
@@ -99,24 +106,38 @@ pub fn render(spec: &InstallSpec<'_>) -> Vec<TextFile> {
     // The fleet file's pin was checked when it was read; a pin that does not parse gets only
     // the settings every supported release knows.
     let agent_settings = Release::parse(spec.supervisor_version).map(supervisor::agent_settings).unwrap_or_default();
-    let mut files: Vec<TextFile> = TEMPLATES
-        .iter()
-        .map(|&(name, mode, template)| {
-            let body = template
-                .replace("@TLS@\n", &tls)
-                .replace("@COPY_CA@\n", &copy_ca)
-                .replace("@AGENT_SETTINGS@", &agent_settings)
-                .replace("@ENDPOINT@", if name == "supervisor.yaml" { &endpoint_yaml } else { spec.endpoint })
-                .replace("@DOWNLOAD_BASE@", &download_base(spec.endpoint))
-                .replace("@TOKEN@", spec.token.expose())
-                .replace("@FLEET@", spec.fleet)
-                .replace("@COLLECTOR_VERSION@", spec.collector_version)
-                .replace("@SUPERVISOR_VERSION@", spec.supervisor_version);
-            TextFile { name, mode, body }
-        })
-        .collect();
-    if let Some(ca) = ca {
-        files.push(TextFile { name: "ca.pem", mode: 0o644, body: ca.to_owned() });
+    let fill = |name: &str, template: &str| {
+        template
+            .replace("@TLS@\n", &tls)
+            .replace("@COPY_CA@\n", &copy_ca)
+            .replace("@AGENT_SETTINGS@", &agent_settings)
+            .replace("@ENDPOINT@", if name == "supervisor.yaml" { &endpoint_yaml } else { spec.endpoint })
+            .replace("@DOWNLOAD_BASE@", &download_base(spec.endpoint))
+            .replace("@TOKEN@", spec.token.expose())
+            .replace("@FLEET@", spec.fleet)
+            .replace("@COLLECTOR_VERSION@", spec.collector_version)
+            .replace("@SUPERVISOR_VERSION@", spec.supervisor_version)
+    };
+    let mut files: Vec<TextFile> =
+        TEMPLATES.iter().map(|&(name, mode, template)| TextFile { name, mode, body: fill(name, template) }).collect();
+    let body_of = |files: &[TextFile], name: &str| {
+        files.iter().find(|file| file.name == name).map(|file| file.body.clone()).expect("a template of the set")
+    };
+    let supervisor_yaml = body_of(&files, "supervisor.yaml");
+    let unit = body_of(&files, "gitfleet-collector.service");
+    let ca_pem = ca.map(|ca| if ca.ends_with('\n') { ca.to_owned() } else { format!("{ca}\n") });
+    let server_releases: String =
+        spec.server_releases.iter().map(|release| format!("\n{} {}", release.name, release.sha256)).collect();
+    let script = files.iter_mut().find(|file| file.name == "install.sh").expect("install.sh is a template");
+    // The embedded files go in last, so that nothing in them is taken for a placeholder.
+    script.body = script
+        .body
+        .replace("@SERVER_RELEASES@", &server_releases)
+        .replace("@SUPERVISOR_YAML@", &supervisor_yaml)
+        .replace("@SERVICE_UNIT@", &unit)
+        .replace("@CA_PEM@", ca_pem.as_deref().unwrap_or_default());
+    if let Some(ca) = ca_pem {
+        files.push(TextFile { name: "ca.pem", mode: 0o644, body: ca });
     }
     files
 }
@@ -149,6 +170,16 @@ pub fn fingerprint(files: &[TextFile], artifacts: &[PathBuf]) -> String {
     hex::encode(hasher.finalize())
 }
 
+/// Where the release file `name` that the set in `dir` serves is, if it serves one by
+/// that name.
+pub fn served_release(dir: &Path, name: &str) -> Option<PathBuf> {
+    let list = std::fs::read_to_string(dir.join(SERVED_RELEASES)).ok()?;
+    list.lines().find_map(|line| {
+        let (listed, path) = line.split_once('\t')?;
+        (listed == name).then(|| PathBuf::from(path))
+    })
+}
+
 /// Whether the set in `dir` was written from `fingerprint`.
 pub fn is_current(dir: &Path, fingerprint: &str) -> bool {
     std::fs::read_to_string(dir.join(FINGERPRINT)).is_ok_and(|written| written.trim() == fingerprint)
@@ -176,6 +207,9 @@ pub fn write_set(
             _ => {}
         }
     }
+    let served: String =
+        spec.server_releases.iter().map(|release| format!("{}\t{}\n", release.name, release.path.display())).collect();
+    write_private(dir, SERVED_RELEASES, |out| out.write_all(served.as_bytes()))?;
     let mtime = crate::time::now_unix().max(0) as u64;
     for arch in ARCHES {
         let included = artifacts.iter().find(|(a, _)| *a == arch).map(|(_, list)| list.as_slice()).unwrap_or_default();
@@ -210,8 +244,9 @@ mod tests {
             token,
             endpoint,
             collector_version: "0.115.0",
-            supervisor_version: "0.116.0",
+            supervisor_version: "0.158.0",
             ca: None,
+            server_releases: &[],
         }
     }
 
@@ -231,11 +266,12 @@ mod tests {
     }
 
     #[test]
-    fn only_supervisor_yaml_holds_the_token_and_tls_follows_the_scheme() {
+    fn only_supervisor_yaml_and_install_sh_hold_the_token_and_tls_follows_the_scheme() {
         let (text, _) = token::issue("prod-gateway", 0, 0).expect("random");
         let files = render(&spec(&text, "wss://fleet.example.com:4320/v1/opamp"));
         for file in &files {
-            assert_eq!(file.body.contains(text.expose()), file.name == "supervisor.yaml", "{}", file.name);
+            let holds = matches!(file.name, "supervisor.yaml" | "install.sh");
+            assert_eq!(file.body.contains(text.expose()), holds, "{}", file.name);
         }
         let yaml = &files.iter().find(|f| f.name == "supervisor.yaml").expect("supervisor.yaml").body;
         assert!(yaml.contains("endpoint: \"wss://fleet.example.com:4320/v1/opamp\""), "{yaml}");
@@ -245,6 +281,40 @@ mod tests {
         let plain = render(&spec(&text, "ws://10.0.0.1:4320/v1/opamp"));
         let yaml = &plain.iter().find(|f| f.name == "supervisor.yaml").expect("supervisor.yaml").body;
         assert!(!yaml.contains("tls:"), "{yaml}");
+    }
+
+    #[test]
+    fn install_sh_carries_the_set_and_the_release_files_the_server_serves() {
+        let (text, _) = token::issue("prod-gateway", 0, 0).expect("random");
+        let releases = [Artifact {
+            name: "opampsupervisor_0.158.0_linux_amd64".into(),
+            path: PathBuf::from("/srv/releases/opampsupervisor_0.158.0_linux_amd64"),
+            sha256: "ab".repeat(32),
+        }];
+        let ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
+        let files = render(&InstallSpec {
+            ca: Some(ca),
+            server_releases: &releases,
+            ..spec(&text, "wss://fleet.example.com:4320/v1/opamp")
+        });
+        let body = |name: &str| files.iter().find(|f| f.name == name).map(|f| f.body.clone()).expect(name);
+        let script = body("install.sh");
+        let embedded = |delimiter: &str| {
+            let start = script.find(&format!("<<'{delimiter}'\n")).expect(delimiter) + delimiter.len() + 5;
+            let end = script[start..].find(&format!("\n{delimiter}\n")).expect("closed") + start + 1;
+            script[start..end].to_owned()
+        };
+        assert_eq!(embedded("GITFLEET_SUPERVISOR_YAML"), body("supervisor.yaml"));
+        assert_eq!(embedded("GITFLEET_SERVICE_UNIT"), body("gitfleet-collector.service"));
+        assert_eq!(embedded("GITFLEET_CA_PEM"), format!("{ca}\n"), "a PEM without a final newline gets one");
+        assert_eq!(body("ca.pem"), format!("{ca}\n"));
+        assert!(script.contains(&format!("\nopampsupervisor_0.158.0_linux_amd64 {}'\n", "ab".repeat(32))), "{script}");
+        assert!(script.contains("\nDOWNLOAD_BASE='https://fleet.example.com:4320/v1/install'\n"), "{script}");
+        assert!(!script.contains("/srv/releases"), "paths on the server stay there");
+        let plain = render(&spec(&text, "ws://10.0.0.1:4320/v1/opamp"));
+        let script = &plain.iter().find(|f| f.name == "install.sh").expect("install.sh").body;
+        assert!(script.contains("<<'GITFLEET_CA_PEM'\nGITFLEET_CA_PEM\n"), "no CA: an empty file");
+        assert!(script.contains("\nSERVER_RELEASES=''\n"), "{script}");
     }
 
     #[test]

@@ -134,6 +134,7 @@ fn write_all(jobs: &[Job], config: &InstallConfig, written: &mut HashMap<String,
             collector_version: &job.collector_version,
             supervisor_version: &job.supervisor_version,
             ca: config.ca.as_deref(),
+            server_releases: &[],
         };
         if let Err(message) = write_fleet(&spec, job.endpoint_fallback, config, written) {
             warn!(fleet = %job.fleet, error = %message, "cannot write install files");
@@ -150,6 +151,8 @@ fn write_fleet(
     config: &InstallConfig,
     written: &mut HashMap<String, String>,
 ) -> Result<(), String> {
+    // What the set is made from: its files before the release files are known, and the
+    // release files' names, sizes and times (verifying them is the slow part).
     let rendered = files::render(spec);
     let release_paths: Vec<PathBuf> = match &config.artifacts_dir {
         Some(dir) => {
@@ -170,6 +173,9 @@ fn write_fleet(
         Some(artifacts_dir) => artifacts::for_bundles(artifacts_dir, spec),
         None => (Vec::new(), None),
     };
+    let served: Vec<artifacts::Artifact> = included.iter().flat_map(|(_, found)| found.iter().cloned()).collect();
+    let spec = &InstallSpec { server_releases: &served, ..*spec };
+    let rendered = files::render(spec);
     files::write_set(&dir, spec, &rendered, &included, &fingerprint)
         .map_err(|error| format!("cannot write the install files in {}: {error}", dir.display()))?;
     info!(

@@ -113,16 +113,26 @@ async fn install_file(
         }
         Err(refused) => return unauthorized(&refused.to_string()),
     };
-    if !crate::install::files::served_names(&fleet).contains(&file) {
-        let names = crate::install::files::served_names(&fleet).join(", ");
-        return plain(
-            StatusCode::NOT_FOUND,
-            &format!("no install file `{}`; there are: {names}", file.escape_default()),
-        );
-    }
-    let path = state.install_dir.join(&fleet).join(&file);
+    let set = state.install_dir.join(&fleet);
+    // One of the set, or a release file the set serves (from --artifacts-dir).
+    let release = crate::install::files::served_release(&set, &file);
+    let path = match &release {
+        Some(path) => path.clone(),
+        None if crate::install::files::served_names(&fleet).contains(&file) => set.join(&file),
+        None => {
+            let names = crate::install::files::served_names(&fleet).join(", ");
+            return plain(
+                StatusCode::NOT_FOUND,
+                &format!("no install file `{}`; there are: {names}", file.escape_default()),
+            );
+        }
+    };
     let opened = match tokio::fs::File::open(&path).await {
         Ok(opened) => opened,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound && release.is_some() => {
+            warn!(path = %path.display(), "a release file the install files name is gone from --artifacts-dir");
+            return plain(StatusCode::NOT_FOUND, "this release file is no longer on the server");
+        }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound && file == "ca.pem" => {
             let message = "this fleet's set has no ca.pem: the server has no --install-ca-file, or the fleet's endpoint is not TLS";
             return plain(StatusCode::NOT_FOUND, message);
@@ -142,6 +152,7 @@ async fn install_file(
     };
     let length = opened.metadata().await.map(|m| m.len()).ok();
     let content_type = match file.rsplit_once('.').map(|(_, ext)| ext) {
+        _ if release.is_some() && !file.ends_with(".gz") => "application/octet-stream",
         Some("gz") => "application/gzip",
         Some("yaml") => "application/yaml",
         Some("sh") => "text/x-shellscript; charset=utf-8",

@@ -237,6 +237,8 @@ fn install_sh_from_an_offline_bundle_installs_updates_nothing_and_uninstalls() {
     let work = tempfile::tempdir().expect("temp dir");
     let bundle = work.path().join("bundle.tar.gz");
     std::fs::write(&bundle, fetch(&server, &token, "gitfleet-prod-gateway-linux-amd64.tar.gz")).expect("write");
+    // `nodes` dials wss:// (from --public-url): its install.sh carries the private CA.
+    let nodes_script = fetch(&server, &server.token("nodes"), "install.sh");
     server.stop();
 
     let (ok, out) = run(Command::new("tar").arg("-xzf").arg(&bundle).arg("-C").arg(work.path()));
@@ -284,12 +286,18 @@ fn install_sh_from_an_offline_bundle_installs_updates_nothing_and_uninstalls() {
     assert!(ok && out.contains("already up to date; nothing changed"), "{out}");
     assert_eq!(std::fs::metadata(bin.join("otelcol-contrib")).and_then(|m| m.modified()).expect("mtime"), before);
 
-    // A set from a server with a private CA holds ca.pem: it goes beside the config.
-    std::fs::copy(ca.path().join("ca.crt"), unpacked.join("ca.pem")).expect("copy the CA");
-    let (ok, out) = install(&[]);
+    // A fleet of a server with a private CA: install.sh carries the CA and puts it beside
+    // the config (here from the same bundle's release files).
+    let nodes = unpacked.join("install-nodes.sh");
+    std::fs::write(&nodes, nodes_script).expect("write");
+    let (ok, out) = run(Command::new("sh").arg(&nodes).arg("--prefix").arg(&prefix).args(["--arch", "amd64"]));
     let installed_ca = prefix.join("etc/gitfleet-collector/ca.pem");
     assert!(ok && out.contains(&format!("installed {}", installed_ca.display())), "{out}");
     assert_eq!(std::fs::metadata(&installed_ca).expect("ca.pem").permissions().mode() & 0o777, 0o644);
+    assert_eq!(
+        std::fs::read_to_string(&installed_ca).expect("ca.pem"),
+        std::fs::read_to_string(ca.path().join("ca.crt")).expect("the CA")
+    );
 
     // Uninstall removes the files and keeps the state; a second time there is nothing to do.
     let (ok, out) = install(&["--uninstall"]);

@@ -12,15 +12,24 @@
 #   --arch ARCH    amd64 or arm64 (default: this machine's)
 #   --purge        with --uninstall: also remove the state directory and the system user
 #
-# Next to the files of an offline bundle it installs the release files of the bundle;
-# otherwise it downloads the official releases. Either way their SHA-256 is checked
-# before anything is installed.
+# It carries the fleet's supervisor.yaml, unit file and CA as they were when it was
+# written, so it needs no other file. Next to the files of an offline bundle it installs
+# the release files of the bundle; otherwise it downloads them from the gitfleet server
+# when the server has them, else the official releases. Either way their SHA-256 is
+# checked before anything is installed.
+#
+# It holds the fleet's install token (in supervisor.yaml, and to download from the
+# server): keep it private.
 set -eu
 
 FLEET='@FLEET@'
 COLLECTOR_VERSION='@COLLECTOR_VERSION@'
 SUPERVISOR_VERSION='@SUPERVISOR_VERSION@'
 RELEASES='https://github.com/open-telemetry/opentelemetry-collector-releases/releases/download'
+# The gitfleet server's install files, and the release files it serves there: name and SHA-256.
+DOWNLOAD_BASE='@DOWNLOAD_BASE@'
+TOKEN='@TOKEN@'
+SERVER_RELEASES='@SERVER_RELEASES@'
 SERVICE='gitfleet-collector'
 SERVICE_USER='gitfleet-collector'
 
@@ -30,7 +39,7 @@ die() {
     exit 1
 }
 
-usage() { sed -n '2,17s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,16s/^# \{0,1\}//p' "$0"; }
 
 prefix=''
 systemd=1
@@ -152,18 +161,48 @@ verify() {
         die "checksum mismatch for $2: expected $expected, got $actual; nothing was installed"
 }
 
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT INT TERM
+
+# The fleet's files, as gitfleet wrote them with this script.
+cat >"$work/supervisor.yaml.in" <<'GITFLEET_SUPERVISOR_YAML'
+@SUPERVISOR_YAML@GITFLEET_SUPERVISOR_YAML
+cat >"$work/$SERVICE.service.in" <<'GITFLEET_SERVICE_UNIT'
+@SERVICE_UNIT@GITFLEET_SERVICE_UNIT
+cat >"$work/ca.pem" <<'GITFLEET_CA_PEM'
+@CA_PEM@GITFLEET_CA_PEM
+[ -s "$work/ca.pem" ] || rm -f "$work/ca.pem"
+
+# fetch URL FILE [server]: downloads URL into FILE. The official releases come over https
+# only; from the gitfleet server, with the install token and the fleet's CA if it has one,
+# over the scheme its collectors use.
 fetch() {
+    if [ "${3:-}" = server ]; then
+        set -- "$1" "$2" "Authorization: Bearer $TOKEN"
+    else
+        set -- "$1" "$2"
+    fi
     if command -v curl >/dev/null 2>&1; then
-        curl --proto '=https' --tlsv1.2 -fsSL -o "$2" "$1" || die "cannot download $1"
+        if [ $# -eq 3 ]; then
+            curl --proto '=http,https' -fsSL ${ca_option:+"$ca_option"} -H "$3" -o "$2" "$1"
+        else
+            curl --proto '=https' --tlsv1.2 -fsSL -o "$2" "$1"
+        fi
     elif command -v wget >/dev/null 2>&1; then
-        wget -q -O "$2" "$1" || die "cannot download $1"
+        if [ $# -eq 3 ]; then
+            wget -q ${ca_option:+"--ca-certificate=$work/ca.pem"} --header "$3" -O "$2" "$1"
+        else
+            wget -q --https-only -O "$2" "$1"
+        fi
     else
         die 'neither curl nor wget is installed; use the offline bundle'
     fi
 }
+ca_option=''
+[ -f "$work/ca.pem" ] && ca_option="--cacert=$work/ca.pem"
 
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT INT TERM
+# server_sum NAME: the SHA-256 of NAME if the gitfleet server serves it.
+server_sum() { printf '%s\n' "$SERVER_RELEASES" | awk -v name="$1" '$1 == name { print $2; exit }'; }
 
 collector_archive="otelcol-contrib_${COLLECTOR_VERSION}_linux_${arch}.tar.gz"
 supervisor_binary="opampsupervisor_${SUPERVISOR_VERSION}_linux_${arch}"
@@ -179,24 +218,45 @@ else
     for other in "$here"/otelcol-contrib_*_linux_*.tar.gz; do
         [ -f "$other" ] && die "this bundle holds $(basename "$other"), not $collector_archive: use the bundle for $arch"
     done
-    say "downloading otelcol-contrib $COLLECTOR_VERSION and opampsupervisor $SUPERVISOR_VERSION ($arch)"
-    fetch "$RELEASES/v$COLLECTOR_VERSION/$collector_archive" "$work/$collector_archive"
-    fetch "$RELEASES/v$COLLECTOR_VERSION/opentelemetry-collector-releases_otelcol-contrib_checksums.txt" "$work/collector.sums"
-    fetch "$RELEASES/cmd%2Fopampsupervisor%2Fv$SUPERVISOR_VERSION/$supervisor_binary" "$work/$supervisor_binary"
-    fetch "$RELEASES/cmd%2Fopampsupervisor%2Fv$SUPERVISOR_VERSION/checksums.txt" "$work/supervisor.sums"
-    verify "$work/$collector_archive" "$collector_archive" "$work/collector.sums"
-    verify "$work/$supervisor_binary" "$supervisor_binary" "$work/supervisor.sums"
+    from_server=0
+    if [ -n "$(server_sum "$collector_archive")" ] && [ -n "$(server_sum "$supervisor_binary")" ]; then
+        say "downloading otelcol-contrib $COLLECTOR_VERSION and opampsupervisor $SUPERVISOR_VERSION ($arch) from gitfleet"
+        : >"$work/server.sums"
+        from_server=1
+        for name in "$collector_archive" "$supervisor_binary"; do
+            if ! fetch "$DOWNLOAD_BASE/$name" "$work/$name" server; then
+                say "gitfleet did not serve $name; trying the official releases"
+                from_server=0
+                break
+            fi
+            printf '%s  %s\n' "$(server_sum "$name")" "$name" >>"$work/server.sums"
+        done
+    fi
+    if [ "$from_server" -eq 1 ]; then
+        verify "$work/$collector_archive" "$collector_archive" "$work/server.sums"
+        verify "$work/$supervisor_binary" "$supervisor_binary" "$work/server.sums"
+    else
+        say "downloading otelcol-contrib $COLLECTOR_VERSION and opampsupervisor $SUPERVISOR_VERSION ($arch)"
+        fetch "$RELEASES/v$COLLECTOR_VERSION/$collector_archive" "$work/$collector_archive" ||
+            die "cannot download $collector_archive; nothing was installed"
+        fetch "$RELEASES/v$COLLECTOR_VERSION/opentelemetry-collector-releases_otelcol-contrib_checksums.txt" "$work/collector.sums" ||
+            die "cannot download the checksums of $collector_archive; nothing was installed"
+        fetch "$RELEASES/cmd%2Fopampsupervisor%2Fv$SUPERVISOR_VERSION/$supervisor_binary" "$work/$supervisor_binary" ||
+            die "cannot download $supervisor_binary; nothing was installed"
+        fetch "$RELEASES/cmd%2Fopampsupervisor%2Fv$SUPERVISOR_VERSION/checksums.txt" "$work/supervisor.sums" ||
+            die "cannot download the checksums of $supervisor_binary; nothing was installed"
+        verify "$work/$collector_archive" "$collector_archive" "$work/collector.sums"
+        verify "$work/$supervisor_binary" "$supervisor_binary" "$work/supervisor.sums"
+    fi
 fi
 mkdir "$work/collector"
 tar -xzf "$work/$collector_archive" -C "$work/collector" otelcol-contrib ||
     die "$collector_archive does not hold otelcol-contrib; nothing was installed"
-[ -f "$here/supervisor.yaml" ] || die "supervisor.yaml is missing next to $0; nothing was installed"
-[ "$systemd" -eq 0 ] || [ -f "$here/$SERVICE.service" ] || die "$SERVICE.service is missing next to $0; nothing was installed"
 
 # Paths in the config and the unit follow --prefix.
 relocate() { sed -e "s#/opt/gitfleet-collector#$prefix/opt/gitfleet-collector#g" -e "s#/etc/gitfleet-collector#$prefix/etc/gitfleet-collector#g" -e "s#/var/lib/gitfleet-collector#$prefix/var/lib/gitfleet-collector#g" "$1"; }
-relocate "$here/supervisor.yaml" >"$work/supervisor.yaml"
-[ "$systemd" -eq 0 ] || relocate "$here/$SERVICE.service" >"$work/$SERVICE.service"
+relocate "$work/supervisor.yaml.in" >"$work/supervisor.yaml"
+[ "$systemd" -eq 0 ] || relocate "$work/$SERVICE.service.in" >"$work/$SERVICE.service"
 
 changed=0
 # place SOURCE TARGET MODE: installs SOURCE as TARGET unless it is already there.
@@ -231,8 +291,8 @@ place "$work/$supervisor_binary" "$bin_dir/opampsupervisor" 0755
 # The config holds the fleet's install token.
 place "$work/supervisor.yaml" "$conf_dir/supervisor.yaml" 0600
 # A server with a private CA: the certificates the supervisor trusts (its tls.ca_file).
-if [ -f "$here/ca.pem" ]; then
-    place "$here/ca.pem" "$conf_dir/ca.pem" 0644
+if [ -f "$work/ca.pem" ]; then
+    place "$work/ca.pem" "$conf_dir/ca.pem" 0644
 fi
 if [ "$system" -eq 1 ]; then
     chown "$SERVICE_USER:" "$conf_dir/supervisor.yaml" "$state_dir"
