@@ -31,6 +31,7 @@ const ACCEPTS_OPAMP_CONNECTION_SETTINGS: u64 = 0x100;
 /// omitted one as 0, which turns heartbeats off (opamp.md §4.8), so it is always sent.
 pub const OFFERED_HEARTBEAT_SECONDS: u64 = 30;
 const REPORT_FULL_STATE: u64 = 0x1;
+const REPORT_AVAILABLE_COMPONENTS: u64 = 0x2;
 const REQUEST_INSTANCE_UID: u64 = 0x1;
 const REPORTS_EFFECTIVE_CONFIG: u64 = 0x4;
 const REPORTS_HEALTH: u64 = 0x800;
@@ -152,6 +153,23 @@ pub fn handle(
     if let Some(effective) = &message.effective_config {
         record.effective_config = effective_config(effective).map(Box::new);
     }
+    // The build's components: a whole list is kept by its hash; a hash alone is looked up,
+    // and asked for in full when gitfleet does not know it (opamp.md §3.11).
+    let mut ask_components = false;
+    if let Some(available) = &message.available_components
+        && !available.hash.is_empty()
+        && record.components.as_ref().is_none_or(|known| known.hash != available.hash)
+    {
+        let known = match available.components.is_empty() {
+            true => registry.components(&available.hash),
+            false => registry.learn_components(available_components(available)),
+        };
+        ask_components = known.is_none() && available.components.is_empty();
+        if known.is_some() {
+            record.components = known;
+            record.dirty = true;
+        }
+    }
     let report = message.remote_config_status.as_ref().map(|status| {
         (status.last_remote_config_hash.clone(), Reported::from_wire(status.status), status.error_message.clone())
     });
@@ -182,7 +200,8 @@ pub fn handle(
 
     let reply = ServerToAgent {
         instance_uid: wire_uid,
-        flags: if full_state { REPORT_FULL_STATE } else { 0 },
+        flags: if full_state { REPORT_FULL_STATE } else { 0 }
+            | if ask_components { REPORT_AVAILABLE_COMPONENTS } else { 0 },
         capabilities: if std::mem::take(&mut connection.first_reply) { SERVER_CAPABILITIES } else { 0 },
         remote_config,
         agent_identification: new_uid.map(|uid| AgentIdentification { new_instance_uid: uid.0.to_vec() }),
@@ -345,6 +364,40 @@ fn flatten_components(
         });
         flatten_components(&path, &component.component_health_map, out);
     }
+}
+
+/// Components kept per build at most; a list beyond it is cut (a collector build has a few
+/// hundred).
+const COMPONENTS_KEPT: usize = 2_000;
+
+/// A component list as gitfleet keeps it: kind → name → its metadata as text (the
+/// collector's `code.namespace`, its Go module and version).
+fn available_components(available: &proto::AvailableComponents) -> crate::opamp::registry::AvailableComponents {
+    let mut kept = 0;
+    let mut kinds = std::collections::BTreeMap::new();
+    for (kind, details) in &available.components {
+        let mut names = std::collections::BTreeMap::new();
+        for (name, component) in &details.sub_component_map {
+            if kept == COMPONENTS_KEPT {
+                break;
+            }
+            kept += 1;
+            let about = component.metadata.iter().find(|kv| kv.key == "code.namespace").map_or_else(
+                || {
+                    let pairs: Vec<String> = component
+                        .metadata
+                        .iter()
+                        .map(|kv| format!("{}={}", kv.key, value_text(kv.value.as_ref())))
+                        .collect();
+                    pairs.join(", ")
+                },
+                |kv| value_text(kv.value.as_ref()),
+            );
+            names.insert(name.clone(), about);
+        }
+        kinds.insert(kind.clone(), names);
+    }
+    crate::opamp::registry::AvailableComponents { hash: available.hash.clone(), kinds }
 }
 
 fn effective_config(effective: &proto::EffectiveConfig) -> Option<EffectiveConfig> {
@@ -567,6 +620,57 @@ mod tests {
             "a retry"
         );
         assert!(handle(&registry, &targets(1), &mut connection, message(0), 3).reply.remote_config.is_some());
+    }
+
+    #[test]
+    fn a_build_s_components_are_asked_for_once_and_shared() {
+        let registry = Registry::new();
+        let with_components = |uid: u8, seq: u64, components: bool| {
+            let mut kinds = std::collections::HashMap::new();
+            if components {
+                let otlp = proto::ComponentDetails {
+                    metadata: vec![KeyValue {
+                        key: "code.namespace".into(),
+                        value: Some(AnyValue {
+                            value: Some(any_value::Value::StringValue(
+                                "go.opentelemetry.io/collector/receiver/otlpreceiver v0.158.0".into(),
+                            )),
+                        }),
+                    }],
+                    ..Default::default()
+                };
+                let receivers = proto::ComponentDetails {
+                    sub_component_map: [("otlp".to_owned(), otlp)].into_iter().collect(),
+                    ..Default::default()
+                };
+                kinds.insert("receivers".to_owned(), receivers);
+            }
+            AgentToServer {
+                instance_uid: vec![uid; 16],
+                capabilities: SUPERVISOR | 0x4000,
+                available_components: Some(proto::AvailableComponents { components: kinds, hash: vec![0xab; 32] }),
+                ..full_state(seq)
+            }
+        };
+        let mut first = connection(Some(1));
+        let reply = handle(&registry, &targets(1), &mut first, with_components(1, 0, false), 0).reply;
+        assert_eq!(reply.flags, REPORT_AVAILABLE_COMPONENTS, "an unknown build: asked for its list");
+        let reply = handle(&registry, &targets(1), &mut first, with_components(1, 1, true), 1).reply;
+        assert_eq!(reply.flags, 0);
+        let record = registry.get(&InstanceUid([1; 16])).expect("record");
+        let components = record.components.expect("the list");
+        assert_eq!(
+            components.kinds["receivers"]["otlp"],
+            "go.opentelemetry.io/collector/receiver/otlpreceiver v0.158.0"
+        );
+        // Another instance of the same build sends the hash only: nothing to ask.
+        let mut second = connection(Some(2));
+        let reply = handle(&registry, &targets(1), &mut second, with_components(2, 0, false), 2).reply;
+        assert_eq!(reply.flags, 0);
+        let shared = registry.get(&InstanceUid([2; 16])).expect("record").components.expect("shared");
+        assert!(Arc::ptr_eq(&shared, &components), "one list per build");
+        assert_eq!(registry.take_unsaved_components().len(), 1, "written to the store once");
+        assert!(registry.take_unsaved_components().is_empty());
     }
 
     #[test]

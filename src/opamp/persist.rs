@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
-use crate::opamp::registry::{InstanceRecord, Registry};
+use crate::opamp::registry::{AvailableComponents, InstanceRecord, Registry};
 use crate::store::{Store, StoreError};
 
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
@@ -24,14 +24,23 @@ const EVENTS_LOADED: usize = 50;
 
 /// Loads every remembered instance into the registry; they are `stale` until heard from.
 pub async fn restore(registry: &Registry, store: Arc<dyn Store>) -> Result<usize, StoreError> {
-    let loaded = tokio::task::spawn_blocking(move || {
+    let (lists, loaded) = tokio::task::spawn_blocking(move || {
         store.prune_events(EVENTS_KEPT)?;
-        store.load_instances(EVENTS_LOADED)
+        Ok::<_, StoreError>((store.available_components()?, store.load_instances(EVENTS_LOADED)?))
     })
     .await
     .expect("loading instances does not panic")?;
+    registry.restore_components(lists.into_iter().filter_map(|(hash, body)| {
+        let list: AvailableComponents = serde_json::from_str(&body).ok()?;
+        Some(AvailableComponents { hash, ..list })
+    }));
     let count = loaded.len();
-    registry.restore(loaded.into_iter().map(|(instance, events)| InstanceRecord::from_stored(instance, events)));
+    registry.restore(loaded.into_iter().map(|(instance, events)| {
+        let components = instance.components_hash.as_deref().and_then(|hash| registry.components(hash));
+        let mut record = InstanceRecord::from_stored(instance, events);
+        record.components = components;
+        record
+    }));
     Ok(count)
 }
 
@@ -98,6 +107,23 @@ async fn forget(registry: &Registry, store: &Arc<dyn Store>, after: Duration, me
 }
 
 async fn flush(registry: &Arc<Registry>, store: &Arc<dyn Store>) {
+    // Component lists first: the instances written next point at them.
+    let lists = registry.take_unsaved_components();
+    if !lists.is_empty() {
+        let rows: Vec<(Vec<u8>, String)> = lists
+            .iter()
+            .map(|list| (list.hash.clone(), serde_json::to_string(&**list).expect("component lists serialize")))
+            .collect();
+        let writer = Arc::clone(store);
+        match tokio::task::spawn_blocking(move || writer.save_available_components(&rows)).await {
+            Ok(Ok(())) => debug!(builds = lists.len(), "saved component lists"),
+            Ok(Err(error)) => {
+                warn!(%error, "cannot save component lists; will retry");
+                registry.mark_components_unsaved(lists);
+            }
+            Err(_) => registry.mark_components_unsaved(lists),
+        }
+    }
     let (instances, events) = registry.take_unsaved();
     if instances.is_empty() && events.is_empty() {
         return;

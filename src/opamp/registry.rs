@@ -101,6 +101,38 @@ pub struct EffectiveConfig {
     pub body: String,
 }
 
+/// The components an agent's build has (OpAMP `AvailableComponents`): kind (`receivers`,
+/// `processors`, …) → component name → what the build says of it (the collector gives its
+/// Go module and version). Shared by every instance of one build.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AvailableComponents {
+    #[serde(skip)]
+    pub hash: Vec<u8>,
+    pub kinds: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl AvailableComponents {
+    /// How many components the build has.
+    pub fn len(&self) -> usize {
+        self.kinds.values().map(BTreeMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Builds gitfleet remembers at most: a few per fleet is the norm; a flood of distinct
+/// lists (a hostile agent) is not kept.
+const BUILDS_KEPT: usize = 1_000;
+
+/// Component lists by hash, and the ones not in the store yet.
+#[derive(Default)]
+struct ComponentCatalog {
+    by_hash: HashMap<Vec<u8>, Arc<AvailableComponents>>,
+    unsaved: Vec<Arc<AvailableComponents>>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct HistoryEntry {
     /// Unix milliseconds.
@@ -125,6 +157,8 @@ pub struct InstanceRecord {
     /// The effective config reported since the last write to the store; after the write it
     /// lives only in the store (`Store::effective_config`).
     pub effective_config: Option<Box<EffectiveConfig>>,
+    /// The components of its build, shared with the other instances of that build.
+    pub components: Option<Arc<AvailableComponents>>,
     pub first_seen_ms: i64,
     pub transport: Option<Transport>,
     /// The live WebSocket session, if any.
@@ -153,6 +187,7 @@ impl InstanceRecord {
             description: None,
             health: None,
             effective_config: None,
+            components: None,
             first_seen_ms: now_ms,
             transport: None,
             session: None,
@@ -276,6 +311,7 @@ impl InstanceRecord {
             description: self.description.as_deref().map(to_json),
             health: self.health.as_deref().map(to_json),
             effective_config: self.effective_config.as_deref().map(to_json),
+            components_hash: self.components.as_ref().map(|c| c.hash.clone()),
         }
     }
 
@@ -340,17 +376,66 @@ pub struct FleetSummary {
 pub struct Registry {
     shards: Box<[Mutex<HashMap<InstanceUid, InstanceRecord>>]>,
     next_session: AtomicU64,
+    /// Locked after a shard (never the other way round), or alone.
+    components: Mutex<ComponentCatalog>,
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        Self { shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(), next_session: AtomicU64::new(1) }
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            next_session: AtomicU64::new(1),
+            components: Mutex::default(),
+        }
     }
 }
 
 impl Registry {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    fn catalog(&self) -> MutexGuard<'_, ComponentCatalog> {
+        self.components.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The component list of the build with `hash`, if gitfleet has it.
+    pub fn components(&self, hash: &[u8]) -> Option<Arc<AvailableComponents>> {
+        self.catalog().by_hash.get(hash).cloned()
+    }
+
+    /// Keeps a component list an agent sent; the first list seen for a hash stays.
+    /// `None` when it cannot be kept (too many builds).
+    pub fn learn_components(&self, components: AvailableComponents) -> Option<Arc<AvailableComponents>> {
+        let mut catalog = self.catalog();
+        if let Some(known) = catalog.by_hash.get(&components.hash) {
+            return Some(Arc::clone(known));
+        }
+        if catalog.by_hash.len() >= BUILDS_KEPT {
+            return None;
+        }
+        let components = Arc::new(components);
+        catalog.by_hash.insert(components.hash.clone(), Arc::clone(&components));
+        catalog.unsaved.push(Arc::clone(&components));
+        Some(components)
+    }
+
+    /// Component lists loaded from the store at startup.
+    pub fn restore_components(&self, lists: impl IntoIterator<Item = AvailableComponents>) {
+        let mut catalog = self.catalog();
+        for list in lists {
+            catalog.by_hash.insert(list.hash.clone(), Arc::new(list));
+        }
+    }
+
+    /// The component lists learned since the last call, to write to the store.
+    pub fn take_unsaved_components(&self) -> Vec<Arc<AvailableComponents>> {
+        std::mem::take(&mut self.catalog().unsaved)
+    }
+
+    /// Lists whose write failed, to write again with the next batch.
+    pub fn mark_components_unsaved(&self, lists: Vec<Arc<AvailableComponents>>) {
+        self.catalog().unsaved.extend(lists);
     }
 
     pub fn new_session_id(&self) -> u64 {

@@ -62,6 +62,8 @@ pub struct StoredInstance {
     pub description: Option<String>,
     pub health: Option<String>,
     pub effective_config: Option<String>,
+    /// The hash of its build's component list (`Store::available_components`).
+    pub components_hash: Option<Vec<u8>>,
 }
 
 /// One history entry of an instance; `event` is JSON.
@@ -103,6 +105,10 @@ pub trait Store: Send + Sync + 'static {
     /// Every instance, with its newest `events_per_instance` history entries (oldest first).
     fn load_instances(&self, events_per_instance: usize)
     -> Result<Vec<(StoredInstance, Vec<StoredEvent>)>, StoreError>;
+    /// Remembers component lists (hash, JSON); a hash already remembered is left alone.
+    fn save_available_components(&self, lists: &[(Vec<u8>, String)]) -> Result<(), StoreError>;
+    /// Every component list remembered: hash and JSON.
+    fn available_components(&self) -> Result<Vec<(Vec<u8>, String)>, StoreError>;
     /// The effective config an instance last reported (JSON), which is not kept in memory.
     fn effective_config(&self, uid: [u8; 16]) -> Result<Option<String>, StoreError>;
     /// Keeps only the newest `per_instance` history entries of each instance.

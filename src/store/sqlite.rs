@@ -95,6 +95,12 @@ const MIGRATIONS: &[&str] = &[
         posted_at INTEGER NOT NULL,
         PRIMARY KEY (forge, context)
     );",
+    // 7: the components of each agent build, once per build, and each instance's build.
+    "CREATE TABLE available_components (
+        hash BLOB PRIMARY KEY,
+        body TEXT NOT NULL
+    );
+    ALTER TABLE instances ADD COLUMN components_hash BLOB;",
 ];
 
 /// How many reconciles the history keeps.
@@ -347,8 +353,8 @@ impl Store for SqliteStore {
                 .prepare_cached(
                     "INSERT INTO instances (uid, fleet, token_id, capabilities, served_hash, reported_hash, reported_status,
                          reported_error, failed_hash, failed_error, first_seen_ms, last_seen_ms, status, transport,
-                         description, health, effective_config, assigned_hash, assigned_tag)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
+                         description, health, effective_config, assigned_hash, assigned_tag, components_hash)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)
                      ON CONFLICT (uid) DO UPDATE SET fleet = excluded.fleet, token_id = excluded.token_id,
                          capabilities = excluded.capabilities, served_hash = excluded.served_hash,
                          assigned_hash = excluded.assigned_hash, assigned_tag = excluded.assigned_tag,
@@ -357,7 +363,8 @@ impl Store for SqliteStore {
                          failed_error = excluded.failed_error, last_seen_ms = excluded.last_seen_ms,
                          status = excluded.status, transport = excluded.transport,
                          description = excluded.description, health = excluded.health,
-                         effective_config = COALESCE(excluded.effective_config, instances.effective_config)",
+                         effective_config = COALESCE(excluded.effective_config, instances.effective_config),
+                         components_hash = excluded.components_hash",
                 )
                 .map_err(query("saving instances"))?;
             for i in instances {
@@ -389,7 +396,8 @@ impl Store for SqliteStore {
                         i.health,
                         i.effective_config,
                         i.assigned.as_ref().map(|(hash, _)| hash.as_slice()),
-                        i.assigned.as_ref().map(|(_, tag)| tag.as_str())
+                        i.assigned.as_ref().map(|(_, tag)| tag.as_str()),
+                        i.components_hash
                     ])
                     .map_err(query("saving instances"))?;
             }
@@ -435,7 +443,7 @@ impl Store for SqliteStore {
             .prepare(
                 "SELECT uid, fleet, token_id, capabilities, served_hash, reported_hash, reported_status, reported_error,
                         failed_hash, failed_error, first_seen_ms, last_seen_ms, status, transport, description, health,
-                        effective_config, assigned_hash, assigned_tag
+                        effective_config, assigned_hash, assigned_tag, components_hash
                  FROM instances",
             )
             .map_err(query("loading instances"))?;
@@ -469,6 +477,7 @@ impl Store for SqliteStore {
                         description: row.get(14)?,
                         health: row.get(15)?,
                         effective_config: row.get(16)?,
+                        components_hash: row.get(19)?,
                     },
                     row.get::<_, Option<String>>(9)?,
                 ))
@@ -491,6 +500,30 @@ impl Store for SqliteStore {
             instances.push((instance, history));
         }
         Ok(instances)
+    }
+
+    fn save_available_components(&self, lists: &[(Vec<u8>, String)]) -> Result<(), StoreError> {
+        let mut connection = self.connection();
+        let transaction = connection.transaction().map_err(query("saving component lists"))?;
+        {
+            let mut insert = transaction
+                .prepare_cached("INSERT OR IGNORE INTO available_components (hash, body) VALUES (?1, ?2)")
+                .map_err(query("saving component lists"))?;
+            for (hash, body) in lists {
+                insert.execute(params![hash, body]).map_err(query("saving component lists"))?;
+            }
+        }
+        transaction.commit().map_err(query("saving component lists"))
+    }
+
+    fn available_components(&self) -> Result<Vec<(Vec<u8>, String)>, StoreError> {
+        let connection = self.connection();
+        let mut statement = connection
+            .prepare("SELECT hash, body FROM available_components")
+            .map_err(query("loading component lists"))?;
+        let rows =
+            statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?))).map_err(query("loading component lists"))?;
+        rows.collect::<Result<_, _>>().map_err(query("loading component lists"))
     }
 
     fn effective_config(&self, uid: [u8; 16]) -> Result<Option<String>, StoreError> {
@@ -634,6 +667,40 @@ mod tests {
     }
 
     #[test]
+    fn component_lists_are_kept_once_per_build_and_instances_point_at_them() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.db");
+        let instance = StoredInstance {
+            uid: [7; 16],
+            fleet: "prod".into(),
+            token_id: "tk_00000001".into(),
+            capabilities: 0x7847,
+            assigned: None,
+            served_hash: None,
+            reported: None,
+            failed: None,
+            first_seen_ms: 1,
+            last_seen_ms: 2,
+            status: "observed".into(),
+            transport: Some("websocket".into()),
+            description: None,
+            health: None,
+            effective_config: None,
+            components_hash: Some(vec![0xab; 32]),
+        };
+        {
+            let store = SqliteStore::open(&path).expect("open");
+            store.save_available_components(&[(vec![0xab; 32], "{\"kinds\":{}}".into())]).expect("save");
+            store.save_available_components(&[(vec![0xab; 32], "{\"kinds\":{\"x\":{}}}".into())]).expect("again");
+            store.save_instances(std::slice::from_ref(&instance), &[]).expect("save instance");
+        }
+        let store = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(store.available_components().expect("lists"), vec![(vec![0xab; 32], "{\"kinds\":{}}".to_owned())]);
+        let loaded = store.load_instances(10).expect("instances");
+        assert_eq!(loaded[0].0, instance);
+    }
+
+    #[test]
     fn posted_commit_statuses_are_kept_per_forge_and_context() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = SqliteStore::open(&dir.path().join("state.db")).expect("open");
@@ -657,7 +724,7 @@ mod tests {
         let path = dir.path().join("state.db");
         Connection::open(&path).and_then(|c| c.pragma_update(None, "user_version", 99)).expect("set version");
         match SqliteStore::open(&path) {
-            Err(StoreError::TooNew { found: 99, supported: 6 }) => {}
+            Err(StoreError::TooNew { found: 99, supported }) if supported == MIGRATIONS.len() => {}
             other => panic!("expected TooNew, got {:?}", other.map(|_| ())),
         }
     }

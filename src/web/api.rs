@@ -129,6 +129,14 @@ async fn instance(State(state): State<WebState>, Path(uid): Path<String>) -> Res
         Ok(effective) => json!(effective),
         Err(store_error) => return error(StatusCode::SERVICE_UNAVAILABLE, &store_error.to_string()),
     };
+    value["available_components"] = match record.components.as_deref() {
+        Some(components) => {
+            let mut value = json!(components.kinds);
+            value["hash"] = json!(hex::encode(&components.hash));
+            value
+        }
+        None => Value::Null,
+    };
     value["capabilities"] = json!(record.config.capabilities);
     value["first_seen"] = json!(rfc3339(record.first_seen_ms / 1000));
     let events: Vec<Value> = record

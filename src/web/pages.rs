@@ -516,6 +516,27 @@ async fn instance(State(state): State<WebState>, Path(uid): Path<String>) -> Res
         None => out.push_str("<p class=\"muted\">Not reported.</p>"),
     }
 
+    out.push_str("<h2>Components of its build</h2>");
+    match record.components.as_deref().filter(|components| !components.is_empty()) {
+        Some(components) => {
+            let _ = write!(out, "<details><summary>{} components</summary>", components.len());
+            out.push_str("<table><thead><tr><th>Kind</th><th>Component</th><th>Module</th></tr></thead><tbody>");
+            for (kind, names) in &components.kinds {
+                for (name, module) in names {
+                    let _ = write!(
+                        out,
+                        "<tr><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
+                        Text(kind),
+                        Text(name),
+                        Text(module)
+                    );
+                }
+            }
+            out.push_str("</tbody></table></details>");
+        }
+        None => out.push_str("<p class=\"muted\">Not reported.</p>"),
+    }
+
     out.push_str("<h2>History</h2>");
     if record.history.is_empty() {
         out.push_str("<p class=\"muted\">Nothing yet.</p>");

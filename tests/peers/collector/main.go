@@ -33,7 +33,25 @@ import (
 // version is set by the build (-ldflags "-X main.version=…") to the release line.
 var version = "0.0.0-dev"
 
+const (
+	core    = "go.opentelemetry.io/collector/"
+	contrib = "github.com/open-telemetry/opentelemetry-collector-contrib/"
+)
+
+// modules maps each factory's type (and deprecated alias) to its Go module and version, as
+// the collector builder does, so that the opamp extension reports them as the components'
+// code.namespace.
+func modules[T component.Factory](factories map[component.Type]T, paths map[string]string) map[component.Type]string {
+	out := map[component.Type]string{}
+	for kind, factory := range factories {
+		out[kind] = paths[factory.Type().String()]
+	}
+	return out
+}
+
 func components() (otelcol.Factories, error) {
+	coreModule := func(path string) string { return core + path + " v" + version }
+	contribModule := func(path string) string { return contrib + path + " v" + version }
 	factories := otelcol.Factories{Telemetry: otelconftelemetry.NewFactory()}
 	var err error
 	if factories.Receivers, err = otelcol.MakeFactoryMap[receiver.Factory](
@@ -41,6 +59,9 @@ func components() (otelcol.Factories, error) {
 	); err != nil {
 		return otelcol.Factories{}, err
 	}
+	factories.ReceiverModules = modules(factories.Receivers, map[string]string{
+		"otlp": coreModule("receiver/otlpreceiver"),
+	})
 	if factories.Processors, err = otelcol.MakeFactoryMap[processor.Factory](
 		batchprocessor.NewFactory(),
 		memorylimiterprocessor.NewFactory(),
@@ -48,6 +69,11 @@ func components() (otelcol.Factories, error) {
 	); err != nil {
 		return otelcol.Factories{}, err
 	}
+	factories.ProcessorModules = modules(factories.Processors, map[string]string{
+		"batch":          coreModule("processor/batchprocessor"),
+		"memory_limiter": coreModule("processor/memorylimiterprocessor"),
+		"resource":       contribModule("processor/resourceprocessor"),
+	})
 	if factories.Exporters, err = otelcol.MakeFactoryMap[exporter.Factory](
 		otlphttpexporter.NewFactory(),
 		otlpexporter.NewFactory(),
@@ -55,12 +81,21 @@ func components() (otelcol.Factories, error) {
 	); err != nil {
 		return otelcol.Factories{}, err
 	}
+	factories.ExporterModules = modules(factories.Exporters, map[string]string{
+		"otlp_http": coreModule("exporter/otlphttpexporter"),
+		"otlp_grpc": coreModule("exporter/otlpexporter"),
+		"debug":     coreModule("exporter/debugexporter"),
+	})
 	if factories.Extensions, err = otelcol.MakeFactoryMap[extension.Factory](
 		healthcheckextension.NewFactory(),
 		opampextension.NewFactory(),
 	); err != nil {
 		return otelcol.Factories{}, err
 	}
+	factories.ExtensionModules = modules(factories.Extensions, map[string]string{
+		"health_check": contribModule("extension/healthcheckextension"),
+		"opamp":        contribModule("extension/opampextension"),
+	})
 	return factories, nil
 }
 
