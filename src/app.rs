@@ -198,6 +198,7 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
             targets_tx,
             tokens_tx,
             settings.opamp_endpoint(),
+            settings.install_ca.clone(),
             Arc::clone(&registry),
             cancel.clone(),
         )

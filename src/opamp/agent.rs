@@ -228,6 +228,11 @@ pub fn remote_config_for(record: &mut InstanceRecord, targets: &Targets, now_ms:
 /// still uses an older token, its agent accepts such offers, and it has not been offered
 /// this token yet. The offer carries everything the Supervisor rebuilds its connection
 /// from: the endpoint, the full header set and the heartbeat interval (opamp.md §4.8).
+///
+/// For a `wss://` or `https://` endpoint it always carries a `certificate`, with the
+/// private CA when the server has one: the Supervisor takes an offer without one as
+/// "skip verifying the server" and drops its configured `tls`, so a rotation would
+/// otherwise leave every collector open to a man in the middle.
 pub fn offer_for(
     connection: &mut Connection,
     capabilities: u64,
@@ -243,13 +248,20 @@ pub fn offer_for(
     let endpoint = credentials.endpoint.as_deref().or(connection.dialled.as_deref())?.to_owned();
     connection.offered = Some(Arc::clone(&credentials.token_id));
     let header = proto::Header { key: "Authorization".to_owned(), value: credentials.authorization.clone() };
+    let secure = endpoint.starts_with("wss://") || endpoint.starts_with("https://");
+    let certificate = secure.then(|| proto::TlsCertificate {
+        ca_cert: credentials.ca.as_deref().unwrap_or_default().as_bytes().to_vec(),
+        ..Default::default()
+    });
     let hash = {
         use sha2::{Digest, Sha256};
         let mut hasher = Sha256::new();
-        for part in [endpoint.as_bytes(), header.key.as_bytes(), header.value.as_bytes()] {
+        let ca = certificate.as_ref().map(|c| c.ca_cert.as_slice()).unwrap_or_default();
+        for part in [endpoint.as_bytes(), header.key.as_bytes(), header.value.as_bytes(), ca] {
             hasher.update((part.len() as u64).to_be_bytes());
             hasher.update(part);
         }
+        hasher.update([u8::from(secure)]);
         hasher.update(OFFERED_HEARTBEAT_SECONDS.to_be_bytes());
         hasher.finalize().to_vec()
     };
@@ -258,6 +270,7 @@ pub fn offer_for(
         opamp: Some(proto::OpAmpConnectionSettings {
             destination_endpoint: endpoint,
             headers: Some(proto::Headers { headers: vec![header] }),
+            certificate,
             heartbeat_interval_seconds: OFFERED_HEARTBEAT_SECONDS,
             ..Default::default()
         }),
@@ -453,6 +466,7 @@ mod tests {
             token_id: Arc::from("tk_00000002"),
             authorization: "Bearer tk_00000002.secret".into(),
             endpoint: endpoint.map(str::to_owned),
+            ca: Some(Arc::from("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")),
         }));
     }
 
@@ -529,6 +543,7 @@ mod tests {
         let opamp = offer.opamp.expect("OpAMP settings");
         assert_eq!(opamp.destination_endpoint, "ws://gitfleet.test:4320/v1/opamp", "the endpoint it dialled");
         assert_eq!(opamp.heartbeat_interval_seconds, OFFERED_HEARTBEAT_SECONDS);
+        assert_eq!(opamp.certificate, None, "a plain endpoint: nothing to verify");
         let headers = opamp.headers.expect("headers").headers;
         assert_eq!(headers.len(), 1);
         assert_eq!(
@@ -549,6 +564,9 @@ mod tests {
             Some("wss://fleet.example.com:4320/v1/opamp")
         );
         assert_ne!(second.hash, offer.hash);
+        let certificate = second.opamp.as_ref().and_then(|o| o.certificate.clone()).expect("a wss offer keeps TLS");
+        assert!(certificate.ca_cert.starts_with(b"-----BEGIN CERTIFICATE-----"), "with the private CA");
+        assert!(certificate.cert.is_empty() && certificate.private_key.is_empty(), "no client certificate");
 
         // On the current token: nothing to offer.
         let mut current = Connection { token_id: Arc::from("tk_00000002"), ..connection(Some(4)) };

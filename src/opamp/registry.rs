@@ -43,6 +43,8 @@ pub struct Credentials {
     /// The fleet's `[install].endpoint`, else the one from `--public-url`; without either,
     /// the endpoint the instance dialled is offered.
     pub endpoint: Option<String>,
+    /// `--install-ca-file` (PEM): offered with a `wss://` or `https://` endpoint.
+    pub ca: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Credentials {

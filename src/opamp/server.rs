@@ -472,6 +472,7 @@ pub async fn follow_targets(
     targets: watch::Sender<Arc<Targets>>,
     tokens: watch::Sender<Arc<TokenIndex>>,
     public_endpoint: Option<String>,
+    install_ca: Option<Arc<str>>,
     registry: Arc<Registry>,
     cancel: CancellationToken,
 ) {
@@ -490,7 +491,7 @@ pub async fn follow_targets(
                     next_refusal = index.next_refusal_after(crate::time::now_unix());
                     tokens.send_replace(index);
                 }
-                let next = Arc::new(targets_of(&view.borrow_and_update(), public_endpoint.as_deref()));
+                let next = Arc::new(targets_of(&view.borrow_and_update(), public_endpoint.as_deref(), install_ca.as_ref()));
                 let modified = targets.send_if_modified(|current| {
                     if **current == *next {
                         return false;
@@ -525,8 +526,9 @@ pub async fn follow_targets(
 }
 
 /// What each fleet's instances should run, from the desired state. `public_endpoint` is
-/// the OpAMP URL from `--public-url`, offered when a fleet names no `[install].endpoint`.
-pub fn targets_of(view: &View, public_endpoint: Option<&str>) -> Targets {
+/// the OpAMP URL from `--public-url`, offered when a fleet names no `[install].endpoint`;
+/// `install_ca` (`--install-ca-file`) goes with offers of a `wss://` or `https://` endpoint.
+pub fn targets_of(view: &View, public_endpoint: Option<&str>, install_ca: Option<&Arc<str>>) -> Targets {
     let Some(desired) = &view.desired else { return Targets::new() };
     desired
         .fleets
@@ -551,6 +553,7 @@ pub fn targets_of(view: &View, public_endpoint: Option<&str>) -> Targets {
                         token_id: Arc::from(current.token.id.as_str()),
                         authorization: format!("Bearer {}", text.expose()),
                         endpoint: fleet.spec.install.endpoint.clone().or_else(|| public_endpoint.map(str::to_owned)),
+                        ca: install_ca.cloned(),
                     }))
                 }),
             };
