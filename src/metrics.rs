@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 pub struct Metrics {
     pub opamp_messages_in: AtomicU64,
     pub opamp_messages_out: AtomicU64,
+    /// Messages that carried a remote config.
+    pub remote_configs_out: AtomicU64,
     pub reconciles: AtomicU64,
     pub reconcile_errors: AtomicU64,
     pub git_fetch_errors: AtomicU64,

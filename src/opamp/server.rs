@@ -88,6 +88,14 @@ fn plain(status: StatusCode, message: &str) -> Response {
     (status, format!("{message}\n")).into_response()
 }
 
+/// Counts a message sent to an agent, and the remote config it carries, if any.
+fn count_sent(metrics: &Metrics, reply: &ServerToAgent) {
+    Metrics::count(&metrics.opamp_messages_out);
+    if reply.remote_config.is_some() {
+        Metrics::count(&metrics.remote_configs_out);
+    }
+}
+
 fn unauthorized(refused: &str) -> Response {
     let mut response = plain(StatusCode::UNAUTHORIZED, &format!("unauthorized: {refused}"));
     response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -273,7 +281,7 @@ async fn plain_http(state: &OpampState, mut connection: Connection, request: Req
     let targets = Arc::clone(&state.targets.borrow());
     let outcome = agent::handle(&state.registry, &targets, &mut connection, message, crate::time::now_ms());
     let mut body = codec::encode_http_body(&outcome.reply);
-    Metrics::count(&state.metrics.opamp_messages_out);
+    count_sent(&state.metrics, &outcome.reply);
     let mut response = Response::builder().status(StatusCode::OK).header(header::CONTENT_TYPE, PROTOBUF);
     if accepts_gzip && body.len() >= GZIP_FROM {
         body = codec::gzip(&body);
@@ -379,7 +387,7 @@ where
                         if ws::write_frame(&mut writer, 0x2, &codec::encode_ws_message(&outcome.reply)).await.is_err() {
                             break None;
                         }
-                        Metrics::count(&state.metrics.opamp_messages_out);
+                        count_sent(&state.metrics, &outcome.reply);
                         if outcome.disconnect {
                             break Some((1000, "goodbye"));
                         }
@@ -408,7 +416,7 @@ where
                     if ws::write_frame(&mut writer, 0x2, &codec::encode_ws_message(&push)).await.is_err() {
                         break None;
                     }
-                    Metrics::count(&state.metrics.opamp_messages_out);
+                    count_sent(&state.metrics, &push);
                 }
             }
             changed = tokens.changed() => {

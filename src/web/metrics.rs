@@ -72,6 +72,12 @@ pub async fn metrics(State(state): State<WebState>) -> Response {
         "OpAMP messages sent to agents.",
         Metrics::read(&m.opamp_messages_out),
     );
+    counter(
+        &mut out,
+        "gitfleet_opamp_remote_configs_sent_total",
+        "OpAMP messages sent to agents that carried a remote config.",
+        Metrics::read(&m.remote_configs_out),
+    );
     counter(&mut out, "gitfleet_reconciles_total", "Reconciles of the repository.", view.reconciles);
     counter(
         &mut out,

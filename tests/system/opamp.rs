@@ -371,8 +371,12 @@ fn silent_instances_are_forgotten_and_stay_forgotten_after_a_restart() {
 }
 
 fn loadgen(server: &Server, fleet: &str, args: &[&str]) -> serde_json::Value {
+    loadgen_over(server, "ws", fleet, args)
+}
+
+fn loadgen_over(server: &Server, scheme: &str, fleet: &str, args: &[&str]) -> serde_json::Value {
     let output = crate::common::gitfleet()
-        .args(["loadgen", "--url", &format!("ws://{}/v1/opamp", server.opamp), "--token", &server.token(fleet)])
+        .args(["loadgen", "--url", &format!("{scheme}://{}/v1/opamp", server.opamp), "--token", &server.token(fleet)])
         .args(args)
         .output()
         .expect("loadgen runs");
@@ -413,6 +417,29 @@ fn loadgen_agents_converge_with_failures_counted() {
     assert_eq!(fleet["counts"]["failed"].as_u64(), Some(failed), "{fleet}");
     // The loadgen agents said goodbye; they are in sync or failed until they go stale.
     assert_eq!(fleet["counts"]["in_sync"].as_u64(), Some(applied), "{fleet}");
+}
+
+#[test]
+fn agents_that_come_back_without_their_config_get_it_again() {
+    // loadgen agents keep nothing between runs: a second run is the same collectors
+    // restarted without their state. They report UNSET, and must be sent the config again.
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.url(), data.path(), &[]);
+    for (scheme, fleet) in [("ws", "nodes"), ("http", "staging-gateway")] {
+        let args = ["--agents", "4", "--heartbeat", "1s", "--duration", "3s"];
+        for run in ["first", "second"] {
+            let figures = loadgen_over(&server, scheme, fleet, &args);
+            assert_eq!(figures["configs_received"], 4, "{scheme}, {run} run: {figures}");
+            assert_eq!(figures["applied"], 4, "{scheme}, {run} run: {figures}");
+            let fleet = server.json(&format!("/api/v1/fleets/{fleet}"));
+            assert_eq!(
+                (fleet["instances"].as_u64(), fleet["counts"]["in_sync"].as_u64()),
+                (Some(4), Some(4)),
+                "{fleet}"
+            );
+        }
+    }
 }
 
 #[test]
