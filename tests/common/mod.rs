@@ -140,8 +140,14 @@ pub struct Server {
 impl Server {
     /// Starts `gitfleet serve --repo <repo> <extra args>` and waits until it listens.
     pub fn start(repo: &str, data_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_on("127.0.0.1:0", "127.0.0.1:0", repo, data_dir, extra)
+    }
+
+    /// Starts it on given addresses: collectors dial a fixed endpoint, so a restart must
+    /// come back on the same port.
+    pub fn start_on(opamp: &str, web: &str, repo: &str, data_dir: &Path, extra: &[&str]) -> Self {
         let mut child = gitfleet()
-            .args(["serve", "--repo", repo, "--web-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--repo", repo, "--web-listen", web, "--listen", opamp, "--data-dir"])
             .arg(data_dir)
             .args(extra)
             .stdout(Stdio::null())

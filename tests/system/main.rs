@@ -5,6 +5,7 @@ mod common;
 
 mod browser;
 mod check;
+mod collector;
 mod import;
 mod install;
 mod opamp;
