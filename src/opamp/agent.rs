@@ -160,9 +160,10 @@ pub fn handle(
         && !available.hash.is_empty()
         && record.components.as_ref().is_none_or(|known| known.hash != available.hash)
     {
-        let known = match available.components.is_empty() {
-            true => registry.components(&available.hash),
-            false => registry.learn_components(available_components(available)),
+        let known = if available.components.is_empty() {
+            registry.components(&available.hash)
+        } else {
+            registry.learn_components(available_components(available))
         };
         ask_components = known.is_none() && available.components.is_empty();
         if known.is_some() {
@@ -379,22 +380,27 @@ fn flatten_components(
     }
 }
 
-/// Components kept per build at most; a list beyond it is cut (a collector build has a few
-/// hundred).
-const COMPONENTS_KEPT: usize = 2_000;
+/// The text kept of one build's component list at most. The real `otelcol-contrib` list
+/// is about 35 KB; an agent that sends more (its message may be megabytes) is cut, so that
+/// the builds gitfleet remembers stay small however many an agent invents.
+const COMPONENTS_TEXT_KEPT: usize = 128 * 1024;
+/// A kind, name or description longer than this is cut.
+const COMPONENT_TEXT_MAX: usize = 512;
 
 /// A component list as gitfleet keeps it: kind → name → its metadata as text (the
-/// collector's `code.namespace`, its Go module and version).
+/// collector's `code.namespace`, its Go module and version), in sorted order, within
+/// `COMPONENTS_TEXT_KEPT`.
 fn available_components(available: &proto::AvailableComponents) -> crate::opamp::registry::AvailableComponents {
-    let mut kept = 0;
+    let cut = |text: &str| text.chars().take(COMPONENT_TEXT_MAX).collect::<String>();
+    let mut budget = COMPONENTS_TEXT_KEPT;
     let mut kinds = std::collections::BTreeMap::new();
-    for (kind, details) in &available.components {
+    let mut sorted: Vec<_> = available.components.iter().collect();
+    sorted.sort_by_key(|(kind, _)| kind.as_str());
+    for (kind, details) in sorted {
         let mut names = std::collections::BTreeMap::new();
-        for (name, component) in &details.sub_component_map {
-            if kept == COMPONENTS_KEPT {
-                break;
-            }
-            kept += 1;
+        let mut components: Vec<_> = details.sub_component_map.iter().collect();
+        components.sort_by_key(|(name, _)| name.as_str());
+        for (name, component) in components {
             let about = component.metadata.iter().find(|kv| kv.key == "code.namespace").map_or_else(
                 || {
                     let pairs: Vec<String> = component
@@ -406,9 +412,12 @@ fn available_components(available: &proto::AvailableComponents) -> crate::opamp:
                 },
                 |kv| value_text(kv.value.as_ref()),
             );
-            names.insert(name.clone(), about);
+            let (name, about) = (cut(name), cut(&about));
+            let Some(left) = budget.checked_sub(name.len() + about.len()) else { break };
+            budget = left;
+            names.insert(name, about);
         }
-        kinds.insert(kind.clone(), names);
+        kinds.insert(cut(kind), names);
     }
     crate::opamp::registry::AvailableComponents { hash: available.hash.clone(), kinds }
 }
@@ -689,6 +698,32 @@ mod tests {
         assert!(Arc::ptr_eq(&shared, &components), "one list per build");
         assert_eq!(registry.take_unsaved_components().len(), 1, "written to the store once");
         assert!(registry.take_unsaved_components().is_empty());
+    }
+
+    #[test]
+    fn a_huge_component_list_is_cut_to_its_budget() {
+        let long = "m".repeat(10_000);
+        let many: std::collections::HashMap<String, proto::ComponentDetails> = (0..5_000)
+            .map(|i| {
+                let details = proto::ComponentDetails {
+                    metadata: vec![KeyValue {
+                        key: "code.namespace".into(),
+                        value: Some(AnyValue { value: Some(any_value::Value::StringValue(long.clone())) }),
+                    }],
+                    ..Default::default()
+                };
+                (format!("receiver{i:04}"), details)
+            })
+            .collect();
+        let kinds = proto::ComponentDetails { sub_component_map: many, ..Default::default() };
+        let list = available_components(&proto::AvailableComponents {
+            components: [("receivers".to_owned(), kinds)].into_iter().collect(),
+            hash: vec![1; 32],
+        });
+        let text: usize = list.kinds["receivers"].iter().map(|(name, about)| name.len() + about.len()).sum();
+        assert!(text <= COMPONENTS_TEXT_KEPT, "{text}");
+        assert!(list.kinds["receivers"].values().all(|about| about.len() == COMPONENT_TEXT_MAX));
+        assert_eq!(list.kinds["receivers"].keys().next().map(String::as_str), Some("receiver0000"), "kept in order");
     }
 
     #[test]

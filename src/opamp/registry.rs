@@ -125,8 +125,9 @@ impl AvailableComponents {
 }
 
 /// Builds gitfleet remembers at most: a few per fleet is the norm; a flood of distinct
-/// lists (a hostile agent) is not kept.
-const BUILDS_KEPT: usize = 1_000;
+/// lists (a hostile agent) is not kept. With each list within 128 KiB of text
+/// (`agent::available_components`), they hold at most 32 MiB.
+const BUILDS_KEPT: usize = 256;
 
 /// Component lists by hash, and the ones not in the store yet.
 #[derive(Default)]

@@ -272,13 +272,28 @@ impl Host {
         self.dir.path().join("supervisor.log")
     }
 
+    /// The ends of the Supervisor's log and of the collector's (`agent.log`), for failures.
     fn log(&self) -> String {
-        let log = std::fs::read(self.log_path()).unwrap_or_default();
-        String::from_utf8_lossy(&log[log.len().saturating_sub(6_000)..]).into_owned()
+        let tail = |path: PathBuf| {
+            let log = std::fs::read(path).unwrap_or_default();
+            String::from_utf8_lossy(&log[log.len().saturating_sub(6_000)..]).into_owned()
+        };
+        format!("{}\ncollector (agent.log):\n{}", tail(self.log_path()), tail(self.state().join("agent.log")))
     }
 
     /// Starts the installed Supervisor with the installed `supervisor.yaml`.
     fn start(&mut self) {
+        // The collector serves its own metrics on localhost:8888 from its very first start;
+        // with the port taken it exits, and the Supervisor with it.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpListener::bind("127.0.0.1:8888").is_err() {
+            let holders: Vec<u32> = self.processes();
+            assert!(
+                Instant::now() < deadline,
+                "127.0.0.1:8888 stays taken (by another collector?); this host's processes: {holders:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
         let child = Command::new(self.prefix.join("opt/gitfleet-collector/bin/opampsupervisor"))
             .arg("--config")
@@ -400,6 +415,18 @@ fn instance(server: &Server, uid: &str, host: &Host, what: &str, check: impl Fn(
     }
 }
 
+/// Waits until the instance reports healthy pipeline components and an effective config
+/// holding `marker` (the resource attribute value of the version it runs).
+fn runs(server: &Server, uid: &str, host: &Host, marker: &str) -> Value {
+    instance(server, uid, host, &format!("healthy components running {marker}"), |i| {
+        i["healthy"] == true
+            && i["effective_config"]["body"].as_str().is_some_and(|body| body.contains(marker))
+            && i["health"]["components"].as_array().is_some_and(|components| {
+                components.iter().any(|c| c["name"] == "pipeline:traces/receiver:otlp" && c["healthy"] == true)
+            })
+    })
+}
+
 fn in_sync_at(server: &Server, uid: &str, host: &Host, tag: &str) -> Value {
     instance(server, uid, host, &format!("in sync at {tag}"), |i| i["status"] == "in_sync" && i["assigned_tag"] == tag)
 }
@@ -457,17 +484,9 @@ fn a_host_installed_from_the_offline_bundle_follows_git_over_websocket() {
     let v1 = in_sync_at(&server, &uid, &host, "gateway/v1");
     assert_eq!(v1["transport"], "websocket");
     assert_eq!(v1["agent_version"], COLLECTOR);
+    let v1 = runs(&server, &uid, &host, "production-v1");
     let effective = v1["effective_config"]["body"].as_str().expect("effective config");
-    assert!(
-        effective.contains("production-v1") && effective.contains(&fixture.backend.address.to_string()),
-        "{effective}"
-    );
-    let v1 = instance(&server, &uid, &host, "healthy components", |i| {
-        i["healthy"] == true
-            && i["health"]["components"].as_array().is_some_and(|components| {
-                components.iter().any(|c| c["name"] == "pipeline:traces/receiver:otlp" && c["healthy"] == true)
-            })
-    });
+    assert!(effective.contains(&fixture.backend.address.to_string()), "{effective}");
     assert_eq!(
         v1["available_components"]["receivers"]["otlp"],
         format!("go.opentelemetry.io/collector/receiver/otlpreceiver v{COLLECTOR}"),
@@ -598,6 +617,7 @@ fn a_host_from_the_one_line_install_polls_over_http_and_survives_a_crash_and_los
     let uid = host.instance_uid();
     let first = in_sync_at(&server, &uid, &host, "gateway/v1");
     assert_eq!(first["transport"], "http");
+    runs(&server, &uid, &host, "production-v1");
     assert_eq!(fixture.send_span(), 200);
     fixture.backend.wait_for_traces_with("production-v1", &host);
     let sent = configs_sent(&server);
@@ -689,6 +709,10 @@ fn a_host_over_wss_with_a_private_ca_takes_a_rotated_token_and_keeps_verifying_t
     let uid = host.instance_uid();
     let first = in_sync_at(&server, &uid, &host, "gateway/v1");
     assert_eq!(first["token_id"], old_token.split('.').next().expect("id"));
+    assert_eq!(first["transport"], "websocket");
+    runs(&server, &uid, &host, "production-v1");
+    assert_eq!(fixture.send_span(), 200);
+    fixture.backend.wait_for_traces_with("production-v1", &host);
 
     // A rotation: the Supervisor is offered the new token over OpAMP and moves to it.
     fixture.roll_out("v1", 1);
@@ -791,4 +815,27 @@ fn the_oldest_supported_supervisor_runs_the_files_written_for_it() {
     fixture.roll_out("v1", 0);
     in_sync_at(&server, &uid, &host, "gateway/v1");
     server.stop();
+}
+
+#[test]
+fn the_collector_takes_the_pipeline_the_supervisor_may_bootstrap_it_with() {
+    // When the Supervisor's probe of the collector's feature gates misses
+    // service.AllowNoPipelines (it does, now and then), it bootstraps the collector with a
+    // pipeline of `nop` components; a collector without them exits, and the Supervisor
+    // with it ("collector's OpAMP client never connected").
+    let releases = releases();
+    let work = tempfile::tempdir().expect("temp dir");
+    let archive = releases.join(format!("otelcol-contrib_{COLLECTOR}_linux_{}.tar.gz", arch()));
+    let status = Command::new("tar").arg("-xzf").arg(&archive).arg("-C").arg(work.path()).status().expect("tar runs");
+    assert!(status.success());
+    let config = work.path().join("bootstrap.yaml");
+    let pipeline = "receivers:\n  nop:\nexporters:\n  nop:\nservice:\n  pipelines:\n    traces:\n      receivers: [nop]\n      exporters: [nop]\n";
+    std::fs::write(&config, pipeline).expect("write");
+    let output = Command::new(work.path().join("otelcol-contrib"))
+        .arg("validate")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("the collector runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 }

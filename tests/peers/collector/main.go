@@ -1,7 +1,8 @@
 // Program otelcol-contrib is the collector the gitfleet tests run under the real OpAMP
 // Supervisor: upstream components at one release, built from source because release
 // downloads cannot be fetched on the test machines. It holds what
-// example-repo/configs/gateway.yaml uses and the opamp extension the Supervisor needs.
+// example-repo/configs/gateway.yaml uses, the opamp extension the Supervisor needs, and the
+// nop components of the Supervisor's fallback bootstrap pipeline (nop.go).
 package main
 
 import (
@@ -14,6 +15,7 @@ import (
 	"go.opentelemetry.io/collector/confmap/provider/yamlprovider"
 	"go.opentelemetry.io/collector/exporter"
 	"go.opentelemetry.io/collector/exporter/debugexporter"
+	"go.opentelemetry.io/collector/exporter/nopexporter"
 	"go.opentelemetry.io/collector/exporter/otlpexporter"
 	"go.opentelemetry.io/collector/exporter/otlphttpexporter"
 	"go.opentelemetry.io/collector/extension"
@@ -56,11 +58,13 @@ func components() (otelcol.Factories, error) {
 	var err error
 	if factories.Receivers, err = otelcol.MakeFactoryMap[receiver.Factory](
 		otlpreceiver.NewFactory(),
+		newNopReceiverFactory(),
 	); err != nil {
 		return otelcol.Factories{}, err
 	}
 	factories.ReceiverModules = modules(factories.Receivers, map[string]string{
 		"otlp": coreModule("receiver/otlpreceiver"),
+		"nop":  "gitfleet.test/otelcol-contrib (nop.go)",
 	})
 	if factories.Processors, err = otelcol.MakeFactoryMap[processor.Factory](
 		batchprocessor.NewFactory(),
@@ -78,6 +82,7 @@ func components() (otelcol.Factories, error) {
 		otlphttpexporter.NewFactory(),
 		otlpexporter.NewFactory(),
 		debugexporter.NewFactory(),
+		nopexporter.NewFactory(),
 	); err != nil {
 		return otelcol.Factories{}, err
 	}
@@ -85,6 +90,7 @@ func components() (otelcol.Factories, error) {
 		"otlp_http": coreModule("exporter/otlphttpexporter"),
 		"otlp_grpc": coreModule("exporter/otlpexporter"),
 		"debug":     coreModule("exporter/debugexporter"),
+		"nop":       coreModule("exporter/nopexporter"),
 	})
 	if factories.Extensions, err = otelcol.MakeFactoryMap[extension.Factory](
 		healthcheckextension.NewFactory(),
