@@ -377,3 +377,57 @@ fn install_files_exports_what_the_server_serves() {
         .expect("runs");
     assert!(String::from_utf8_lossy(&output.stderr).contains("no gitfleet state in"), "{output:?}");
 }
+
+#[test]
+fn install_sh_alone_takes_the_releases_from_the_server_and_stops_cleanly_without_it() {
+    let Setup { repo: _repo, data: _data, releases, ca: _ca, server } = start();
+    let token = server.token("prod-gateway");
+    let work = tempfile::tempdir().expect("temp dir");
+    let script = work.path().join("install.sh");
+    std::fs::write(&script, fetch(&server, &token, "install.sh")).expect("write");
+    // The script downloads from the fleet's endpoint: point it at this test's server.
+    let text = std::fs::read_to_string(&script).expect("read");
+    let base = text.lines().find(|line| line.starts_with("DOWNLOAD_BASE='")).expect("DOWNLOAD_BASE").to_owned();
+    let text = text.replace(&base, &format!("DOWNLOAD_BASE='http://{}/v1/install'", server.opamp));
+    std::fs::write(&script, text).expect("write");
+    let (ok, out) = run(Command::new("shellcheck").arg(&script));
+    assert!(ok, "shellcheck:\n{out}");
+
+    // Alone in a directory, it takes the release files from the server.
+    let prefix = work.path().join("root");
+    let (ok, out) =
+        run(Command::new("sh").arg(&script).arg("--prefix").arg(&prefix).args(["--arch", "amd64", "--no-systemd"]));
+    assert!(ok && out.contains("from gitfleet"), "{out}");
+    let (ok, version) = run(&mut Command::new(prefix.join("opt/gitfleet-collector/bin/otelcol-contrib")));
+    assert!(ok && version.contains("otelcol-contrib stand-in amd64"), "{version}");
+    let config = std::fs::read_to_string(prefix.join("etc/gitfleet-collector/supervisor.yaml")).expect("config");
+    assert!(config.contains(&token), "the fleet's supervisor.yaml came with the script");
+
+    // The server serves the verified release files of the fleet's pins, to its token only.
+    let name = "opampsupervisor_0.158.0_linux_amd64";
+    let served = download(&server, &token, name);
+    assert_eq!(served.status, 200);
+    assert_eq!(served.header("content-type").as_deref(), Some("application/octet-stream"));
+    assert_eq!(served.bytes, std::fs::read(releases.path().join(name)).expect("the release file"));
+    assert_eq!(download(&server, "tk_00000000.0000", name).status, 401);
+    assert_eq!(download(&server, &token, "opampsupervisor_0.157.0_linux_amd64").status, 404, "not a pinned release");
+    std::fs::remove_file(releases.path().join(name)).expect("remove");
+    let gone = download(&server, &token, name);
+    assert_eq!((gone.status, gone.body.trim()), (404, "this release file is no longer on the server"));
+    server.stop();
+
+    // Without the server, it says so, tries the official releases (unreachable here: the
+    // proxy is a closed port) and stops with nothing installed.
+    let elsewhere = work.path().join("elsewhere");
+    let (ok, out) = run(Command::new("sh")
+        .arg(&script)
+        .arg("--prefix")
+        .arg(&elsewhere)
+        .args(["--arch", "amd64", "--no-systemd"])
+        .env("https_proxy", "http://127.0.0.1:9")
+        .env("HTTPS_PROXY", "http://127.0.0.1:9"));
+    assert!(!ok, "{out}");
+    assert!(out.contains("gitfleet did not serve otelcol-contrib_0.158.0_linux_amd64.tar.gz"), "{out}");
+    assert!(out.contains("cannot download otelcol-contrib_0.158.0_linux_amd64.tar.gz; nothing was installed"), "{out}");
+    assert!(!elsewhere.exists(), "nothing installed");
+}
