@@ -92,6 +92,9 @@ pub struct ConfigState {
     pub last_seen_ms: i64,
     /// Restored after a restart and not heard from since: `stale` until it speaks.
     pub awaiting_contact: bool,
+    /// The assigned config was sent again because the instance reported it applied while
+    /// running no pipeline (`applied_but_idle`); cleared when the assignment changes.
+    pub resent_idle: bool,
 }
 
 /// Something worth a line in the instance's history.
@@ -105,6 +108,12 @@ pub enum Change {
     Assigned {
         tag: Option<String>,
         hash: Option<String>,
+    },
+    /// It reported `hash` applied, but its collector runs no pipeline although `hash` has
+    /// some; it was sent again (`resent`), or, the second time, counted as failed.
+    NotRunning {
+        hash: String,
+        resent: bool,
     },
     /// It failed `failed_hash` and went back to running `running_hash`.
     RolledBack {
@@ -124,6 +133,7 @@ impl ConfigState {
             failed: None,
             last_seen_ms: now_ms,
             awaiting_contact: false,
+            resent_idle: false,
         }
     }
 
@@ -183,6 +193,7 @@ impl ConfigState {
         }];
         if self.assigned.as_ref().map(|a| &a.hash) != assigned.as_ref().map(|a| &a.hash) {
             self.failed = None;
+            self.resent_idle = false;
         }
         self.assigned = assigned;
         push_status_change(&mut changes, before, self.status(now_ms, stale_after_ms));
@@ -242,6 +253,39 @@ impl ConfigState {
                 self.served = None;
             }
             self.reported = Some((hash, reported, error));
+        }
+        push_status_change(&mut changes, before, self.status(now_ms, stale_after_ms));
+        changes
+    }
+
+    /// The instance reported the assigned config applied, but its collector runs no
+    /// pipeline while the config has some. The Supervisor can end up there when a config
+    /// arrives while it starts (its start-up config overwrites the one it just received, and
+    /// it reports the new hash applied once the idle collector is healthy). Sending the
+    /// config again makes it restart the collector with it; if it ends up idle again, the
+    /// instance is failed, with why. Call it when the instance reports applied and its
+    /// effective config has no pipeline.
+    pub fn applied_but_idle(&mut self, now_ms: i64, stale_after_ms: i64) -> Vec<Change> {
+        let Some(assigned) = &self.assigned else { return Vec::new() };
+        let applied = self
+            .reported
+            .as_ref()
+            .is_some_and(|(hash, reported, _)| *hash == assigned.hash && *reported == Reported::Applied);
+        if !applied || self.failed.as_ref().is_some_and(|(hash, _)| *hash == assigned.hash) {
+            return Vec::new();
+        }
+        let before = self.status(now_ms, stale_after_ms);
+        let hash = assigned.hash.clone();
+        let mut changes = vec![Change::NotRunning { hash: hex::encode(&hash), resent: !self.resent_idle }];
+        if self.resent_idle {
+            let error = "it reported this configuration applied, but its collector runs no pipeline (its effective \
+                         configuration has none), also after it was sent again: restart its Supervisor"
+                .to_owned();
+            self.failed = Some((hash, error));
+        } else {
+            self.resent_idle = true;
+            self.served = None;
+            self.reported = None;
         }
         push_status_change(&mut changes, before, self.status(now_ms, stale_after_ms));
         changes
@@ -441,6 +485,43 @@ mod tests {
         let mut reporting = in_sync();
         reporting.restarted();
         assert_eq!(reporting.config_to_push(), None);
+    }
+
+    #[test]
+    fn applied_but_idle_is_sent_again_once_then_failed() {
+        let mut state = ConfigState::new(SUPERVISOR, Some(v(1)), 0);
+        assert_eq!(state.applied_but_idle(0, STALE), vec![], "nothing applied yet");
+        state.served(vec![1; 32], 0, STALE);
+        state.heard(SUPERVISOR, report(1, Reported::Applied, ""), 10, STALE);
+        assert_eq!(
+            state.applied_but_idle(20, STALE),
+            vec![
+                Change::NotRunning { hash: hex::encode([1; 32]), resent: true },
+                Change::Status { from: Status::InSync, to: Status::Pending },
+            ]
+        );
+        assert_eq!(state.config_to_push(), Some(&v(1)), "sent again");
+        state.served(vec![1; 32], 30, STALE);
+        assert_eq!(state.applied_but_idle(35, STALE), vec![], "not applied again yet");
+        state.heard(SUPERVISOR, report(1, Reported::Applied, ""), 40, STALE);
+        assert_eq!(
+            state.applied_but_idle(50, STALE),
+            vec![
+                Change::NotRunning { hash: hex::encode([1; 32]), resent: false },
+                Change::Status { from: Status::InSync, to: Status::Failed },
+            ]
+        );
+        assert_eq!(state.config_to_push(), None, "not a third time");
+        assert!(state.error().is_some_and(|e| e.contains("runs no pipeline")));
+        assert_eq!(state.applied_but_idle(60, STALE), vec![], "once failed, nothing more");
+        // A new version starts afresh.
+        state.assign(Some(v(2)), 70, STALE);
+        state.served(vec![2; 32], 70, STALE);
+        state.heard(SUPERVISOR, report(2, Reported::Applied, ""), 80, STALE);
+        assert_eq!(
+            state.applied_but_idle(90, STALE)[0],
+            Change::NotRunning { hash: hex::encode([2; 32]), resent: true }
+        );
     }
 
     #[test]

@@ -152,6 +152,11 @@ pub fn handle(
     }
     if let Some(effective) = &message.effective_config {
         record.effective_config = effective_config(effective).map(Box::new);
+        record.runs_pipelines = record
+            .effective_config
+            .as_ref()
+            .and_then(|config| crate::repo::lint::pipeline_count(&config.body))
+            .map(|count| count > 0);
     }
     // The build's components: a whole list is kept by its hash; a hash alone is looked up,
     // and asked for in full when gitfleet does not know it (opamp.md §3.11).
@@ -181,6 +186,10 @@ pub fn handle(
     let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
     let changes = record.config.heard(capabilities, report, now_ms, stale_after);
     record.record(changes, now_ms);
+    if target.is_some_and(|t| t.declares_pipelines) && record.runs_pipelines == Some(false) {
+        let changes = record.config.applied_but_idle(now_ms, stale_after);
+        record.record(changes, now_ms);
+    }
     record.sequence_num = Some(message.sequence_num);
 
     let disconnect = message.agent_disconnect.is_some();
@@ -435,7 +444,7 @@ fn effective_config(effective: &proto::EffectiveConfig) -> Option<EffectiveConfi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::instance::{Assignment, Status};
+    use crate::instance::{Assignment, Change, Status};
     use crate::opamp::proto::{AgentDescription, AgentDisconnect, AnyValue, KeyValue, RemoteConfigStatus, any_value};
     use crate::opamp::registry::FleetTarget;
 
@@ -447,6 +456,7 @@ mod tests {
             assignment: Some(Assignment { hash: vec![hash; 32], tag: format!("gateway/v{hash}") }),
             content_type: "text/yaml".into(),
             body: Arc::from(&b"receivers: {}"[..]),
+            declares_pipelines: true,
             stale_after_ms: 120_000,
             current_token: Some(Arc::from("tk_00000001")),
             credentials: None,
@@ -724,6 +734,51 @@ mod tests {
         assert!(text <= COMPONENTS_TEXT_KEPT, "{text}");
         assert!(list.kinds["receivers"].values().all(|about| about.len() == COMPONENT_TEXT_MAX));
         assert_eq!(list.kinds["receivers"].keys().next().map(String::as_str), Some("receiver0000"), "kept in order");
+    }
+
+    #[test]
+    fn a_config_reported_applied_while_the_collector_runs_no_pipeline_is_sent_again_once() {
+        let registry = Registry::new();
+        let mut connection = connection(Some(1));
+        let effective = |yaml: &str| proto::EffectiveConfig {
+            config_map: Some(AgentConfigMap {
+                config_map: [(
+                    String::new(),
+                    AgentConfigFile { body: yaml.as_bytes().to_vec(), content_type: String::new() },
+                )]
+                .into_iter()
+                .collect(),
+            }),
+        };
+        let idle = "extensions:\n  opamp: {}\nservice:\n  extensions: [opamp]\n";
+        let running = "receivers: {otlp: {}}\nexporters: {debug: {}}\nservice:\n  pipelines:\n    traces: {receivers: [otlp], exporters: [debug]}\n";
+        let report = |seq, reported: i32, config: &str| AgentToServer {
+            effective_config: Some(effective(config)),
+            ..status(seq, 1, reported, "")
+        };
+        // The normal course: it runs the pipelines by the time it says applied.
+        let first = AgentToServer { effective_config: Some(effective(idle)), ..full_state(0) };
+        assert!(handle(&registry, &targets(1), &mut connection, first, 0).reply.remote_config.is_some());
+        handle(&registry, &targets(1), &mut connection, report(1, 2, running), 1);
+        let reply = handle(&registry, &targets(1), &mut connection, report(2, 1, running), 2).reply;
+        assert!(reply.remote_config.is_none());
+        assert_eq!(registry.get(&InstanceUid(UID)).expect("record").status, Status::InSync);
+
+        // The Supervisor's start-up race: applied, but the collector runs its idle start-up config.
+        let reply = handle(&registry, &targets(1), &mut connection, report(3, 1, idle), 3).reply;
+        assert_eq!(reply.remote_config.map(|r| r.config_hash), Some(vec![1; 32]), "sent again");
+        let record = registry.get(&InstanceUid(UID)).expect("record");
+        assert_eq!(record.status, Status::Applying);
+        assert!(
+            record.history.iter().any(|h| h.change == Change::NotRunning { hash: hex::encode([1; 32]), resent: true })
+        );
+        // Idle again after that: failed, and not sent a third time.
+        handle(&registry, &targets(1), &mut connection, report(4, 2, idle), 4);
+        let reply = handle(&registry, &targets(1), &mut connection, report(5, 1, idle), 5).reply;
+        assert!(reply.remote_config.is_none());
+        let record = registry.get(&InstanceUid(UID)).expect("record");
+        assert_eq!(record.status, Status::Failed);
+        assert!(record.config.error().is_some_and(|e| e.contains("runs no pipeline")));
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct FleetTarget {
     pub assignment: Option<Assignment>,
     pub content_type: String,
     pub body: Arc<[u8]>,
+    /// The assigned config declares collector pipelines: an instance that reports it
+    /// applied must run some (`ConfigState::applied_but_idle`).
+    pub declares_pipelines: bool,
     pub stale_after_ms: i64,
     /// The id of the fleet's current install token.
     pub current_token: Option<Arc<str>>,
@@ -162,6 +165,9 @@ pub struct InstanceRecord {
     pub effective_config: Option<Box<EffectiveConfig>>,
     /// The components of its build, shared with the other instances of that build.
     pub components: Option<Arc<AvailableComponents>>,
+    /// Whether the effective config it last reported has any pipeline; `None` before it
+    /// reported one (or for a config that is not YAML).
+    pub runs_pipelines: Option<bool>,
     pub first_seen_ms: i64,
     pub transport: Option<Transport>,
     /// The live WebSocket session, if any.
@@ -191,6 +197,7 @@ impl InstanceRecord {
             health: None,
             effective_config: None,
             components: None,
+            runs_pipelines: None,
             first_seen_ms: now_ms,
             transport: None,
             session: None,
@@ -615,6 +622,7 @@ mod tests {
             assignment: Some(Assignment { hash: vec![hash; 32], tag: format!("gateway/v{hash}") }),
             content_type: "text/yaml".into(),
             body: Arc::from(&b"a: 1\n"[..]),
+            declares_pipelines: false,
             stale_after_ms: 60_000,
             current_token: None,
             credentials: None,

@@ -548,6 +548,13 @@ pub fn targets_of(view: &View, public_endpoint: Option<&str>, install_ca: Option
                     .map(|v| crate::instance::Assignment { hash: v.config_hash.to_vec(), tag: v.tag.clone() }),
                 content_type: version.map(|v| v.content_type.clone()).unwrap_or_default(),
                 body: version.map(|v| Arc::clone(&v.body)).unwrap_or_else(|| Arc::from(&b""[..])),
+                declares_pipelines: version.is_some_and(|v| {
+                    v.content_type.contains("yaml")
+                        && std::str::from_utf8(&v.body)
+                            .ok()
+                            .and_then(crate::repo::lint::pipeline_count)
+                            .is_some_and(|count| count > 0)
+                }),
                 stale_after_ms: i64::try_from(fleet.spec.health.stale_after.as_millis()).unwrap_or(i64::MAX),
                 current_token: view
                     .fleet_tokens

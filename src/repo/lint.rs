@@ -14,6 +14,17 @@ const SECTIONS: [&str; 6] = ["receivers", "processors", "exporters", "connectors
 const SAMPLERS: [&str; 2] = ["tail_sampling", "probabilistic_sampler"];
 const SIGNALS: [&str; 4] = ["traces", "metrics", "logs", "profiles"];
 
+/// How many pipelines a collector configuration declares under `service.pipelines`; `None`
+/// for text that is not a YAML mapping (a JSON agent config, garbage). An agent's
+/// effective configuration with none, while its assigned one has some, is a collector
+/// running something else than it reported applied.
+pub fn pipeline_count(text: &str) -> Option<usize> {
+    let root = yaml::parse(text).ok().flatten()?;
+    root.as_mapping()?;
+    let pipelines = root.get("service").and_then(|service| service.get("pipelines"));
+    Some(pipelines.and_then(Node::as_mapping).map_or(0, <[(Node, Node)]>::len))
+}
+
 /// Lints one configuration file. JSON files (for non-collector agents) only get a parse check.
 pub fn lint(path: &str, body: &[u8]) -> Vec<Problem> {
     let text = match std::str::from_utf8(body) {
@@ -365,6 +376,16 @@ service:
                 "configs/x.yaml:13: error: processor `batch` is used in pipeline `metrics` but not defined under `processors`",
             ]
         );
+    }
+
+    #[test]
+    fn pipelines_are_counted_in_yaml_only() {
+        assert_eq!(pipeline_count("service:\n  pipelines:\n    traces: {}\n    logs/x: {}\n"), Some(2));
+        assert_eq!(pipeline_count("extensions:\n  opamp: {}\nservice:\n  extensions: [opamp]\n"), Some(0));
+        assert_eq!(pipeline_count("connectors: {}\n"), Some(0));
+        assert_eq!(pipeline_count("- a list\n"), None);
+        assert_eq!(pipeline_count("a: [unclosed\n"), None);
+        assert_eq!(pipeline_count(""), None);
     }
 
     #[test]

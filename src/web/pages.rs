@@ -550,6 +550,11 @@ async fn instance(State(state): State<WebState>, Path(uid): Path<String>) -> Res
                     tag.as_deref()
                         .map_or_else(|| Short(hash.as_deref()).to_string(), |t| format!("<code>{}</code>", Text(t)))
                 ),
+                crate::instance::Change::NotRunning { hash, resent } => format!(
+                    "reported {} applied while its collector runs no pipeline: {}",
+                    Short(Some(hash)),
+                    if *resent { "sent again" } else { "<span class=\"error-text\">failed</span>" }
+                ),
                 crate::instance::Change::RolledBack { failed_hash, running_hash, error } => format!(
                     "rolled back from {} to {}: <span class=\"error-text\">{}</span>",
                     Short(Some(failed_hash)),
