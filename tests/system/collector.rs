@@ -214,10 +214,17 @@ impl Fixture {
         self.repo.path().display().to_string()
     }
 
-    /// Sends one span to the collector's OTLP/HTTP receiver; the receiver's answer.
+    /// Sends one span to the collector's OTLP/HTTP receiver; the receiver's answer. A
+    /// receiver that is starting (the collector's health turns OK with its extensions,
+    /// before its pipelines) gets a few seconds.
     fn send_span(&self) -> u16 {
         let span = r#"{"resourceSpans":[{"resource":{"attributes":[{"key":"service.name","value":{"stringValue":"e2e"}}]},"scopeSpans":[{"spans":[{"traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b174","name":"checkout","kind":1,"startTimeUnixNano":"1700000000000000000","endTimeUnixNano":"1700000001000000000"}]}]}]}"#;
         let address: SocketAddr = format!("127.0.0.1:{}", self.ports.http).parse().expect("address");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(address).is_err() {
+            assert!(Instant::now() < deadline, "the collector's OTLP receiver on {address} does not take connections");
+            std::thread::sleep(Duration::from_millis(100));
+        }
         http(address, "POST", "/v1/traces", &[("Content-Type", "application/json")], span.as_bytes()).status
     }
 }
@@ -450,6 +457,16 @@ fn metric(server: &Server, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no metric {name}"))
 }
 
+/// How often gitfleet sent the instance its config again because its Supervisor called it
+/// applied while the collector ran none of it: the Supervisor's start-up race, which a
+/// Supervisor that is sent its config in the reply to its first message runs into now and
+/// then (README, "Connecting collectors"). Counts of configs sent allow for these.
+fn repairs(server: &Server, uid: &str) -> u64 {
+    let instance = server.json(&format!("/api/v1/instances/{uid}"));
+    let events = instance["events"].as_array().expect("events");
+    events.iter().filter(|e| e["kind"] == "not_running" && e["resent"] == true).count() as u64
+}
+
 /// The history's entries for `tag`: the assignment and what followed it, oldest first.
 fn events_since_assigned(instance: &Value, tag: &str) -> Vec<Value> {
     let events: Vec<Value> = instance["events"].as_array().expect("events").iter().rev().cloned().collect();
@@ -556,7 +573,7 @@ fn a_host_installed_from_the_offline_bundle_follows_git_over_websocket() {
     });
     let error = v4["error"].as_str().expect("the error");
     assert!(error.contains("Collector log tail") && error.contains("address already in use"), "{error}");
-    instance(&server, &uid, &host, "healthy on v2 again", |i| i["healthy"] == true);
+    runs(&server, &uid, &host, "production-v2");
     assert_eq!(fixture.send_span(), 200, "v2 runs again");
     drop(taken);
 
@@ -621,7 +638,8 @@ fn a_host_from_the_one_line_install_polls_over_http_and_survives_a_crash_and_los
     assert_eq!(fixture.send_span(), 200);
     fixture.backend.wait_for_traces_with("production-v1", &host);
     let sent = configs_sent(&server);
-    assert_eq!(sent, 1, "one config for one host");
+    let repaired = repairs(&server, &uid);
+    assert_eq!(sent, 1 + repaired, "one config for one host, plus repairs");
 
     // kill -9 of the Supervisor and the collector: it comes back with its state, reports
     // what it runs, and is not sent the config again.
@@ -629,10 +647,9 @@ fn a_host_from_the_one_line_install_polls_over_http_and_survives_a_crash_and_los
     let before = metric(&server, "gitfleet_opamp_messages_received_total");
     host.start();
     instance(&server, &uid, &host, "back after kill -9", |i| {
-        i["status"] == "in_sync"
-            && i["healthy"] == true
-            && metric(&server, "gitfleet_opamp_messages_received_total") > before
+        i["status"] == "in_sync" && metric(&server, "gitfleet_opamp_messages_received_total") > before
     });
+    runs(&server, &uid, &host, "production-v1");
     assert_eq!(fixture.send_span(), 200);
     assert_eq!(configs_sent(&server), sent, "no push after a crash");
 
@@ -643,10 +660,10 @@ fn a_host_from_the_one_line_install_polls_over_http_and_survives_a_crash_and_los
     std::fs::create_dir_all(host.state()).expect("state dir");
     std::fs::write(host.state().join("persistent_state.yaml"), format!("instance_id: {uid}\n")).expect("write");
     host.start();
-    instance(&server, &uid, &host, "in sync again after losing its state", |i| {
-        i["status"] == "in_sync" && i["healthy"] == true
-    });
-    assert_eq!(configs_sent(&server), sent + 1, "sent again, once");
+    in_sync_at(&server, &uid, &host, "gateway/v1");
+    runs(&server, &uid, &host, "production-v1");
+    let repaired_now = repairs(&server, &uid) - repaired;
+    assert_eq!(configs_sent(&server), sent + 1 + repaired_now, "sent again, once (plus repairs)");
     assert!(host.state().join("last_recv_remote_config.dat").is_file(), "it has its config again");
     assert_eq!(fixture.send_span(), 200);
     server.stop();
