@@ -8,7 +8,7 @@
 //! Published versions are immutable: the first content seen for a tag (`SeenVersion`,
 //! remembered by the store) wins over whatever the tag points at later.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::problem::{Problem, Severity};
@@ -38,6 +38,9 @@ pub struct Version {
     pub config_hash: [u8; 32],
     /// Git blob id of `body` as first seen.
     pub blob_id: String,
+    /// The commit the tag points at now, when it was moved away from `commit` after it was
+    /// first seen. Everything else above is what was first seen, and is what is served.
+    pub moved_to: Option<String>,
 }
 
 /// What the store remembers of a version the first time it is seen.
@@ -50,15 +53,40 @@ pub struct Configuration {
     pub head_file: Option<String>,
     /// Ascending in version order; the last one is `latest`.
     pub versions: Vec<Arc<Version>>,
+    /// Versions published earlier whose tags are gone, ascending. They are not selectable,
+    /// but a fleet on `latest` that runs one keeps it (a fleet never moves backwards
+    /// without a commit saying so).
+    pub deleted: Vec<Arc<Version>>,
 }
 
 impl Configuration {
+    fn new(name: &str) -> Self {
+        Self { name: name.to_owned(), head_file: None, versions: Vec::new(), deleted: Vec::new() }
+    }
+
     pub fn find(&self, version: &str) -> Option<&Arc<Version>> {
         self.versions.iter().find(|v| v.version == version)
     }
 
     pub fn latest(&self) -> Option<&Arc<Version>> {
         self.versions.last()
+    }
+
+    pub fn find_deleted(&self, version: &str) -> Option<&Arc<Version>> {
+        self.deleted.iter().find(|v| v.version == version)
+    }
+
+    /// What `latest` means for a fleet that runs `running` now: the highest published
+    /// version, unless `running` is a deleted version above it.
+    fn latest_for(&self, running: Option<&str>) -> Option<&Arc<Version>> {
+        let kept = running
+            .and_then(|tag| tag.strip_prefix(self.name.as_str())?.strip_prefix('/'))
+            .and_then(|version| self.find_deleted(version));
+        match (self.latest(), kept) {
+            (Some(latest), Some(kept)) if compare_versions(&kept.version, &latest.version).is_le() => Some(latest),
+            (_, Some(kept)) => Some(kept),
+            (latest, None) => latest,
+        }
     }
 }
 
@@ -175,10 +203,7 @@ pub fn compile(snapshot: &RepoSnapshot, memory: Memory<'_>) -> Compiled {
     let (mut configs, newly_seen) =
         published_versions(snapshot, seen, &head_configs, previous_cache, &mut cache, &mut problems);
     for (name, path) in &head_configs {
-        configs
-            .entry(name.clone())
-            .or_insert_with(|| Configuration { name: name.clone(), head_file: None, versions: Vec::new() })
-            .head_file = Some(path.clone());
+        configs.entry(name.clone()).or_insert_with(|| Configuration::new(name)).head_file = Some(path.clone());
     }
 
     // Lint every configuration at the branch tip.
@@ -244,6 +269,7 @@ pub fn compile(snapshot: &RepoSnapshot, memory: Memory<'_>) -> Compiled {
         }
     }
 
+    deleted_tags(&configs, &fleets, &mut problems);
     problems.sort_by(|a, b| (&a.file, a.line, a.severity, &a.message).cmp(&(&b.file, b.line, b.severity, &b.message)));
     problems.dedup();
     Compiled {
@@ -258,6 +284,54 @@ pub fn compile(snapshot: &RepoSnapshot, memory: Memory<'_>) -> Compiled {
             cache,
         },
         newly_seen,
+    }
+}
+
+/// Deleted tags above a configuration's highest published version: deleting them would
+/// move fleets on `latest` backwards, which gitfleet does not do without a commit saying so.
+/// An error while a fleet still runs one, a warning otherwise. Older deleted tags are
+/// ordinary clean-up and only matter to a fleet that pins one (a problem of its own).
+fn deleted_tags(
+    configs: &BTreeMap<String, Configuration>,
+    fleets: &BTreeMap<String, Fleet>,
+    problems: &mut Vec<Problem>,
+) {
+    for configuration in configs.values() {
+        let latest = configuration.latest();
+        let above_latest = configuration
+            .deleted
+            .iter()
+            .filter(|v| latest.is_none_or(|latest| compare_versions(&v.version, &latest.version).is_gt()));
+        for version in above_latest {
+            let location = format!("refs/tags/{}", version.tag);
+            let keeping: Vec<&str> = fleets
+                .values()
+                .filter(|f| f.assignment.as_ref().is_some_and(|a| a.tag == version.tag))
+                .map(Fleet::name)
+                .collect();
+            let now = latest.map(|v| format!("`{}`", v.tag)).unwrap_or_else(|| "nothing".to_owned());
+            problems.push(if keeping.is_empty() {
+                Problem::warning(
+                    location,
+                    None,
+                    format!(
+                        "tag `{}` was deleted after it was published; no fleet runs it, and `latest` is {now} now",
+                        version.tag
+                    ),
+                )
+            } else {
+                Problem::error(
+                    location,
+                    None,
+                    format!(
+                        "tag `{}` was deleted after it was published; {} keep{} running it, since a fleet never moves back without a commit: push the tag again, publish a higher version, or pin a version in the fleet file",
+                        version.tag,
+                        keeping.iter().map(|name| format!("`{name}`")).collect::<Vec<_>>().join(", "),
+                        if keeping.len() == 1 { "s" } else { "" },
+                    ),
+                )
+            });
+        }
     }
 }
 
@@ -373,18 +447,25 @@ fn published_versions(
             }
             configs
                 .entry(version.config.clone())
-                .or_insert_with(|| Configuration {
-                    name: version.config.clone(),
-                    head_file: None,
-                    versions: Vec::new(),
-                })
+                .or_insert_with(|| Configuration::new(&version.config))
                 .versions
                 .push(Arc::clone(version));
         }
         cache.tags.insert(tag.name.clone(), outcome);
     }
+    let present: HashSet<&str> = snapshot.tags.iter().map(|tag| tag.name.as_str()).collect();
+    for (tag, version) in seen {
+        if !present.contains(tag.as_str()) {
+            configs
+                .entry(version.config.clone())
+                .or_insert_with(|| Configuration::new(&version.config))
+                .deleted
+                .push(Arc::new(Version { moved_to: None, ..version.clone() }));
+        }
+    }
     for configuration in configs.values_mut() {
         configuration.versions.sort_by(|a, b| compare_versions(&a.version, &b.version));
+        configuration.deleted.sort_by(|a, b| compare_versions(&a.version, &b.version));
     }
     (configs, newly_seen)
 }
@@ -417,9 +498,12 @@ fn tag_outcome(tag: &Arc<TagSnapshot>, config_exists: bool, seen: &BTreeMap<Stri
                     short(&version.commit)
                 ),
             ));
-            Version { note: version.note, time: version.time, ..first.clone() }
+            Version { moved_to: Some(version.commit), ..first.clone() }
         }
-        Some(first) => Version { note: version.note, time: version.time, ..first.clone() },
+        Some(first) => {
+            let moved_to = (first.commit != version.commit).then_some(version.commit);
+            Version { moved_to, ..first.clone() }
+        }
         None => version,
     };
     outcome.version = Some(Arc::new(version));
@@ -497,6 +581,7 @@ fn read_tag(
         config_hash: single_file_hash(content_type, &body),
         body,
         blob_id: file.blob_id.clone(),
+        moved_to: None,
     })
 }
 
@@ -554,11 +639,18 @@ fn resolve_fleet(
             None => Err(format!(
                 "configuration `{config}` does not exist (no configs/{config}.yaml and no {config}/* tags)"
             )),
-            Some(configuration) if configuration.versions.is_empty() => Err(format!(
-                "configuration `{config}` has no published versions yet; publish one with `git tag {config}/v1 && git push --tags`"
-            )),
             Some(configuration) => match selector {
-                VersionSelector::Latest => Ok(configuration.latest().cloned()),
+                VersionSelector::Latest => {
+                    let running = remembered.and_then(|r| r.tag.as_deref());
+                    configuration.latest_for(running).cloned().map(Some).ok_or_else(|| {
+                        format!(
+                            "configuration `{config}` has no published versions yet; publish one with `git tag {config}/v1 && git push --tags`"
+                        )
+                    })
+                }
+                VersionSelector::Exact(_) if configuration.versions.is_empty() => Err(format!(
+                    "configuration `{config}` has no published versions yet; publish one with `git tag {config}/v1 && git push --tags`"
+                )),
                 VersionSelector::Exact(version) => configuration.find(version).cloned().map(Some).ok_or_else(|| {
                     let published: Vec<&str> =
                         configuration.versions.iter().rev().take(5).map(|v| v.version.as_str()).collect();
@@ -821,7 +913,81 @@ mod tests {
         let version = moved.desired.version("gateway/v1").expect("still published");
         assert_eq!(&*version.body, GATEWAY_V1.as_bytes());
         assert_eq!(version.commit, "c1");
+        assert_eq!(version.moved_to.as_deref(), Some("c9"));
         assert!(moved.newly_seen.is_empty());
+
+        // Moved with a new note and date, to the same content: still what was first seen,
+        // marked as moved, and no problem.
+        let mut retagged = tag("gateway/v1", "c5", GATEWAY_V1);
+        retagged.note = Some("moved".to_owned());
+        retagged.time = 1_800_000_000;
+        let again = compile(&snapshot(&[], vec![retagged]), Memory { seen: Some(&seen), ..Default::default() });
+        assert_eq!(messages(&again.desired), Vec::<String>::new());
+        let version = again.desired.version("gateway/v1").expect("still published");
+        assert_eq!((version.commit.as_str(), version.time, version.note.as_deref()), ("c1", 1_700_000_000, None));
+        assert_eq!(version.moved_to.as_deref(), Some("c5"));
+        let unmoved = compile(
+            &snapshot(&[], vec![tag("gateway/v1", "c1", GATEWAY_V1)]),
+            Memory { seen: Some(&seen), ..Default::default() },
+        );
+        assert_eq!(unmoved.desired.version("gateway/v1").expect("published").moved_to, None);
+    }
+
+    #[test]
+    fn a_deleted_tag_never_moves_a_fleet_backwards() {
+        let files = [
+            ("configs/gateway.yaml", GATEWAY_V2),
+            ("fleets/staging.toml", "config = \"gateway\"\nversion = \"latest\"\n"),
+        ];
+        let published = compile(
+            &snapshot(&files, vec![tag("gateway/v1", "c1", GATEWAY_V1), tag("gateway/v2", "c2", GATEWAY_V2)]),
+            Memory::default(),
+        );
+        let seen: BTreeMap<String, SeenVersion> =
+            published.newly_seen.into_iter().map(|v| (v.tag.clone(), v)).collect();
+        let tag_of = |desired: &DesiredState| desired.fleets["staging"].assignment.as_ref().map(|v| v.tag.clone());
+        assert_eq!(tag_of(&published.desired).as_deref(), Some("gateway/v2"));
+
+        // `git push origin :refs/tags/gateway/v2`: staging keeps v2, and the tag is an error.
+        fn memory<'a>(seen: &'a BTreeMap<String, SeenVersion>, before: &'a DesiredState) -> Memory<'a> {
+            Memory { seen: Some(seen), last_good: Some(&before.last_good), previous: None }
+        }
+        let deleted =
+            compile(&snapshot(&files, vec![tag("gateway/v1", "c1", GATEWAY_V1)]), memory(&seen, &published.desired));
+        assert_eq!(tag_of(&deleted.desired).as_deref(), Some("gateway/v2"));
+        assert_eq!(
+            messages(&deleted.desired),
+            vec![
+                "refs/tags/gateway/v2: error: tag `gateway/v2` was deleted after it was published; `staging` keeps running it, since a fleet never moves back without a commit: push the tag again, publish a higher version, or pin a version in the fleet file"
+            ]
+        );
+        let gateway = &deleted.desired.configs["gateway"];
+        assert_eq!(gateway.latest().map(|v| v.tag.as_str()), Some("gateway/v1"));
+        assert_eq!(gateway.deleted.iter().map(|v| v.tag.as_str()).collect::<Vec<_>>(), vec!["gateway/v2"]);
+        // It stays so across restarts (the last good state remembers v2).
+        let again =
+            compile(&snapshot(&files, vec![tag("gateway/v1", "c1", GATEWAY_V1)]), memory(&seen, &deleted.desired));
+        assert_eq!(tag_of(&again.desired).as_deref(), Some("gateway/v2"));
+
+        // A fleet file that pins v1 is the commit that says so.
+        let pinned = [files[0], ("fleets/staging.toml", "config = \"gateway\"\nversion = \"v1\"\n")];
+        let rolled_back =
+            compile(&snapshot(&pinned, vec![tag("gateway/v1", "c1", GATEWAY_V1)]), memory(&seen, &again.desired));
+        assert_eq!(tag_of(&rolled_back.desired).as_deref(), Some("gateway/v1"));
+        assert_eq!(
+            messages(&rolled_back.desired),
+            vec![
+                "refs/tags/gateway/v2: warning: tag `gateway/v2` was deleted after it was published; no fleet runs it, and `latest` is `gateway/v1` now"
+            ]
+        );
+
+        // A higher version moves it forward, and the deleted tag is history.
+        let v3 = compile(
+            &snapshot(&files, vec![tag("gateway/v1", "c1", GATEWAY_V1), tag("gateway/v3", "c3", GATEWAY_V2)]),
+            memory(&seen, &again.desired),
+        );
+        assert_eq!(tag_of(&v3.desired).as_deref(), Some("gateway/v3"));
+        assert_eq!(messages(&v3.desired), Vec::<String>::new());
     }
 
     #[test]

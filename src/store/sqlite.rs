@@ -170,6 +170,7 @@ impl Store for SqliteStore {
                         config_hash: [0; 32],
                         blob_id: row.get(9)?,
                         body: row.get::<_, Vec<u8>>(10)?.into(),
+                        moved_to: None,
                     },
                     row.get::<_, Vec<u8>>(8)?,
                 ))
@@ -621,6 +622,7 @@ mod tests {
             body: Arc::from(body.as_bytes()),
             config_hash: crate::repo::hash::single_file_hash("text/yaml", body.as_bytes()),
             blob_id: "b10b".into(),
+            moved_to: None,
         }
     }
 

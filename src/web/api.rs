@@ -240,6 +240,7 @@ fn config_json(configuration: &Configuration) -> Value {
         "file": configuration.head_file,
         "latest": configuration.latest().map(|v| v.version.clone()),
         "versions": configuration.versions.len(),
+        "deleted_versions": configuration.deleted.len(),
     })
 }
 
@@ -251,6 +252,8 @@ async fn config_versions(State(state): State<WebState>, Path(name): Path<String>
             "config": configuration.name,
             // Newest first, as people read release lists.
             "versions": configuration.versions.iter().rev().map(|v| version_json(v, false)).collect::<Vec<_>>(),
+            // Published once, tags gone since: not selectable, kept by fleets that run them.
+            "deleted": configuration.deleted.iter().rev().map(|v| version_json(v, false)).collect::<Vec<_>>(),
         }))
         .into_response(),
         None => not_found(&format!("no configuration named `{}`", name.escape_default())),
@@ -260,9 +263,16 @@ async fn config_versions(State(state): State<WebState>, Path(name): Path<String>
 async fn config_version(State(state): State<WebState>, Path((name, version)): Path<(String, String)>) -> Response {
     let view = state.view.borrow().clone();
     let Some(desired) = &view.desired else { return not_ready() };
-    match desired.configs.get(&name).and_then(|c| c.find(&version)) {
-        Some(found) => Json(version_json(found, true)).into_response(),
-        None => not_found(&format!("no version `{}` of `{}`", version.escape_default(), name.escape_default())),
+    let configuration = desired.configs.get(&name);
+    let published = configuration.and_then(|c| c.find(&version));
+    match (published, configuration.and_then(|c| c.find_deleted(&version))) {
+        (Some(found), _) => Json(version_json(found, true)).into_response(),
+        (None, Some(deleted)) => {
+            let mut value = version_json(deleted, true);
+            value["deleted"] = Value::Bool(true);
+            Json(value).into_response()
+        }
+        (None, None) => not_found(&format!("no version `{}` of `{}`", version.escape_default(), name.escape_default())),
     }
 }
 
@@ -276,6 +286,8 @@ fn version_json(version: &Version, with_content: bool) -> Value {
         "file": version.file,
         "content_type": version.content_type,
         "config_hash": hex::encode(version.config_hash),
+        // Everything above is what was first seen, and served; this is where the tag is now.
+        "moved_to": version.moved_to,
     });
     if with_content {
         value["content"] = Value::String(String::from_utf8_lossy(&version.body).into_owned());

@@ -40,6 +40,28 @@ impl Display for Text<'_> {
     }
 }
 
+/// A problem message, escaped, with its `backticked` spans shown as code (a lone backtick
+/// stays as it is).
+pub struct Message<'a>(pub &'a str);
+
+impl Display for Message<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rest = self.0;
+        while let Some(open) = rest.find('`') {
+            let Some(length) = rest[open + 1..].find('`') else { break };
+            let code = &rest[open + 1..open + 1 + length];
+            write!(f, "{}<code>{}</code>", Text(&rest[..open]), Text(code))?;
+            rest = &rest[open + length + 2..];
+        }
+        Text(rest).fmt(f)
+    }
+}
+
+/// `1 version`, `2 versions`.
+pub fn count(n: usize, singular: &str, plural: &str) -> String {
+    format!("{n} {}", if n == 1 { singular } else { plural })
+}
+
 /// An optional string, escaped, or a muted dash.
 pub struct OrDash<'a>(pub Option<&'a str>);
 
@@ -232,6 +254,18 @@ mod tests {
             Short(Some("<abcdefghijklmnop")).to_string(),
             "<code title=\"&lt;abcdefghijklmnop\">&lt;abcdefghijk</code>"
         );
+    }
+
+    #[test]
+    fn messages_show_backticked_spans_as_code() {
+        assert_eq!(
+            Message("fleet `prod`: `<x>` is not published").to_string(),
+            "fleet <code>prod</code>: <code>&lt;x&gt;</code> is not published"
+        );
+        assert_eq!(Message("a lone ` stays & is escaped").to_string(), "a lone ` stays &amp; is escaped");
+        assert_eq!(Message("``").to_string(), "<code></code>");
+        assert_eq!(count(1, "version", "versions"), "1 version");
+        assert_eq!(count(0, "version", "versions"), "0 versions");
     }
 
     #[test]

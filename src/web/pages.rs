@@ -18,10 +18,12 @@ use crate::instance::Status;
 use crate::opamp::codec::InstanceUid;
 use crate::problem::{Problem, Severity};
 use crate::reconciler::View;
-use crate::repo::desired::Configuration;
+use crate::repo::desired::{Configuration, Version};
+use crate::repo::lint;
+use crate::repo::version::compare_versions;
 use crate::status::{FleetStatus, InstanceRow};
 use crate::web::WebState;
-use crate::web::html::{self, Badge, Bar, Nav, OrDash, STATUSES, Short, Text, Time, Url, status_label};
+use crate::web::html::{self, Badge, Bar, Message, Nav, OrDash, STATUSES, Short, Text, Time, Url, count, status_label};
 
 /// Instance table rows per page: enough to scan, small enough to render fast at 20,000.
 const ROWS_PER_PAGE: usize = 500;
@@ -33,6 +35,7 @@ pub fn routes() -> Router<WebState> {
         .route("/instances/{uid}", get(instance))
         .route("/configs", get(configs))
         .route("/configs/{name}", get(config))
+        .route("/configs/{name}/{version}", get(config_version))
         .route("/events", get(events))
         .route("/assets/gitfleet.css", get(|| async { asset("text/css; charset=utf-8", html::STYLESHEET) }))
         .route("/assets/gitfleet.js", get(|| async { asset("text/javascript; charset=utf-8", html::SCRIPT) }))
@@ -95,7 +98,7 @@ fn problems_list(out: &mut String, problems: &[Problem]) {
             }
             out.push_str("</code> ");
         }
-        let _ = write!(out, "{}</li>", Text(&problem.message));
+        let _ = write!(out, "{}</li>", Message(&problem.message));
     }
     out.push_str("</ul>");
 }
@@ -618,31 +621,46 @@ async fn config(State(state): State<WebState>, Path(name): Path<String>, Query(q
     };
     let now = crate::time::now_unix();
     let mut out = String::with_capacity(16384);
+    let deleted = if configuration.deleted.is_empty() {
+        String::new()
+    } else {
+        format!(" · {} deleted", configuration.deleted.len())
+    };
     let _ = write!(
         out,
-        "<h1>{}</h1><p class=\"sub\">{} published versions{}</p>",
+        "<h1>{}</h1><p class=\"sub\">{}{deleted}{}</p>",
         Text(&name),
-        configuration.versions.len(),
+        count(configuration.versions.len(), "published version", "published versions"),
         configuration
             .head_file
             .as_deref()
             .map(|f| format!(" · <code>{}</code> on the branch", Text(f)))
             .unwrap_or_default()
     );
-    diff_section(&mut out, configuration, &query);
+    let found = diff_section(&mut out, configuration, &query);
     out.push_str(
         "<h2>Versions</h2><table><thead><tr><th>Version</th><th>Commit</th><th>Published</th><th>Note</th>\
          <th>Config hash</th><th>Fleets</th><th>Compare</th></tr></thead><tbody>",
     );
-    let versions: Vec<_> = configuration.versions.iter().rev().collect();
-    for (index, version) in versions.iter().enumerate() {
+    // Published and deleted versions together, newest first; only published ones compare.
+    let mut rows: Vec<(&Arc<Version>, bool)> = configuration
+        .versions
+        .iter()
+        .map(|v| (v, false))
+        .chain(configuration.deleted.iter().map(|v| (v, true)))
+        .collect();
+    rows.sort_by(|a, b| compare_versions(&b.0.version, &a.0.version));
+    let published: Vec<_> = configuration.versions.iter().rev().collect();
+    for (version, is_deleted) in rows {
         let fleets: Vec<String> = desired
             .fleets
             .values()
             .filter(|f| f.assignment.as_ref().is_some_and(|a| a.tag == version.tag))
             .map(|f| format!("<a href=\"/fleets/{}\">{}</a>", Url(f.name()), Text(f.name())))
             .collect();
-        let compare = match versions.get(index + 1) {
+        let position = published.iter().position(|v| v.tag == version.tag);
+        let compare = match position.and_then(|index| published.get(index + 1)) {
+            _ if is_deleted => "<span class=\"muted\">—</span>".to_owned(),
             Some(previous) => format!(
                 "<a href=\"/configs/{}?from={}&amp;to={}\">diff with {}</a>",
                 Url(&name),
@@ -652,9 +670,23 @@ async fn config(State(state): State<WebState>, Path(name): Path<String>, Query(q
             ),
             None => "<span class=\"muted\">first</span>".to_owned(),
         };
+        let mut marks = String::new();
+        if is_deleted {
+            marks.push_str(" <span class=\"tag t-deleted\" title=\"Its tag was deleted; it is not published any more\">deleted</span>");
+        }
+        if has_lint_errors(version) {
+            marks.push_str(" <span class=\"tag t-broken\" title=\"It has configuration errors; no fleet is given it\">broken</span>");
+        }
+        let moved = version
+            .moved_to
+            .as_deref()
+            .map(|to| format!(" <span class=\"tag t-moved\" title=\"The tag was moved; the first content seen is served\">moved to</span> {}", Short(Some(to))))
+            .unwrap_or_default();
         let _ = write!(
             out,
-            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{compare}</td></tr>",
+            "<tr><td><a href=\"/configs/{}/{}\"><code>{}</code></a>{marks}</td><td>{}{moved}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{compare}</td></tr>",
+            Url(&name),
+            Url(&version.version),
             Text(&version.tag),
             Short(Some(&version.commit)),
             Time { unix_seconds: version.time, now },
@@ -664,11 +696,65 @@ async fn config(State(state): State<WebState>, Path(name): Path<String>, Query(q
         );
     }
     out.push_str("</tbody></table>");
-    html::page(&name, Nav::Configs, &out)
+    let page = html::page(&name, Nav::Configs, &out);
+    if found { page } else { (StatusCode::NOT_FOUND, page).into_response() }
 }
 
-/// The diff between `?from=` and `?to=` (by default the two newest versions).
-fn diff_section(out: &mut String, configuration: &Configuration, query: &DiffQuery) {
+/// Lints a version for the page (the server lints only the versions it assigns).
+fn has_lint_errors(version: &Version) -> bool {
+    lint::lint(&version.file, &version.body).iter().any(Problem::is_error)
+}
+
+/// One version: what it is, its problems and its whole content with line numbers.
+async fn config_version(State(state): State<WebState>, Path((name, wanted)): Path<(String, String)>) -> Response {
+    let view = state.view.borrow().clone();
+    let Some(desired) = view.desired.clone() else { return not_ready() };
+    let Some(configuration) = desired.configs.get(&name) else {
+        return not_found(&format!("There is no configuration named “{name}”."));
+    };
+    let (version, is_deleted) = match (configuration.find(&wanted), configuration.find_deleted(&wanted)) {
+        (Some(version), _) => (version, false),
+        (None, Some(version)) => (version, true),
+        (None, None) => return not_found(&format!("“{name}” has no version “{wanted}”.")),
+    };
+    let now = crate::time::now_unix();
+    let mut out = String::with_capacity(version.body.len() * 2 + 4096);
+    let _ = write!(
+        out,
+        "<h1>{}</h1><p class=\"sub\"><a href=\"/configs/{}\">{}</a> · <code>{}</code> at commit {}{}</p>",
+        Text(&version.tag),
+        Url(&name),
+        Text(&name),
+        Text(&version.file),
+        Short(Some(&version.commit)),
+        if is_deleted { " · its tag was deleted" } else { "" },
+    );
+    let mut problems = lint::lint(&format!("{}:{}", version.tag, version.file), &version.body);
+    problems.sort_by_key(|p| p.severity);
+    problems_list(&mut out, &problems);
+    out.push_str("<dl class=\"facts card\">");
+    let _ = write!(out, "<dt>Published</dt><dd>{}</dd>", Time { unix_seconds: version.time, now });
+    let _ = write!(out, "<dt>Note</dt><dd>{}</dd>", OrDash(version.note.as_deref()));
+    let _ = write!(out, "<dt>Config hash</dt><dd><code>{}</code></dd>", hex::encode(version.config_hash));
+    if let Some(to) = &version.moved_to {
+        let _ = write!(
+            out,
+            "<dt>Moved</dt><dd>the tag points at {} now; the content first seen at {} is what is served</dd>",
+            Short(Some(to)),
+            Short(Some(&version.commit))
+        );
+    }
+    out.push_str("</dl><h2>Content</h2><pre class=\"diff\">");
+    for (index, line) in String::from_utf8_lossy(&version.body).lines().enumerate() {
+        let _ = write!(out, "<span class=\"same\"><b class=\"ln\">{}</b>{}</span>", index + 1, Text(line));
+    }
+    out.push_str("</pre>");
+    html::page(&version.tag, Nav::Configs, &out)
+}
+
+/// The diff between `?from=` and `?to=` (by default the two newest versions), with the line
+/// numbers of both sides. False when a version asked for is not published.
+fn diff_section(out: &mut String, configuration: &Configuration, query: &DiffQuery) -> bool {
     let versions = &configuration.versions;
     let pick = |wanted: &Option<String>, fallback: Option<usize>| match wanted {
         Some(wanted) => configuration.find(wanted).cloned(),
@@ -677,22 +763,36 @@ fn diff_section(out: &mut String, configuration: &Configuration, query: &DiffQue
     let newest = versions.len().checked_sub(1);
     let (Some(from), Some(to)) = (pick(&query.from, newest.and_then(|n| n.checked_sub(1))), pick(&query.to, newest))
     else {
-        if query.from.is_some() || query.to.is_some() {
-            out.push_str(
-                "<ul class=\"problems\"><li class=\"warning\"><b>Diff</b>No such version to compare.</li></ul>",
-            );
+        let missing: Vec<&str> = [&query.from, &query.to]
+            .into_iter()
+            .flatten()
+            .filter(|wanted| configuration.find(wanted).is_none())
+            .map(String::as_str)
+            .collect();
+        if missing.is_empty() {
+            return true;
         }
-        return;
+        let _ = write!(
+            out,
+            "<ul class=\"problems\"><li class=\"error\"><b>Diff</b>{} published: nothing to compare.</li></ul>",
+            Message(&format!(
+                "`{}` {}",
+                missing.join("` and `"),
+                if missing.len() == 1 { "is not" } else { "are not" }
+            ))
+        );
+        return false;
     };
     let _ = write!(out, "<h2>Changes from <code>{}</code> to <code>{}</code></h2>", Text(&from.tag), Text(&to.tag));
     let old = String::from_utf8_lossy(&from.body);
     let new = String::from_utf8_lossy(&to.body);
     if old == new {
         out.push_str("<p class=\"muted\">The two versions have the same content.</p>");
-        return;
+        return true;
     }
     let diff = similar::TextDiff::from_lines(old.as_ref(), new.as_ref());
     out.push_str("<pre class=\"diff\">");
+    let number = |index: Option<usize>| index.map(|i| (i + 1).to_string()).unwrap_or_default();
     for (index, group) in diff.grouped_ops(3).iter().enumerate() {
         if index > 0 {
             out.push_str("<span class=\"hunk\">⋯</span>");
@@ -705,11 +805,18 @@ fn diff_section(out: &mut String, configuration: &Configuration, query: &DiffQue
                     similar::ChangeTag::Equal => "same",
                 };
                 let line = change.value().trim_end_matches(['\n', '\r']);
-                let _ = write!(out, "<span class=\"{class}\">{}</span>", Text(line));
+                let _ = write!(
+                    out,
+                    "<span class=\"{class}\"><b class=\"ln\">{}</b><b class=\"ln\">{}</b>{}</span>",
+                    number(change.old_index()),
+                    number(change.new_index()),
+                    Text(line)
+                );
             }
         }
     }
     out.push_str("</pre>");
+    true
 }
 
 #[cfg(test)]

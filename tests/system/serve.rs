@@ -173,6 +173,62 @@ fn a_restart_keeps_the_versions_first_seen_and_a_moved_tag_is_a_problem() {
     assert_eq!(prod["config_hash"], first_hash, "the first content of gateway/v1 is still served");
     let v1 = server.json("/api/v1/configs/gateway/versions/v1");
     assert!(v1["content"].as_str().expect("content").contains("send_batch_size: 8192"));
+    // What is served, as first seen (not the moved tag's note and date), marked as moved.
+    let moved_to = repo.git(&["rev-parse", "gateway/v1^{commit}"]);
+    assert_eq!(
+        (v1["note"].as_str(), v1["date"].as_str(), v1["moved_to"].as_str()),
+        (Some("First gateway"), Some("2026-01-02T03:04:05Z"), Some(moved_to.as_str()))
+    );
+    assert_ne!(v1["commit"].as_str(), Some(moved_to.as_str()));
+    assert_eq!(v1["config_hash"], first_hash);
+    let page = server.get("/configs/gateway").body;
+    assert!(page.contains("moved to</span>") && page.contains(&moved_to[..12]), "{page}");
+    assert!(!page.contains(">moved<"), "the moved tag's note is not shown: {page}");
+}
+
+#[test]
+fn a_deleted_tag_never_moves_a_fleet_on_latest_backwards() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.url(), data.path(), &["--poll-interval", "1s"]);
+    server.wait_for("/api/v1/fleets/staging-gateway", WAIT, "gateway/v1", |f| f["tag"] == "gateway/v1");
+    publish_gateway_v2(&repo);
+    let on_v2 = server.wait_for("/api/v1/fleets/staging-gateway", WAIT, "gateway/v2", staging_on_v2);
+
+    repo.git(&["tag", "--delete", "gateway/v2"]);
+    let state = server
+        .wait_for("/api/v1/repo", WAIT, "the deleted tag", |r| !r["problems"].as_array().expect("problems").is_empty());
+    let problems = state["problems"].as_array().expect("problems");
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_eq!(
+        (problems[0]["file"].as_str(), problems[0]["severity"].as_str()),
+        (Some("refs/tags/gateway/v2"), Some("error"))
+    );
+    let message = problems[0]["message"].as_str().expect("message");
+    assert!(message.contains("`staging-gateway` keeps running it"), "{message}");
+    let staging = server.json("/api/v1/fleets/staging-gateway");
+    assert_eq!((&staging["tag"], &staging["config_hash"]), (&on_v2["tag"], &on_v2["config_hash"]));
+    let versions = server.json("/api/v1/configs/gateway/versions");
+    assert_eq!(versions["versions"].as_array().map(Vec::len), Some(1));
+    assert_eq!(versions["deleted"][0]["tag"], "gateway/v2");
+    assert_eq!(server.json("/api/v1/configs/gateway/versions/v2")["deleted"], true);
+    let page = server.get("/configs/gateway").body;
+    assert!(page.contains("1 published version ·") && page.contains("1 deleted"), "{page}");
+    assert!(page.contains(">deleted</span>"), "{page}");
+
+    // Across a restart too: the last good state remembers what the fleet runs.
+    assert_eq!(server.stop(), Some(0));
+    let server = Server::start(&repo.url(), data.path(), &["--poll-interval", "1s"]);
+    let staging = server.wait_for("/api/v1/fleets/staging-gateway", WAIT, "the restart", |f| f["tag"].is_string());
+    assert_eq!(staging["config_hash"], on_v2["config_hash"]);
+
+    // Pinning v1 in the fleet file is the commit that rolls it back.
+    let text = std::fs::read_to_string(repo.path().join("fleets/staging-gateway.toml")).expect("read");
+    repo.write("fleets/staging-gateway.toml", text.replace("version = \"latest\"", "version = \"v1\""));
+    repo.commit("Roll staging back to v1");
+    server.wait_for("/api/v1/fleets/staging-gateway", WAIT, "the pinned rollback", |f| f["tag"] == "gateway/v1");
+    let state = server.json("/api/v1/repo");
+    assert_eq!(state["problems"][0]["severity"], "warning", "{state:#}");
 }
 
 #[test]
