@@ -36,6 +36,8 @@ pub enum AppError {
     Listen { address: SocketAddr, source: std::io::Error },
     #[error("cannot watch {path} for changes: {source}")]
     Watch { path: String, source: notify::Error },
+    #[error(transparent)]
+    Settings(#[from] crate::settings::SettingsError),
 }
 
 /// A running server.
@@ -46,10 +48,21 @@ pub struct Running {
     pub view: watch::Receiver<Arc<View>>,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    /// Why the server cannot go on, when a task finds out (e.g. `--branch` names no branch).
+    fatal: tokio::sync::oneshot::Receiver<String>,
     _fs_watch: Option<notify::RecommendedWatcher>,
 }
 
 impl Running {
+    /// Resolves when a task finds that the server cannot go on, with the reason; never
+    /// otherwise.
+    pub async fn failure(&mut self) -> String {
+        match (&mut self.fatal).await {
+            Ok(reason) => reason,
+            Err(_) => std::future::pending().await,
+        }
+    }
+
     /// Stops every task and waits for them (at most `DRAIN_TIMEOUT`).
     pub async fn shutdown(self) {
         self.cancel.cancel();
@@ -61,8 +74,32 @@ impl Running {
     }
 }
 
+/// The two listening sockets, bound before anything is written, so that a start that
+/// cannot listen leaves nothing behind.
+pub struct Listeners {
+    web: tokio::net::TcpListener,
+    opamp: tokio::net::TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(web: SocketAddr, opamp: SocketAddr) -> Result<Self, AppError> {
+        let bind = |address: SocketAddr| async move {
+            tokio::net::TcpListener::bind(address).await.map_err(|source| AppError::Listen { address, source })
+        };
+        Ok(Self { web: bind(web).await?, opamp: bind(opamp).await? })
+    }
+}
+
 /// Starts the server; returns once every socket is bound.
 pub async fn start(settings: Settings) -> Result<Running, AppError> {
+    let listeners = Listeners::bind(settings.web_listen, settings.listen).await?;
+    start_on(settings, listeners).await
+}
+
+/// Starts the server on sockets already bound: creates the data directory, opens the
+/// store and the mirror, and starts every task.
+pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Running, AppError> {
+    crate::settings::create_data_dir(&settings.data_dir)?;
     let store: Arc<dyn Store> = {
         let path = settings.data_dir.join("state.db");
         tokio::task::spawn_blocking(move || SqliteStore::open(&path))
@@ -78,13 +115,8 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
                 .expect("opening the mirror does not panic")?,
         )
     };
-    let listener = tokio::net::TcpListener::bind(settings.web_listen)
-        .await
-        .map_err(|source| AppError::Listen { address: settings.web_listen, source })?;
+    let Listeners { web: listener, opamp: opamp_listener } = listeners;
     let web_addr = listener.local_addr().map_err(|source| AppError::Listen { address: settings.web_listen, source })?;
-    let opamp_listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .map_err(|source| AppError::Listen { address: settings.listen, source })?;
     let opamp_addr =
         opamp_listener.local_addr().map_err(|source| AppError::Listen { address: settings.listen, source })?;
 
@@ -135,8 +167,9 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
             .instrument(info_span!("install")),
     );
     let watcher_settings = WatcherSettings { branch: settings.branch.clone(), poll_interval: settings.poll_interval };
+    let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel();
     tracker.spawn(
-        watcher::run(watcher_settings, mirror, triggers_rx, events_tx.clone(), cancel.clone())
+        watcher::run(watcher_settings, mirror, triggers_rx, events_tx.clone(), fatal_tx, cancel.clone())
             .instrument(info_span!("watcher")),
     );
 
@@ -255,7 +288,7 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
         tls = settings.tls.is_some(),
         "gitfleet serving"
     );
-    Ok(Running { web_addr, opamp_addr, registry, view: view_rx, cancel, tracker, _fs_watch: fs_watch })
+    Ok(Running { web_addr, opamp_addr, registry, view: view_rx, cancel, tracker, fatal: fatal_rx, _fs_watch: fs_watch })
 }
 
 /// Serves `router` on `listener`, through TLS when it is on, until `cancel`.

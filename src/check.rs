@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use crate::git::GitError;
 use crate::git::snapshot::SnapshotReader;
-use crate::plan::{Plan, plan};
+use crate::plan::{FleetLine, Plan, plan};
 use crate::problem::{Problem, Severity};
 use crate::repo::desired::{self, short};
 
@@ -32,22 +32,42 @@ pub struct CheckArgs {
     pub format: Format,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Git(#[from] GitError),
+    #[error(
+        "{path} is not a config repository: `{rev}` has no fleets/ and no configs/ directory (see the README for the layout)"
+    )]
+    NotAConfigRepository { path: String, rev: String },
+}
+
 /// Reads and compiles the repository at `--rev` (and `--base`), and plans the change.
-pub fn run(args: &CheckArgs) -> Result<Plan, GitError> {
-    let repo =
-        gix::discover(&args.repo).map_err(|source| GitError::Open { path: args.repo.display().to_string(), source })?;
+///
+/// The head is compiled with the base as its memory, as the server would have it: a fleet
+/// file broken at the head keeps the state it had at the base.
+pub fn run(args: &CheckArgs) -> Result<Plan, CheckError> {
+    let repo = crate::git::discover(&args.repo)?;
     let mut reader = SnapshotReader::new();
     let branch =
         repo.head_name().ok().flatten().map(|name| name.shorten().to_string()).unwrap_or_else(|| args.rev.clone());
     let head_snapshot = reader.read(&repo, &args.rev, &branch)?;
-    let head = desired::compile(&head_snapshot, desired::Memory::default()).desired;
+    if !head_snapshot.files.keys().any(|path| path.starts_with("fleets") || path.starts_with("configs")) {
+        let path = repo.workdir().unwrap_or(repo.git_dir()).display().to_string();
+        return Err(CheckError::NotAConfigRepository { path, rev: args.rev.clone() });
+    }
     let base = match &args.base {
         Some(base) => {
             let snapshot = reader.read(&repo, base, base)?;
-            Some(desired::compile(&snapshot, desired::Memory { previous: Some(&head), ..Default::default() }).desired)
+            Some(desired::compile(&snapshot, desired::Memory::default()).desired)
         }
         None => None,
     };
+    let memory = match &base {
+        Some(base) => desired::Memory { last_good: Some(&base.last_good), previous: Some(base), ..Default::default() },
+        None => desired::Memory::default(),
+    };
+    let head = desired::compile(&head_snapshot, memory).desired;
     Ok(plan(base.as_ref(), &head))
 }
 
@@ -76,15 +96,7 @@ fn text(plan: &Plan) -> String {
         out.push_str("  (none)\n");
     }
     for fleet in &plan.fleets {
-        let runs = match (&fleet.tag, fleet.observe_only) {
-            (_, true) => "observe-only".to_owned(),
-            (Some(tag), false) => format!(
-                "{tag} ({})",
-                &fleet.config_hash.as_deref().unwrap_or_default()
-                    [..12.min(fleet.config_hash.as_deref().unwrap_or_default().len())]
-            ),
-            (None, false) => "no version to roll out".to_owned(),
-        };
+        let runs = fleet.runs();
         let selector = fleet.selector.as_deref().filter(|s| *s == "latest").map(|_| " [latest]").unwrap_or_default();
         let _ = writeln!(out, "  {:<24} {runs}{selector}", fleet.name);
     }
@@ -98,6 +110,10 @@ fn text(plan: &Plan) -> String {
         for name in &plan.removed {
             any = true;
             let _ = writeln!(out, "  - fleet {name} removed");
+        }
+        for line in plan.fleets.iter().filter(|f| plan.broken.contains(&f.name)) {
+            any = true;
+            let _ = writeln!(out, "  ! fleet {} {}", line.name, line.runs());
         }
         for rollout in &plan.rollouts {
             any = true;
@@ -154,7 +170,11 @@ fn markdown(plan: &Plan) -> String {
         }
     }
     if plan.base_commit.is_some() {
-        let changes = plan.added.len() + plan.removed.len() + plan.rollouts.len() + plan.settings_changed.len();
+        let changes = plan.added.len()
+            + plan.removed.len()
+            + plan.broken.len()
+            + plan.rollouts.len()
+            + plan.settings_changed.len();
         if changes == 0 {
             out.push_str("No fleet changes.\n\n");
         } else {
@@ -164,6 +184,9 @@ fn markdown(plan: &Plan) -> String {
             }
             for name in &plan.removed {
                 let _ = writeln!(out, "| `{name}` | **removed** |");
+            }
+            for line in plan.fleets.iter().filter(|f| plan.broken.contains(&f.name)) {
+                let _ = writeln!(out, "| `{}` | {} |", line.name, markdown_runs(line));
             }
             for rollout in &plan.rollouts {
                 let _ = writeln!(
@@ -195,8 +218,7 @@ fn markdown(plan: &Plan) -> String {
     }
     out.push_str("| Fleet | Runs |\n|---|---|\n");
     for fleet in &plan.fleets {
-        let runs = if fleet.observe_only { "observe-only".to_owned() } else { cell(fleet.tag.as_deref()) };
-        let _ = writeln!(out, "| `{}` | {runs} |", fleet.name);
+        let _ = writeln!(out, "| `{}` | {} |", fleet.name, markdown_runs(fleet));
     }
     out.push('\n');
     if !plan.problems.is_empty() {
@@ -219,6 +241,16 @@ fn markdown(plan: &Plan) -> String {
         out.push('\n');
     }
     out
+}
+
+/// `FleetLine::runs` in Markdown.
+fn markdown_runs(fleet: &FleetLine) -> String {
+    match (&fleet.tag, fleet.broken, fleet.observe_only) {
+        (Some(tag), true, _) => format!("**broken**: keeps `{tag}` on the server"),
+        (None, true, _) => "**broken**: the server keeps its last good state".to_owned(),
+        (_, false, true) => "observe-only".to_owned(),
+        (tag, false, false) => cell(tag.as_deref()),
+    }
 }
 
 fn cell(value: Option<&str>) -> String {

@@ -105,26 +105,39 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let settings = args.validate()?;
     runtime()?.block_on(async {
-        let running = app::start(settings).await?;
-        app::shutdown_signal().await;
+        let mut running = app::start(settings).await?;
+        let failure = tokio::select! {
+            () = app::shutdown_signal() => None,
+            reason = running.failure() => Some(reason),
+        };
         running.shutdown().await;
-        Ok(())
+        match failure {
+            Some(reason) => Err(anyhow::anyhow!(reason)),
+            None => Ok(()),
+        }
     })
 }
 
 fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
-    let dir = std::fs::canonicalize(&args.dir).with_context(|| format!("cannot resolve {}", args.dir.display()))?;
-    let repo = demo::prepare_repository(&dir)?;
-    let settings = ServeArgs {
-        listen: args.listen.clone(),
-        web_listen: args.web_listen.clone(),
-        public_url: Some(format!("http://{}", args.listen)),
-        ..ServeArgs::new(repo.display().to_string(), dir.join("data"))
-    }
-    .validate()?;
+    let address = |flag: &str, text: &str| {
+        text.parse::<std::net::SocketAddr>()
+            .with_context(|| format!("{flag} `{text}` is not an address like 127.0.0.1:4320"))
+    };
+    let (opamp, web) = (address("--listen", &args.listen)?, address("--web-listen", &args.web_listen)?);
     runtime()?.block_on(async {
-        let running = app::start(settings).await?;
+        // Ports first: a demo that cannot listen writes nothing.
+        let listeners = app::Listeners::bind(web, opamp).await?;
+        std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+        let dir = std::fs::canonicalize(&args.dir).with_context(|| format!("cannot resolve {}", args.dir.display()))?;
+        let repo = demo::prepare_repository(&dir)?;
+        let settings = ServeArgs {
+            listen: args.listen.clone(),
+            web_listen: args.web_listen.clone(),
+            public_url: Some(format!("http://{}", args.listen)),
+            ..ServeArgs::new(repo.display().to_string(), dir.join("data"))
+        }
+        .validate()?;
+        let running = app::start_on(settings, listeners).await?;
         let collectors = demo::start_collectors(&dir.join("data"), running.opamp_addr, &running.view).await?;
         println!("{}", demo::next_steps(&repo, &dir.join("data"), &running.web_addr.to_string()));
         app::shutdown_signal().await;

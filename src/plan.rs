@@ -17,6 +17,9 @@ pub struct Plan {
     pub fleets: Vec<FleetLine>,
     pub added: Vec<String>,
     pub removed: Vec<String>,
+    /// Fleets that the change breaks (their files cannot be used at the head): the server
+    /// keeps their last good state until the file is fixed.
+    pub broken: Vec<String>,
     pub rollouts: Vec<Rollout>,
     /// Fleets whose other settings changed, with a line per change.
     pub settings_changed: Vec<SettingsChange>,
@@ -39,6 +42,9 @@ pub struct FleetLine {
     pub tag: Option<String>,
     pub config_hash: Option<String>,
     pub observe_only: bool,
+    /// Its fleet file (or the version it names) cannot be used: the server keeps serving
+    /// the fleet's last good state, which is `tag` when it is known here.
+    pub broken: bool,
 }
 
 /// A fleet whose assigned version changes.
@@ -58,9 +64,20 @@ pub struct SettingsChange {
 }
 
 pub fn plan(base: Option<&DesiredState>, head: &DesiredState) -> Plan {
-    let fleets = head.fleets.values().map(fleet_line).collect();
+    let mut fleets: Vec<FleetLine> = head.fleets.values().map(fleet_line).collect();
+    fleets.extend(head.unresolved.iter().map(|name| FleetLine {
+        name: name.clone(),
+        config: None,
+        selector: None,
+        tag: None,
+        config_hash: None,
+        observe_only: false,
+        broken: true,
+    }));
+    fleets.sort_by(|a, b| a.name.cmp(&b.name));
     let mut added = Vec::new();
     let mut removed = Vec::new();
+    let mut broken = Vec::new();
     let mut rollouts = Vec::new();
     let mut settings_changed = Vec::new();
     if let Some(base) = base {
@@ -73,6 +90,9 @@ pub fn plan(base: Option<&DesiredState>, head: &DesiredState) -> Plan {
                     }
                 }
                 Some(old) => {
+                    if fleet.kept_last_good && !old.kept_last_good {
+                        broken.push(name.clone());
+                    }
                     if old.assignment.as_ref().map(|v| v.config_hash)
                         != fleet.assignment.as_ref().map(|v| v.config_hash)
                         || old.assignment.as_ref().map(|v| &v.tag) != fleet.assignment.as_ref().map(|v| &v.tag)
@@ -86,7 +106,14 @@ pub fn plan(base: Option<&DesiredState>, head: &DesiredState) -> Plan {
                 }
             }
         }
-        removed = base.fleets.keys().filter(|name| !head.fleets.contains_key(*name)).cloned().collect();
+        removed = base
+            .fleets
+            .keys()
+            .filter(|name| !head.fleets.contains_key(*name) && !head.unresolved.contains(*name))
+            .cloned()
+            .collect();
+        broken.extend(head.unresolved.iter().filter(|name| !base.unresolved.contains(*name)).cloned());
+        broken.sort();
     }
     let key = |p: &Problem| (p.file.clone(), p.severity, p.message.clone());
     let base_keys: BTreeSet<_> = base.map(|b| b.problems.iter().map(key).collect()).unwrap_or_default();
@@ -100,6 +127,7 @@ pub fn plan(base: Option<&DesiredState>, head: &DesiredState) -> Plan {
         fleets,
         added,
         removed,
+        broken,
         rollouts,
         settings_changed,
         errors: head.problems.iter().filter(|p| p.severity == Severity::Error).count(),
@@ -118,6 +146,21 @@ fn fleet_line(fleet: &Fleet) -> FleetLine {
         tag: fleet.assignment.as_ref().map(|v| v.tag.clone()),
         config_hash: fleet.assignment.as_ref().map(|v| hex::encode(v.config_hash)),
         observe_only: fleet.spec.observe_only(),
+        broken: fleet.kept_last_good,
+    }
+}
+
+impl FleetLine {
+    /// What the fleet runs, in words: the same in every format.
+    pub fn runs(&self) -> String {
+        let hash = self.config_hash.as_deref().map(|h| &h[..12.min(h.len())]).unwrap_or_default();
+        match (&self.tag, self.broken, self.observe_only) {
+            (Some(tag), true, _) => format!("broken: keeps {tag} on the server"),
+            (None, true, _) => "broken: the server keeps its last good state".to_owned(),
+            (_, false, true) => "observe-only".to_owned(),
+            (Some(tag), false, false) => format!("{tag} ({hash})"),
+            (None, false, false) => "no version to roll out".to_owned(),
+        }
     }
 }
 

@@ -2,7 +2,8 @@
 //! bound: bad settings stop the server with one clear line.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::DirBuilderExt as _;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -132,6 +133,8 @@ pub enum SettingsError {
     EmptyRepo,
     #[error("--repo {0}: no Git repository there (give a URL or the path of a repository)")]
     NotARepository(String),
+    #[error("--repo {repo}: {what}: permission denied (the repository must be readable by this user)")]
+    UnreadableRepository { repo: String, what: String },
     #[error("--branch `{0}` is not a valid branch name")]
     BadBranch(String),
     #[error("--listen `{0}` is not an address like 0.0.0.0:4320")]
@@ -205,6 +208,10 @@ impl ServeArgs {
             return Err(SettingsError::EmptyRepo);
         }
         let is_url = repo.contains("://") || (repo.contains('@') && repo.contains(':'));
+        let local_path = if is_url { repo.strip_prefix("file://") } else { Some(repo.as_str()) };
+        if let Some(what) = local_path.and_then(|path| crate::git::unreadable(Path::new(path))) {
+            return Err(SettingsError::UnreadableRepository { repo, what });
+        }
         let local_git_dir = local_git_dir(&repo);
         if !is_url && local_git_dir.is_none() {
             return Err(SettingsError::NotARepository(repo));
@@ -285,17 +292,7 @@ impl ServeArgs {
             (Some(cert), Some(key)) => Some(crate::tls::Tls::new(crate::tls::TlsFiles { cert, key })?),
             _ => None,
         };
-        std::fs::create_dir_all(&self.data_dir).map_err(|error| SettingsError::DataDir {
-            path: self.data_dir.display().to_string(),
-            message: error.to_string(),
-        })?;
-        let probe = self.data_dir.join(".write-test");
-        std::fs::write(&probe, b"").and_then(|()| std::fs::remove_file(&probe)).map_err(|error| {
-            SettingsError::DataDir {
-                path: self.data_dir.display().to_string(),
-                message: format!("not writable: {error}"),
-            }
-        })?;
+        check_data_dir(&self.data_dir)?;
         Ok(Settings {
             repo,
             branch: self.branch,
@@ -332,6 +329,49 @@ pub fn opamp_endpoint(public_url: &str) -> String {
         Some(rest) => format!("wss://{rest}/v1/opamp"),
         None => format!("ws://{}/v1/opamp", public_url.trim_start_matches("http://")),
     }
+}
+
+/// Checks, without writing anything, that `path` is a directory or can become one: it
+/// exists as a directory, or the nearest part of it that exists is one.
+fn check_data_dir(path: &Path) -> Result<(), SettingsError> {
+    let error = |message: String| SettingsError::DataDir { path: path.display().to_string(), message };
+    for existing in path.ancestors() {
+        let existing = if existing.as_os_str().is_empty() { Path::new(".") } else { existing };
+        match std::fs::metadata(existing) {
+            Ok(metadata) if metadata.is_dir() => return Ok(()),
+            Ok(_) if existing == path => {
+                return Err(error("is a file, not a directory (give a directory; it is created if missing)".into()));
+            }
+            Ok(_) => {
+                return Err(error(format!("{} is a file, so no directory can be made under it", existing.display())));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(error(format!("{}: permission denied", existing.display())));
+            }
+            Err(e) => return Err(error(format!("{}: {e}", existing.display()))),
+        }
+    }
+    Ok(())
+}
+
+/// Creates the data directory (mode 0700 for what gitfleet creates) and checks that this
+/// user can write in it. Called once the sockets are bound.
+pub fn create_data_dir(path: &Path) -> Result<(), SettingsError> {
+    let error = |message: String| SettingsError::DataDir { path: path.display().to_string(), message };
+    let denied = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => "permission denied (it must be writable by this user)".to_owned(),
+        _ => e.to_string(),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| error(format!("cannot create it: {}", denied(e))))?;
+    let probe = path.join(".write-test");
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| error(format!("not writable: {}", denied(e))))
 }
 
 /// `http(s)://host[:port]`, with an optional trailing slash removed.

@@ -56,6 +56,17 @@ impl Mirror {
         self.repo.to_thread_local()
     }
 
+    /// The branches the mirror has (the remote's, as of the last fetch), sorted.
+    pub fn branches(&self) -> Vec<String> {
+        let repo = self.repo();
+        let Ok(references) = repo.references() else { return Vec::new() };
+        let Ok(branches) = references.local_branches() else { return Vec::new() };
+        let mut names: Vec<String> =
+            branches.flatten().map(|reference| reference.name().shorten().to_string()).collect();
+        names.sort();
+        names
+    }
+
     /// Fetches branches and tags from the remote and prunes refs it no longer has.
     /// Blocking: call it from a blocking thread.
     ///

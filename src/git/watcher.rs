@@ -85,8 +85,10 @@ pub async fn run(
     mirror: Arc<Mirror>,
     mut triggers: mpsc::Receiver<Trigger>,
     events: mpsc::Sender<Event>,
+    fatal: tokio::sync::oneshot::Sender<String>,
     cancel: CancellationToken,
 ) {
+    let mut fatal = Some(fatal);
     let reader = Arc::new(Mutex::new(SnapshotReader::new()));
     let rev = format!("refs/heads/{}", settings.branch);
     let mut failures: u32 = 0;
@@ -126,6 +128,29 @@ pub async fn run(
                 Event::RepoRead(Box::new(snapshot))
             }
             Ok(None) => Event::RepoReachable,
+            Err(crate::git::GitError::Resolve { .. }) if !read_once => {
+                // The remote answered and has no such branch: a mistake in the settings,
+                // said once, rather than a problem served forever.
+                let lister = Arc::clone(&mirror);
+                let branches = tokio::task::spawn_blocking(move || lister.branches()).await.unwrap_or_default();
+                let shown: Vec<String> = branches.iter().take(20).map(|b| format!("`{b}`")).collect();
+                let more = branches.len().saturating_sub(shown.len());
+                let message = format!(
+                    "--branch `{}`: {} has no such branch ({}{})",
+                    settings.branch,
+                    redact_url(mirror.url()),
+                    if shown.is_empty() {
+                        "it has no branches".to_owned()
+                    } else {
+                        format!("its branches: {}", shown.join(", "))
+                    },
+                    if more > 0 { format!(" and {more} more") } else { String::new() },
+                );
+                if let Some(fatal) = fatal.take() {
+                    let _ = fatal.send(message);
+                }
+                break;
+            }
             Err(error) => {
                 failures += 1;
                 let message = match &error {

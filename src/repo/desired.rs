@@ -8,7 +8,7 @@
 //! Published versions are immutable: the first content seen for a tag (`SeenVersion`,
 //! remembered by the store) wins over whatever the tag points at later.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::problem::{Problem, Severity};
@@ -134,6 +134,9 @@ pub struct DesiredState {
     /// The last good state of every fleet that exists at this commit: what it resolved to
     /// now if it resolved cleanly, what was remembered otherwise.
     pub last_good: BTreeMap<String, LastGoodFleet>,
+    /// Fleets whose files exist but cannot be read, with no last good state known here: not
+    /// in `fleets`, yet not removed (a server that knows their last good state keeps it).
+    pub unresolved: BTreeSet<String>,
     cache: Cache,
 }
 
@@ -219,6 +222,7 @@ pub fn compile(snapshot: &RepoSnapshot, memory: Memory<'_>) -> Compiled {
 
     let mut fleets = BTreeMap::new();
     let mut good = BTreeMap::new();
+    let mut unresolved = BTreeSet::new();
     for (path, file) in &snapshot.files {
         let Some(rest) = path.strip_prefix("fleets/") else {
             continue;
@@ -261,11 +265,16 @@ pub fn compile(snapshot: &RepoSnapshot, memory: Memory<'_>) -> Compiled {
             &mut cache,
             &mut problems,
         );
-        if let Some((fleet, clean)) = fleet {
-            if let Some(clean) = clean {
-                good.insert(name.clone(), clean);
+        match fleet {
+            Some((fleet, clean)) => {
+                if let Some(clean) = clean {
+                    good.insert(name.clone(), clean);
+                }
+                fleets.insert(name, fleet);
             }
-            fleets.insert(name, fleet);
+            None => {
+                unresolved.insert(name);
+            }
         }
     }
 
@@ -281,6 +290,7 @@ pub fn compile(snapshot: &RepoSnapshot, memory: Memory<'_>) -> Compiled {
             fleets,
             problems,
             last_good: good,
+            unresolved,
             cache,
         },
         newly_seen,
@@ -839,9 +849,10 @@ mod tests {
         assert!(prod.kept_last_good);
         assert_eq!(desired.last_good, good.last_good);
 
-        // Without anything remembered, a broken fleet has no state to keep.
+        // Without anything remembered, a broken fleet has no state to keep, yet it exists.
         let cold = compile(&broken, Memory::default()).desired;
         assert!(!cold.fleets.contains_key("prod"));
+        assert!(cold.unresolved.contains("prod"));
     }
 
     #[test]

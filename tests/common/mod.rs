@@ -18,6 +18,37 @@ pub fn gitfleet() -> Command {
     command
 }
 
+/// `gitfleet` as a user that file permissions apply to: itself when the tests do not run as
+/// root, otherwise `nobody` (through `setpriv`), running a copy of the binary in `dir`
+/// (which is made traversable for it).
+pub fn gitfleet_unprivileged(dir: &Path) -> Command {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:").map(|ids| ids.split_whitespace().next().map(str::to_owned)))
+        })
+        .flatten();
+    if uid.as_deref() != Some("0") {
+        return gitfleet();
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let binary = dir.join("gitfleet");
+    if !binary.exists() {
+        std::fs::copy(env!("CARGO_BIN_EXE_gitfleet"), &binary).expect("copy the binary");
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&binary)
+        .env("RUST_LOG", "info,gix=warn")
+        .env_remove("GITFLEET_REPO")
+        .env("HOME", dir);
+    command
+}
+
 /// A Git repository in a temporary directory, driven through the `git` command line with
 /// no user or system configuration.
 pub struct GitRepo {

@@ -2,7 +2,7 @@
 
 use expect_test::{expect, expect_file};
 
-use crate::common::{GitRepo, gitfleet};
+use crate::common::{GitRepo, gitfleet, gitfleet_unprivileged};
 
 fn check(repo: &GitRepo, args: &[&str]) -> (i32, String, String) {
     let output = gitfleet().arg("check").arg("--repo").arg(repo.path()).args(args).output().expect("gitfleet runs");
@@ -89,6 +89,17 @@ fn a_broken_repository_reports_every_problem() {
         .collect();
     expect_file!["golden/broken_problems.txt"].assert_eq(&(problems.join("\n") + "\n"));
     assert_eq!(plan["errors"], 12);
+    // Broken fleet files are fleets the server keeps (with no base, what it keeps is unknown).
+    let fleets: Vec<String> = plan["fleets"]
+        .as_array()
+        .expect("fleets")
+        .iter()
+        .filter(|f| f["broken"] == true)
+        .map(|f| f["name"].as_str().expect("name").to_owned())
+        .collect();
+    assert_eq!(fleets, vec!["broken", "typo"]);
+    let (_, text, _) = check(&repo, &[]);
+    assert!(text.contains("  typo                     broken: the server keeps its last good state\n"), "{text}");
 }
 
 fn plan_repo() -> (GitRepo, String) {
@@ -114,7 +125,11 @@ fn plan_repo() -> (GitRepo, String) {
     repo.remove("fleets/old.toml");
     repo.remove("fleets/wip.toml");
     repo.write("fleets/canary.toml", "config = \"gateway\"\nversion = \"v3\"\n");
-    repo.commit("Roll out gateway v2 to prod, add canary");
+    // A typo breaks staging's file: the server keeps its last good state, so the plan must
+    // not call it removed.
+    let staging = std::fs::read_to_string(repo.path().join("fleets/staging-gateway.toml")).expect("read");
+    repo.write("fleets/staging-gateway.toml", staging.replacen("version = ", "verison = ", 1));
+    repo.commit("Roll out gateway v2 to prod, add canary, break staging");
     (repo, base)
 }
 
@@ -140,6 +155,10 @@ fn check_against_a_base_shows_the_plan_as_json() {
     let plan: serde_json::Value = serde_json::from_str(&stdout).expect("JSON output");
     assert_eq!(plan["added"], serde_json::json!(["canary"]));
     assert_eq!(plan["removed"], serde_json::json!(["old"]));
+    assert_eq!(plan["broken"], serde_json::json!(["staging-gateway"]));
+    let staging = plan["fleets"].as_array().expect("fleets").iter().find(|f| f["name"] == "staging-gateway");
+    let staging = staging.expect("a broken fleet is still a fleet");
+    assert_eq!((&staging["broken"], &staging["tag"]), (&serde_json::json!(true), &serde_json::json!("gateway/v2")));
     let rollouts = plan["rollouts"].as_array().expect("rollouts");
     assert_eq!(rollouts.len(), 1, "{rollouts:?}");
     assert_eq!(rollouts[0]["fleet"], "prod-gateway");
@@ -152,7 +171,7 @@ fn check_against_a_base_shows_the_plan_as_json() {
             .contains("-    send_batch_size: 8192\n+    send_batch_size: 4096\n")
     );
     assert_eq!(plan["settings_changed"][0]["changes"], serde_json::json!(["version: v1 → v2", "token.rotate: 0 → 1"]));
-    assert_eq!(plan["new_problems"].as_array().map(Vec::len), Some(1));
+    assert_eq!(plan["new_problems"].as_array().map(Vec::len), Some(3));
     assert_eq!(plan["fixed_problems"][0]["file"], "fleets/wip.toml");
     assert_eq!(
         plan["fixed_problems"][0]["message"],
@@ -167,4 +186,68 @@ fn check_outside_a_repository_fails_clearly() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.starts_with("gitfleet check: cannot open repository"), "{stderr}");
+}
+
+#[test]
+fn a_directory_that_is_not_a_config_repository_is_an_error() {
+    let repo = GitRepo::new();
+    repo.write("src/main.rs", "fn main() {}\n");
+    repo.write("README.md", "not a config repository\n");
+    repo.commit("code");
+    let (code, stdout, stderr) = check(&repo, &[]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert_eq!(stdout, "");
+    assert_eq!(
+        stderr.trim_end(),
+        format!(
+            "gitfleet check: {} is not a config repository: `HEAD` has no fleets/ and no configs/ directory (see the README for the layout)",
+            repo.path().display()
+        )
+    );
+    // One of the two is enough: a repository may start with an observe-only fleet.
+    repo.write("fleets/edge.toml", "description = \"watch only\"\n");
+    repo.commit("a fleet");
+    let (code, stdout, stderr) = check(&repo, &[]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+}
+
+#[test]
+fn an_unreadable_repository_is_said_to_be_unreadable() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let repo = example();
+    let git_dir = repo.path().join(".git");
+    let bin = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(repo.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&git_dir, std::fs::Permissions::from_mode(0o000)).expect("chmod");
+    let check = gitfleet_unprivileged(bin.path()).arg("check").arg("--repo").arg(repo.path()).output();
+    let serve = gitfleet_unprivileged(bin.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--web-listen", "127.0.0.1:0", "--repo"])
+        .arg(repo.path())
+        .arg("--data-dir")
+        .arg(bin.path().join("data"))
+        .output();
+    std::fs::set_permissions(&git_dir, std::fs::Permissions::from_mode(0o755)).expect("chmod back");
+    let check = check.expect("gitfleet runs");
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        format!(
+            "gitfleet check: cannot open repository {0}: {0}/.git: permission denied (the repository must be readable by this user)",
+            repo.path().display()
+        )
+    );
+    let serve = serve.expect("gitfleet runs");
+    let stderr = String::from_utf8_lossy(&serve.stderr);
+    assert_eq!(serve.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr.lines().last(),
+        Some(
+            format!(
+                "gitfleet: --repo {0}: {0}/.git: permission denied (the repository must be readable by this user)",
+                repo.path().display()
+            )
+            .as_str()
+        )
+    );
 }

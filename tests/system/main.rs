@@ -6,6 +6,7 @@ mod common;
 mod browser;
 mod check;
 mod collector;
+mod demo;
 mod import;
 mod install;
 mod opamp;

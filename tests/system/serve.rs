@@ -339,6 +339,7 @@ fn bad_settings_exit_with_one_clear_line_before_binding() {
         (vec!["--repo", &path, "--install-ca-file", &missing], "gitfleet: --install-ca-file "),
         (vec!["--repo", &path, "--install-ca-file", &token_file], "gitfleet: --install-ca-file "),
         (forge(&path, "https://github.com/a/b", &empty), "gitfleet: --forge-token-file "),
+        (vec!["--repo", &path, "--listen", &taken], "gitfleet: cannot listen on"),
     ];
     for (args, expected) in cases {
         let output = gitfleet()
@@ -352,7 +353,17 @@ fn bad_settings_exit_with_one_clear_line_before_binding() {
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         let last = stderr.lines().last().unwrap_or_default();
         assert!(last.starts_with(expected), "{args:?}: expected {expected:?}, got:\n{stderr}");
+        assert!(!data.path().join("d").exists(), "{args:?} wrote the data directory");
     }
+    // A data directory that is a file, said so (not "File exists (os error 17)").
+    let output =
+        gitfleet().args(["serve", "--repo", &path, "--data-dir", &token_file]).output().expect("gitfleet runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr.lines().last(),
+        Some(format!("gitfleet: --data-dir {token_file}: is a file, not a directory (give a directory; it is created if missing)").as_str())
+    );
     // Every flag can come from the environment too.
     let output = gitfleet()
         .arg("serve")
@@ -366,18 +377,43 @@ fn bad_settings_exit_with_one_clear_line_before_binding() {
 }
 
 #[test]
-fn a_missing_branch_is_a_problem_not_a_crash() {
+fn a_branch_that_does_not_exist_stops_the_start_with_the_branches_that_do() {
     let repo = example();
+    repo.git(&["branch", "release"]);
+    let data = tempfile::tempdir().expect("temp dir");
+    let output = gitfleet()
+        .args(["serve", "--repo", &repo.url(), "--branch", "nosuch", "--listen", "127.0.0.1:0"])
+        .args(["--web-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path().join("d"))
+        .output()
+        .expect("gitfleet runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert_eq!(
+        last,
+        format!("gitfleet: --branch `nosuch`: {} has no such branch (its branches: `main`, `release`)", repo.url())
+    );
+}
+
+#[test]
+fn a_branch_deleted_while_serving_is_a_problem_not_a_crash() {
+    let repo = example();
+    repo.git(&["branch", "release"]);
     let data = tempfile::tempdir().expect("temp dir");
     let server = Server::start(&repo.url(), data.path(), &["--branch", "release", "--poll-interval", "1s"]);
+    server.wait_for("/api/v1/repo", WAIT, "the first read", |r| r["commit"] == repo.head());
+    repo.git(&["branch", "--delete", "--force", "release"]);
     let state = server.wait_for("/api/v1/repo", WAIT, "the missing branch problem", |r| {
         !r["problems"].as_array().expect("problems").is_empty()
     });
     let message = state["problems"][0]["message"].as_str().expect("message");
     assert!(message.starts_with("branch `release` not found in file://"), "{message}");
-    assert_eq!(server.get("/readyz").status, 503, "not ready before the branch can be read");
+    assert_eq!(server.json("/api/v1/fleets/prod-gateway")["tag"], "gateway/v1", "the last good state is served");
+    repo.write("fleets/extra.toml", "config = \"gateway\"\nversion = \"v1\"\n");
+    repo.commit("extra fleet");
     repo.git(&["branch", "release"]);
-    let state = server.wait_for("/api/v1/repo", WAIT, "the branch to appear", |r| r["commit"] == repo.head());
+    let state = server.wait_for("/api/v1/repo", WAIT, "the branch to return", |r| r["commit"] == repo.head());
     assert_eq!(state["branch"], "release");
     assert_eq!(state["problems"], serde_json::json!([]));
 }
