@@ -37,7 +37,7 @@ pub fn discover(path: &Path) -> Result<gix::Repository, GitError> {
     }
     gix::discover(path).map_err(|source| match unreadable(path) {
         Some(what) => GitError::PermissionDenied { path: shown.clone(), what },
-        None => GitError::Open { path: shown, source: source.into() },
+        None => GitError::Open { path: shown, source },
     })
 }
 
