@@ -251,3 +251,48 @@ fn an_unreadable_repository_is_said_to_be_unreadable() {
         )
     );
 }
+
+/// The `Check` step of the README's GitHub Actions workflow: its script, as written there.
+fn readme_check_step() -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let workflow = readme.split("# .github/workflows/gitfleet.yaml\n").nth(1).expect("the workflow in the README");
+    let workflow = workflow.split("```").next().expect("the end of the workflow");
+    let step = workflow.split("- name: Check\n").nth(1).expect("the Check step");
+    let script = step.split("run: |\n").nth(1).expect("its script");
+    script.lines().map(|line| line.strip_prefix("          ").unwrap_or(line)).collect::<Vec<_>>().join("\n") + "\n"
+}
+
+#[test]
+fn the_readme_workflow_fails_the_job_on_errors_and_shows_the_plan() {
+    let script = readme_check_step();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_gitfleet")).parent().expect("the binary's directory");
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    // As GitHub runs `shell: bash`.
+    let run = |repo: &GitRepo, base: &str| {
+        let summary = repo.path().join("summary.md");
+        let output = std::process::Command::new("bash")
+            .args(["--noprofile", "--norc", "-eo", "pipefail", "-c", &script])
+            .current_dir(repo.path())
+            .env("PATH", &path)
+            .env("BASE", base)
+            .env("GITHUB_STEP_SUMMARY", &summary)
+            .output()
+            .expect("bash runs");
+        let summary = std::fs::read_to_string(&summary).unwrap_or_default();
+        (output.status.code(), String::from_utf8_lossy(&output.stdout).into_owned(), summary)
+    };
+
+    let (repo, base) = plan_repo();
+    let (code, stdout, summary) = run(&repo, &base);
+    assert_eq!(code, Some(1), "errors fail the job: {stdout}");
+    assert!(summary.starts_with("### ❌ gitfleet check: 2 errors"), "{summary}");
+    assert_eq!(stdout, summary, "the plan is in the log and in the summary");
+
+    let clean = example();
+    let (code, stdout, summary) = run(&clean, "HEAD");
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(summary.starts_with("### ✅ gitfleet check: 0 errors"), "{summary}");
+
+    let (code, _, _) = run(&clean, "no-such-base");
+    assert_eq!(code, Some(2), "a base that cannot be read fails the job too");
+}
