@@ -147,13 +147,20 @@ impl Forge {
         Err(format!("{url} answered {code}: {detail}"))
     }
 
-    /// Whether `next` must be posted when `posted` is on the forge. GitLab refuses a post
-    /// that keeps a running status's state, so there only state changes are posted.
+    /// Whether `next` must be posted when `posted` is on the forge. GitLab updates only a
+    /// status that is still running (or pending), and refuses a post that keeps that state
+    /// ("Cannot transition status via :run from :running"), so a running status is only
+    /// left for another state; a finished one is replaced by a new one, as elsewhere.
     pub fn must_post(&self, posted: Option<&CommitStatus>, next: &CommitStatus) -> bool {
         match posted {
             None => true,
-            Some(posted) if self.kind == ForgeKind::Gitlab => {
-                posted.commit != next.commit || posted.verdict != next.verdict
+            Some(posted)
+                if self.kind == ForgeKind::Gitlab
+                    && posted.commit == next.commit
+                    && posted.verdict == Verdict::Pending
+                    && next.verdict == Verdict::Pending =>
+            {
+                false
             }
             Some(posted) => posted != next,
         }
@@ -394,7 +401,7 @@ mod tests {
     }
 
     #[test]
-    fn gitlab_posts_only_state_changes() {
+    fn gitlab_keeps_a_running_status_until_its_state_changes() {
         let github = Forge::new(ForgeKind::Github, "https://github.com/a/b", "s3cr3t").expect("valid");
         let gitlab = Forge::new(ForgeKind::Gitlab, "https://gitlab.com/a/b", "t").expect("valid");
         let before = status(Verdict::Pending, "1/2 in sync, 1 pending");
@@ -402,6 +409,10 @@ mod tests {
         assert!(github.must_post(Some(&before), &after));
         assert!(!gitlab.must_post(Some(&before), &after));
         assert!(gitlab.must_post(Some(&before), &status(Verdict::Success, "2/2 in sync")));
+        // A finished status is replaced by a new one: the description can change.
+        let done = status(Verdict::Success, "no instances connected");
+        assert!(gitlab.must_post(Some(&done), &status(Verdict::Success, "2/2 in sync")));
+        assert!(!gitlab.must_post(Some(&done), &done));
         assert!(!github.must_post(Some(&before), &before));
         assert!(!format!("{github:?}").contains("s3cr3t"), "the token stays out of Debug");
     }

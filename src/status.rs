@@ -125,9 +125,9 @@ pub struct FleetStatus {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
-    /// Converging, or no live instance yet.
+    /// An instance is yet to apply the assignment.
     Pending,
-    /// Every live instance is in sync.
+    /// Every live instance is in sync, or none is connected.
     Success,
     /// At least one instance failed to apply the configuration.
     Failure,
@@ -209,14 +209,18 @@ impl FleetStatus {
         }
     }
 
+    /// Failure when an instance failed; pending while an instance is yet to apply the
+    /// assignment; success otherwise, including when no instance is connected: nothing is
+    /// left to wait for (a required check must not block on a fleet nobody runs yet), and
+    /// the description says so. An instance that connects later turns it pending again.
     pub fn verdict(&self) -> Verdict {
         let counts = &self.counts;
         if counts.failed > 0 {
             Verdict::Failure
-        } else if counts.in_sync > 0 && counts.pending + counts.applying == 0 {
-            Verdict::Success
-        } else {
+        } else if counts.pending + counts.applying > 0 {
             Verdict::Pending
+        } else {
+            Verdict::Success
         }
     }
 
@@ -225,6 +229,9 @@ impl FleetStatus {
         let counts = &self.counts;
         if self.tag.is_none() {
             return format!("{} observed", self.instances);
+        }
+        if self.instances == 0 {
+            return "no instances connected".to_owned();
         }
         let mut text = format!("{}/{} in sync", counts.in_sync, self.instances);
         for (count, word) in [
@@ -410,8 +417,8 @@ mod tests {
             ),
             (Counts { in_sync: 3, applying: 1, ..Default::default() }, Verdict::Pending, "3/4 in sync, 1 applying"),
             (Counts { in_sync: 10, stale: 2, ..Default::default() }, Verdict::Success, "10/12 in sync, 2 stale"),
-            (Counts { stale: 2, ..Default::default() }, Verdict::Pending, "0/2 in sync, 2 stale"),
-            (Counts::default(), Verdict::Pending, "0/0 in sync"),
+            (Counts { stale: 2, ..Default::default() }, Verdict::Success, "0/2 in sync, 2 stale"),
+            (Counts::default(), Verdict::Success, "no instances connected"),
         ];
         for (counts, verdict, description) in cases {
             let status = status(counts, Some("gateway/v7"));

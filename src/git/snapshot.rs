@@ -23,7 +23,12 @@ pub struct SnapshotReader {
     /// Shared with the snapshots, so that the core can tell an unchanged tag by pointer.
     tags: HashMap<(String, ObjectId), Arc<TagSnapshot>>,
     blobs: HashMap<ObjectId, Arc<[u8]>>,
+    /// The commit that last changed each fleet file, with the blob it found there.
+    fleet_commits: HashMap<String, (String, String)>,
 }
+
+/// How far back the walk for the commits that changed fleet files goes.
+const MAX_HISTORY_WALK: usize = 100_000;
 
 impl SnapshotReader {
     pub fn new() -> Self {
@@ -79,7 +84,76 @@ impl SnapshotReader {
         self.tags = tags_seen;
         self.blobs = blobs_used;
 
-        Ok(RepoSnapshot { commit: commit.id.to_string(), branch: branch.to_owned(), commit_time, files, tags })
+        let fleet_commits = self.last_changes(&commit, &files)?;
+        Ok(RepoSnapshot {
+            commit: commit.id.to_string(),
+            branch: branch.to_owned(),
+            commit_time,
+            files,
+            tags,
+            fleet_commits,
+        })
+    }
+
+    /// The commit that last changed each `fleets/` file: walks first-parent history from
+    /// `head` back to the commit that gave each file its current content. Commits that did
+    /// not touch `fleets/` cost one tree lookup; what an earlier read found is reused while
+    /// the file keeps its content.
+    fn last_changes(
+        &mut self,
+        head: &gix::Commit<'_>,
+        files: &BTreeMap<String, RepoFile>,
+    ) -> Result<BTreeMap<String, String>, GitError> {
+        let mut found = BTreeMap::new();
+        let mut pending: HashMap<&str, &str> = HashMap::new();
+        for (path, file) in files.iter().filter(|(path, _)| path.starts_with("fleets/")) {
+            match self.fleet_commits.get(path) {
+                Some((blob_id, commit)) if *blob_id == file.blob_id => {
+                    found.insert(path.clone(), commit.clone());
+                }
+                _ => {
+                    pending.insert(path.as_str(), file.blob_id.as_str());
+                }
+            }
+        }
+        let walk_error = |source| read_error("the history of fleets/", source);
+        let mut child = head.clone();
+        let mut child_tree = fleets_tree(&child)?;
+        let mut walked = 0;
+        while !pending.is_empty() {
+            let parent = match child.parent_ids().next() {
+                Some(id) if walked < MAX_HISTORY_WALK => {
+                    id.object().and_then(|o| o.peel_to_commit()).map_err(walk_error)?
+                }
+                // The first commit, or as far as the walk goes: the rest date from here.
+                _ => {
+                    for (path, _) in pending.drain() {
+                        found.insert(path.to_owned(), child.id.to_string());
+                    }
+                    break;
+                }
+            };
+            walked += 1;
+            let parent_tree = fleets_tree(&parent)?;
+            if parent_tree.as_ref().map(|t| t.id) != child_tree.as_ref().map(|t| t.id) {
+                pending.retain(|path, blob_id| {
+                    let name = path.trim_start_matches("fleets/");
+                    let before = parent_tree.as_ref().and_then(|tree| tree.find_entry(name)).map(|e| e.object_id());
+                    if before.is_some_and(|id| id.to_string() == *blob_id) {
+                        return true;
+                    }
+                    found.insert((*path).to_owned(), child.id.to_string());
+                    false
+                });
+            }
+            child = parent;
+            child_tree = parent_tree;
+        }
+        self.fleet_commits = files
+            .iter()
+            .filter_map(|(path, file)| Some((path.clone(), (file.blob_id.clone(), found.get(path)?.clone()))))
+            .collect();
+        Ok(found)
     }
 
     fn read_tag(
@@ -155,6 +229,18 @@ impl SnapshotReader {
             }
         };
         Ok(RepoFile { blob_id, content })
+    }
+}
+
+/// The `fleets/` tree of a commit, if it has one.
+fn fleets_tree<'repo>(commit: &gix::Commit<'repo>) -> Result<Option<gix::Tree<'repo>>, GitError> {
+    let walk_error = |source| read_error("the history of fleets/", source);
+    let tree = commit.tree().map_err(walk_error)?;
+    match tree.find_entry("fleets") {
+        Some(entry) if entry.mode().is_tree() => {
+            Ok(Some(entry.object().and_then(|o| o.peel_to_tree()).map_err(walk_error)?))
+        }
+        _ => Ok(None),
     }
 }
 

@@ -251,8 +251,10 @@ pub fn compile(snapshot: &RepoSnapshot, memory: Memory<'_>) -> Compiled {
         });
         let (spec, fleet_problems) = parsed.unwrap_or((None, Vec::new()));
         problems.extend(fleet_problems);
+        // The commit that gave the fleet file its content set what it says.
+        let changed_by = snapshot.fleet_commits.get(path).unwrap_or(&snapshot.commit);
         let fleet = resolve_fleet(
-            &snapshot.commit,
+            changed_by,
             &name,
             path,
             spec,
@@ -610,9 +612,10 @@ fn lint_cached(
 
 /// Resolves one fleet. Returns the fleet (if it exists at all) and what to remember as its
 /// last good state: the current file when it resolved cleanly, the remembered one otherwise.
+/// `file_commit` is the commit that gave the fleet file its content.
 #[allow(clippy::too_many_arguments)]
 fn resolve_fleet(
-    commit: &str,
+    file_commit: &str,
     name: &str,
     path: &str,
     spec: Option<FleetSpec>,
@@ -706,7 +709,7 @@ fn resolve_fleet(
             (_, None) => None,
             (Some(before), Some(_)) if before.tag == tag && before.assigned_by.is_some() => before.assigned_by.clone(),
             (Some(before), Some(version)) if before.source == source => Some(version.commit.clone()),
-            (_, Some(_)) => Some(commit.to_owned()),
+            (_, Some(_)) => Some(file_commit.to_owned()),
         };
         Some(LastGoodFleet { source, tag, assigned_by })
     };
@@ -778,6 +781,7 @@ mod tests {
             commit_time: 0,
             files: files.iter().map(|(path, text)| ((*path).to_owned(), blob(text))).collect(),
             tags,
+            fleet_commits: BTreeMap::new(),
         }
     }
 

@@ -33,6 +33,9 @@ pub struct RepoSnapshot {
     /// Every tag in the repository, sorted by name. A tag that did not move between two
     /// reads is the same `Arc`, which lets the core reuse what it made of it.
     pub tags: Vec<Arc<TagSnapshot>>,
+    /// The commit that last changed each `fleets/` file (what gave it its content at
+    /// `commit`), by path: the commit a fleet's status belongs on.
+    pub fleet_commits: BTreeMap<String, String>,
 }
 
 /// One entry of the tree. The Git shell does not judge it; `desired` does.

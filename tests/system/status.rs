@@ -48,7 +48,7 @@ fn the_status_branch_records_a_convergence_in_few_commits() {
     );
     let first = eventually("the first status commit", &server, || status_log(&repo).first().cloned());
     assert!(first.starts_with("5 fleets changed\n\n"), "{first}");
-    assert!(first.contains("prod-gateway: 0/0 in sync at gateway/v1"), "{first}");
+    assert!(first.contains("prod-gateway: no instances connected at gateway/v1"), "{first}");
     assert!(first.contains("legacy-edge: 0 observed (observe only)"), "{first}");
     let branch_files = repo.git(&["ls-tree", "-r", "--name-only", "gitfleet/status"]);
     assert_eq!(
@@ -307,6 +307,11 @@ fn commit_statuses_follow_each_forges_api() {
 
 fn check_contract(contract: &Contract) {
     let repo = example();
+    // Statuses go on the commit that last changed the fleet's file, even at the first start
+    // (when nothing is remembered), not on the branch head.
+    let fleet_commit = repo.head();
+    repo.write("README.md", "# Fleet config\n");
+    repo.commit("docs");
     let data = tempfile::tempdir().expect("temp dir");
     let forge = FakeForge::start(true);
     let token_file = data.path().join("forge-token");
@@ -337,8 +342,7 @@ fn check_contract(contract: &Contract) {
         (posts.len() >= 2).then_some(posts)
     });
     assert_eq!(posts[0].body, posts[1].body, "the same status again after the 503");
-    let head = repo.head();
-    let expected_path = format!("{}{head}", contract.path_prefix);
+    let expected_path = format!("{}{fleet_commit}", contract.path_prefix);
     for post in &posts {
         assert_eq!((post.method.as_str(), post.path.as_str()), ("POST", expected_path.as_str()), "{}", contract.forge);
         let (name, value) = (contract.auth)("forge-s3cret");
@@ -346,16 +350,21 @@ fn check_contract(contract: &Contract) {
         assert_eq!(post.header("content-type"), Some("application/json"));
         assert!(post.header("user-agent").is_some_and(|agent| agent.starts_with("gitfleet/")));
     }
-    assert_eq!(posts[1].body[contract.state_key], contract.states[0], "{}", contract.forge);
-    assert_eq!(posts[1].body["description"], "0/0 in sync");
+    // No instance connected: nothing to wait for, so a required check does not block.
+    assert_eq!(posts[1].body[contract.state_key], contract.states[1], "{}", contract.forge);
+    assert_eq!(posts[1].body["description"], "no instances connected");
     assert_eq!(posts[1].body["target_url"], "https://fleet.example.com/fleets/prod-gateway");
 
     let token = server.token("prod-gateway");
     let _good = converge(&server, &token, [0x41; 16], "gw-1", None);
     let success = eventually("the success status", &server, || {
-        forge.received().into_iter().filter(for_prod).find(|r| r.body[contract.state_key] == contract.states[1])
+        forge
+            .received()
+            .into_iter()
+            .filter(for_prod)
+            .find(|r| r.body[contract.state_key] == contract.states[1] && r.body["description"] == "1/1 in sync")
     });
-    assert_eq!(success.body["description"], "1/1 in sync");
+    assert_eq!(success.path, expected_path);
     let _bad = converge(&server, &token, [0x42; 16], "gw-2", Some("no such exporter"));
     let failure = eventually("the failure status", &server, || {
         forge.received().into_iter().filter(for_prod).find(|r| r.body[contract.state_key] == contract.states[2])
