@@ -105,14 +105,14 @@ impl SnapshotReader {
         files: &BTreeMap<String, RepoFile>,
     ) -> Result<BTreeMap<String, String>, GitError> {
         let mut found = BTreeMap::new();
-        let mut pending: HashMap<&str, &str> = HashMap::new();
+        let mut pending: HashMap<&str, Option<ObjectId>> = HashMap::new();
         for (path, file) in files.iter().filter(|(path, _)| path.starts_with("fleets/")) {
             match self.fleet_commits.get(path) {
                 Some((blob_id, commit)) if *blob_id == file.blob_id => {
                     found.insert(path.clone(), commit.clone());
                 }
                 _ => {
-                    pending.insert(path.as_str(), file.blob_id.as_str());
+                    pending.insert(path.as_str(), ObjectId::from_hex(file.blob_id.as_bytes()).ok());
                 }
             }
         }
@@ -139,7 +139,7 @@ impl SnapshotReader {
                 pending.retain(|path, blob_id| {
                     let name = path.trim_start_matches("fleets/");
                     let before = parent_tree.as_ref().and_then(|tree| tree.find_entry(name)).map(|e| e.object_id());
-                    if before.is_some_and(|id| id.to_string() == *blob_id) {
+                    if before.is_some() && before == *blob_id {
                         return true;
                     }
                     found.insert((*path).to_owned(), child.id.to_string());
