@@ -70,8 +70,12 @@ pub struct LoadgenArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadgenError {
-    #[error("--url `{0}`: expected ws://ip:port/path, wss://ip:port/path or http://ip:port/path")]
+    #[error("--url `{0}`: expected ws://host:port/path, wss://host:port/path or http://host:port/path")]
     BadUrl(String),
+    #[error("--url `{url}`: cannot resolve {host}: {message}")]
+    Unresolved { url: String, host: String, message: String },
+    #[error("{0}")]
+    Failed(String),
     #[error("--ca-file: {0}")]
     BadCaFile(String),
     #[error("--url wss://… needs --ca-file, the certificate to trust")]
@@ -90,23 +94,46 @@ struct Target {
     transport: Transport,
     address: SocketAddr,
     host_header: String,
+    /// The host as written in the URL (a name, or an address without brackets).
+    host: String,
     path: String,
     /// For wss://: what the server's certificate is checked against.
     tls: Option<tokio_rustls::TlsConnector>,
 }
 
+impl Target {
+    /// The name the server's certificate must carry: the URL's host name, or its address.
+    fn server_name(&self) -> tokio_rustls::rustls::pki_types::ServerName<'static> {
+        tokio_rustls::rustls::pki_types::ServerName::try_from(self.host.clone())
+            .unwrap_or_else(|_| tokio_rustls::rustls::pki_types::ServerName::IpAddress(self.address.ip().into()))
+    }
+}
+
+/// Parses the URL and resolves its host once (names included, like `localhost`).
 fn parse_url(url: &str, ca_file: Option<&std::path::Path>) -> Result<Target, LoadgenError> {
     let bad = || LoadgenError::BadUrl(url.to_owned());
     let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
-    let (transport, secure) = match scheme {
-        "ws" => (Transport::WebSocket, false),
-        "wss" => (Transport::WebSocket, true),
-        "http" => (Transport::Http, false),
+    let (transport, secure, default_port) = match scheme {
+        "ws" => (Transport::WebSocket, false, 80),
+        "wss" => (Transport::WebSocket, true, 443),
+        "http" => (Transport::Http, false, 80),
         _ => return Err(bad()),
     };
     let (authority, path) =
         rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, "/v1/opamp".to_owned()));
-    let address: SocketAddr = authority.parse().map_err(|_| bad())?;
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host, port.parse::<u16>().map_err(|_| bad())?),
+        _ => (authority, default_port),
+    };
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if host.is_empty() || host.contains(['@', '/', '?', '#']) {
+        return Err(bad());
+    }
+    let unresolved = |message: String| LoadgenError::Unresolved { url: url.to_owned(), host: host.to_owned(), message };
+    let address = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|error| unresolved(error.to_string()))?
+        .next()
+        .ok_or_else(|| unresolved("no address".to_owned()))?;
     let tls = match (secure, ca_file) {
         (false, _) => None,
         (true, None) => return Err(LoadgenError::NoCaFile),
@@ -115,7 +142,7 @@ fn parse_url(url: &str, ca_file: Option<&std::path::Path>) -> Result<Target, Loa
             Some(tokio_rustls::TlsConnector::from(config))
         }
     };
-    Ok(Target { transport, address, host_header: authority.to_owned(), path, tls })
+    Ok(Target { transport, address, host_header: authority.to_owned(), host: host.to_owned(), path, tls })
 }
 
 /// `127.0.0.2-127.0.0.41` → every address in the range.
@@ -142,6 +169,12 @@ struct Stats {
     heartbeats: AtomicU64,
     errors: AtomicU64,
     refused: AtomicU64,
+    /// Agents refused for good (401): the token is wrong, revoked or expired.
+    unauthorized: AtomicU64,
+    /// Agents that connected at least once.
+    reached: AtomicU64,
+    /// What went wrong last, for the one line a failed run ends with.
+    last_error: Mutex<Option<String>>,
     /// Microseconds from receiving a config to sending its final status.
     apply_micros: Mutex<Vec<u32>>,
 }
@@ -160,7 +193,30 @@ pub struct Figures {
     pub heartbeats: u64,
     pub errors: u64,
     pub refused: u64,
+    /// Agents refused with 401 (they stop).
+    pub unauthorized: u64,
+    /// Agents that never connected during the run.
+    pub never_connected: u64,
+    pub last_error: Option<String>,
     pub apply_latency_ms: Option<Latency>,
+}
+
+impl Figures {
+    /// Why the run failed, in one line: agents refused for good, or agents that never got
+    /// through. Throttling and errors that agents recovered from are only counted.
+    pub fn failure(&self) -> Option<String> {
+        if self.unauthorized > 0 {
+            return Some(format!(
+                "{} of {} agents were refused (401): the token is not valid for this server, or it was revoked or expired",
+                self.unauthorized, self.agents
+            ));
+        }
+        if self.never_connected > 0 {
+            let why = self.last_error.as_deref().unwrap_or("no answer");
+            return Some(format!("{} of {} agents never connected: {why}", self.never_connected, self.agents));
+        }
+        None
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -172,6 +228,11 @@ pub struct Latency {
 }
 
 impl Stats {
+    fn error(&self, what: impl std::fmt::Display) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(what.to_string());
+    }
+
     fn figures(&self, agents: usize, transport: Transport, started: Instant) -> Figures {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let mut samples = self.apply_micros.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -190,6 +251,9 @@ impl Stats {
             heartbeats: load(&self.heartbeats),
             errors: load(&self.errors),
             refused: load(&self.refused),
+            unauthorized: load(&self.unauthorized),
+            never_connected: (agents as u64).saturating_sub(load(&self.reached)),
+            last_error: self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             apply_latency_ms: (!samples.is_empty()).then(|| Latency {
                 p50: at(0.5),
                 p90: at(0.9),
@@ -442,7 +506,7 @@ pub async fn run_until(args: &LoadgenArgs, stop: CancellationToken) -> Result<Fi
 }
 
 async fn connect_tcp(target: &Target, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
+    let socket = if target.address.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if let Some(source) = source {
         socket.bind(SocketAddr::new(source, 0))?;
     }
@@ -473,6 +537,7 @@ async fn run_websocket(
     stop: CancellationToken,
 ) {
     let mut attempt = 0u32;
+    let mut reached = false;
     while !stop.is_cancelled() {
         let delay = backoff(attempt, agent.index);
         tokio::select! {
@@ -484,32 +549,35 @@ async fn run_websocket(
         let Ok(mut request) = tungstenite::client::IntoClientRequest::into_client_request(url.as_str()) else { return };
         let Ok(authorization) = format!("Bearer {token}").parse() else { return };
         request.headers_mut().insert("Authorization", authorization);
-        let Ok(tcp) = connect_tcp(target, source).await else {
-            stats.errors.fetch_add(1, Ordering::Relaxed);
-            continue;
+        let tcp = match connect_tcp(target, source).await {
+            Ok(tcp) => tcp,
+            Err(error) => {
+                stats.error(format_args!("cannot connect to {}: {error}", target.address));
+                continue;
+            }
         };
         let stream = match &target.tls {
             None => Either::Left(tcp),
-            Some(connector) => {
-                let name = tokio_rustls::rustls::pki_types::ServerName::IpAddress(target.address.ip().into());
-                match connector.connect(name, tcp).await {
-                    Ok(tls) => Either::Right(tls),
-                    Err(_) => {
-                        stats.errors.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
+            Some(connector) => match connector.connect(target.server_name(), tcp).await {
+                Ok(tls) => Either::Right(tls),
+                Err(error) => {
+                    stats.error(format_args!("TLS with {}: {error}", target.host_header));
+                    continue;
                 }
-            }
+            },
         };
         let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
         let mut socket = match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
             Ok((socket, _)) => socket,
             Err(tungstenite::Error::Http(response)) if response.status() == 401 => {
                 stats.refused.fetch_add(1, Ordering::Relaxed);
+                stats.unauthorized.fetch_add(1, Ordering::Relaxed);
                 return;
             }
             Err(tungstenite::Error::Http(response)) if matches!(response.status().as_u16(), 429 | 503) => {
                 stats.refused.fetch_add(1, Ordering::Relaxed);
+                *stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(format!("the server answered {} (busy)", response.status().as_u16()));
                 let retry_after = response
                     .headers()
                     .get("retry-after")
@@ -523,11 +591,19 @@ async fn run_websocket(
                 }
                 continue;
             }
-            Err(_) => {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
+            Err(tungstenite::Error::Http(response)) => {
+                stats.error(format_args!("the WebSocket upgrade was answered {}", response.status()));
+                continue;
+            }
+            Err(error) => {
+                stats.error(format_args!("WebSocket handshake: {error}"));
                 continue;
             }
         };
+        if !reached {
+            reached = true;
+            stats.reached.fetch_add(1, Ordering::Relaxed);
+        }
         attempt = 0;
         stats.connects.fetch_add(1, Ordering::Relaxed);
         stats.connected.fetch_add(1, Ordering::Relaxed);
@@ -554,7 +630,7 @@ async fn run_websocket(
                     Some(Ok(tungstenite::Message::Binary(payload))) => {
                         let protobuf = payload.strip_prefix(&[0]).unwrap_or(&payload);
                         let Ok(reply) = ServerToAgent::decode(protobuf) else {
-                            stats.errors.fetch_add(1, Ordering::Relaxed);
+                            stats.error("the server sent a message that is not a ServerToAgent");
                             break;
                         };
                         for message in agent.on_reply(&reply, stats) {
@@ -593,8 +669,8 @@ async fn run_http(
         if connection.is_none() {
             match connect_tcp(target, source).await {
                 Ok(stream) => connection = Some(BufReader::new(stream)),
-                Err(_) => {
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                Err(error) => {
+                    stats.error(format_args!("cannot connect to {}: {error}", target.address));
                     attempt += 1;
                     pending.insert(0, message);
                     tokio::select! { () = stop.cancelled() => break, () = tokio::time::sleep(backoff(attempt, agent.index)) => {} }
@@ -608,34 +684,36 @@ async fn run_http(
                 attempt = 0;
                 if !counted {
                     counted = true;
+                    stats.reached.fetch_add(1, Ordering::Relaxed);
                     stats.connects.fetch_add(1, Ordering::Relaxed);
                     stats.connected.fetch_add(1, Ordering::Relaxed);
                 }
                 stats.heartbeats.fetch_add(1, Ordering::Relaxed);
                 match ServerToAgent::decode(reply.as_slice()) {
                     Ok(reply) => pending.extend(agent.on_reply(&reply, stats)),
-                    Err(_) => {
-                        stats.errors.fetch_add(1, Ordering::Relaxed);
-                    }
+                    Err(_) => stats.error("the server sent a body that is not a ServerToAgent"),
                 }
             }
             Ok((401, _)) => {
                 stats.refused.fetch_add(1, Ordering::Relaxed);
+                stats.unauthorized.fetch_add(1, Ordering::Relaxed);
                 break;
             }
             Ok((status, _)) => {
                 if matches!(status, 429 | 503) {
                     stats.refused.fetch_add(1, Ordering::Relaxed);
+                    *stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(format!("the server answered {status} (busy)"));
                 } else {
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    stats.error(format_args!("the server answered {status}"));
                 }
                 attempt += 1;
                 connection = None;
                 tokio::select! { () = stop.cancelled() => break, () = tokio::time::sleep(backoff(attempt, agent.index)) => {} }
                 continue;
             }
-            Err(_) => {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
+            Err(error) => {
+                stats.error(format_args!("POST {}: {error}", target.path));
                 connection = None;
                 pending.insert(0, message);
                 attempt += 1;
@@ -710,7 +788,15 @@ mod tests {
         let target = parse_url("ws://127.0.0.1:4320/v1/opamp", None).expect("url");
         assert_eq!((target.transport, target.path.as_str()), (Transport::WebSocket, "/v1/opamp"));
         assert!(target.tls.is_none());
-        assert!(parse_url("ws://example.com/v1/opamp", None).is_err(), "names are not resolved");
+        let named = parse_url("ws://localhost:4320/v1/opamp", None).expect("a host name");
+        assert_eq!((named.address.port(), named.host_header.as_str()), (4320, "localhost:4320"));
+        assert!(named.address.ip().is_loopback());
+        assert_eq!(parse_url("http://[::1]:9/x", None).expect("IPv6").address, "[::1]:9".parse().expect("address"));
+        assert_eq!(parse_url("ws://127.0.0.1/v1/opamp", None).expect("default port").address.port(), 80);
+        for bad in ["ws://:4320/x", "ws://a@b:1/x", "ws://host:port/x", "ftp://127.0.0.1:1/x"] {
+            assert!(matches!(parse_url(bad, None), Err(LoadgenError::BadUrl(_))), "{bad}");
+        }
+        assert!(matches!(parse_url("ws://no-such-host.invalid:4320/x", None), Err(LoadgenError::Unresolved { .. })));
         assert!(matches!(parse_url("wss://127.0.0.1:4320/v1/opamp", None), Err(LoadgenError::NoCaFile)));
         let missing = std::path::Path::new("/nonexistent/ca.pem");
         assert!(matches!(parse_url("wss://127.0.0.1:4320/v1/opamp", Some(missing)), Err(LoadgenError::BadCaFile(_))));

@@ -157,7 +157,11 @@ fn install_files(args: &gitfleet::install::export::InstallFilesArgs) -> anyhow::
 fn loadgen(args: &gitfleet::loadgen::LoadgenArgs) -> anyhow::Result<()> {
     let figures = runtime()?.block_on(gitfleet::loadgen::run(args))?;
     println!("{}", serde_json::to_string(&figures)?);
-    Ok(())
+    // The figures are printed either way; a run where agents could not get in fails.
+    match figures.failure() {
+        Some(failure) => Err(gitfleet::loadgen::LoadgenError::Failed(failure).into()),
+        None => Ok(()),
+    }
 }
 
 fn init_logging() {

@@ -375,14 +375,55 @@ fn loadgen(server: &Server, fleet: &str, args: &[&str]) -> serde_json::Value {
 }
 
 fn loadgen_over(server: &Server, scheme: &str, fleet: &str, args: &[&str]) -> serde_json::Value {
+    let url = format!("{scheme}://{}/v1/opamp", server.opamp);
+    let (code, figures, stderr) = loadgen_run(&url, &server.token(fleet), args);
+    assert_eq!(code, Some(0), "loadgen failed: {stderr}");
+    figures
+}
+
+/// Runs loadgen; returns its exit code, its figures and the last line of its errors.
+fn loadgen_run(url: &str, token: &str, args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
     let output = crate::common::gitfleet()
-        .args(["loadgen", "--url", &format!("{scheme}://{}/v1/opamp", server.opamp), "--token", &server.token(fleet)])
+        .args(["loadgen", "--url", url, "--token", token])
         .args(args)
         .output()
         .expect("loadgen runs");
-    assert!(output.status.success(), "loadgen failed: {}", String::from_utf8_lossy(&output.stderr));
     let stdout = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(stdout.lines().last().expect("figures")).expect("JSON figures")
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let figures = serde_json::from_str(stdout.lines().last().unwrap_or("null")).expect("JSON figures");
+    (output.status.code(), figures, stderr.lines().last().unwrap_or_default().to_owned())
+}
+
+#[test]
+fn loadgen_takes_host_names_and_fails_a_run_that_could_not_get_in() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.url(), data.path(), &[]);
+    let token = server.token("nodes");
+    let by_name = format!("ws://localhost:{}/v1/opamp", server.opamp.port());
+    let args = ["--agents", "3", "--heartbeat", "1s", "--duration", "2s"];
+    let (code, figures, stderr) = loadgen_run(&by_name, &token, &args);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!((figures["connects"].as_u64(), figures["applied"].as_u64()), (Some(3), Some(3)), "{figures}");
+
+    let (code, figures, stderr) = loadgen_run(&by_name, "tk_00000000.wrong", &args);
+    assert_eq!(code, Some(2), "{figures}");
+    assert_eq!(figures["unauthorized"], 3, "the figures are printed too: {figures}");
+    assert_eq!(
+        stderr,
+        "gitfleet: 3 of 3 agents were refused (401): the token is not valid for this server, or it was revoked or expired"
+    );
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let nobody = format!("http://{}/v1/opamp", closed.local_addr().expect("address"));
+    drop(closed);
+    let (code, figures, stderr) = loadgen_run(&nobody, &token, &["--agents", "2", "--duration", "1s"]);
+    assert_eq!(code, Some(2), "{figures}");
+    assert!(
+        stderr.starts_with("gitfleet: 2 of 2 agents never connected: cannot connect to 127.0.0.1:")
+            && stderr.ends_with("Connection refused (os error 111)"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -447,7 +488,11 @@ fn a_flood_over_the_connection_limit_gets_503_while_admitted_agents_work() {
     let repo = example();
     let data = tempfile::tempdir().expect("temp dir");
     let server = Server::start(&repo.url(), data.path(), &["--max-connections", "5"]);
-    let figures = loadgen(&server, "prod-gateway", &["--agents", "12", "--heartbeat", "1s", "--duration", "2s"]);
+    let url = format!("ws://{}/v1/opamp", server.opamp);
+    let args = ["--agents", "12", "--heartbeat", "1s", "--duration", "2s"];
+    let (code, figures, stderr) = loadgen_run(&url, &server.token("prod-gateway"), &args);
+    assert_eq!(code, Some(2), "agents that never got in fail the run: {figures}");
+    assert_eq!(stderr, "gitfleet: 7 of 12 agents never connected: the server answered 503 (busy)");
     assert_eq!(figures["connects"], 5, "only five admitted: {figures}");
     assert!(figures["refused"].as_u64().is_some_and(|n| n >= 7), "the rest were turned away: {figures}");
     let fleet = server.json("/api/v1/fleets/prod-gateway");
