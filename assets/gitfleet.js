@@ -63,10 +63,22 @@
   refreshTimes(document);
   setInterval(() => refreshTimes(document), 15000);
 
-  if ("EventSource" in window) {
-    const events = new EventSource("/events");
+  // A page kept in the back-forward cache keeps its event stream open unless it is closed
+  // here; browsers allow six HTTP/1.1 connections per server, so a few pages visited would
+  // leave none for the next page.
+  let events = null;
+  function listen() {
+    if (!("EventSource" in window) || events) return;
+    events = new EventSource("/events");
     events.addEventListener("open", () => setLive("live", "live"));
     events.addEventListener("change", reload);
     events.addEventListener("error", () => setLive("offline", "reconnecting…"));
   }
+  window.addEventListener("pagehide", () => {
+    if (events) { events.close(); events = null; }
+  });
+  window.addEventListener("pageshow", (event) => {
+    if (event.persisted) { listen(); reload(); }
+  });
+  listen();
 })();

@@ -259,9 +259,25 @@ fn a_person_sees_every_page_live_and_agent_text_stays_text() {
     let text = browser.text();
     assert!(text.contains("Changes from gateway/v1 to gateway/v2"), "{text}");
     assert!(text.contains("Smaller batches for the new exporter"), "the tag note:\n{text}");
-    assert_eq!(browser.eval("document.querySelector('.diff .del').textContent.trim()"), json!("send_batch_size: 8192"));
-    assert_eq!(browser.eval("document.querySelector('.diff .add').textContent.trim()"), json!("send_batch_size: 4096"));
+    // Each diff line carries its numbers on both sides (old, new), then the text.
+    let mut line = |class: &str| {
+        let script = format!(
+            "(() => {{ const l = document.querySelector('.diff .{class}'); \
+             return [...l.querySelectorAll('.ln')].map(n => n.textContent).concat([l.lastChild.textContent.trim()]); }})()"
+        );
+        browser.eval(&script)
+    };
+    assert_eq!(line("del"), json!(["22", "", "send_batch_size: 8192"]));
+    assert_eq!(line("add"), json!(["", "22", "send_batch_size: 4096"]));
     browser.screenshot("config-diff");
+    // A version opens whole, numbered.
+    browser.open(&format!("{base}/configs/gateway/v2"));
+    let text = browser.text();
+    assert!(text.contains("gateway/v2") && text.contains("Smaller batches for the new exporter"), "{text}");
+    let lines = browser.eval("document.querySelectorAll('.diff .ln').length").as_u64().expect("a count");
+    let content = server.json("/api/v1/configs/gateway/versions/v2")["content"].as_str().expect("content").to_owned();
+    assert_eq!(lines as usize, content.lines().count());
+    browser.screenshot("config-version");
 
     // Without JavaScript the pages still render, and refresh themselves.
     browser.call("Emulation.setScriptExecutionDisabled", json!({ "value": true }));
@@ -309,7 +325,10 @@ fn pages_are_read_only_and_agent_text_is_escaped_in_the_html() {
     assert_eq!(server.get("/instances/not-a-uuid").status, 404);
     assert_eq!(server.get("/configs/no-such-config").status, 404);
     let unknown = server.get("/configs/gateway?from=v9&to=v1");
-    assert!(unknown.body.contains("No such version to compare"), "{}", unknown.body);
+    assert_eq!(unknown.status, 404);
+    assert!(unknown.body.contains("<code>v9</code> is not published: nothing to compare"), "{}", unknown.body);
+    assert_eq!(server.get("/configs/gateway/v9").status, 404);
+    assert!(!unknown.body.contains("1 published versions"), "{}", unknown.body);
 
     let metrics = server.get("/metrics");
     assert_eq!(metrics.header("content-type").as_deref(), Some("text/plain; version=0.0.4; charset=utf-8"));
