@@ -230,6 +230,14 @@ impl Reconciler {
         .await
         .expect("compile is pure and does not panic");
 
+        // Fleets that were removed and are back: not in the last good state, yet with tokens.
+        let returning: Vec<String> = compiled
+            .desired
+            .fleets
+            .keys()
+            .filter(|name| !self.last_good.contains_key(*name) && self.issued.contains_key(*name))
+            .cloned()
+            .collect();
         if let Err(store_error) = self.persist(&compiled).await {
             error!(error = %store_error, commit = %compiled.desired.commit, "cannot persist state; keeping the last reconciled state");
             let problem = Problem::general(
@@ -246,7 +254,7 @@ impl Reconciler {
         }
 
         let desired = compiled.desired;
-        let (token_texts, token_problem) = match self.issue_tokens(&desired).await {
+        let (token_texts, token_problem) = match self.issue_tokens(&desired, &returning).await {
             Ok(texts) => (texts, None),
             Err(problem) => (Vec::new(), Some(problem)),
         };
@@ -317,13 +325,18 @@ impl Reconciler {
     async fn issue_tokens(
         &mut self,
         desired: &desired::DesiredState,
+        returning: &[String],
     ) -> Result<Vec<(String, Arc<TokenText>)>, Problem> {
         let now = crate::time::now_unix();
         let mut texts = Vec::new();
         for fleet in desired.fleets.values() {
             let policy = &fleet.spec.token;
             let tokens = self.issued.get(fleet.name()).map(Vec::as_slice).unwrap_or_default();
-            let Some(reason) = token::needs_token(tokens, policy) else { continue };
+            let reason = match returning.iter().any(|name| name == fleet.name()) {
+                true => Some(token::IssueReason::Returned),
+                false => token::needs_token(tokens, policy),
+            };
+            let Some(reason) = reason else { continue };
             let (text, issued) = token::issue(fleet.name(), now, policy.rotate)
                 .map_err(|error| Problem::general(Severity::Error, error.to_string()))?;
             let store = Arc::clone(&self.store);

@@ -53,9 +53,13 @@ pub struct ServeArgs {
     #[arg(long, env = "GITFLEET_ARTIFACTS_DIR")]
     pub artifacts_dir: Option<PathBuf>,
     /// Secret that POST /hooks/git deliveries must be signed with (GitHub, Gitea) or carry
-    /// (GitLab). Without it, any POST triggers a fetch.
-    #[arg(long, env = "GITFLEET_WEBHOOK_SECRET", hide_env_values = true)]
+    /// (GitLab). Without it, any POST triggers a fetch. Visible to other users in `ps`:
+    /// prefer --webhook-secret-file or the variable.
+    #[arg(long, env = "GITFLEET_WEBHOOK_SECRET", hide_env_values = true, conflicts_with = "webhook_secret_file")]
     pub webhook_secret: Option<String>,
+    /// A file holding the webhook secret (one line; a trailing newline is ignored).
+    #[arg(long, env = "GITFLEET_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
     /// The orphan branch fleet status is committed to and pushed to the repository's remote.
     #[arg(long, env = "GITFLEET_STATUS_BRANCH", default_value = DEFAULT_STATUS_BRANCH)]
     pub status_branch: String,
@@ -147,6 +151,8 @@ pub enum SettingsError {
     BadPollInterval(String),
     #[error("--webhook-secret must not be empty")]
     EmptyWebhookSecret,
+    #[error("--webhook-secret-file {path}: {message}")]
+    WebhookSecretFile { path: String, message: String },
     #[error("--public-url `{0}` is not an http:// or https:// URL without a path, like https://fleet.example.com:4320")]
     BadPublicUrl(String),
     #[error("--artifacts-dir {path}: {message}")]
@@ -188,6 +194,7 @@ impl ServeArgs {
             public_url: None,
             artifacts_dir: None,
             webhook_secret: None,
+            webhook_secret_file: None,
             status_branch: DEFAULT_STATUS_BRANCH.to_owned(),
             no_status_branch: false,
             status_interval: DEFAULT_STATUS_INTERVAL.to_owned(),
@@ -233,10 +240,21 @@ impl ServeArgs {
         if poll_interval < Duration::from_secs(1) {
             return Err(SettingsError::BadPollInterval(format!("`{}` is shorter than 1s", self.poll_interval)));
         }
-        let webhook_secret = match self.webhook_secret {
-            Some(secret) if secret.is_empty() => return Err(SettingsError::EmptyWebhookSecret),
-            Some(secret) => Some(Arc::from(secret.into_bytes())),
-            None => None,
+        let webhook_secret = match (self.webhook_secret, &self.webhook_secret_file) {
+            (Some(secret), _) if secret.is_empty() => return Err(SettingsError::EmptyWebhookSecret),
+            (Some(secret), _) => Some(Arc::from(secret.into_bytes())),
+            (None, Some(path)) => {
+                let file_error =
+                    |message: String| SettingsError::WebhookSecretFile { path: path.display().to_string(), message };
+                let text = std::fs::read_to_string(path).map_err(|error| file_error(error.to_string()))?;
+                let secret = text.strip_suffix('\n').unwrap_or(&text);
+                let secret = secret.strip_suffix('\r').unwrap_or(secret);
+                if secret.is_empty() || secret.contains('\n') {
+                    return Err(file_error("the file must hold the secret on one line".into()));
+                }
+                Some(Arc::from(secret.as_bytes()))
+            }
+            (None, None) => None,
         };
         let public_url = self.public_url.as_deref().map(parse_public_url).transpose()?;
         if let Some(dir) = &self.artifacts_dir {

@@ -20,13 +20,14 @@ pub struct InstallFilesArgs {
     #[arg(long, env = "GITFLEET_DATA_DIR", default_value = "./.gitfleet")]
     pub data_dir: PathBuf,
     /// The URL collectors reach the collector port at, for a fleet without
-    /// `[install].endpoint` (as given to `gitfleet serve`).
+    /// `[install].endpoint`. By default, the endpoint the server wrote the fleet's files with.
     #[arg(long, env = "GITFLEET_PUBLIC_URL")]
     pub public_url: Option<String>,
     /// Release files to put into the offline bundles (as given to `gitfleet serve`).
     #[arg(long, env = "GITFLEET_ARTIFACTS_DIR")]
     pub artifacts_dir: Option<PathBuf>,
-    /// CA certificates collectors should trust (as given to `gitfleet serve`).
+    /// CA certificates collectors should trust. By default, those the server put in the
+    /// fleet's files.
     #[arg(long, env = "GITFLEET_INSTALL_CA_FILE")]
     pub install_ca_file: Option<PathBuf>,
 }
@@ -47,7 +48,9 @@ pub enum ExportError {
         "the token file of fleet `{fleet}` is missing or does not hold its current token {id}; bump `rotate` in its fleet file to issue a new one"
     )]
     TokenFile { fleet: String, id: String },
-    #[error("fleet `{0}` names no `[install].endpoint`: give --public-url")]
+    #[error(
+        "fleet `{0}` names no `[install].endpoint` and the server has not written its install files yet: give --public-url"
+    )]
     NoEndpoint(String),
     #[error("{0}")]
     Artifacts(String),
@@ -80,12 +83,18 @@ pub fn run(args: &InstallFilesArgs) -> Result<Vec<PathBuf>, ExportError> {
         .ok_or_else(|| ExportError::NoToken(args.fleet.clone()))?;
     let text = token::read_current(&args.data_dir, &newest)
         .ok_or_else(|| ExportError::TokenFile { fleet: args.fleet.clone(), id: newest.id.clone() })?;
+    // The fleet's own endpoint, else --public-url, else the one the server wrote the fleet's
+    // files with (it knows its --public-url).
+    let served_dir = args.data_dir.join("install").join(&args.fleet);
     let endpoint = spec
         .install
         .endpoint
         .clone()
         .or_else(|| public_url.as_deref().map(crate::settings::opamp_endpoint))
+        .or_else(|| files::written_endpoint(&served_dir))
         .ok_or_else(|| ExportError::NoEndpoint(args.fleet.clone()))?;
+    // Likewise the CA the server put in the fleet's files.
+    let ca = ca.or_else(|| std::fs::read_to_string(served_dir.join("ca.pem")).ok());
     let (collector_version, supervisor_version) = files::versions(&spec.install);
     let install = InstallSpec {
         fleet: &args.fleet,
@@ -107,7 +116,7 @@ pub fn run(args: &InstallFilesArgs) -> Result<Vec<PathBuf>, ExportError> {
     let served: Vec<artifacts::Artifact> = included.iter().flat_map(|(_, found)| found.iter().cloned()).collect();
     let install = InstallSpec { server_releases: &served, ..install };
     let rendered = files::render(&install);
-    files::write_set(&args.out, &install, &rendered, &included, "exported")
+    files::write_set(&args.out, &install, &rendered, &included, None)
         .map_err(|source| ExportError::Write { path: args.out.display().to_string(), source })?;
     let mut written: Vec<PathBuf> = rendered.iter().map(|file| args.out.join(file.name)).collect();
     written.extend(files::ARCHES.iter().map(|arch| args.out.join(files::bundle_name(&args.fleet, arch))));

@@ -21,6 +21,8 @@ pub const ARCHES: [&str; 2] = ["amd64", "arm64"];
 const FINGERPRINT: &str = ".fingerprint";
 /// The release files the server serves with the set: one `<name>\t<path>` per line.
 const SERVED_RELEASES: &str = ".releases";
+/// The endpoint the server wrote the set with, for `install-files` to reuse.
+const ENDPOINT: &str = ".endpoint";
 
 /// What a fleet's install files are made from.
 #[derive(Clone, Copy)]
@@ -180,20 +182,30 @@ pub fn served_release(dir: &Path, name: &str) -> Option<PathBuf> {
     })
 }
 
-/// Whether the set in `dir` was written from `fingerprint`.
+/// Whether the set in `dir` was written from `fingerprint` (with every file the server
+/// keeps beside it).
 pub fn is_current(dir: &Path, fingerprint: &str) -> bool {
     std::fs::read_to_string(dir.join(FINGERPRINT)).is_ok_and(|written| written.trim() == fingerprint)
+        && dir.join(ENDPOINT).is_file()
+}
+
+/// The endpoint the server's set in `dir` dials, if the server has written one.
+pub fn written_endpoint(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(ENDPOINT)).ok()?;
+    Some(text.trim().to_owned()).filter(|endpoint| !endpoint.is_empty())
 }
 
 /// Writes the text files and one bundle per architecture into `dir` (created 0700; every
-/// file 0600, replaced atomically), then the fingerprint. `artifacts` holds each
-/// architecture's verified release files, if the server has them.
+/// file 0600, replaced atomically). `artifacts` holds each architecture's verified release
+/// files, if the server has them. For the server's own set (`fingerprint` given), also what
+/// it keeps beside the files: the release files it serves, the endpoint, and last the
+/// fingerprint; an exported set is only the files.
 pub fn write_set(
     dir: &Path,
     spec: &InstallSpec<'_>,
     files: &[TextFile],
     artifacts: &[(&str, Vec<Artifact>)],
-    fingerprint: &str,
+    fingerprint: Option<&str>,
 ) -> std::io::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     for file in files {
@@ -207,15 +219,17 @@ pub fn write_set(
             _ => {}
         }
     }
-    let served: String =
-        spec.server_releases.iter().map(|release| format!("{}\t{}\n", release.name, release.path.display())).collect();
-    write_private(dir, SERVED_RELEASES, |out| out.write_all(served.as_bytes()))?;
     let mtime = crate::time::now_unix().max(0) as u64;
     for arch in ARCHES {
         let included = artifacts.iter().find(|(a, _)| *a == arch).map(|(_, list)| list.as_slice()).unwrap_or_default();
         let name = bundle_name(spec.fleet, arch);
         write_private(dir, &name, |out| crate::install::bundle::write(out, spec.fleet, arch, files, included, mtime))?;
     }
+    let Some(fingerprint) = fingerprint else { return Ok(()) };
+    let served: String =
+        spec.server_releases.iter().map(|release| format!("{}\t{}\n", release.name, release.path.display())).collect();
+    write_private(dir, SERVED_RELEASES, |out| out.write_all(served.as_bytes()))?;
+    write_private(dir, ENDPOINT, |out| writeln!(out, "{}", spec.endpoint))?;
     write_private(dir, FINGERPRINT, |out| out.write_all(fingerprint.as_bytes()))
 }
 

@@ -204,6 +204,8 @@ pub enum IssueReason {
     Rotated,
     /// Its newest token is listed in `revoked`.
     Revoked,
+    /// The fleet was removed and is back: its earlier tokens stay dead.
+    Returned,
 }
 
 /// Whether a fleet with these tokens (oldest first) needs a new one under `policy`.

@@ -2,7 +2,7 @@
 //! current token and `[install]` settings, off the reconciler's path (bundles with release
 //! archives take a while to pack). Problems go back to the reconciler as an event.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -76,7 +76,11 @@ pub async fn keep_written(
         let job_config = config.clone();
         let mut memo = std::mem::take(&mut written);
         let (memo, problems) = match tokio::task::spawn_blocking(move || {
-            let problems = write_all(&jobs, &job_config, &mut memo);
+            let (jobs, keep) = jobs;
+            let mut problems = write_all(&jobs, &job_config, &mut memo);
+            if let Some(keep) = keep {
+                problems.extend(remove_gone(&job_config, &keep, &mut memo));
+            }
             (memo, problems)
         })
         .await
@@ -101,9 +105,13 @@ pub async fn keep_written(
     }
 }
 
-fn jobs(view: &View, config: &InstallConfig) -> Vec<Job> {
-    let Some(desired) = &view.desired else { return Vec::new() };
-    desired
+/// What to write, and the fleets whose directories stay (`None` before the first reconcile,
+/// when nothing may be removed).
+fn jobs(view: &View, config: &InstallConfig) -> (Vec<Job>, Option<HashSet<String>>) {
+    let Some(desired) = &view.desired else { return (Vec::new(), None) };
+    // A fleet whose file is broken still exists: only removed fleets lose their files.
+    let keep = desired.fleets.keys().chain(&desired.unresolved).cloned().collect();
+    let jobs = desired
         .fleets
         .values()
         .filter_map(|fleet| {
@@ -121,7 +129,38 @@ fn jobs(view: &View, config: &InstallConfig) -> Vec<Job> {
                 supervisor_version,
             })
         })
-        .collect()
+        .collect();
+    (jobs, Some(keep))
+}
+
+/// Removes the install directories (files and token file) of fleets that no longer exist:
+/// their tokens are no longer accepted, and a fleet that comes back gets a new one.
+fn remove_gone(config: &InstallConfig, keep: &HashSet<String>, written: &mut HashMap<String, String>) -> Vec<Problem> {
+    let root = config.data_dir.join("install");
+    let Ok(entries) = std::fs::read_dir(&root) else { return Vec::new() };
+    let mut problems = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_dir = entry.file_type().is_ok_and(|kind| kind.is_dir());
+        if !is_dir || keep.contains(&name) || crate::repo::names::check_name(&name).is_err() {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => {
+                written.remove(&name);
+                info!(fleet = %name, dir = %entry.path().display(), "removed the install files of a removed fleet");
+            }
+            Err(error) => {
+                let message = format!(
+                    "cannot remove the install files of removed fleet `{name}` ({}): {error}",
+                    entry.path().display()
+                );
+                warn!(fleet = %name, error = %message, "cannot remove install files");
+                problems.push(Problem::general(crate::problem::Severity::Warning, message));
+            }
+        }
+    }
+    problems
 }
 
 fn write_all(jobs: &[Job], config: &InstallConfig, written: &mut HashMap<String, String>) -> Vec<Problem> {
@@ -176,7 +215,7 @@ fn write_fleet(
     let served: Vec<artifacts::Artifact> = included.iter().flat_map(|(_, found)| found.iter().cloned()).collect();
     let spec = &InstallSpec { server_releases: &served, ..*spec };
     let rendered = files::render(spec);
-    files::write_set(&dir, spec, &rendered, &included, &fingerprint)
+    files::write_set(&dir, spec, &rendered, &included, Some(&fingerprint))
         .map_err(|error| format!("cannot write the install files in {}: {error}", dir.display()))?;
     info!(
         fleet = %spec.fleet,

@@ -128,7 +128,12 @@ async fn install_file(
         Some(path) => path.clone(),
         None if crate::install::files::served_names(&fleet).contains(&file) => set.join(&file),
         None => {
-            let names = crate::install::files::served_names(&fleet).join(", ");
+            let mut names = crate::install::files::served_names(&fleet);
+            // The CA is in the set only where the fleet has one.
+            if !set.join("ca.pem").is_file() {
+                names.retain(|name| name != "ca.pem");
+            }
+            let names = names.join(", ");
             return plain(
                 StatusCode::NOT_FOUND,
                 &format!("no install file `{}`; there are: {names}", file.escape_default()),

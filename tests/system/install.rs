@@ -335,10 +335,11 @@ fn install_files_exports_what_the_server_serves() {
     let Setup { repo: _repo, data, releases, ca: _ca, server } = start();
     let token = server.token("prod-gateway");
     let served = fetch(&server, &token, "supervisor.yaml");
+    let nodes_served = fetch(&server, &server.token("nodes"), "supervisor.yaml");
     server.stop();
 
-    let out = tempfile::tempdir().expect("temp dir");
-    let target = out.path().join("prod");
+    let exported = tempfile::tempdir().expect("temp dir");
+    let target = exported.path().join("prod");
     let output = gitfleet()
         .args(["install-files", "prod-gateway", "--out"])
         .arg(&target)
@@ -354,6 +355,24 @@ fn install_files_exports_what_the_server_serves() {
     assert_eq!(std::fs::read(target.join("supervisor.yaml")).expect("exported"), served);
     let (ok, out) = run(Command::new("tar").arg("-tzf").arg(target.join("gitfleet-prod-gateway-linux-arm64.tar.gz")));
     assert!(ok && out.contains("gitfleet-prod-gateway-linux-arm64/opampsupervisor_0.158.0_linux_arm64"), "{out}");
+    let hidden: Vec<String> = std::fs::read_dir(&target)
+        .expect("list")
+        .map(|entry| entry.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with('.'))
+        .collect();
+    assert_eq!(hidden, Vec::<String>::new(), "only the install files are exported");
+
+    // `nodes` names no endpoint: the one the server wrote its files with (from its
+    // --public-url) and its CA are reused, with no flag.
+    let nodes = exported.path().join("nodes");
+    let output =
+        gitfleet().args(["install-files", "nodes", "--out"]).arg(&nodes).arg("--data-dir").arg(data.path()).output();
+    let output = output.expect("runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(std::fs::read(nodes.join("supervisor.yaml")).expect("exported"), nodes_served);
+    assert!(nodes.join("ca.pem").is_file(), "the server's CA for a wss:// fleet");
+    // Before the server has written the fleet's files, it must be given.
+    std::fs::remove_file(data.path().join("install/nodes/.endpoint")).expect("remove");
 
     let failures: [(&[&str], &str); 3] = [
         (&["install-files", "no-such-fleet", "--out", "x"], "never served a fleet `no-such-fleet`"),

@@ -103,7 +103,12 @@ fn webhooks_trigger_a_fetch_only_when_signed() {
     let repo = example();
     let data = tempfile::tempdir().expect("temp dir");
     let secret = "hook-secret-for-tests";
-    let server = Server::start(&repo.url(), data.path(), &["--poll-interval", "1h", "--webhook-secret", secret]);
+    // From a file, as the README advises (a flag would show the secret in `ps`).
+    let secret_file = data.path().join("webhook-secret");
+    std::fs::write(&secret_file, format!("{secret}\n")).expect("write the secret file");
+    let secret_path = secret_file.display().to_string();
+    let args = ["--poll-interval", "1h", "--webhook-secret-file", &secret_path];
+    let server = Server::start(&repo.url(), &data.path().join("data"), &args);
     server.wait_for("/api/v1/repo", WAIT, "first reconcile", |r| r["commit"].is_string());
     publish_gateway_v2(&repo);
     let body = br#"{"ref":"refs/heads/main"}"#;
@@ -317,6 +322,8 @@ fn bad_settings_exit_with_one_clear_line_before_binding() {
         (vec!["--repo", &path, "--branch", "a..b"], "gitfleet: --branch `a..b` is not a valid branch name"),
         (vec!["--repo", &path, "--web-listen", "localhost"], "gitfleet: --web-listen `localhost` is not an address"),
         (vec!["--repo", &path, "--webhook-secret", ""], "gitfleet: --webhook-secret must not be empty"),
+        (vec!["--repo", &path, "--webhook-secret-file", &missing], "gitfleet: --webhook-secret-file "),
+        (vec!["--repo", &path, "--webhook-secret-file", &empty], "gitfleet: --webhook-secret-file "),
         (vec!["--repo", &path, "--web-listen", &taken], "gitfleet: cannot listen on"),
         (vec!["--repo", &path, "--status-interval", "0s"], "gitfleet: --status-interval: `0s` is shorter than 1s"),
         (vec!["--repo", &path, "--forget-after", "0s"], "gitfleet: --forget-after: `0s` is shorter than 1s"),

@@ -180,3 +180,42 @@ fn an_expired_token_is_refused_its_session_closed_and_the_problem_reported() {
     assert_secrets_not_logged(&server, &[&token]);
     server.stop();
 }
+
+#[test]
+fn a_removed_fleet_leaves_no_files_and_gets_a_new_token_when_it_comes_back() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.url(), data.path(), &["--poll-interval", "1s"]);
+    let old = server.token("nodes");
+    let dir = data.path().join("install/nodes");
+    assert!(dir.join("token").is_file() && dir.join("install.sh").is_file());
+    // The 404 of an unknown file lists the set as it is: prod-gateway dials ws://, no CA.
+    let authorization = format!("Bearer {}", server.token("prod-gateway"));
+    let unknown = http(server.opamp, "GET", "/v1/install/nope", &[("Authorization", &authorization)], b"");
+    assert_eq!(unknown.status, 404);
+    assert!(unknown.body.contains("supervisor.yaml") && !unknown.body.contains("ca.pem"), "{}", unknown.body);
+
+    let text = std::fs::read_to_string(repo.path().join("fleets/nodes.toml")).expect("read");
+    repo.remove("fleets/nodes.toml");
+    repo.commit("Retire the nodes fleet");
+    server.wait_for("/api/v1/fleets", WAIT, "the fleet removed", |f| {
+        f["fleets"].as_array().is_some_and(|list| list.iter().all(|fleet| fleet["name"] != "nodes"))
+    });
+    let deadline = std::time::Instant::now() + WAIT;
+    while dir.exists() {
+        assert!(std::time::Instant::now() < deadline, "the install files of a removed fleet stay: {}", server.logs());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(data.path().join("install/prod-gateway/token").is_file(), "other fleets keep theirs");
+
+    // Back under the same name: a new token, the old one stays out.
+    repo.write("fleets/nodes.toml", text);
+    repo.commit("Bring the nodes fleet back");
+    let new = server.new_token("nodes", &old);
+    let fleet = server.json("/api/v1/fleets/nodes");
+    assert_eq!(fleet["token"]["id"].as_str(), new.split('.').next(), "{fleet}");
+    let refused =
+        http(server.opamp, "GET", "/v1/install/install.sh", &[("Authorization", &format!("Bearer {old}"))], b"");
+    assert_eq!(refused.status, 401);
+    assert!(server.logs().contains("reason=Returned"), "{}", server.logs());
+}
