@@ -127,17 +127,30 @@ async fn overview(State(state): State<WebState>) -> Response {
         let _ = write!(out, "<h2>Problems ({})</h2>", problems.len());
         problems_list(&mut out, &problems);
     }
-    out.push_str(
+    let _ = write!(
+        out,
         "<table><thead><tr><th>Fleet</th><th>Version</th><th>Instances</th><th class=\"num\">In sync</th>\
-         <th>Status</th><th class=\"num\">Drift</th><th>Install token</th></tr></thead><tbody>",
+         <th>Status</th><th class=\"num\" title=\"{DRIFT}\">Drift</th><th>Install token</th></tr></thead><tbody>",
     );
     for fleet in desired.fleets.values() {
         let name = fleet.name();
         let status = FleetStatus::of_tally(fleet, &desired, tallies.remove(name).unwrap_or_default());
-        let version = match (&status.tag, fleet.kept_last_good) {
-            (Some(tag), false) => format!("<code>{}</code>", Text(tag)),
-            (Some(tag), true) => format!("<code>{}</code> <span class=\"muted\">(kept)</span>", Text(tag)),
-            (None, _) => "<span class=\"muted\">observe only</span>".to_owned(),
+        let follows_latest = matches!(fleet.spec.version, Some(crate::repo::manifest::VersionSelector::Latest));
+        let mut version = match &status.tag {
+            Some(tag) => format!("<code>{}</code>", Text(tag)),
+            None => "<span class=\"muted\">observe only</span>".to_owned(),
+        };
+        if follows_latest {
+            version.push_str(" <span class=\"tag t-latest\" title=\"version = &quot;latest&quot;: it follows the highest published version\">latest</span>");
+        }
+        if fleet.kept_last_good {
+            version.push_str(" <span class=\"tag t-broken\" title=\"Its fleet file (or the version it names) cannot be used: the last good state is served; see the problems\">broken: kept</span>");
+        }
+        // Observe-only fleets have nothing to be in sync with: count what is observed.
+        let in_sync = if status.tag.is_none() {
+            format!("{} observed", status.instances)
+        } else {
+            format!("{}/{}", status.counts.in_sync, status.instances)
         };
         let token = view
             .fleet_tokens
@@ -153,20 +166,23 @@ async fn overview(State(state): State<WebState>) -> Response {
         let _ = write!(
             out,
             "<tr><td><a href=\"/fleets/{}\"><b>{}</b></a><br><span class=\"muted\">{}</span></td><td>{version}</td>\
-             <td>{}</td><td class=\"num\">{}/{}</td><td>{}</td><td class=\"num\">{}</td><td>{token}</td></tr>",
+             <td>{}</td><td class=\"num\">{in_sync}</td><td>{}</td><td class=\"num\">{}</td><td>{token}</td></tr>",
             Url(name),
             Text(name),
             Text(&fleet.spec.description),
             Bar(&status.counts),
-            status.counts.in_sync,
-            status.instances,
             Text(&status.description()),
             status.drift,
         );
     }
     out.push_str("</tbody></table>");
+    let _ = write!(out, "<p class=\"note\"><b>Drift</b>: {DRIFT}.</p>");
     html::page("Fleets", Nav::Fleets, &out)
 }
+
+/// What drift means, wherever it is shown.
+const DRIFT: &str = "instances whose served config is not their fleet's assigned config yet (a rollout in progress, \
+     or an instance that failed or is away); it goes back to 0 as they pick up the assignment";
 
 /// `?sort=host&order=desc&status=failed&page=2` on the fleet page.
 #[derive(Debug, Default, Deserialize)]
@@ -298,7 +314,7 @@ fn fleet_page(state: &WebState, name: String, query: &TableQuery) -> Response {
             kind = status_kind.as_str(),
         );
     }
-    let _ = write!(out, "<div class=\"stat\"><b>{}</b><span>drift</span></div>", status.drift);
+    let _ = write!(out, "<div class=\"stat\" title=\"{DRIFT}\"><b>{}</b><span>drift</span></div>", status.drift);
     out.push_str("</div>");
     let _ = write!(out, "<p>{}</p>", Bar(&status.counts));
 

@@ -63,6 +63,17 @@ fn serves_the_api_with_the_documented_fields() {
     let content = server.json("/api/v1/configs/gateway/versions/v1")["content"].as_str().expect("content").to_owned();
     assert!(content.contains("memory_limiter"));
 
+    // The overview says what each number means: observe-only fleets count what they
+    // observe, fleets on `latest` say so, and drift is defined where it is shown.
+    let overview = server.get("/").body;
+    let row = |fleet: &str| {
+        let start = overview.find(&format!("<a href=\"/fleets/{fleet}\">")).expect("the fleet's row");
+        overview[start..].split("</tr>").next().expect("a row").to_owned()
+    };
+    assert!(row("legacy-edge").contains("<td class=\"num\">0 observed</td>"), "{}", row("legacy-edge"));
+    assert!(row("staging-gateway").contains(">latest</span>"), "{}", row("staging-gateway"));
+    assert!(!row("prod-gateway").contains(">latest</span>"), "{}", row("prod-gateway"));
+    assert!(overview.contains("<b>Drift</b>: instances whose served config is not their fleet's assigned config"));
     assert_eq!(server.get("/api/v1/fleets/nope").status, 404);
     assert_eq!(server.get("/api/v1/configs/nope/versions").status, 404);
     assert_eq!(server.get("/healthz").status, 200);
