@@ -260,14 +260,37 @@ impl FleetStatus {
 /// The commit message for a change from `before` to `after`: the headline of a single
 /// changed fleet, or a count with one line per fleet in the body.
 pub fn commit_message(before: &BTreeMap<String, FleetStatus>, after: &BTreeMap<String, FleetStatus>) -> Option<String> {
-    let mut lines: Vec<String> =
-        after.iter().filter(|(name, status)| before.get(*name) != Some(status)).map(|(_, s)| s.headline()).collect();
-    lines.extend(before.keys().filter(|name| !after.contains_key(*name)).map(|name| format!("{name}: removed")));
+    let changed = after.iter().filter(|(name, status)| before.get(*name) != Some(status));
+    let mut names: Vec<&str> = changed.clone().map(|(name, _)| name.as_str()).collect();
+    let mut lines: Vec<String> = changed.map(|(_, s)| s.headline()).collect();
+    let removed = before.keys().filter(|name| !after.contains_key(*name));
+    names.extend(removed.clone().map(String::as_str));
+    lines.extend(removed.map(|name| format!("{name}: removed")));
     match lines.len() {
         0 => None,
         1 => Some(lines.remove(0)),
-        n => Some(format!("{n} fleets changed\n\n{}", lines.join("\n"))),
+        n => Some(format!("{}\n\n{}", subject_naming(n, &names), lines.join("\n"))),
     }
+}
+
+/// A subject line that names the fleets a commit changed, as many as fit in a subject
+/// (`4 fleets: edge, nodes and 2 more`).
+fn subject_naming(count: usize, names: &[&str]) -> String {
+    const SUBJECT: usize = 72;
+    let mut subject = format!("{count} fleets: ");
+    for (shown, name) in names.iter().enumerate() {
+        let rest = count - shown - 1;
+        let tail = if rest > 0 { format!(" and {rest} more") } else { String::new() };
+        let separator = if shown == 0 { "" } else { ", " };
+        // Keep room for what follows, unless this is the last name.
+        if subject.len() + separator.len() + name.len() + tail.len() > SUBJECT && shown > 0 {
+            subject.push_str(&format!(" and {} more", count - shown));
+            return subject;
+        }
+        subject.push_str(separator);
+        subject.push_str(name);
+    }
+    subject
 }
 
 /// The status branch's `README.md`: a table per fleet, for people.
@@ -449,9 +472,16 @@ mod tests {
         assert_eq!(
             commit_message(&before, &after).as_deref(),
             Some(
-                "3 fleets changed\n\na: 2/2 in sync at gateway/v2\nc: 1/2 in sync, 1 pending at gateway/v2\nb: removed"
+                "3 fleets: a, c, b\n\na: 2/2 in sync at gateway/v2\nc: 1/2 in sync, 1 pending at gateway/v2\nb: removed"
             )
         );
+        // Shortened when many, within a subject's 72 characters.
+        let names: Vec<String> = (0..30).map(|i| format!("fleet-number-{i:02}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let subject = subject_naming(30, &refs);
+        assert_eq!(subject, "30 fleets: fleet-number-00, fleet-number-01, fleet-number-02 and 27 more");
+        assert!(subject.len() <= 72);
+        assert_eq!(subject_naming(2, &["prod-gateway", "staging-gateway"]), "2 fleets: prod-gateway, staging-gateway");
     }
 
     #[test]

@@ -468,7 +468,7 @@ fn fetches_over_smart_http() {
     assert_eq!(state["problems"], serde_json::json!([]));
     let pushed = crate::common::git_command(&bare).args(["log", "-1", "--format=%s", "gitfleet/status"]).output();
     let subject = String::from_utf8_lossy(&pushed.expect("git log runs").stdout).into_owned();
-    assert!(subject.contains("fleets changed"), "the status branch over smart HTTP: {subject}");
+    assert!(subject.contains(" fleets: "), "the status branch over smart HTTP: {subject}");
 }
 
 #[test]

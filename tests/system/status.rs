@@ -47,7 +47,10 @@ fn the_status_branch_records_a_convergence_in_few_commits() {
         &["--poll-interval", "1h", "--status-interval", "1h", "--status-page-url", "https://fleet.example.com"],
     );
     let first = eventually("the first status commit", &server, || status_log(&repo).first().cloned());
-    assert!(first.starts_with("5 fleets changed\n\n"), "{first}");
+    assert!(
+        first.starts_with("5 fleets: legacy-edge, nodes, prod-gateway, sdk-agents, staging-gateway\n\n"),
+        "{first}"
+    );
     assert!(first.contains("prod-gateway: no instances connected at gateway/v1"), "{first}");
     assert!(first.contains("legacy-edge: 0 observed (observe only)"), "{first}");
     let branch_files = repo.git(&["ls-tree", "-r", "--name-only", "gitfleet/status"]);
