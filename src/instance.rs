@@ -32,6 +32,11 @@ impl Status {
     pub const ALL: [Status; 6] =
         [Status::InSync, Status::Pending, Status::Applying, Status::Failed, Status::Stale, Status::Observed];
 
+    /// From its snake_case name, as the API shows it.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|status| status.as_str() == name)
+    }
+
     /// The API spelling: `in_sync`, `pending`, ...
     pub fn as_str(self) -> &'static str {
         match self {

@@ -4,11 +4,14 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use serde::Deserialize;
 use serde_json::{Value, json};
+
+use crate::instance::Status;
 
 use crate::opamp::codec::InstanceUid;
 use crate::opamp::registry::{FleetSummary, FleetTarget, InstanceRecord, Targets};
@@ -90,25 +93,80 @@ async fn fleet(State(state): State<WebState>, Path(name): Path<String>) -> Respo
     Json(fleet_json(fleet, &view, targets.get(&name), summary)).into_response()
 }
 
-async fn fleet_instances(State(state): State<WebState>, Path(name): Path<String>) -> Response {
-    let view = state.view.borrow().clone();
-    let Some(desired) = &view.desired else { return not_ready() };
-    if !desired.fleets.contains_key(&name) {
-        return not_found(&format!("no fleet named `{}`", name.escape_default()));
-    }
-    let targets = Arc::clone(&state.targets.borrow());
-    let now = crate::time::now_ms();
-    let records = state.registry.records(Some(&name));
-    Json(json!({ "instances": records.iter().map(|r| instance_json(r, &targets, now)).collect::<Vec<_>>() }))
-        .into_response()
+/// `?status=failed&fleet=prod&limit=100&cursor=<instance_uid>` on the instance lists.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct InstanceQuery {
+    status: Option<String>,
+    fleet: Option<String>,
+    /// At most this many instances (1 to `MAX_LIMIT`); all of them without it.
+    limit: Option<usize>,
+    /// The `next_cursor` of the previous page: instances after this `instance_uid`.
+    cursor: Option<String>,
 }
 
-async fn instances(State(state): State<WebState>) -> Response {
+const MAX_LIMIT: usize = 10_000;
+
+async fn fleet_instances(
+    State(state): State<WebState>,
+    Path(name): Path<String>,
+    Query(query): Query<InstanceQuery>,
+) -> Response {
+    list_instances(&state, Some(name), query)
+}
+
+async fn instances(State(state): State<WebState>, Query(query): Query<InstanceQuery>) -> Response {
+    let fleet = query.fleet.clone();
+    list_instances(&state, fleet, query)
+}
+
+/// Instances in `instance_uid` order, filtered and paged; `next_cursor` is set when more
+/// follow.
+fn list_instances(state: &WebState, fleet: Option<String>, query: InstanceQuery) -> Response {
+    let view = state.view.borrow().clone();
+    if let Some(fleet) = &fleet {
+        let Some(desired) = &view.desired else { return not_ready() };
+        if !desired.fleets.contains_key(fleet) {
+            return not_found(&format!("no fleet named `{}`", fleet.escape_default()));
+        }
+    }
+    let wanted = match query.status.as_deref().map(Status::parse) {
+        None => None,
+        Some(Some(status)) => Some(status),
+        Some(None) => {
+            let known: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
+            return error(StatusCode::BAD_REQUEST, &format!("`status` is one of {}", known.join(", ")));
+        }
+    };
+    let limit = match query.limit {
+        Some(limit) if !(1..=MAX_LIMIT).contains(&limit) => {
+            return error(StatusCode::BAD_REQUEST, &format!("`limit` is from 1 to {MAX_LIMIT}"));
+        }
+        limit => limit.unwrap_or(usize::MAX),
+    };
+    let after = match query.cursor.as_deref().map(InstanceUid::parse) {
+        None => None,
+        Some(Some(uid)) => Some(uid),
+        Some(None) => return error(StatusCode::BAD_REQUEST, "`cursor` is the `next_cursor` of the previous page"),
+    };
     let targets = Arc::clone(&state.targets.borrow());
     let now = crate::time::now_ms();
-    let records = state.registry.records(None);
-    Json(json!({ "instances": records.iter().map(|r| instance_json(r, &targets, now)).collect::<Vec<_>>() }))
-        .into_response()
+    let records = state.registry.records(fleet.as_deref());
+    let mut rows = records
+        .iter()
+        .filter(|record| after.is_none_or(|after| record.uid > after))
+        .map(|record| (record.uid, record.row(&targets, now)))
+        .filter(|(_, row)| wanted.is_none_or(|status| row.status == status));
+    let page: Vec<_> = rows.by_ref().take(limit).collect();
+    let next_cursor = match rows.next() {
+        Some(_) => page.last().map(|(uid, _)| uid.to_string()),
+        None => None,
+    };
+    Json(json!({
+        "instances": page.iter().map(|(_, row)| row.to_json()).collect::<Vec<_>>(),
+        "next_cursor": next_cursor,
+    }))
+    .into_response()
 }
 
 async fn instance(State(state): State<WebState>, Path(uid): Path<String>) -> Response {

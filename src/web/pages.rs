@@ -23,7 +23,7 @@ use crate::repo::lint;
 use crate::repo::version::compare_versions;
 use crate::status::{FleetStatus, InstanceRow};
 use crate::web::WebState;
-use crate::web::html::{self, Badge, Bar, Message, Nav, OrDash, STATUSES, Short, Text, Time, Url, count, status_label};
+use crate::web::html::{self, Badge, Bar, Message, Nav, OrDash, Short, Text, Time, Url, count, status_label};
 
 /// Instance table rows per page: enough to scan, small enough to render fast at 20,000.
 const ROWS_PER_PAGE: usize = 500;
@@ -283,7 +283,7 @@ fn fleet_page(state: &WebState, name: String, query: &TableQuery) -> Response {
     problems_list(&mut out, &fleet_problems);
 
     // The stats strip: each number filters the table.
-    let filter = query.status.as_deref().and_then(|wanted| STATUSES.into_iter().find(|s| s.as_str() == wanted));
+    let filter = query.status.as_deref().and_then(Status::parse);
     let sort = query.sort.as_deref().filter(|s| COLUMNS.iter().any(|(key, _)| key == s)).unwrap_or("instance");
     let descending = query.order.as_deref() == Some("desc");
     out.push_str("<div class=\"stats\">");

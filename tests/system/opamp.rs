@@ -458,6 +458,53 @@ fn loadgen_agents_converge_with_failures_counted() {
     assert_eq!(fleet["counts"]["failed"].as_u64(), Some(failed), "{fleet}");
     // The loadgen agents said goodbye; they are in sync or failed until they go stale.
     assert_eq!(fleet["counts"]["in_sync"].as_u64(), Some(applied), "{fleet}");
+
+    // Filtering and paging.
+    let failed_list = server.json("/api/v1/instances?status=failed");
+    let statuses: Vec<&str> = failed_list["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .map(|i| i["status"].as_str().expect("status"))
+        .collect();
+    assert_eq!(statuses.len() as u64, failed, "{failed_list}");
+    assert!(statuses.iter().all(|s| *s == "failed"));
+    assert_eq!(failed_list["next_cursor"], serde_json::Value::Null);
+    let mut seen = Vec::new();
+    let mut path = "/api/v1/instances?fleet=nodes&limit=7".to_owned();
+    loop {
+        let page = server.json(&path);
+        let uids = page["instances"]
+            .as_array()
+            .expect("instances")
+            .iter()
+            .map(|i| i["instance_uid"].as_str().expect("uid").to_owned());
+        seen.extend(uids);
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/api/v1/instances?fleet=nodes&limit=7&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 30, "every instance once, over 5 pages");
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "in instance_uid order, no repeats");
+    let in_fleet = server.json("/api/v1/fleets/nodes/instances?status=in_sync&limit=1000");
+    assert_eq!(in_fleet["instances"].as_array().map(Vec::len) as Option<usize>, Some(applied as usize));
+    for (path, status) in [
+        ("/api/v1/instances?status=broken", 400),
+        ("/api/v1/instances?limit=0", 400),
+        ("/api/v1/instances?cursor=zzz", 400),
+        ("/api/v1/instances?fleet=nope", 404),
+        ("/api/v1/fleets/nodes/instances?status=bogus", 400),
+    ] {
+        let response = server.get(path);
+        assert_eq!(response.status, status, "{path}: {}", response.body);
+    }
+    assert!(
+        server
+            .get("/api/v1/instances?status=broken")
+            .body
+            .contains("in_sync, pending, applying, failed, stale, observed")
+    );
 }
 
 #[test]
