@@ -1,9 +1,11 @@
 //! `gitfleet loadgen`: simulated collectors that behave like the OpAMP Supervisor, for the
 //! demo, tests and benchmarks. Each agent sends its full state first, answers a remote config
 //! with APPLYING then APPLIED (or FAILED with a message, then rolls back to its previous
-//! config as the supervisor's automatic rollback does), reports its effective config and
-//! health, heartbeats, honours ReportFullState and new instance ids, and reconnects with
-//! backoff (the first retry immediate, like opamp-go). Figures are printed as JSON.
+//! config as the supervisor's automatic rollback does), reports its effective config (a
+//! local config until a remote one is applied) and health, heartbeats, honours
+//! ReportFullState and new instance ids, takes a token offered in connection settings (and
+//! reconnects with it, as after a rotation), and reconnects with backoff (the first retry
+//! immediate, like opamp-go). Figures are printed as JSON.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,9 +28,34 @@ use crate::opamp::proto::{
     EffectiveConfig, KeyValue, RemoteConfigStatus, ServerToAgent, any_value,
 };
 
-/// What a supervisor with remote config enabled announces (opamp.md §4.2).
-const CAPABILITIES: u64 = 0x3847;
+/// What a supervisor with remote config enabled and `accepts_opamp_connection_settings`
+/// announces (opamp.md §4.2).
+const CAPABILITIES: u64 = 0x3847 | 0x100;
 const REPORT_FULL_STATE: u64 = 0x1;
+
+/// The config a simulated collector runs before any remote config (a host's own
+/// `config.yaml`): what it reports as its effective config until one is applied.
+const LOCAL_CONFIG: &str = "receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 0.0.0.0:4317
+      http:
+        endpoint: 0.0.0.0:4318
+processors:
+  memory_limiter:
+    check_interval: 1s
+    limit_percentage: 80
+  batch: {}
+exporters:
+  debug: {}
+service:
+  pipelines:
+    traces:
+      receivers: [otlp]
+      processors: [memory_limiter, batch]
+      exporters: [debug]
+";
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct LoadgenArgs {
@@ -274,6 +301,9 @@ struct Agent {
     previous: Option<(Vec<u8>, Vec<u8>)>,
     status: RemoteConfigStatus,
     fail_ratio: f64,
+    /// The token of an accepted connection-settings offer: what the agent dials with from
+    /// now on, as the Supervisor does after a token rotation.
+    offered_token: Option<String>,
 }
 
 impl Agent {
@@ -290,7 +320,13 @@ impl Agent {
             previous: None,
             status: RemoteConfigStatus::default(),
             fail_ratio,
+            offered_token: None,
         }
+    }
+
+    /// The token to dial with: the offered one once accepted, else the one given.
+    fn token<'a>(&'a self, given: &'a str) -> &'a str {
+        self.offered_token.as_deref().unwrap_or(given)
     }
 
     fn next(&mut self, mut message: AgentToServer) -> AgentToServer {
@@ -306,7 +342,8 @@ impl Agent {
             key: key.into(),
             value: Some(AnyValue { value: Some(any_value::Value::StringValue(value)) }),
         };
-        let effective = self.running.as_ref().map(|(_, body)| body.clone()).unwrap_or_default();
+        let effective =
+            self.running.as_ref().map(|(_, body)| body.clone()).unwrap_or_else(|| LOCAL_CONFIG.as_bytes().to_vec());
         let message = AgentToServer {
             agent_description: Some(AgentDescription {
                 identifying_attributes: vec![
@@ -345,6 +382,10 @@ impl Agent {
         let mut out = Vec::new();
         if reply.flags & REPORT_FULL_STATE != 0 {
             out.push(self.full_state());
+        }
+        if let Some(token) = offered_token(reply) {
+            // Taken at the next connection, as the Supervisor reconnects with new settings.
+            self.offered_token = Some(token);
         }
         let Some(remote) = &reply.remote_config else { return out };
         let received = Instant::now();
@@ -410,6 +451,14 @@ impl Agent {
         let draw = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) as f64 / u64::MAX as f64;
         draw < self.fail_ratio
     }
+}
+
+/// The bearer token of a connection-settings offer for the OpAMP connection, if any.
+fn offered_token(reply: &ServerToAgent) -> Option<String> {
+    let headers = reply.connection_settings.as_ref()?.opamp.as_ref()?.headers.as_ref()?;
+    let authorization = headers.headers.iter().find(|h| h.key.eq_ignore_ascii_case("authorization"))?;
+    let token = authorization.value.strip_prefix("Bearer ")?;
+    Some(token.to_owned()).filter(|token| !token.is_empty())
 }
 
 fn effective_config(body: Vec<u8>) -> EffectiveConfig {
@@ -547,7 +596,7 @@ async fn run_websocket(
         attempt += 1;
         let url = format!("ws://{}{}", target.host_header, target.path);
         let Ok(mut request) = tungstenite::client::IntoClientRequest::into_client_request(url.as_str()) else { return };
-        let Ok(authorization) = format!("Bearer {token}").parse() else { return };
+        let Ok(authorization) = format!("Bearer {}", agent.token(token)).parse() else { return };
         request.headers_mut().insert("Authorization", authorization);
         let tcp = match connect_tcp(target, source).await {
             Ok(tcp) => tcp,
@@ -633,11 +682,17 @@ async fn run_websocket(
                             stats.error("the server sent a message that is not a ServerToAgent");
                             break;
                         };
+                        let dialled_with = agent.token(token).to_owned();
                         for message in agent.on_reply(&reply, stats) {
                             if socket.send(send(message)).await.is_err() {
                                 ok = false;
                                 break;
                             }
+                        }
+                        if agent.token(token) != dialled_with {
+                            // New connection settings: reconnect with them at once.
+                            let _ = socket.close(None).await;
+                            break;
                         }
                     }
                     Some(Ok(tungstenite::Message::Close(_))) | None | Some(Err(_)) => break,
@@ -679,7 +734,7 @@ async fn run_http(
             }
         }
         let stream = connection.as_mut().expect("connected above");
-        match post(stream, target, token, &body).await {
+        match post(stream, target, agent.token(token), &body).await {
             Ok((200, reply)) => {
                 attempt = 0;
                 if !counted {
@@ -726,7 +781,8 @@ async fn run_http(
         }
     }
     if let Some(stream) = connection.as_mut() {
-        let _ = post(stream, target, token, &agent.disconnect().encode_to_vec()).await;
+        let disconnect = agent.disconnect().encode_to_vec();
+        let _ = post(stream, target, agent.token(token), &disconnect).await;
     }
     if counted {
         stats.connected.fetch_sub(1, Ordering::Relaxed);

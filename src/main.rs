@@ -42,7 +42,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // The demo's own lines are what a first-time user reads: its server logs only
+    // warnings unless RUST_LOG asks for more.
+    init_logging(if matches!(cli.command, Command::Demo(_)) { "warn,gix=warn" } else { "info,gix=warn" });
     match cli.command {
         Command::Check(args) => match check::run(&args) {
             Ok(plan) => {
@@ -164,9 +166,9 @@ fn loadgen(args: &gitfleet::loadgen::LoadgenArgs) -> anyhow::Result<()> {
     }
 }
 
-fn init_logging() {
+fn init_logging(default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,gix=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

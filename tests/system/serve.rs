@@ -51,7 +51,10 @@ fn serves_the_api_with_the_documented_fields() {
         serde_json::json!({"in_sync": 0, "pending": 0, "applying": 0, "failed": 0, "stale": 0, "observed": 0})
     );
     assert_eq!(server.json("/api/v1/fleets/legacy-edge")["observe_only"], true);
-    assert_eq!(server.json("/api/v1/fleets/prod-gateway/instances"), serde_json::json!({"instances": [], "next_cursor": null}));
+    assert_eq!(
+        server.json("/api/v1/fleets/prod-gateway/instances"),
+        serde_json::json!({"instances": [], "next_cursor": null})
+    );
 
     let versions = server.json("/api/v1/configs/gateway/versions");
     let v1 = &versions["versions"][0];
