@@ -3,6 +3,8 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY src ./src
+# Built into the binary: the status page's stylesheet and script, the demo's repository.
+COPY assets ./assets
 COPY example-repo ./example-repo
 RUN cargo build --release --locked
 

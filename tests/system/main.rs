@@ -7,6 +7,7 @@ mod browser;
 mod check;
 mod collector;
 mod demo;
+mod dockerfile;
 mod import;
 mod install;
 mod opamp;
