@@ -104,6 +104,7 @@ pub fn run(args: &InstallFilesArgs) -> Result<Vec<PathBuf>, ExportError> {
         supervisor_version: &supervisor_version,
         ca: ca.as_deref(),
         server_releases: &[],
+        access: &spec.install.access,
     };
     let included = match &args.artifacts_dir {
         Some(dir) => match artifacts::for_bundles(dir, &install) {

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::install::artifacts::Artifact;
 use crate::install::supervisor::{self, Release};
 use crate::install::token::TokenText;
+use crate::repo::manifest::Access;
 
 pub const ARCHES: [&str; 2] = ["amd64", "arm64"];
 /// Written last: what the set was made from, so an unchanged set is not rewritten.
@@ -38,6 +39,8 @@ pub struct InstallSpec<'a> {
     /// The verified release files the server serves to this fleet at `/v1/install/<name>`
     /// (from `--artifacts-dir`): `install.sh` downloads them from there.
     pub server_releases: &'a [Artifact],
+    /// What the collector may read on its host (`[install]` of the fleet file).
+    pub access: &'a Access,
 }
 
 /// One rendered file and the mode it gets inside a bundle.
@@ -108,8 +111,12 @@ pub fn render(spec: &InstallSpec<'_>) -> Vec<TextFile> {
     // The fleet file's pin was checked when it was read; a pin that does not parse gets only
     // the settings every supported release knows.
     let agent_settings = Release::parse(spec.supervisor_version).map(supervisor::agent_settings).unwrap_or_default();
+    let (unit_access, capabilities, protect_proc) = unit_access(spec.access);
     let fill = |name: &str, template: &str| {
         template
+            .replace("@ACCESS@", &unit_access)
+            .replace("@CAPABILITIES@", &capabilities)
+            .replace("@PROTECT_PROC@", protect_proc)
             .replace("@TLS@\n", &tls)
             .replace("@COPY_CA@\n", &copy_ca)
             .replace("@AGENT_SETTINGS@", &agent_settings)
@@ -142,6 +149,31 @@ pub fn render(spec: &InstallSpec<'_>) -> Vec<TextFile> {
         files.push(TextFile { name: "ca.pem", mode: 0o644, body: ca });
     }
     files
+}
+
+/// The unit's lines for what the collector may read: extra lines (with a comment saying
+/// why), the capabilities, and `ProtectProc`.
+fn unit_access(access: &Access) -> (String, String, &'static str) {
+    let mut lines = String::new();
+    let mut capabilities = Vec::new();
+    if !access.groups.is_empty() {
+        lines.push_str(&format!(
+            "# [install].groups: files these groups may read (the journal, /var/log).\nSupplementaryGroups={}\n",
+            access.groups.join(" ")
+        ));
+    }
+    if access.read_all_files {
+        lines.push_str("# [install].read_all_files: read any file (logs only root may read), never write one.\n");
+        capabilities.push("CAP_DAC_READ_SEARCH");
+    }
+    let protect_proc = if access.see_processes {
+        lines.push_str("# [install].see_processes: see and read every process (hostmetrics' process scrapers).\n");
+        capabilities.push("CAP_SYS_PTRACE");
+        "default"
+    } else {
+        "invisible"
+    };
+    (lines, capabilities.join(" "), protect_proc)
 }
 
 /// `https://host:port/v1/install` for an OpAMP endpoint `wss://host:port/v1/opamp`.
@@ -261,6 +293,38 @@ mod tests {
             supervisor_version: "0.158.0",
             ca: None,
             server_releases: &[],
+            access: &NO_ACCESS,
+        }
+    }
+
+    static NO_ACCESS: Access = Access { groups: Vec::new(), read_all_files: false, see_processes: false };
+
+    #[test]
+    fn the_unit_grants_what_the_fleet_file_asks_for() {
+        let (text, _) = token::issue("nodes", 0, 0).expect("random");
+        let unit = |access: &Access| {
+            let files = render(&InstallSpec { access, ..spec(&text, "ws://10.0.0.1:4320/v1/opamp") });
+            files.into_iter().find(|f| f.name == "gitfleet-collector.service").expect("the unit").body
+        };
+        let hardened = unit(&NO_ACCESS);
+        for line in ["CapabilityBoundingSet=\n", "AmbientCapabilities=\n", "ProtectProc=invisible\n"] {
+            assert!(hardened.contains(line), "{line:?} in\n{hardened}");
+        }
+        assert!(!hardened.contains("SupplementaryGroups"));
+        let node_agent = unit(&Access {
+            groups: vec!["systemd-journal".into(), "adm".into()],
+            read_all_files: true,
+            see_processes: true,
+        });
+        for line in [
+            "SupplementaryGroups=systemd-journal adm\n",
+            "CapabilityBoundingSet=CAP_DAC_READ_SEARCH CAP_SYS_PTRACE\n",
+            "AmbientCapabilities=CAP_DAC_READ_SEARCH CAP_SYS_PTRACE\n",
+            "ProtectProc=default\n",
+            "ProtectSystem=strict\n",
+            "NoNewPrivileges=yes\n",
+        ] {
+            assert!(node_agent.contains(line), "{line:?} in\n{node_agent}");
         }
     }
 

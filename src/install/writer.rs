@@ -37,6 +37,7 @@ struct Job {
     endpoint_fallback: bool,
     collector_version: String,
     supervisor_version: String,
+    access: crate::repo::manifest::Access,
 }
 
 pub async fn keep_written(
@@ -127,6 +128,7 @@ fn jobs(view: &View, config: &InstallConfig) -> (Vec<Job>, Option<HashSet<String
                 endpoint: configured.unwrap_or_else(|| config.fallback_endpoint.clone()),
                 collector_version,
                 supervisor_version,
+                access: install.access.clone(),
             })
         })
         .collect();
@@ -174,6 +176,7 @@ fn write_all(jobs: &[Job], config: &InstallConfig, written: &mut HashMap<String,
             supervisor_version: &job.supervisor_version,
             ca: config.ca.as_deref(),
             server_releases: &[],
+            access: &job.access,
         };
         if let Err(message) = write_fleet(&spec, job.endpoint_fallback, config, written) {
             warn!(fleet = %job.fleet, error = %message, "cannot write install files");

@@ -78,6 +78,24 @@ pub struct InstallSettings {
     pub endpoint: Option<String>,
     pub collector_version: Option<String>,
     pub supervisor_version: Option<String>,
+    /// What the collector may read beyond its own files (the systemd unit grants it).
+    pub access: Access,
+}
+
+/// What a collector must read on its host, for the hardened systemd unit to allow. The
+/// unit runs it as an unprivileged user that sees only its own processes; receivers that
+/// read logs or other processes need one of these.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Supplementary groups: `systemd-journal` for the journal, `adm` for most of /var/log.
+    pub groups: Vec<String>,
+    /// Read any file, whatever its permissions (CAP_DAC_READ_SEARCH): logs only root may
+    /// read, like /var/log/pods. Read-only: the file system stays read-only but for the
+    /// collector's own state.
+    pub read_all_files: bool,
+    /// See and read every process (ProtectProc=default, CAP_SYS_PTRACE): hostmetrics'
+    /// process scrapers.
+    pub see_processes: bool,
 }
 
 /// The `[health]` table.
@@ -200,6 +218,19 @@ impl<'a> Walker<'a> {
         }
     }
 
+    /// A `true`/`false` key; false when absent or wrong (with a problem).
+    fn boolean(&mut self, table: &DeTable<'_>, key: &str, qualified: &str) -> bool {
+        let Some(value) = self.get(table, key) else { return false };
+        match value.get_ref().as_bool() {
+            Some(flag) => flag,
+            None => {
+                let line = self.line(value.span().start);
+                self.error(line, format!("`{qualified}` must be true or false, found {}", value.get_ref().type_str()));
+                false
+            }
+        }
+    }
+
     fn subtable<'t, 'i>(&mut self, table: &'t DeTable<'i>, key: &str) -> Option<&'t DeTable<'i>> {
         let value = self.get(table, key)?;
         match value.get_ref().as_table() {
@@ -287,7 +318,32 @@ impl<'a> Walker<'a> {
         let Some(section) = self.subtable(table, "install") else {
             return install;
         };
-        self.known_keys(section, "install.", &["endpoint", "collector_version", "supervisor_version"]);
+        self.known_keys(
+            section,
+            "install.",
+            &["endpoint", "collector_version", "supervisor_version", "groups", "read_all_files", "see_processes"],
+        );
+        install.access.read_all_files = self.boolean(section, "read_all_files", "install.read_all_files");
+        install.access.see_processes = self.boolean(section, "see_processes", "install.see_processes");
+        if let Some(value) = self.get(section, "groups") {
+            let line = self.line(value.span().start);
+            match value.get_ref().as_array() {
+                None => self.error(line, "`install.groups` must be a list of group names".to_owned()),
+                Some(items) => {
+                    for item in items {
+                        let item_line = self.line(item.span().start);
+                        match item.get_ref().as_str() {
+                            Some(group) if is_group_name(group) => install.access.groups.push(group.to_owned()),
+                            _ => self.error(
+                                item_line,
+                                "`install.groups` lists Unix group names, like \"systemd-journal\" or \"adm\""
+                                    .to_owned(),
+                            ),
+                        }
+                    }
+                }
+            }
+        }
         if let Some((endpoint, line)) = self.string(section, "endpoint") {
             match check_endpoint(&endpoint) {
                 Ok(()) => install.endpoint = Some(endpoint),
@@ -355,6 +411,14 @@ fn check_endpoint(endpoint: &str) -> Result<(), String> {
         return Err(format!("`{}` has no valid host", endpoint.escape_default()));
     }
     Ok(())
+}
+
+/// A group name as `useradd` accepts it; nothing a unit file could misread.
+fn is_group_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && name.len() <= 32
 }
 
 #[cfg(test)]
@@ -472,6 +536,30 @@ stale_after = "2m"
             problems("version = \"v1\"\n"),
             vec![
                 "fleets/prod.toml:1: error: `version` is set but `config` is missing: which configuration should the fleet run?"
+            ]
+        );
+    }
+
+    #[test]
+    fn install_access_says_what_the_collector_may_read() {
+        let text = "config = \"node-agent\"\nversion = \"v1\"\n[install]\ngroups = [\"systemd-journal\", \"adm\"]\nread_all_files = true\nsee_processes = true\n";
+        let (spec, problems) = parse_fleet("nodes", "fleets/nodes.toml", text);
+        assert_eq!(problems, Vec::new());
+        let access = spec.expect("valid").install.access;
+        assert_eq!(access.groups, vec!["systemd-journal", "adm"]);
+        assert!(access.read_all_files && access.see_processes);
+
+        let bad = "[install]\ngroups = [\"Admins\", \"x y\", 3]\nread_all_files = \"yes\"\nsee_processes = 1\n";
+        let (_, problems) = parse_fleet("nodes", "fleets/nodes.toml", bad);
+        let messages: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            vec![
+                "fleets/nodes.toml:2: error: `install.groups` lists Unix group names, like \"systemd-journal\" or \"adm\"",
+                "fleets/nodes.toml:2: error: `install.groups` lists Unix group names, like \"systemd-journal\" or \"adm\"",
+                "fleets/nodes.toml:2: error: `install.groups` lists Unix group names, like \"systemd-journal\" or \"adm\"",
+                "fleets/nodes.toml:3: error: `install.read_all_files` must be true or false, found string",
+                "fleets/nodes.toml:4: error: `install.see_processes` must be true or false, found integer",
             ]
         );
     }

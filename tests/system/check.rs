@@ -28,7 +28,7 @@ fn the_example_repository_checks_clean() {
     let (code, stdout, stderr) = check(&repo, &[]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     expect![[r#"
-        gitfleet check: commit d151b6563cdd
+        gitfleet check: commit 025e1c3d7a4d
 
         Fleets:
           legacy-edge              observe-only

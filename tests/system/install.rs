@@ -298,6 +298,20 @@ fn install_sh_from_an_offline_bundle_installs_updates_nothing_and_uninstalls() {
         std::fs::read_to_string(&installed_ca).expect("ca.pem"),
         std::fs::read_to_string(ca.path().join("ca.crt")).expect("the CA")
     );
+    // `nodes` reads pod logs and every process ([install] of its fleet file): its unit
+    // grants that, and only that, and systemd accepts it.
+    let unit_text = std::fs::read_to_string(&unit).expect("the unit");
+    for line in [
+        "AmbientCapabilities=CAP_DAC_READ_SEARCH CAP_SYS_PTRACE\n",
+        "CapabilityBoundingSet=CAP_DAC_READ_SEARCH CAP_SYS_PTRACE\n",
+        "ProtectProc=default\n",
+        "ProtectSystem=strict\n",
+        "User=gitfleet-collector\n",
+    ] {
+        assert!(unit_text.contains(line), "{line:?} in\n{unit_text}");
+    }
+    let (ok, out) = run(Command::new("systemd-analyze").arg("verify").arg(&unit));
+    assert!(ok && out.trim().is_empty(), "systemd-analyze verify of the nodes unit:\n{out}");
 
     // Uninstall removes the files and keeps the state; a second time there is nothing to do.
     let (ok, out) = install(&["--uninstall"]);

@@ -173,6 +173,17 @@ cat >"$work/ca.pem" <<'GITFLEET_CA_PEM'
 @CA_PEM@GITFLEET_CA_PEM
 [ -s "$work/ca.pem" ] || rm -f "$work/ca.pem"
 
+# The groups the fleet file's [install].groups gives the collector must exist here, or
+# systemd would refuse to start it.
+if [ "$system" -eq 1 ]; then
+    groups=$(sed -n 's/^SupplementaryGroups=//p' "$work/$SERVICE.service.in")
+    # Group names have no spaces or wildcards (gitfleet checks them): split on spaces.
+    for group in $groups; do
+        getent group "$group" >/dev/null 2>&1 ||
+            die "group '$group' ([install].groups of the fleet file) does not exist on this host; nothing was installed"
+    done
+fi
+
 # fetch URL FILE [server]: downloads URL into FILE. The official releases come over https
 # only; from the gitfleet server, with the install token and the fleet's CA if it has one,
 # over the scheme its collectors use.
