@@ -1,6 +1,7 @@
 //! `gitfleet check`: validate a repository and show what it would change against a base, as
 //! text for a terminal, Markdown for a pull-request comment, or JSON for tools.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -9,6 +10,7 @@ use crate::git::snapshot::SnapshotReader;
 use crate::plan::{FleetLine, Plan, plan};
 use crate::problem::{Problem, Severity};
 use crate::repo::desired::{self, short};
+use crate::status::FleetStatus;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -30,6 +32,10 @@ pub struct CheckArgs {
     pub rev: String,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
+    /// The server's status branch, read (when the clone has it) for what the server keeps
+    /// serving that Git alone no longer shows: versions whose tags were deleted or moved.
+    #[arg(long, default_value = "gitfleet/status")]
+    pub status_branch: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +74,97 @@ pub fn run(args: &CheckArgs) -> Result<Plan, CheckError> {
         None => desired::Memory::default(),
     };
     let head = desired::compile(&head_snapshot, memory).desired;
-    Ok(plan(base.as_ref(), &head))
+    let mut plan = plan(base.as_ref(), &head);
+    let served = served_by_server(&repo, &args.status_branch);
+    as_the_server_serves(&mut plan, &head, &served);
+    Ok(plan)
+}
+
+/// What the server last recorded serving each fleet, from its status branch when this clone
+/// has it (`refs/heads/<branch>` or `refs/remotes/origin/<branch>`): the memory of published
+/// versions that Git alone no longer shows (deleted and moved tags).
+fn served_by_server(repo: &gix::Repository, branch: &str) -> BTreeMap<String, FleetStatus> {
+    let candidates = [format!("refs/remotes/origin/{branch}"), format!("refs/heads/{branch}")];
+    let Some(tree) = candidates.iter().find_map(|name| {
+        let id = repo.rev_parse_single(name.as_str()).ok()?;
+        id.object().ok()?.peel_to_commit().ok()?.tree().ok()
+    }) else {
+        return BTreeMap::new();
+    };
+    let Some(fleets) = tree.find_entry("fleets").and_then(|entry| entry.object().ok()?.peel_to_tree().ok()) else {
+        return BTreeMap::new();
+    };
+    let mut served = BTreeMap::new();
+    for entry in fleets.iter().flatten() {
+        if !entry.filename().ends_with(b".json") {
+            continue;
+        }
+        let Ok(blob) = entry.object() else { continue };
+        if let Some(summary) = std::str::from_utf8(&blob.data).ok().and_then(crate::status::summary_of_fleet_file) {
+            served.insert(summary.fleet.clone(), summary);
+        }
+    }
+    served
+}
+
+/// Makes the plan say what the server does where Git alone cannot tell: a fleet on
+/// `latest` keeps a version whose tag was deleted, and a moved tag's first content is what
+/// is served. The problems are the server's.
+fn as_the_server_serves(plan: &mut Plan, head: &desired::DesiredState, served: &BTreeMap<String, FleetStatus>) {
+    let mut deleted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut moved: BTreeMap<String, String> = BTreeMap::new();
+    for line in &mut plan.fleets {
+        let Some(status) = served.get(&line.name) else { continue };
+        let (Some(tag), Some(hash)) = (&status.tag, &status.config_hash) else { continue };
+        match head.version(tag) {
+            None => {
+                // Only `latest` is kept back, and only below the version the server runs: a
+                // pin is the commit that moves it, a higher version moves it forward.
+                let Some((_, version)) = tag.split_once('/') else { continue };
+                let higher_published = line
+                    .tag
+                    .as_deref()
+                    .and_then(|t| t.split_once('/'))
+                    .is_some_and(|(_, now)| crate::repo::version::compare_versions(now, version).is_ge());
+                if line.selector.as_deref() != Some("latest") || higher_published {
+                    continue;
+                }
+                line.tag = Some(tag.clone());
+                line.config_hash = Some(hash.clone());
+                line.tag_deleted = true;
+                deleted.entry(tag.clone()).or_default().push(line.name.clone());
+            }
+            Some(version) if line.tag.as_deref() == Some(tag.as_str()) && hex::encode(version.config_hash) != *hash => {
+                line.config_hash = Some(hash.clone());
+                moved.insert(tag.clone(), hash.clone());
+            }
+            Some(_) => {}
+        }
+    }
+    let mut problems = Vec::new();
+    for (tag, fleets) in &deleted {
+        let config = tag.split_once('/').map(|(config, _)| config).unwrap_or_default();
+        let latest = head.configs.get(config).and_then(|c| c.latest()).map(|v| v.tag.as_str());
+        let keeping: Vec<&str> = fleets.iter().map(String::as_str).collect();
+        problems.push(desired::deleted_tag_problem(tag, &keeping, latest));
+    }
+    for (tag, hash) in &moved {
+        problems.push(Problem::error(
+            format!("refs/tags/{tag}"),
+            None,
+            format!(
+                "tag `{tag}` was moved to different content; published versions are immutable, so the server keeps serving what it first saw (config hash {}): publish a new version instead",
+                &hash[..12.min(hash.len())]
+            ),
+        ));
+    }
+    // Not new: they come from the repository's history, not from this change.
+    for problem in problems {
+        plan.errors += 1;
+        plan.problems.push(problem);
+    }
+    plan.problems
+        .sort_by(|a, b| (&a.file, a.line, a.severity, &a.message).cmp(&(&b.file, b.line, b.severity, &b.message)));
 }
 
 pub fn render(plan: &Plan, format: Format) -> String {
@@ -246,6 +342,7 @@ fn markdown(plan: &Plan) -> String {
 /// `FleetLine::runs` in Markdown.
 fn markdown_runs(fleet: &FleetLine) -> String {
     match (&fleet.tag, fleet.broken, fleet.observe_only) {
+        (Some(tag), _, _) if fleet.tag_deleted => format!("keeps `{tag}` on the server (its tag was **deleted**)"),
         (Some(tag), true, _) => format!("**broken**: keeps `{tag}` on the server"),
         (None, true, _) => "**broken**: the server keeps its last good state".to_owned(),
         (_, false, true) => "observe-only".to_owned(),

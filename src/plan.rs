@@ -45,6 +45,9 @@ pub struct FleetLine {
     /// Its fleet file (or the version it names) cannot be used: the server keeps serving
     /// the fleet's last good state, which is `tag` when it is known here.
     pub broken: bool,
+    /// `tag` was deleted from Git, and the server keeps the fleet on it (on `latest`, a
+    /// fleet never moves back without a commit).
+    pub tag_deleted: bool,
 }
 
 /// A fleet whose assigned version changes.
@@ -73,6 +76,7 @@ pub fn plan(base: Option<&DesiredState>, head: &DesiredState) -> Plan {
         config_hash: None,
         observe_only: false,
         broken: true,
+        tag_deleted: false,
     }));
     fleets.sort_by(|a, b| a.name.cmp(&b.name));
     let mut added = Vec::new();
@@ -147,6 +151,7 @@ fn fleet_line(fleet: &Fleet) -> FleetLine {
         config_hash: fleet.assignment.as_ref().map(|v| hex::encode(v.config_hash)),
         observe_only: fleet.spec.observe_only(),
         broken: fleet.kept_last_good,
+        tag_deleted: false,
     }
 }
 
@@ -155,6 +160,7 @@ impl FleetLine {
     pub fn runs(&self) -> String {
         let hash = self.config_hash.as_deref().map(|h| &h[..12.min(h.len())]).unwrap_or_default();
         match (&self.tag, self.broken, self.observe_only) {
+            (Some(tag), _, _) if self.tag_deleted => format!("keeps {tag} on the server (its tag was deleted)"),
             (Some(tag), true, _) => format!("broken: keeps {tag} on the server"),
             (None, true, _) => "broken: the server keeps its last good state".to_owned(),
             (_, false, true) => "observe-only".to_owned(),

@@ -315,36 +315,37 @@ fn deleted_tags(
             .iter()
             .filter(|v| latest.is_none_or(|latest| compare_versions(&v.version, &latest.version).is_gt()));
         for version in above_latest {
-            let location = format!("refs/tags/{}", version.tag);
             let keeping: Vec<&str> = fleets
                 .values()
                 .filter(|f| f.assignment.as_ref().is_some_and(|a| a.tag == version.tag))
                 .map(Fleet::name)
                 .collect();
-            let now = latest.map(|v| format!("`{}`", v.tag)).unwrap_or_else(|| "nothing".to_owned());
-            problems.push(if keeping.is_empty() {
-                Problem::warning(
-                    location,
-                    None,
-                    format!(
-                        "tag `{}` was deleted after it was published; no fleet runs it, and `latest` is {now} now",
-                        version.tag
-                    ),
-                )
-            } else {
-                Problem::error(
-                    location,
-                    None,
-                    format!(
-                        "tag `{}` was deleted after it was published; {} keep{} running it, since a fleet never moves back without a commit: push the tag again, publish a higher version, or pin a version in the fleet file",
-                        version.tag,
-                        keeping.iter().map(|name| format!("`{name}`")).collect::<Vec<_>>().join(", "),
-                        if keeping.len() == 1 { "s" } else { "" },
-                    ),
-                )
-            });
+            problems.push(deleted_tag_problem(&version.tag, &keeping, latest.map(|v| v.tag.as_str())));
         }
     }
+}
+
+/// The problem on a published tag that was deleted, with the fleets that keep running it
+/// (shared with `check`, which learns them from the status branch).
+pub fn deleted_tag_problem(tag: &str, keeping: &[&str], latest: Option<&str>) -> Problem {
+    let location = format!("refs/tags/{tag}");
+    if keeping.is_empty() {
+        let now = latest.map(|tag| format!("`{tag}`")).unwrap_or_else(|| "nothing".to_owned());
+        return Problem::warning(
+            location,
+            None,
+            format!("tag `{tag}` was deleted after it was published; no fleet runs it, and `latest` is {now} now"),
+        );
+    }
+    Problem::error(
+        location,
+        None,
+        format!(
+            "tag `{tag}` was deleted after it was published; {} keep{} running it, since a fleet never moves back without a commit: push the tag again, publish a higher version, or pin a version in the fleet file",
+            keeping.iter().map(|name| format!("`{name}`")).collect::<Vec<_>>().join(", "),
+            if keeping.len() == 1 { "s" } else { "" },
+        ),
+    )
 }
 
 /// `configs/<name>.<ext>` files at the branch tip, by configuration name.

@@ -173,6 +173,9 @@ fn a_restart_keeps_the_versions_first_seen_and_a_moved_tag_is_a_problem() {
     let server = Server::start(&repo.url(), data.path(), &[]);
     let first = server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "gateway/v1", |f| f["tag"] == "gateway/v1");
     let first_hash = first["config_hash"].clone();
+    server.wait_for("/api/v1/repo", WAIT, "the status branch", |_| {
+        repo.try_git(&["rev-parse", "--verify", "--quiet", "gitfleet/status"]).status.success()
+    });
     assert_eq!(server.stop(), Some(0), "SIGTERM shuts down cleanly");
 
     // Move gateway/v1 to different content, as a careless force-push would.
@@ -203,6 +206,16 @@ fn a_restart_keeps_the_versions_first_seen_and_a_moved_tag_is_a_problem() {
     let page = server.get("/configs/gateway").body;
     assert!(page.contains("moved to</span>") && page.contains(&moved_to[..12]), "{page}");
     assert!(!page.contains(">moved<"), "the moved tag's note is not shown: {page}");
+
+    // `check` agrees, from the status branch: prod is served the first content.
+    let output = gitfleet().args(["check", "--format", "json", "--repo"]).arg(repo.path()).output().expect("runs");
+    let plan: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let prod = plan["fleets"].as_array().expect("fleets").iter().find(|f| f["name"] == "prod-gateway").cloned();
+    assert_eq!(prod.expect("prod in the plan")["config_hash"], first_hash);
+    let moved: Vec<&Value> =
+        plan["problems"].as_array().expect("problems").iter().filter(|p| p["file"] == "refs/tags/gateway/v1").collect();
+    assert_eq!(moved.len(), 1, "{plan:#}");
+    assert!(moved[0]["message"].as_str().expect("message").contains("was moved to different content"));
 }
 
 #[test]
@@ -234,6 +247,26 @@ fn a_deleted_tag_never_moves_a_fleet_on_latest_backwards() {
     let page = server.get("/configs/gateway").body;
     assert!(page.contains("1 published version ·") && page.contains("1 deleted"), "{page}");
     assert!(page.contains(">deleted</span>"), "{page}");
+
+    // `check` agrees, from the status branch the server pushed into this repository.
+    server.wait_for("/api/v1/repo", WAIT, "the status branch to record v2", |_| {
+        let shown = repo.try_git(&["show", "gitfleet/status:fleets/staging-gateway.json"]);
+        String::from_utf8_lossy(&shown.stdout).contains("\"tag\": \"gateway/v2\"")
+    });
+    let output = gitfleet().args(["check", "--format", "json", "--repo"]).arg(repo.path()).output().expect("runs");
+    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+    let plan: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let staging = plan["fleets"].as_array().expect("fleets").iter().find(|f| f["name"] == "staging-gateway").cloned();
+    let staging = staging.expect("staging in the plan");
+    assert_eq!((&staging["tag"], &staging["tag_deleted"]), (&on_v2["tag"], &Value::Bool(true)), "{staging}");
+    assert_eq!(staging["config_hash"], on_v2["config_hash"]);
+    assert_eq!(plan["problems"], state["problems"], "check and the API say the same");
+    let text = gitfleet().args(["check", "--repo"]).arg(repo.path()).output().expect("runs");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("staging-gateway          keeps gateway/v2 on the server (its tag was deleted) [latest]"),
+        "{text}"
+    );
 
     // Across a restart too: the last good state remembers what the fleet runs.
     assert_eq!(server.stop(), Some(0));
