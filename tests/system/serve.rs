@@ -247,6 +247,9 @@ fn a_deleted_tag_never_moves_a_fleet_on_latest_backwards() {
     let page = server.get("/configs/gateway").body;
     assert!(page.contains("1 published version ·") && page.contains("1 deleted"), "{page}");
     assert!(page.contains(">deleted</span>"), "{page}");
+    // Problems render their backticked names as code.
+    let overview = server.get("/").body;
+    assert!(overview.contains("tag <code>gateway/v2</code> was deleted after it was published; <code>staging-gateway</code> keeps running it"), "{overview}");
 
     // `check` agrees, from the status branch the server pushed into this repository.
     server.wait_for("/api/v1/repo", WAIT, "the status branch to record v2", |_| {
