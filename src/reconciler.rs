@@ -144,6 +144,9 @@ pub struct Reconciler {
     texts: BTreeMap<String, Arc<TokenText>>,
     seen: Arc<BTreeMap<String, SeenVersion>>,
     last_good: Arc<BTreeMap<String, LastGoodFleet>>,
+    /// Fleets that were removed (their token files with them): one that comes back gets a
+    /// new token rather than its old one.
+    removed: std::collections::BTreeSet<String>,
     view: watch::Sender<Arc<View>>,
 }
 
@@ -170,7 +173,13 @@ impl Reconciler {
         let texts = tokio::task::spawn_blocking(move || read_token_texts(&reading_dir, &newest))
             .await
             .expect("reading token files does not panic");
-        Ok(Self { store, data_dir, issued, texts, seen: Arc::new(seen), last_good: Arc::new(last_good), view })
+        // Removed before this start: tokens, but neither a last good state nor a token file.
+        let removed = issued
+            .keys()
+            .filter(|fleet| !last_good.contains_key(*fleet) && !texts.contains_key(*fleet))
+            .cloned()
+            .collect();
+        Ok(Self { store, data_dir, issued, texts, seen: Arc::new(seen), last_good: Arc::new(last_good), removed, view })
     }
 
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>, cancel: CancellationToken) {
@@ -219,6 +228,7 @@ impl Reconciler {
     async fn reconcile(&mut self, snapshot: RepoSnapshot) {
         let started = Instant::now();
         let previous = self.view.borrow().desired.clone();
+        let previous_fleets: Option<Vec<String>> = previous.as_ref().map(|p| p.fleets.keys().cloned().collect());
         let seen = Arc::clone(&self.seen);
         let last_good = Arc::clone(&self.last_good);
         let compiled = tokio::task::spawn_blocking(move || {
@@ -230,14 +240,19 @@ impl Reconciler {
         .await
         .expect("compile is pure and does not panic");
 
-        // Fleets that were removed and are back: not in the last good state, yet with tokens.
-        let returning: Vec<String> = compiled
-            .desired
-            .fleets
-            .keys()
-            .filter(|name| !self.last_good.contains_key(*name) && self.issued.contains_key(*name))
-            .cloned()
-            .collect();
+        // Fleets removed by this commit lose their token files with their install files;
+        // fleets that were removed and are back get a new token.
+        if let Some(previous) = &previous_fleets {
+            let exists = |name: &String| {
+                compiled.desired.fleets.contains_key(name) || compiled.desired.unresolved.contains(name)
+            };
+            for name in previous.iter().filter(|name| !exists(name)) {
+                self.texts.remove(name);
+                self.removed.insert(name.clone());
+            }
+        }
+        let returning: Vec<String> =
+            compiled.desired.fleets.keys().filter(|name| self.removed.contains(*name)).cloned().collect();
         if let Err(store_error) = self.persist(&compiled).await {
             error!(error = %store_error, commit = %compiled.desired.commit, "cannot persist state; keeping the last reconciled state");
             let problem = Problem::general(
@@ -337,6 +352,7 @@ impl Reconciler {
                 false => token::needs_token(tokens, policy),
             };
             let Some(reason) = reason else { continue };
+            self.removed.remove(fleet.name());
             let (text, issued) = token::issue(fleet.name(), now, policy.rotate)
                 .map_err(|error| Problem::general(Severity::Error, error.to_string()))?;
             let store = Arc::clone(&self.store);

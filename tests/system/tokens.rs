@@ -185,7 +185,12 @@ fn an_expired_token_is_refused_its_session_closed_and_the_problem_reported() {
 fn a_removed_fleet_leaves_no_files_and_gets_a_new_token_when_it_comes_back() {
     let repo = example();
     let data = tempfile::tempdir().expect("temp dir");
+    // A fleet that never resolved (its version is not published) has a token but no last
+    // good state: it is not a removed fleet, and keeps its token across reconciles.
+    repo.write("fleets/ghost.toml", "config = \"gateway\"\nversion = \"v9\"\n");
+    repo.commit("A fleet waiting for gateway/v9");
     let server = Server::start(&repo.url(), data.path(), &["--poll-interval", "1s"]);
+    let ghost = server.token("ghost");
     let old = server.token("nodes");
     let dir = data.path().join("install/nodes");
     assert!(dir.join("token").is_file() && dir.join("install.sh").is_file());
@@ -218,4 +223,6 @@ fn a_removed_fleet_leaves_no_files_and_gets_a_new_token_when_it_comes_back() {
         http(server.opamp, "GET", "/v1/install/install.sh", &[("Authorization", &format!("Bearer {old}"))], b"");
     assert_eq!(refused.status, 401);
     assert!(server.logs().contains("reason=Returned"), "{}", server.logs());
+    assert_eq!(server.token("ghost"), ghost, "a fleet that was never removed keeps its token");
+    assert_eq!(server.logs().matches("reason=Returned").count(), 1, "{}", server.logs());
 }
