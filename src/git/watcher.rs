@@ -110,14 +110,23 @@ pub async fn run(
         let job_rev = rev.clone();
         let branch = settings.branch.clone();
         let must_read = !read_once;
-        let result = tokio::task::spawn_blocking(move || {
-            let changed = job_mirror.fetch()?;
-            if !changed && !must_read {
-                return Ok(None);
-            }
-            let repo = job_mirror.repo();
-            let mut reader = job_reader.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            reader.read(&repo, &job_rev, &branch).map(Some)
+        let (result, branches) = tokio::task::spawn_blocking(move || {
+            let read = || {
+                let changed = job_mirror.fetch()?;
+                if !changed && !must_read {
+                    return Ok(None);
+                }
+                let repo = job_mirror.repo();
+                let mut reader = job_reader.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                reader.read(&repo, &job_rev, &branch).map(Some)
+            };
+            let result = read();
+            // When the branch is not there, the branches that are, to name them.
+            let branches = match &result {
+                Err(crate::git::GitError::Resolve { .. }) => job_mirror.branches(),
+                _ => Vec::new(),
+            };
+            (result, branches)
         })
         .await
         .expect("fetch and read do not panic");
@@ -128,22 +137,17 @@ pub async fn run(
                 Event::RepoRead(Box::new(snapshot))
             }
             Ok(None) => Event::RepoReachable,
-            Err(crate::git::GitError::Resolve { .. }) if !read_once => {
-                // The remote answered and has no such branch: a mistake in the settings,
-                // said once, rather than a problem served forever.
-                let lister = Arc::clone(&mirror);
-                let branches = tokio::task::spawn_blocking(move || lister.branches()).await.unwrap_or_default();
+            Err(crate::git::GitError::Resolve { .. }) if !read_once && !branches.is_empty() => {
+                // The remote answered and has other branches: a mistake in the settings,
+                // said once, rather than a problem served forever. (An empty repository is
+                // a problem until its first push.)
                 let shown: Vec<String> = branches.iter().take(20).map(|b| format!("`{b}`")).collect();
-                let more = branches.len().saturating_sub(shown.len());
+                let more = branches.len() - shown.len();
                 let message = format!(
-                    "--branch `{}`: {} has no such branch ({}{})",
+                    "--branch `{}`: {} has no such branch (its branches: {}{})",
                     settings.branch,
                     redact_url(mirror.url()),
-                    if shown.is_empty() {
-                        "it has no branches".to_owned()
-                    } else {
-                        format!("its branches: {}", shown.join(", "))
-                    },
+                    shown.join(", "),
                     if more > 0 { format!(" and {more} more") } else { String::new() },
                 );
                 if let Some(fatal) = fatal.take() {

@@ -454,6 +454,20 @@ fn a_branch_that_does_not_exist_stops_the_start_with_the_branches_that_do() {
 }
 
 #[test]
+fn an_empty_repository_is_waited_for_until_its_first_push() {
+    let repo = GitRepo::new();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.url(), data.path(), &["--poll-interval", "1s"]);
+    let state = server.wait_for("/api/v1/repo", WAIT, "the missing branch problem", |r| {
+        !r["problems"].as_array().expect("problems").is_empty()
+    });
+    let message = state["problems"][0]["message"].as_str().expect("message");
+    assert!(message.starts_with("branch `main` not found in file://"), "{message}");
+    repo.with_example();
+    server.wait_for("/api/v1/repo", WAIT, "the first push", |r| r["commit"] == repo.head());
+}
+
+#[test]
 fn a_branch_deleted_while_serving_is_a_problem_not_a_crash() {
     let repo = example();
     repo.git(&["branch", "release"]);
