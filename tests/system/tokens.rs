@@ -193,7 +193,13 @@ fn a_removed_fleet_leaves_no_files_and_gets_a_new_token_when_it_comes_back() {
     let ghost = server.token("ghost");
     let old = server.token("nodes");
     let dir = data.path().join("install/nodes");
-    assert!(dir.join("token").is_file() && dir.join("install.sh").is_file());
+    // The install files follow the token a moment later (another task writes them).
+    let deadline = std::time::Instant::now() + WAIT;
+    while !dir.join("install.sh").is_file() {
+        assert!(std::time::Instant::now() < deadline, "no install files for nodes: {}", server.logs());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(dir.join("token").is_file());
     // The 404 of an unknown file lists the set as it is: prod-gateway dials ws://, no CA.
     let authorization = format!("Bearer {}", server.token("prod-gateway"));
     let unknown = http(server.opamp, "GET", "/v1/install/nope", &[("Authorization", &authorization)], b"");
