@@ -198,7 +198,9 @@ struct Stats {
     refused: AtomicU64,
     /// Agents refused for good (401): the token is wrong, revoked or expired.
     unauthorized: AtomicU64,
-    /// Agents that connected at least once.
+    /// Agents that tried to connect (not those stopped before their turn), and those that
+    /// connected at least once.
+    tried: AtomicU64,
     reached: AtomicU64,
     /// What went wrong last, for the one line a failed run ends with.
     last_error: Mutex<Option<String>>,
@@ -222,7 +224,7 @@ pub struct Figures {
     pub refused: u64,
     /// Agents refused with 401 (they stop).
     pub unauthorized: u64,
-    /// Agents that never connected during the run.
+    /// Agents that tried to connect and never did during the run.
     pub never_connected: u64,
     pub last_error: Option<String>,
     pub apply_latency_ms: Option<Latency>,
@@ -279,7 +281,7 @@ impl Stats {
             errors: load(&self.errors),
             refused: load(&self.refused),
             unauthorized: load(&self.unauthorized),
-            never_connected: (agents as u64).saturating_sub(load(&self.reached)),
+            never_connected: load(&self.tried).saturating_sub(load(&self.reached)),
             last_error: self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             apply_latency_ms: (!samples.is_empty()).then(|| Latency {
                 p50: at(0.5),
@@ -519,6 +521,10 @@ pub async fn run_until(args: &LoadgenArgs, stop: CancellationToken) -> Result<Fi
     let mut tasks = Vec::with_capacity(args.agents);
     let pause = Duration::from_secs_f64(1.0 / f64::from(args.connect_rate.max(1)));
     for offset in 0..args.agents {
+        if stop.is_cancelled() {
+            // The run ended before every agent's turn: the rest never start.
+            break;
+        }
         let index = args.first_agent + offset;
         let source = (!sources.is_empty()).then(|| sources[offset % sources.len()]);
         let agent = Agent::new(index, args.fail_ratio);
@@ -598,6 +604,9 @@ async fn run_websocket(
         let Ok(mut request) = tungstenite::client::IntoClientRequest::into_client_request(url.as_str()) else { return };
         let Ok(authorization) = format!("Bearer {}", agent.token(token)).parse() else { return };
         request.headers_mut().insert("Authorization", authorization);
+        if attempt == 1 && !reached {
+            stats.tried.fetch_add(1, Ordering::Relaxed);
+        }
         let tcp = match connect_tcp(target, source).await {
             Ok(tcp) => tcp,
             Err(error) => {
@@ -718,9 +727,14 @@ async fn run_http(
     let mut pending = vec![agent.full_state()];
     let mut attempt = 0u32;
     let mut counted = false;
+    let mut tried = false;
     while !stop.is_cancelled() {
         let message = if pending.is_empty() { agent.heartbeat() } else { pending.remove(0) };
         let body = message.encode_to_vec();
+        if !tried {
+            tried = true;
+            stats.tried.fetch_add(1, Ordering::Relaxed);
+        }
         if connection.is_none() {
             match connect_tcp(target, source).await {
                 Ok(stream) => connection = Some(BufReader::new(stream)),
