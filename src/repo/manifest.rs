@@ -218,6 +218,35 @@ impl<'a> Walker<'a> {
         }
     }
 
+    /// A list of strings: a problem on its line when it is not a list, and on each item's
+    /// line for the items `check` refuses (it gets `None` for an item that is not a string).
+    fn string_list(
+        &mut self,
+        table: &DeTable<'_>,
+        key: &str,
+        not_a_list: &str,
+        check: impl Fn(Option<&str>) -> Result<(), String>,
+    ) -> Vec<String> {
+        let mut list = Vec::new();
+        let Some(value) = self.get(table, key) else { return list };
+        let Some(items) = value.get_ref().as_array() else {
+            let line = self.line(value.span().start);
+            self.error(line, not_a_list.to_owned());
+            return list;
+        };
+        for item in items {
+            let text = item.get_ref().as_str();
+            match check(text) {
+                Ok(()) => list.extend(text.map(str::to_owned)),
+                Err(message) => {
+                    let line = self.line(item.span().start);
+                    self.error(line, message);
+                }
+            }
+        }
+        list
+    }
+
     /// A `true`/`false` key; false when absent or wrong (with a problem).
     fn boolean(&mut self, table: &DeTable<'_>, key: &str, qualified: &str) -> bool {
         let Some(value) = self.get(table, key) else { return false };
@@ -288,28 +317,14 @@ impl<'a> Walker<'a> {
         if let Some(grace) = self.duration(token, "grace", "token.grace") {
             policy.grace = grace;
         }
-        if let Some(value) = self.get(token, "revoked") {
-            let line = self.line(value.span().start);
-            match value.get_ref().as_array() {
-                None => self.error(line, "`token.revoked` must be a list of token ids".to_owned()),
-                Some(items) => {
-                    for item in items {
-                        let item_line = self.line(item.span().start);
-                        match item.get_ref().as_str() {
-                            Some(id) if is_token_id(id) => policy.revoked.push(id.to_owned()),
-                            Some(id) => self.error(
-                                item_line,
-                                format!(
-                                    "`{}` in `token.revoked` is not a token id (like tk_4f9c2a1b)",
-                                    id.escape_default()
-                                ),
-                            ),
-                            None => self.error(item_line, "`token.revoked` must list token ids as strings".to_owned()),
-                        }
-                    }
+        policy.revoked =
+            self.string_list(token, "revoked", "`token.revoked` must be a list of token ids", |item| match item {
+                Some(id) if is_token_id(id) => Ok(()),
+                Some(id) => {
+                    Err(format!("`{}` in `token.revoked` is not a token id (like tk_4f9c2a1b)", id.escape_default()))
                 }
-            }
-        }
+                None => Err("`token.revoked` must list token ids as strings".to_owned()),
+            });
         policy
     }
 
@@ -325,25 +340,11 @@ impl<'a> Walker<'a> {
         );
         install.access.read_all_files = self.boolean(section, "read_all_files", "install.read_all_files");
         install.access.see_processes = self.boolean(section, "see_processes", "install.see_processes");
-        if let Some(value) = self.get(section, "groups") {
-            let line = self.line(value.span().start);
-            match value.get_ref().as_array() {
-                None => self.error(line, "`install.groups` must be a list of group names".to_owned()),
-                Some(items) => {
-                    for item in items {
-                        let item_line = self.line(item.span().start);
-                        match item.get_ref().as_str() {
-                            Some(group) if is_group_name(group) => install.access.groups.push(group.to_owned()),
-                            _ => self.error(
-                                item_line,
-                                "`install.groups` lists Unix group names, like \"systemd-journal\" or \"adm\""
-                                    .to_owned(),
-                            ),
-                        }
-                    }
-                }
-            }
-        }
+        install.access.groups =
+            self.string_list(section, "groups", "`install.groups` must be a list of group names", |item| match item {
+                Some(group) if is_group_name(group) => Ok(()),
+                _ => Err("`install.groups` lists Unix group names, like \"systemd-journal\" or \"adm\"".to_owned()),
+            });
         if let Some((endpoint, line)) = self.string(section, "endpoint") {
             match check_endpoint(&endpoint) {
                 Ok(()) => install.endpoint = Some(endpoint),
