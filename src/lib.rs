@@ -21,6 +21,7 @@ pub mod problem;
 pub mod reconciler;
 pub mod repo;
 pub mod reporting;
+pub mod rollout;
 pub mod settings;
 pub mod status;
 pub mod store;

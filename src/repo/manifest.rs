@@ -13,6 +13,7 @@ use crate::duration::parse_duration;
 use crate::install::supervisor::{self, Release};
 use crate::problem::{Problem, line_of_offset};
 use crate::repo::names;
+use crate::rollout::{self, Amount, OnFailure, RolloutSpec, Selector, StepSpec, Strategy};
 
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(120);
@@ -31,6 +32,7 @@ pub struct FleetSpec {
     pub token: TokenPolicy,
     pub install: InstallSettings,
     pub health: HealthSettings,
+    pub rollout: RolloutSpec,
 }
 
 impl FleetSpec {
@@ -123,7 +125,7 @@ pub fn parse_fleet(name: &str, file: &str, text: &str) -> (Option<FleetSpec>, Ve
         }
     };
     let table = table.get_ref();
-    walker.known_keys(table, "", &["description", "config", "version", "token", "install", "health"]);
+    walker.known_keys(table, "", &["description", "config", "version", "token", "install", "health", "rollout"]);
 
     let description = walker.string(table, "description").map(|(s, _)| s).unwrap_or_default();
     let config = walker.string(table, "config");
@@ -159,6 +161,7 @@ pub fn parse_fleet(name: &str, file: &str, text: &str) -> (Option<FleetSpec>, Ve
     let token = walker.token(table);
     let install = walker.install(table);
     let health = walker.health(table);
+    let rollout = walker.rollout(table);
 
     walker.problems.sort_by_key(|problem| problem.line);
     let usable = !walker.problems.iter().any(Problem::is_error);
@@ -172,6 +175,7 @@ pub fn parse_fleet(name: &str, file: &str, text: &str) -> (Option<FleetSpec>, Ve
         token,
         install,
         health,
+        rollout,
     });
     (spec, walker.problems)
 }
@@ -260,6 +264,48 @@ impl<'a> Walker<'a> {
         }
     }
 
+    /// A whole number from 0; `None` (with a problem saying `what`) otherwise.
+    fn whole(&mut self, value: &Entry<'_>, qualified: &str, what: &str) -> Option<u32> {
+        let parsed = value
+            .get_ref()
+            .as_integer()
+            .and_then(|integer| u32::from_str_radix(integer.as_str(), integer.radix()).ok());
+        if parsed.is_none() {
+            let line = self.line(value.span().start);
+            self.error(line, format!("`{qualified}` must be a whole number from 0 ({what})"));
+        }
+        parsed
+    }
+
+    /// A count (`3`) or a percentage of the fleet (`"10%"`); `least` is the smallest count.
+    fn amount(&mut self, table: &DeTable<'_>, key: &str, qualified: &str, least: u32) -> Option<Amount> {
+        let value = self.get(table, key)?;
+        let line = self.line(value.span().start);
+        let amount = match (value.get_ref().as_integer(), value.get_ref().as_str()) {
+            (Some(integer), _) => u32::from_str_radix(integer.as_str(), integer.radix()).ok().map(Amount::Count),
+            (None, Some(text)) => text
+                .strip_suffix('%')
+                .and_then(|number| number.trim().parse::<u32>().ok())
+                .filter(|percent| (1..=100).contains(percent))
+                .map(Amount::Percent),
+            (None, None) => None,
+        };
+        match amount {
+            Some(Amount::Count(count)) if count < least => {
+                self.error(line, format!("`{qualified}` must be at least {least}"));
+                None
+            }
+            Some(amount) => Some(amount),
+            None => {
+                self.error(
+                    line,
+                    format!("`{qualified}` must be a count like 3 or a share of the fleet like \"10%\" (1% to 100%)"),
+                );
+                None
+            }
+        }
+    }
+
     fn subtable<'t, 'i>(&mut self, table: &'t DeTable<'i>, key: &str) -> Option<&'t DeTable<'i>> {
         let value = self.get(table, key)?;
         match value.get_ref().as_table() {
@@ -300,19 +346,10 @@ impl<'a> Walker<'a> {
                 }
             }
         }
-        if let Some(value) = self.get(token, "rotate") {
-            let line = self.line(value.span().start);
-            let parsed = value
-                .get_ref()
-                .as_integer()
-                .and_then(|integer| u32::from_str_radix(integer.as_str(), integer.radix()).ok());
-            match parsed {
-                Some(rotate) => policy.rotate = rotate,
-                None => self.error(
-                    line,
-                    "`token.rotate` must be a whole number from 0 (bump it to issue a new token)".to_owned(),
-                ),
-            }
+        if let Some(value) = self.get(token, "rotate")
+            && let Some(rotate) = self.whole(value, "token.rotate", "bump it to issue a new token")
+        {
+            policy.rotate = rotate;
         }
         if let Some(grace) = self.duration(token, "grace", "token.grace") {
             policy.grace = grace;
@@ -386,6 +423,148 @@ impl<'a> Walker<'a> {
             health.stale_after = stale_after;
         }
         health
+    }
+
+    fn rollout(&mut self, table: &DeTable<'_>) -> RolloutSpec {
+        let mut spec = RolloutSpec::default();
+        let Some(section) = self.subtable(table, "rollout") else {
+            return spec;
+        };
+        self.known_keys(
+            section,
+            "rollout.",
+            &["strategy", "bake", "max_failures", "on_failure", "release", "batches", "steps"],
+        );
+        if let Some(bake) = self.duration(section, "bake", "rollout.bake") {
+            spec.bake = bake;
+        }
+        if let Some(max_failures) = self.amount(section, "max_failures", "rollout.max_failures", 0) {
+            spec.max_failures = max_failures;
+        }
+        if let Some((on_failure, line)) = self.string(section, "on_failure") {
+            match on_failure.as_str() {
+                "halt" => spec.on_failure = OnFailure::Halt,
+                "rollback" => spec.on_failure = OnFailure::Rollback,
+                other => self.error(
+                    line,
+                    format!("`rollout.on_failure` is \"halt\" or \"rollback\", found `{}`", other.escape_default()),
+                ),
+            }
+        }
+        if let Some(value) = self.get(section, "release")
+            && let Some(release) = self.whole(value, "rollout.release", "raise it to release a held step")
+        {
+            spec.release = release;
+        }
+        let batches = self.subtable(section, "batches").map(|batches| self.batches(batches));
+        let steps = self.steps(section);
+        let strategy = self.string(section, "strategy");
+        let present = match (&batches, &steps) {
+            (Some(_), Some(_)) => {
+                let line = self.get(section, "steps").map_or(1, |value| self.line(value.span().start));
+                self.error(line, "`[rollout]` has both `batches` and `steps`: choose one".to_owned());
+                return spec;
+            }
+            (Some(_), None) => "batches",
+            (None, Some(_)) => "steps",
+            (None, None) => "all",
+        };
+        if let Some((strategy, line)) = strategy
+            && strategy != present
+        {
+            let message = match strategy.as_str() {
+                "all" | "batches" | "steps" if present == "all" => {
+                    format!("`rollout.strategy = \"{strategy}\"` needs a `[rollout.{strategy}]` table")
+                }
+                "all" | "batches" | "steps" => {
+                    format!("`rollout.strategy` is \"{strategy}\" but the table has `{present}`")
+                }
+                other => format!(
+                    "`rollout.strategy` is \"all\", \"batches\" or \"steps\", found `{}`",
+                    other.escape_default()
+                ),
+            };
+            self.error(line, message);
+        }
+        spec.strategy = match (batches, steps) {
+            (Some(batches), _) => batches,
+            (_, Some(steps)) => Strategy::Steps(steps),
+            _ => Strategy::All,
+        };
+        spec
+    }
+
+    fn batches(&mut self, section: &DeTable<'_>) -> Strategy {
+        self.known_keys(section, "rollout.batches.", &["initial", "factor", "cap"]);
+        let initial = self.amount(section, "initial", "rollout.batches.initial", 1).unwrap_or(Amount::Count(1));
+        let cap = self.amount(section, "cap", "rollout.batches.cap", 1);
+        let factor = match self.get(section, "factor") {
+            Some(value) => {
+                match self.whole(value, "rollout.batches.factor", "each batch is this many times the one before") {
+                    Some(0) => {
+                        let line = self.line(value.span().start);
+                        self.error(line, "`rollout.batches.factor` must be at least 1".to_owned());
+                        1
+                    }
+                    Some(factor) => factor,
+                    None => 1,
+                }
+            }
+            None => 2,
+        };
+        Strategy::Batches { initial, factor, cap }
+    }
+
+    /// `[[rollout.steps]]`, or `None` when there are none.
+    fn steps(&mut self, section: &DeTable<'_>) -> Option<Vec<StepSpec>> {
+        let value = self.get(section, "steps")?;
+        let line = self.line(value.span().start);
+        let Some(items) = value.get_ref().as_array() else {
+            self.error(line, "`rollout.steps` must be a list of tables ([[rollout.steps]])".to_owned());
+            return Some(Vec::new());
+        };
+        if items.is_empty() || items.len() > rollout::MAX_STEPS {
+            self.error(line, format!("`rollout.steps` must have 1 to {} steps", rollout::MAX_STEPS));
+        }
+        let mut steps = Vec::new();
+        for (index, item) in items.iter().enumerate() {
+            let item_line = self.line(item.span().start);
+            let Some(table) = item.get_ref().as_table() else {
+                self.error(item_line, "each of `rollout.steps` must be a table ([[rollout.steps]])".to_owned());
+                continue;
+            };
+            self.known_keys(table, "rollout.steps.", &["name", "host", "attributes", "max", "hold"]);
+            let name = match self.string(table, "name") {
+                Some((name, line)) if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) => {
+                    self.error(line, "`rollout.steps.name` must be 1 to 64 printable characters".to_owned());
+                    format!("step {}", index + 1)
+                }
+                Some((name, _)) => name,
+                None => format!("step {}", index + 1),
+            };
+            let mut selector =
+                Selector { host: self.string(table, "host").map(|(host, _)| host), ..Selector::default() };
+            if let Some(attributes) = self.subtable(table, "attributes") {
+                for (key, value) in attributes.iter() {
+                    match value.get_ref().as_str() {
+                        Some(pattern) => {
+                            selector.attributes.insert(key.get_ref().to_string(), pattern.to_owned());
+                        }
+                        None => {
+                            let line = self.line(value.span().start);
+                            self.error(
+                                line,
+                                format!("`rollout.steps.attributes.{}` must be a string (a glob)", key.get_ref()),
+                            );
+                        }
+                    }
+                }
+            }
+            let max = self.amount(table, "max", "rollout.steps.max", 1);
+            let hold = self.boolean(table, "hold", "rollout.steps.hold");
+            steps.push(StepSpec { name, selector, max, hold });
+        }
+        Some(steps)
     }
 }
 
@@ -501,9 +680,9 @@ stale_after = "2m"
         assert_eq!(
             problems("config = \"gateway\"\nverison = \"v7\"\n[token]\nexpire = \"1y\"\n[instal]\n"),
             vec![
-                "fleets/prod.toml:2: error: unknown key `verison` (allowed: description, config, version, token, install, health)",
+                "fleets/prod.toml:2: error: unknown key `verison` (allowed: description, config, version, token, install, health, rollout)",
                 "fleets/prod.toml:4: error: unknown key `token.expire` (allowed: expires, rotate, grace, revoked)",
-                "fleets/prod.toml:5: error: unknown key `instal` (allowed: description, config, version, token, install, health)",
+                "fleets/prod.toml:5: error: unknown key `instal` (allowed: description, config, version, token, install, health, rollout)",
             ]
         );
     }
@@ -562,6 +741,95 @@ stale_after = "2m"
                 "fleets/nodes.toml:3: error: `install.read_all_files` must be true or false, found string",
                 "fleets/nodes.toml:4: error: `install.see_processes` must be true or false, found integer",
             ]
+        );
+    }
+    #[test]
+    fn a_rollout_with_steps() {
+        let text = r#"
+config = "gateway"
+version = "v8"
+[rollout]
+strategy = "steps"
+bake = "10m"
+max_failures = "5%"
+on_failure = "rollback"
+release = 2
+[[rollout.steps]]
+name = "canary"
+host = "gw-canary-*"
+attributes = { "os.type" = "linux" }
+max = 3
+[[rollout.steps]]
+name = "everyone"
+hold = true
+"#;
+        let (spec, problems) = parse_fleet("prod", "fleets/prod.toml", text);
+        assert_eq!(problems, vec![]);
+        let rollout = spec.expect("valid fleet").rollout;
+        assert_eq!(rollout.bake, Duration::from_secs(600));
+        assert_eq!(rollout.max_failures, Amount::Percent(5));
+        assert_eq!(rollout.on_failure, OnFailure::Rollback);
+        assert_eq!(rollout.release, 2);
+        let Strategy::Steps(steps) = rollout.strategy else { panic!("steps") };
+        assert_eq!(steps[0].name, "canary");
+        assert_eq!(steps[0].selector.to_string(), "host=gw-canary-*, os.type=linux");
+        assert_eq!((steps[0].max, steps[0].hold), (Some(Amount::Count(3)), false));
+        assert_eq!((steps[1].max, steps[1].hold), (None, true));
+        assert!(steps[1].selector.is_everything());
+    }
+
+    #[test]
+    fn rollout_batches_and_the_default() {
+        let (spec, _) = parse_fleet("prod", "f.toml", "config = \"gateway\"\nversion = \"v1\"\n");
+        assert_eq!(spec.unwrap().rollout.strategy, Strategy::All);
+        let text = "config = \"g\"\nversion = \"v1\"\n[rollout.batches]\ninitial = \"1%\"\nfactor = 3\ncap = 500\n";
+        let (spec, problems) = parse_fleet("prod", "f.toml", text);
+        assert_eq!(problems, vec![]);
+        assert_eq!(
+            spec.unwrap().rollout.strategy,
+            Strategy::Batches { initial: Amount::Percent(1), factor: 3, cap: Some(Amount::Count(500)) }
+        );
+    }
+
+    #[test]
+    fn bad_rollouts_say_what_is_wrong_on_their_line() {
+        let text = r#"config = "g"
+version = "v1"
+[rollout]
+strategy = "canary"
+bake = "soon"
+max_failures = "150%"
+on_failure = "panic"
+release = -1
+[[rollout.steps]]
+max = 0
+colour = "red"
+[[rollout.steps]]
+attributes = { "os.type" = 3 }
+"#;
+        expect_test::expect![[r#"
+            [
+                "f.toml:4: error: `rollout.strategy` is \"all\", \"batches\" or \"steps\", found `canary`",
+                "f.toml:5: error: `rollout.bake`: `soon` is not a duration (expected e.g. 30s, 2m, 36h, 180d, 1y)",
+                "f.toml:6: error: `rollout.max_failures` must be a count like 3 or a share of the fleet like \"10%\" (1% to 100%)",
+                "f.toml:7: error: `rollout.on_failure` is \"halt\" or \"rollback\", found `panic`",
+                "f.toml:8: error: `rollout.release` must be a whole number from 0 (raise it to release a held step)",
+                "f.toml:10: error: `rollout.steps.max` must be at least 1",
+                "f.toml:11: error: unknown key `rollout.steps.colour` (allowed: name, host, attributes, max, hold)",
+                "f.toml:13: error: `rollout.steps.attributes.os.type` must be a string (a glob)",
+            ]
+        "#]]
+        .assert_debug_eq(&parse_fleet("prod", "f.toml", text).1.iter().map(ToString::to_string).collect::<Vec<_>>());
+        let both =
+            "config = \"g\"\nversion = \"v1\"\n[rollout]\nbatches = { initial = 1 }\nsteps = [{ name = \"a\" }]\n";
+        assert_eq!(
+            problems(both),
+            vec!["fleets/prod.toml:5: error: `[rollout]` has both `batches` and `steps`: choose one"]
+        );
+        let missing = "config = \"g\"\nversion = \"v1\"\n[rollout]\nstrategy = \"batches\"\n";
+        assert_eq!(
+            problems(missing),
+            vec!["fleets/prod.toml:4: error: `rollout.strategy = \"batches\"` needs a `[rollout.batches]` table"]
         );
     }
 }
