@@ -140,6 +140,12 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
         )
         .instrument(info_span!("persist")),
     );
+    let rollouts = {
+        let store = Arc::clone(&store);
+        tokio::task::spawn_blocking(move || crate::opamp::rollouts::RolloutBook::load(&*store))
+            .await
+            .expect("reading rollouts does not panic")?
+    };
     let reconciler = Reconciler::load(Arc::clone(&store), settings.data_dir.clone(), view_tx).await?;
     tracker.spawn(reconciler.run(events_rx, cancel.clone()).instrument(info_span!("reconciler")));
 
@@ -233,6 +239,8 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
             settings.opamp_endpoint(),
             settings.install_ca.clone(),
             Arc::clone(&registry),
+            Arc::clone(&store),
+            rollouts,
             cancel.clone(),
         )
         .instrument(info_span!("targets")),

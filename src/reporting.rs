@@ -55,7 +55,8 @@ pub async fn publish_statuses(
         // sync" too early (and a forge would show success on the new commit).
         let caught_up = desired.fleets.values().all(|fleet| {
             let wanted = fleet.assignment.as_ref().map(|version| version.config_hash.as_slice());
-            let served = targets.get(fleet.name()).and_then(|t| t.assignment.as_ref()).map(|a| a.hash.as_slice());
+            let served =
+                targets.get(fleet.name()).and_then(|t| t.version.as_ref()).map(|v| v.assignment.hash.as_slice());
             wanted == served
         });
         if !caught_up {

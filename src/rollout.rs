@@ -360,12 +360,11 @@ impl Rollout {
         }
     }
 
-    /// A new rollout of `change.to`, planned for the fleet's live instances now; its first
-    /// step starts at once unless it is held. `None` when the strategy is `all`.
-    pub fn start(change: Change<'_>, facts: &[Fact]) -> Option<Self> {
-        let live = facts.iter().filter(|fact| fact.live).count();
+    /// A new rollout of `change.to`, planned for a fleet of `live` instances; `None` when the
+    /// strategy is `all`. Nothing is admitted before [`Rollout::begin`].
+    pub fn plan(change: Change<'_>, live: usize) -> Option<Self> {
         let steps = plan(&change.spec.strategy, live)?;
-        let mut rollout = Self {
+        Some(Self {
             from: change.from,
             to: change.to,
             state: State::Running,
@@ -378,13 +377,17 @@ impl Rollout {
             release_base: change.spec.release,
             replaced: change.replacing.map(|replaced| replaced.to.tag.clone()),
             members: BTreeMap::new(),
-        };
-        rollout.enter_step(0, change.spec, facts, change.now_ms);
-        Some(rollout)
+        })
     }
 
-    /// Which version `uid` runs and why. `matches` says which steps' selectors it matches.
-    pub fn decide(&self, uid: &[u8; 16], matches: u64) -> Decision {
+    /// Starts the first step (or holds before it). `facts` match against this rollout's steps.
+    pub fn begin(&mut self, spec: &RolloutSpec, facts: &[Fact], now_ms: i64) {
+        self.enter_step(0, spec, facts, now_ms);
+    }
+
+    /// Which version `uid` runs and why. `matches` says which steps' selectors it matches
+    /// (asked only for instances the rollout has not placed yet).
+    pub fn decide(&self, uid: &[u8; 16], matches: impl FnOnce() -> u64) -> Decision {
         match self.state {
             State::Complete | State::Reverted => return Decision::Fleet,
             State::RolledBack => return Decision::Rollback,
@@ -403,6 +406,7 @@ impl Rollout {
         // A late joiner belongs to the first started step that takes every instance its
         // selector matches.
         let started = if self.state == State::Running { self.step + 1 } else { self.step };
+        let matches = matches();
         (0..started.min(self.steps.len()))
             .find(|&step| self.steps[step].max.is_none() && matches & (1 << step) != 0)
             .map_or(Decision::Held, Decision::Step)
@@ -480,21 +484,26 @@ impl Rollout {
     pub fn counts(&self, facts: &[Fact]) -> Vec<StepCounts> {
         let mut counts = vec![StepCounts::default(); self.steps.len()];
         for fact in facts {
-            let Some(member) = self.members.get(&fact.uid) else { continue };
-            let Some(count) = counts.get_mut(usize::from(member.step)) else { continue };
-            if member.skipped || !fact.live {
-                count.skipped += 1;
-                continue;
-            }
-            count.instances += 1;
-            match fact.outcome {
-                Outcome::Settled => count.in_sync += 1,
-                Outcome::Failed => count.failed += 1,
-                Outcome::Unhealthy => count.unhealthy += 1,
-                Outcome::Busy => {}
-            }
+            self.count(&mut counts, fact);
         }
         counts
+    }
+
+    /// Adds one instance to `counts` (one entry per step).
+    pub fn count(&self, counts: &mut [StepCounts], fact: &Fact) {
+        let Some(member) = self.members.get(&fact.uid) else { return };
+        let Some(count) = counts.get_mut(usize::from(member.step)) else { return };
+        if member.skipped || !fact.live {
+            count.skipped += 1;
+            return;
+        }
+        count.instances += 1;
+        match fact.outcome {
+            Outcome::Settled => count.in_sync += 1,
+            Outcome::Failed => count.failed += 1,
+            Outcome::Unhealthy => count.unhealthy += 1,
+            Outcome::Busy => {}
+        }
     }
 
     /// The held step as people say it: "step 2 (fleet)".
@@ -510,7 +519,7 @@ impl Rollout {
             if self.members.contains_key(&fact.uid) {
                 continue;
             }
-            if let Decision::Step(step) = self.decide(&fact.uid, fact.matches) {
+            if let Decision::Step(step) = self.decide(&fact.uid, || fact.matches) {
                 let step = u16::try_from(step).expect("at most MAX_STEPS steps");
                 self.members.insert(fact.uid, Member { step, skipped: false });
             }
@@ -693,7 +702,7 @@ mod tests {
 
     fn set(facts: &mut [Fact], rollout: &Rollout, outcome: Outcome) {
         for fact in facts.iter_mut() {
-            if rollout.decide(&fact.uid, fact.matches).runs_new() {
+            if rollout.decide(&fact.uid, || fact.matches).runs_new() {
                 fact.outcome = outcome;
             }
         }
@@ -713,7 +722,10 @@ mod tests {
 
     fn start(spec: &RolloutSpec, facts: &[Fact]) -> Rollout {
         let change = Change { from: Some(version(7)), to: version(8), spec, replacing: None, now_ms: 0 };
-        Rollout::start(change, facts).expect("a strategy with steps")
+        let mut rollout =
+            Rollout::plan(change, facts.iter().filter(|f| f.live).count()).expect("a strategy with steps");
+        rollout.begin(spec, facts, 0);
+        rollout
     }
 
     #[test]
@@ -765,9 +777,9 @@ mod tests {
         let mut rollout = start(&spec, &facts);
         assert_eq!(rollout.state, State::Running);
         // Two of the three canaries (max = 2); everyone else waits on v7.
-        let new: Vec<u8> = (1..=10).filter(|&i| rollout.decide(&uid(i), canaries(i)).runs_new()).collect();
+        let new: Vec<u8> = (1..=10).filter(|&i| rollout.decide(&uid(i), || canaries(i)).runs_new()).collect();
         assert_eq!(new, vec![1, 2]);
-        assert_eq!(rollout.decide(&uid(5), canaries(5)), Decision::Held);
+        assert_eq!(rollout.decide(&uid(5), || canaries(5)), Decision::Held);
 
         assert!(!rollout.advance(&spec, &facts, 1_000), "nothing settled yet");
         set(&mut facts, &rollout, Outcome::Settled);
@@ -776,14 +788,14 @@ mod tests {
         assert!(!rollout.advance(&spec, &facts, 61_000), "still baking");
         assert!(rollout.advance(&spec, &facts, 62_000));
         assert_eq!((rollout.state, rollout.step), (State::Running, 1));
-        assert_eq!(rollout.decide(&uid(9), canaries(9)), Decision::Step(1));
-        assert_eq!(rollout.decide(&uid(3), canaries(3)), Decision::Step(1), "the third canary goes with the rest");
+        assert_eq!(rollout.decide(&uid(9), || canaries(9)), Decision::Step(1));
+        assert_eq!(rollout.decide(&uid(3), || canaries(3)), Decision::Step(1), "the third canary goes with the rest");
 
         set(&mut facts, &rollout, Outcome::Settled);
         rollout.advance(&spec, &facts, 63_000);
         rollout.advance(&spec, &facts, 123_000);
         assert_eq!(rollout.state, State::Complete);
-        assert_eq!(rollout.decide(&uid(9), canaries(9)), Decision::Fleet);
+        assert_eq!(rollout.decide(&uid(9), || canaries(9)), Decision::Fleet);
         assert!(rollout.members.is_empty(), "a complete rollout lets its members go");
     }
 
@@ -798,8 +810,8 @@ mod tests {
         assert_eq!(rollout.state, State::Halted);
         let reason = rollout.reason.clone().unwrap();
         assert!(reason.contains("halted at step 1/2 (canary)") && reason.contains("1 of 2"), "{reason}");
-        assert_eq!(rollout.decide(&uid(1), canaries(1)), Decision::Step(0), "a halt keeps what it moved");
-        assert_eq!(rollout.decide(&uid(4), canaries(4)), Decision::Held);
+        assert_eq!(rollout.decide(&uid(1), || canaries(1)), Decision::Step(0), "a halt keeps what it moved");
+        assert_eq!(rollout.decide(&uid(4), || canaries(4)), Decision::Held);
         assert!(!rollout.advance(&spec, &facts, 500_000), "a halt stays");
 
         // A commit raises the budget: the rollout goes on.
@@ -825,7 +837,7 @@ mod tests {
         assert_eq!(rollout.state, State::RolledBack);
         assert!(rollout.reason.as_deref().unwrap().starts_with("rolled back to gateway/v7 at step 1/2 (canary)"));
         for i in 1..=10 {
-            assert_eq!(rollout.decide(&uid(i), everyone(i)), Decision::Rollback);
+            assert_eq!(rollout.decide(&uid(i), || everyone(i)), Decision::Rollback);
         }
     }
 
@@ -839,13 +851,13 @@ mod tests {
         rollout.advance(&spec, &facts, 10);
         assert_eq!((rollout.state, rollout.step), (State::Held, 1));
         assert_eq!(rollout.reason.as_deref(), Some("step 2/2 (rest) waits for a commit that raises `release` to 5"));
-        assert_eq!(rollout.decide(&uid(3), canaries(3)), Decision::Held);
+        assert_eq!(rollout.decide(&uid(3), || canaries(3)), Decision::Held);
         assert!(!rollout.advance(&spec, &facts, 20_000), "held until released");
 
         let released = RolloutSpec { release: 5, ..spec.clone() };
         assert!(rollout.advance(&released, &facts, 30_000));
         assert_eq!((rollout.state, rollout.step), (State::Running, 1));
-        assert_eq!(rollout.decide(&uid(3), canaries(3)), Decision::Step(1));
+        assert_eq!(rollout.decide(&uid(3), || canaries(3)), Decision::Step(1));
     }
 
     #[test]
@@ -857,23 +869,23 @@ mod tests {
         facts[4].live = false; // instance 5 is stale
         let mut rollout = start(&spec, &facts);
         assert_eq!(rollout.members.get(&uid(2)), Some(&Member { step: 0, skipped: true }));
-        assert_eq!(rollout.decide(&uid(2), canaries(2)), Decision::Held, "skipped: not before its step passed");
+        assert_eq!(rollout.decide(&uid(2), || canaries(2)), Decision::Held, "skipped: not before its step passed");
 
         // The canary step settles without the stale canary.
         set(&mut facts, &rollout, Outcome::Settled);
         rollout.advance(&spec, &facts, 1);
         assert_eq!(rollout.state, State::Held);
-        assert_eq!(rollout.decide(&uid(2), canaries(2)), Decision::Step(0), "its step has passed");
+        assert_eq!(rollout.decide(&uid(2), || canaries(2)), Decision::Step(0), "its step has passed");
         // A canary that connects now joins the canary step (it takes every match… up to max:
         // not here, so it waits); a bounded step takes no late joiner.
-        assert_eq!(rollout.decide(&uid(20), 0b11), Decision::Held);
+        assert_eq!(rollout.decide(&uid(20), || 0b11), Decision::Held);
 
         let released = RolloutSpec { release: 1, ..spec.clone() };
         rollout.advance(&released, &facts, 2);
         assert_eq!(rollout.state, State::Running);
         assert_eq!(rollout.members.get(&uid(5)), Some(&Member { step: 1, skipped: true }));
         // A late joiner of the running unbounded step belongs to it, and is admitted.
-        assert_eq!(rollout.decide(&uid(20), 0b10), Decision::Step(1));
+        assert_eq!(rollout.decide(&uid(20), || 0b10), Decision::Step(1));
         facts.push(Fact { uid: uid(20), live: true, matches: 0b10, outcome: Outcome::Busy });
         rollout.advance(&released, &facts, 3);
         assert_eq!(rollout.members.get(&uid(20)), Some(&Member { step: 1, skipped: false }));

@@ -21,6 +21,8 @@ pub struct InstanceRow {
     pub status: Status,
     pub assigned_hash: Option<String>,
     pub assigned_tag: Option<String>,
+    /// Why it has that version: `fleet`, `step 2`, `held`, `rollback`.
+    pub assigned_because: Option<String>,
     pub served_hash: Option<String>,
     pub reported_hash: Option<String>,
     pub reported_status: Option<crate::instance::Reported>,
@@ -497,6 +499,7 @@ mod tests {
             status: Status::InSync,
             assigned_hash: None,
             assigned_tag: None,
+            assigned_because: None,
             served_hash: None,
             reported_hash: None,
             reported_status: None,

@@ -186,7 +186,10 @@ pub fn handle(
     let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
     let changes = record.config.heard(capabilities, report, now_ms, stale_after);
     record.record(changes, now_ms);
-    if target.is_some_and(|t| t.declares_pipelines) && record.runs_pipelines == Some(false) {
+    let declares_pipelines = target
+        .and_then(|t| t.version_with(&record.config.assigned.as_ref()?.hash))
+        .is_some_and(|version| version.declares_pipelines);
+    if declares_pipelines && record.runs_pipelines == Some(false) {
         let changes = record.config.applied_but_idle(now_ms, stale_after);
         record.record(changes, now_ms);
     }
@@ -225,9 +228,10 @@ pub fn handle(
 pub fn remote_config_for(record: &mut InstanceRecord, targets: &Targets, now_ms: i64) -> Option<AgentRemoteConfig> {
     let target = targets.get(&*record.fleet)?;
     let assignment = record.config.config_to_push()?.clone();
+    let version = target.version_with(&assignment.hash)?;
     let changes = record.config.served(assignment.hash.clone(), now_ms, target.stale_after_ms);
     record.record(changes, now_ms);
-    let file = AgentConfigFile { body: target.body.to_vec(), content_type: target.content_type.clone() };
+    let file = AgentConfigFile { body: version.body.to_vec(), content_type: version.content_type.clone() };
     Some(AgentRemoteConfig {
         config: Some(AgentConfigMap { config_map: [(String::new(), file)].into_iter().collect() }),
         config_hash: assignment.hash,
@@ -446,17 +450,21 @@ mod tests {
     use super::*;
     use crate::instance::{Assignment, Change, Status};
     use crate::opamp::proto::{AgentDescription, AgentDisconnect, AnyValue, KeyValue, RemoteConfigStatus, any_value};
-    use crate::opamp::registry::FleetTarget;
+    use crate::opamp::registry::{FleetTarget, ServedVersion};
 
     const SUPERVISOR: u64 = 0x3847;
     const UID: [u8; 16] = [0x11; 16];
 
     fn targets(hash: u8) -> Targets {
         let target = FleetTarget {
-            assignment: Some(Assignment { hash: vec![hash; 32], tag: format!("gateway/v{hash}") }),
-            content_type: "text/yaml".into(),
-            body: Arc::from(&b"receivers: {}"[..]),
-            declares_pipelines: true,
+            version: Some(Arc::new(ServedVersion {
+                assignment: Assignment { hash: vec![hash; 32], tag: format!("gateway/v{hash}") },
+                content_type: "text/yaml".into(),
+                body: Arc::from(&b"receivers: {}"[..]),
+                declares_pipelines: true,
+            })),
+            rollout: None,
+            before: None,
             stale_after_ms: 120_000,
             current_token: Some(Arc::from("tk_00000001")),
             credentials: None,

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod codec;
 pub mod persist;
 pub mod registry;
+pub mod rollouts;
 pub mod server;
 pub mod ws;
 

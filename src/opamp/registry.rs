@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::instance::{Assignment, Change, ConfigState, Status};
 use crate::opamp::codec::InstanceUid;
+use crate::rollout::{Decision, Rollout};
 use crate::status::{Failure, InstanceRow, Tally};
 
 const SHARDS: usize = 64;
@@ -22,19 +23,62 @@ const HISTORY_KEPT: usize = 50;
 /// What one fleet's instances should run, as the OpAMP layer needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FleetTarget {
-    /// `None` for observe-only fleets and fleets without a version.
-    pub assignment: Option<Assignment>,
-    pub content_type: String,
-    pub body: Arc<[u8]>,
-    /// The assigned config declares collector pipelines: an instance that reports it
-    /// applied must run some (`ConfigState::applied_but_idle`).
-    pub declares_pipelines: bool,
+    /// The fleet's version; `None` for observe-only fleets and fleets without a version.
+    pub version: Option<Arc<ServedVersion>>,
+    /// The fleet's rollout, the one running or the last one.
+    pub rollout: Option<Arc<Rollout>>,
+    /// The version before the rollout: what the instances it holds back (or rolled back) run.
+    pub before: Option<Arc<ServedVersion>>,
     pub stale_after_ms: i64,
     /// The id of the fleet's current install token.
     pub current_token: Option<Arc<str>>,
     /// The fleet's current token, offered over OpAMP to instances still on an older one
     /// (when gitfleet has its text).
     pub credentials: Option<Arc<Credentials>>,
+}
+
+/// A version as it goes out to collectors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServedVersion {
+    pub assignment: Assignment,
+    pub content_type: String,
+    pub body: Arc<[u8]>,
+    /// It declares collector pipelines: an instance that reports it applied must run some
+    /// (`ConfigState::applied_but_idle`).
+    pub declares_pipelines: bool,
+}
+
+impl FleetTarget {
+    /// The version `record` should run, and why: the one place an instance's assignment is
+    /// decided.
+    pub fn decide(&self, record: &InstanceRecord) -> (Option<&Arc<ServedVersion>>, Decision) {
+        let Some(version) = &self.version else { return (None, Decision::Fleet) };
+        let Some(rollout) = self.rollout.as_deref().filter(|r| r.to.hash == hex::encode(&version.assignment.hash))
+        else {
+            return (Some(version), Decision::Fleet);
+        };
+        let decision = rollout.decide(&record.uid.0, || record.matching_steps(&rollout.steps));
+        match (decision.runs_new(), &self.before) {
+            (false, Some(before)) => (Some(before), decision),
+            _ => (Some(version), decision),
+        }
+    }
+
+    /// The rollout while it decides per instance, with the hash of its new version.
+    pub fn deciding(&self) -> Option<(&Rollout, &[u8])> {
+        let rollout = self.rollout.as_deref().filter(|r| r.state.is_active())?;
+        Some((rollout, self.version.as_ref()?.assignment.hash.as_slice()))
+    }
+
+    /// The assignment `record` should have.
+    pub fn assignment_for(&self, record: &InstanceRecord) -> Option<&Assignment> {
+        self.decide(record).0.map(|version| &version.assignment)
+    }
+
+    /// The version with config `hash`, if the fleet serves it.
+    pub fn version_with(&self, hash: &[u8]) -> Option<&Arc<ServedVersion>> {
+        [&self.version, &self.before].into_iter().flatten().find(|version| version.assignment.hash == hash)
+    }
 }
 
 /// What an instance needs to move to a fleet's current install token.
@@ -231,7 +275,7 @@ impl InstanceRecord {
     /// passing into staleness) and records what changed.
     pub fn sync(&mut self, target: Option<&FleetTarget>, now_ms: i64) {
         let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
-        let assignment = target.and_then(|t| t.assignment.clone());
+        let assignment = target.and_then(|t| t.assignment_for(self)).cloned();
         let mut changes = self.config.assign(assignment, now_ms, stale_after);
         let status = self.config.status(now_ms, stale_after);
         if status != self.status && !changes.iter().any(|c| matches!(c, Change::Status { .. })) {
@@ -250,7 +294,7 @@ impl InstanceRecord {
     /// still holds the old assignment, and would count as in sync with it.
     pub fn status_for(&self, target: Option<&FleetTarget>, now_ms: i64) -> Status {
         let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
-        let assigned = target.and_then(|t| t.assignment.as_ref());
+        let assigned = target.and_then(|t| t.assignment_for(self));
         if self.config.assigned.as_ref() == assigned {
             return self.config.status(now_ms, stale_after);
         }
@@ -261,13 +305,54 @@ impl InstanceRecord {
 
     /// Whether the config last delivered is not the one `target` assigns.
     pub fn drifted(&self, target: Option<&FleetTarget>) -> bool {
-        target.and_then(|t| t.assignment.as_ref()).is_some_and(|a| self.config.served.as_ref() != Some(&a.hash))
+        target.and_then(|t| t.assignment_for(self)).is_some_and(|a| self.config.served.as_ref() != Some(&a.hash))
+    }
+
+    /// Bit `i` set when step `i`'s selector matches what the instance reported.
+    pub fn matching_steps(&self, steps: &[crate::rollout::Step]) -> u64 {
+        let description = self.description.as_deref();
+        let attributes = description
+            .into_iter()
+            .flat_map(|d| d.identifying.iter().chain(&d.non_identifying))
+            .map(|(key, value)| (key.as_str(), value.as_str()));
+        crate::rollout::matching_steps(steps, description.and_then(|d| d.host.as_deref()), attributes)
+    }
+
+    /// What a rollout to config `to` with `steps` needs to know of the instance.
+    pub fn rollout_fact(
+        &self,
+        steps: &[crate::rollout::Step],
+        to: &[u8],
+        now_ms: i64,
+        stale_after_ms: i64,
+    ) -> crate::rollout::Fact {
+        crate::rollout::Fact {
+            uid: self.uid.0,
+            live: self.config.status(now_ms, stale_after_ms) != Status::Stale,
+            matches: self.matching_steps(steps),
+            outcome: self.outcome_with(to, now_ms, stale_after_ms),
+        }
+    }
+
+    /// Where the instance stands with the config `to`.
+    fn outcome_with(&self, to: &[u8], now_ms: i64, stale_after_ms: i64) -> crate::rollout::Outcome {
+        use crate::rollout::Outcome;
+        if self.config.assigned.as_ref().is_none_or(|assigned| assigned.hash != to) {
+            return Outcome::Busy;
+        }
+        match self.config.status(now_ms, stale_after_ms) {
+            Status::InSync if self.health.as_ref().is_some_and(|health| !health.healthy) => Outcome::Unhealthy,
+            Status::InSync | Status::Observed => Outcome::Settled,
+            Status::Failed => Outcome::Failed,
+            Status::Pending | Status::Applying | Status::Stale => Outcome::Busy,
+        }
     }
 
     /// The instance as the API, the page and the status branch show it.
     pub fn row(&self, targets: &Targets, now_ms: i64) -> InstanceRow {
         let target = targets.get(&*self.fleet);
-        let assignment = target.and_then(|t| t.assignment.as_ref());
+        let (version, decision) = target.map_or((None, Decision::Fleet), |t| t.decide(self));
+        let assignment = version.map(|v| &v.assignment);
         let description = self.description.as_deref();
         let described = |field: fn(&Description) -> &Option<String>| description.and_then(|d| field(d).clone());
         let reported = self.config.reported.as_ref();
@@ -277,6 +362,7 @@ impl InstanceRecord {
             status: self.status_for(target, now_ms),
             assigned_hash: assignment.map(|a| hex::encode(&a.hash)),
             assigned_tag: assignment.map(|a| a.tag.clone()),
+            assigned_because: assignment.map(|_| decision.label()),
             served_hash: self.config.served.as_ref().map(hex::encode),
             reported_hash: reported.map(|(hash, _, _)| hex::encode(hash)).filter(|h| !h.is_empty()),
             reported_status: reported.map(|(_, status, _)| *status),
@@ -381,6 +467,8 @@ pub struct FleetSummary {
     pub counts: Counts,
     pub drift: usize,
     pub by_token: BTreeMap<Arc<str>, usize>,
+    /// Per step of the fleet's rollout, while it is deciding.
+    pub steps: Vec<crate::rollout::StepCounts>,
 }
 
 pub struct Registry {
@@ -499,6 +587,11 @@ impl Registry {
             summary.counts.add(record.status_for(target, now_ms));
             summary.drift += usize::from(record.drifted(target));
             *summary.by_token.entry(Arc::clone(&record.token_id)).or_default() += 1;
+            if let Some((rollout, to)) = target.and_then(FleetTarget::deciding) {
+                summary.steps.resize(rollout.steps.len(), Default::default());
+                let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
+                rollout.count(&mut summary.steps, &record.rollout_fact(&rollout.steps, to, now_ms, stale_after));
+            }
         });
         summaries
     }
@@ -535,6 +628,26 @@ impl Registry {
         });
         uids.values_mut().for_each(|fleet| fleet.sort_unstable());
         uids
+    }
+
+    /// What a rollout needs to know of each instance of `fleet`, against its new version
+    /// `to` (config hash), in `instance_uid` order.
+    pub fn rollout_facts(
+        &self,
+        fleet: &str,
+        steps: &[crate::rollout::Step],
+        to: &[u8],
+        stale_after_ms: i64,
+        now_ms: i64,
+    ) -> Vec<crate::rollout::Fact> {
+        let mut facts = Vec::new();
+        self.for_each(|record| {
+            if *record.fleet == *fleet {
+                facts.push(record.rollout_fact(steps, to, now_ms, stale_after_ms));
+            }
+        });
+        facts.sort_unstable_by_key(|fact| fact.uid);
+        facts
     }
 
     /// One instance as a row, if it is still there.
@@ -619,10 +732,14 @@ mod tests {
 
     fn target(hash: u8) -> FleetTarget {
         FleetTarget {
-            assignment: Some(Assignment { hash: vec![hash; 32], tag: format!("gateway/v{hash}") }),
-            content_type: "text/yaml".into(),
-            body: Arc::from(&b"a: 1\n"[..]),
-            declares_pipelines: false,
+            version: Some(Arc::new(ServedVersion {
+                assignment: Assignment { hash: vec![hash; 32], tag: format!("gateway/v{hash}") },
+                content_type: "text/yaml".into(),
+                body: Arc::from(&b"a: 1\n"[..]),
+                declares_pipelines: false,
+            })),
+            rollout: None,
+            before: None,
             stale_after_ms: 60_000,
             current_token: None,
             credentials: None,

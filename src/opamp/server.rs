@@ -23,9 +23,13 @@ use crate::metrics::Metrics;
 use crate::opamp::agent::{self, Connection};
 use crate::opamp::codec::{self, DecodeError, MAX_MESSAGE_BYTES};
 use crate::opamp::proto::ServerToAgent;
-use crate::opamp::registry::{Registry, Targets, Transport};
+use std::collections::BTreeMap;
+
+use crate::opamp::registry::{Registry, ServedVersion, Targets, Transport};
+use crate::opamp::rollouts::{self, RolloutBook};
 use crate::opamp::ws::{self, FrameReader, Incoming, WsError};
 use crate::reconciler::View;
+use crate::rollout::Rollout;
 
 const PROTOBUF: &str = "application/x-protobuf";
 /// Seconds an agent turned away should wait (opamp.md §1.4 recommends at least 30).
@@ -478,8 +482,12 @@ fn push_for(registry: &Registry, targets: &Targets, connection: &mut Connection)
     })
 }
 
-/// Keeps `targets` in step with the desired state, and the registry in step with both the
-/// targets and the clock (staleness), recording status changes in instance histories.
+/// Keeps `targets` in step with the desired state and each fleet's rollout, and the registry
+/// in step with both the targets and the clock (staleness), recording status changes in
+/// instance histories. It owns the rollouts: it starts them when the desired state changes,
+/// moves them on as instances settle (every `ROLLOUT_TICK` while one runs), and hands out a
+/// rollout only once the store has it.
+#[allow(clippy::too_many_arguments)]
 pub async fn follow_targets(
     mut view: watch::Receiver<Arc<View>>,
     targets: watch::Sender<Arc<Targets>>,
@@ -487,12 +495,17 @@ pub async fn follow_targets(
     public_endpoint: Option<String>,
     install_ca: Option<Arc<str>>,
     registry: Arc<Registry>,
+    store: Arc<dyn crate::store::Store>,
+    mut rollouts: RolloutBook,
     cancel: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rollout_tick = tokio::time::interval(ROLLOUT_TICK);
+    rollout_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_refusal = None;
     loop {
+        let mut sync = true;
         tokio::select! {
             () = cancel.cancelled() => break,
             changed = view.changed() => {
@@ -504,17 +517,20 @@ pub async fn follow_targets(
                     next_refusal = index.next_refusal_after(crate::time::now_unix());
                     tokens.send_replace(index);
                 }
-                let next = Arc::new(targets_of(&view.borrow_and_update(), public_endpoint.as_deref(), install_ca.as_ref()));
-                let modified = targets.send_if_modified(|current| {
-                    if **current == *next {
-                        return false;
-                    }
-                    *current = Arc::clone(&next);
-                    true
-                });
-                if modified {
-                    info!(fleets = next.len(), "fleet targets changed");
+                let current = Arc::clone(&view.borrow_and_update());
+                if let Some(desired) = &current.desired {
+                    rollouts.follow(desired, &registry, crate::time::now_ms());
                 }
+                rollouts.save(&store).await;
+                publish(&targets, &current, &rollouts, public_endpoint.as_deref(), install_ca.as_ref());
+            }
+            _ = rollout_tick.tick(), if rollouts.any_active() => {
+                let current = Arc::clone(&view.borrow());
+                let Some(desired) = &current.desired else { continue };
+                rollouts.advance(desired, &registry, crate::time::now_ms());
+                // Only a stored change is handed out: then every instance it moves syncs.
+                sync = rollouts.save(&store).await
+                    && publish(&targets, &current, &rollouts, public_endpoint.as_deref(), install_ca.as_ref());
             }
             _ = tick.tick() => {
                 // A token reached its expiry or the end of its grace: wake the sessions.
@@ -526,7 +542,7 @@ pub async fn follow_targets(
         }
         // Until the repository has been read, no target is known: leave records alone
         // rather than unassigning every restored instance.
-        if view.borrow().desired.is_none() {
+        if !sync || view.borrow().desired.is_none() {
             continue;
         }
         let current = Arc::clone(&targets.borrow());
@@ -538,28 +554,59 @@ pub async fn follow_targets(
     }
 }
 
+/// How often running rollouts look at their instances: the delay between a step settling (or
+/// baking) and the next one starting.
+const ROLLOUT_TICK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Publishes the targets of `view` and the stored rollouts when they changed; returns whether
+/// they did.
+fn publish(
+    targets: &watch::Sender<Arc<Targets>>,
+    view: &View,
+    rollouts: &RolloutBook,
+    public_endpoint: Option<&str>,
+    install_ca: Option<&Arc<str>>,
+) -> bool {
+    let next = Arc::new(targets_of(view, rollouts.stored(), public_endpoint, install_ca));
+    let modified = targets.send_if_modified(|current| {
+        if **current == *next {
+            return false;
+        }
+        *current = Arc::clone(&next);
+        true
+    });
+    if modified {
+        debug!(fleets = next.len(), "fleet targets changed");
+    }
+    modified
+}
+
 /// What each fleet's instances should run, from the desired state. `public_endpoint` is
 /// the OpAMP URL from `--public-url`, offered when a fleet names no `[install].endpoint`;
 /// `install_ca` (`--install-ca-file`) goes with offers of a `wss://` or `https://` endpoint.
-pub fn targets_of(view: &View, public_endpoint: Option<&str>, install_ca: Option<&Arc<str>>) -> Targets {
+pub fn targets_of(
+    view: &View,
+    rollouts: &BTreeMap<String, Arc<Rollout>>,
+    public_endpoint: Option<&str>,
+    install_ca: Option<&Arc<str>>,
+) -> Targets {
     let Some(desired) = &view.desired else { return Targets::new() };
     desired
         .fleets
         .values()
         .map(|fleet| {
-            let version = fleet.assignment.as_ref();
+            let rollout = rollouts.get(fleet.name()).filter(|rollout| {
+                fleet.assignment.as_ref().is_some_and(|v| rollout.to.hash == hex::encode(v.config_hash))
+            });
+            let before = rollout
+                .filter(|rollout| {
+                    !matches!(rollout.state, crate::rollout::State::Complete | crate::rollout::State::Reverted)
+                })
+                .and_then(|rollout| rollouts::version_of(desired, &rollout.from.as_ref()?.tag));
             let target = crate::opamp::registry::FleetTarget {
-                assignment: version
-                    .map(|v| crate::instance::Assignment { hash: v.config_hash.to_vec(), tag: v.tag.clone() }),
-                content_type: version.map(|v| v.content_type.clone()).unwrap_or_default(),
-                body: version.map(|v| Arc::clone(&v.body)).unwrap_or_else(|| Arc::from(&b""[..])),
-                declares_pipelines: version.is_some_and(|v| {
-                    v.content_type.contains("yaml")
-                        && std::str::from_utf8(&v.body)
-                            .ok()
-                            .and_then(crate::repo::lint::pipeline_count)
-                            .is_some_and(|count| count > 0)
-                }),
+                version: fleet.assignment.as_deref().map(served),
+                rollout: rollout.cloned(),
+                before: before.map(|version| served(version)),
                 stale_after_ms: i64::try_from(fleet.spec.health.stale_after.as_millis()).unwrap_or(i64::MAX),
                 current_token: view
                     .fleet_tokens
@@ -580,4 +627,18 @@ pub fn targets_of(view: &View, public_endpoint: Option<&str>, install_ca: Option
             (fleet.name().to_owned(), target)
         })
         .collect()
+}
+
+/// A published version as it goes out to collectors.
+fn served(version: &crate::repo::desired::Version) -> Arc<ServedVersion> {
+    Arc::new(ServedVersion {
+        assignment: crate::instance::Assignment { hash: version.config_hash.to_vec(), tag: version.tag.clone() },
+        content_type: version.content_type.clone(),
+        body: Arc::clone(&version.body),
+        declares_pipelines: version.content_type.contains("yaml")
+            && std::str::from_utf8(&version.body)
+                .ok()
+                .and_then(crate::repo::lint::pipeline_count)
+                .is_some_and(|count| count > 0),
+    })
 }

@@ -846,7 +846,7 @@ mod tests {
             messages(&desired),
             vec![
                 "fleets/prod.toml: warning: fleet `prod` keeps its last good settings until this file is fixed",
-                "fleets/prod.toml:3: error: unknown key `verison` (allowed: description, config, version, token, install, health)",
+                "fleets/prod.toml:3: error: unknown key `verison` (allowed: description, config, version, token, install, health, rollout)",
             ]
         );
         let prod = &desired.fleets["prod"];

@@ -97,6 +97,10 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces the remembered last good fleets with `fleets`.
     fn save_last_good_fleets(&self, fleets: &BTreeMap<String, LastGoodFleet>) -> Result<(), StoreError>;
     fn record_reconcile(&self, record: &ReconcileRecord) -> Result<(), StoreError>;
+    /// Each fleet's rollout as JSON (`rollout::Rollout`).
+    fn rollouts(&self) -> Result<BTreeMap<String, String>, StoreError>;
+    /// Writes rollouts in one transaction; `None` forgets the fleet's.
+    fn save_rollouts(&self, changed: &[(String, Option<String>)]) -> Result<(), StoreError>;
     /// Every install token ever issued (hashes only), oldest first.
     fn tokens(&self) -> Result<Vec<IssuedToken>, StoreError>;
     fn save_token(&self, token: &IssuedToken) -> Result<(), StoreError>;

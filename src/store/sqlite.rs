@@ -101,6 +101,11 @@ const MIGRATIONS: &[&str] = &[
         body TEXT NOT NULL
     );
     ALTER TABLE instances ADD COLUMN components_hash BLOB;",
+    // 8: each fleet's rollout (JSON, `rollout::Rollout`): the one running, or the last one.
+    "CREATE TABLE rollouts (
+        fleet TEXT PRIMARY KEY,
+        body  TEXT NOT NULL
+    );",
 ];
 
 /// How many reconciles the history keeps.
@@ -253,6 +258,28 @@ impl Store for SqliteStore {
             }
         }
         transaction.commit().map_err(query("saving last good fleets"))
+    }
+
+    fn rollouts(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        let connection = self.connection();
+        let mut statement =
+            connection.prepare("SELECT fleet, body FROM rollouts").map_err(query("reading rollouts"))?;
+        let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?))).map_err(query("reading rollouts"))?;
+        rows.collect::<Result<_, _>>().map_err(query("reading rollouts"))
+    }
+
+    fn save_rollouts(&self, changed: &[(String, Option<String>)]) -> Result<(), StoreError> {
+        let mut connection = self.connection();
+        let transaction = connection.transaction().map_err(query("saving rollouts"))?;
+        for (fleet, body) in changed {
+            match body {
+                Some(body) => transaction
+                    .execute("INSERT OR REPLACE INTO rollouts (fleet, body) VALUES (?1, ?2)", params![fleet, body]),
+                None => transaction.execute("DELETE FROM rollouts WHERE fleet = ?1", params![fleet]),
+            }
+            .map_err(query("saving rollouts"))?;
+        }
+        transaction.commit().map_err(query("saving rollouts"))
     }
 
     fn posted_statuses(&self, forge: &str) -> Result<Vec<PostedStatus>, StoreError> {

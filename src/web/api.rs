@@ -17,6 +17,7 @@ use crate::opamp::codec::InstanceUid;
 use crate::opamp::registry::{FleetSummary, FleetTarget, InstanceRecord, Targets};
 use crate::reconciler::View;
 use crate::repo::desired::{Configuration, Fleet, Version};
+use crate::rollout::{Rollout, StepCounts};
 use crate::time::rfc3339;
 use crate::web::WebState;
 
@@ -245,7 +246,7 @@ pub fn fleet_json(fleet: &Fleet, view: &View, target: Option<&FleetTarget>, summ
     let assignment = fleet.assignment.as_deref();
     let (tag, config_hash) = match target {
         Some(target) => {
-            let serving = target.assignment.as_ref();
+            let serving = target.version.as_ref().map(|v| &v.assignment);
             (serving.map(|a| a.tag.clone()), serving.map(|a| hex::encode(&a.hash)))
         }
         None => (assignment.map(|v| v.tag.clone()), assignment.map(|v| hex::encode(v.config_hash))),
@@ -269,11 +270,50 @@ pub fn fleet_json(fleet: &Fleet, view: &View, target: Option<&FleetTarget>, summ
         "tokens": tokens,
         "instances_on_old_tokens": on_old_tokens,
         "stale_after_seconds": spec.health.stale_after.as_secs(),
+        "rollout": target.and_then(|t| t.rollout.as_deref()).map(|rollout| rollout_json(rollout, &summary.steps)),
         "install": {
             "endpoint": spec.install.endpoint,
             "collector_version": spec.install.collector_version,
             "supervisor_version": spec.install.supervisor_version,
         },
+    })
+}
+
+/// A fleet's rollout: where it is, each step with its counts, and why it stopped.
+pub fn rollout_json(rollout: &Rollout, counts: &[StepCounts]) -> Value {
+    let at = |ms: i64| rfc3339(ms.div_euclid(1000));
+    let steps: Vec<Value> = rollout
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(index, step)| {
+            let counts = counts.get(index).copied().unwrap_or_default();
+            json!({
+                "name": step.name,
+                "selector": step.selector.to_string(),
+                "max": step.max.map(|max| max.to_string()),
+                "hold": step.hold,
+                "started_at": step.started_ms.map(at),
+                "instances": counts.instances,
+                "in_sync": counts.in_sync,
+                "failed": counts.failed,
+                "unhealthy": counts.unhealthy,
+                "skipped": counts.skipped,
+            })
+        })
+        .collect();
+    json!({
+        "state": rollout.state.as_str(),
+        "from": rollout.from.as_ref().map(|from| &from.tag),
+        "to": rollout.to.tag,
+        "step": (rollout.step + 1).min(rollout.steps.len()),
+        "steps_total": rollout.steps.len(),
+        "steps": steps,
+        "started_at": at(rollout.started_ms),
+        "changed_at": at(rollout.changed_ms),
+        "baking_since": rollout.settled_since_ms.map(at),
+        "reason": rollout.reason,
+        "replaced": rollout.replaced,
     })
 }
 

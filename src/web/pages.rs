@@ -846,6 +846,7 @@ mod tests {
             status,
             assigned_hash: None,
             assigned_tag: None,
+            assigned_because: None,
             served_hash: None,
             reported_hash: None,
             reported_status: None,

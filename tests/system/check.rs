@@ -175,7 +175,7 @@ fn check_against_a_base_shows_the_plan_as_json() {
     assert_eq!(plan["fixed_problems"][0]["file"], "fleets/wip.toml");
     assert_eq!(
         plan["fixed_problems"][0]["message"],
-        "unknown key `bogus` (allowed: description, config, version, token, install, health)"
+        "unknown key `bogus` (allowed: description, config, version, token, install, health, rollout)"
     );
 }
 

@@ -13,6 +13,7 @@ mod install;
 mod opamp;
 mod peers;
 mod proto;
+mod rollout;
 mod serve;
 mod status;
 mod tls;

@@ -1,0 +1,258 @@
+//! Progressive rollouts end to end: scripted agents against the real binary, driven by
+//! commits to a real Git repository.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::{GitRepo, OpampWs, Server, example};
+use crate::opamp::{full_state, report, uid_text};
+
+const WAIT: Duration = Duration::from_secs(20);
+const APPLIED: i32 = 1;
+const FAILED: i32 = 3;
+
+/// The prod fleet file with `rollout` appended, at `version`.
+fn prod_fleet(repo: &GitRepo, version: &str, rollout: &str) {
+    let fleet = std::fs::read_to_string(repo.path().join("fleets/prod-gateway.toml")).expect("read");
+    let fleet = fleet.split("\n[rollout]").next().expect("text").to_owned();
+    let fleet = fleet
+        .lines()
+        .map(|line| if line.starts_with("version") { format!("version = \"{version}\"") } else { line.to_owned() })
+        .collect::<Vec<_>>()
+        .join("\n");
+    repo.write("fleets/prod-gateway.toml", format!("{fleet}\n{rollout}"));
+}
+
+/// Publishes gateway/v2 (a smaller batch size).
+fn publish_v2(repo: &GitRepo) {
+    let text = std::fs::read_to_string(repo.path().join("configs/gateway.yaml")).expect("read");
+    repo.write("configs/gateway.yaml", text.replace("send_batch_size: 8192", "send_batch_size: 4096"));
+    repo.commit("Smaller batches");
+    repo.annotated_tag("gateway/v2", "Smaller batches");
+}
+
+/// An agent of prod that connects, takes what it is given and reports it applied.
+struct Agent {
+    uid: [u8; 16],
+    ws: OpampWs,
+    seq: u64,
+}
+
+impl Agent {
+    fn connect(server: &Server, n: u8, host: &str) -> (Self, Vec<u8>) {
+        let uid = [n; 16];
+        let mut ws = OpampWs::connect(server.opamp, &server.token("prod-gateway")).expect("connects");
+        ws.send(&full_state(uid, 0, host));
+        let hash = ws.recv().remote_config.expect("a config").config_hash;
+        let mut agent = Self { uid, ws, seq: 0 };
+        agent.report(&hash, APPLIED, "");
+        (agent, hash)
+    }
+
+    fn report(&mut self, hash: &[u8], status: i32, error: &str) {
+        self.seq += 1;
+        self.ws.send(&report(self.uid, self.seq, hash, status, error));
+        self.ws.recv();
+    }
+
+    /// Waits for a pushed config, and reports it `status`.
+    fn take_push(&mut self, status: i32, error: &str) -> Vec<u8> {
+        let hash = self.ws.recv().remote_config.expect("a pushed config").config_hash;
+        self.report(&hash, status, error);
+        hash
+    }
+}
+
+fn instance(server: &Server, uid: [u8; 16]) -> Value {
+    server.json(&format!("/api/v1/instances/{}", uid_text(uid)))
+}
+
+/// `(assigned_tag, assigned_because)` of an instance.
+fn assigned(server: &Server, uid: [u8; 16]) -> (String, String) {
+    let row = instance(server, uid);
+    let row = if row["instance"].is_object() { row["instance"].clone() } else { row };
+    (row["assigned_tag"].as_str().unwrap_or("").to_owned(), row["assigned_because"].as_str().unwrap_or("").to_owned())
+}
+
+fn rollout_state(server: &Server, state: &'static str) -> Value {
+    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, state, |f| f["rollout"]["state"] == state)
+}
+
+const CANARY_THEN_REST: &str = r#"
+[rollout]
+bake = "0s"
+
+[[rollout.steps]]
+name = "canary"
+host = "gw-canary-*"
+max = 1
+
+[[rollout.steps]]
+name = "rest"
+hold = true
+"#;
+
+fn start(repo: &GitRepo, data: &std::path::Path) -> Server {
+    let server = Server::start(&repo.path().display().to_string(), data, &["--poll-interval", "1h"]);
+    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "prod's token", |f| f["token"]["id"].is_string());
+    server
+}
+
+#[test]
+fn a_failing_canary_halts_the_rollout_and_going_back_in_git_ends_it() {
+    let repo = example();
+    prod_fleet(&repo, "v1", CANARY_THEN_REST);
+    repo.commit("Roll out prod in steps");
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = start(&repo, data.path());
+    let (mut canary, v1) = Agent::connect(&server, 1, "gw-canary-1");
+    let mut others: Vec<Agent> = (2..=4).map(|n| Agent::connect(&server, n, &format!("gw-{n}")).0).collect();
+    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "4 in sync", |f| f["counts"]["in_sync"] == 4);
+
+    publish_v2(&repo);
+    prod_fleet(&repo, "v2", CANARY_THEN_REST);
+    repo.commit("Roll out gateway v2 to prod");
+    let v2 = canary.take_push(FAILED, "exporter otlp: connection refused");
+    assert_ne!(v2, v1);
+    let fleet = rollout_state(&server, "halted");
+    let rollout = &fleet["rollout"];
+    assert_eq!((rollout["from"].as_str(), rollout["to"].as_str()), (Some("gateway/v1"), Some("gateway/v2")));
+    assert_eq!((rollout["step"].as_u64(), rollout["steps_total"].as_u64()), (Some(1), Some(2)));
+    let reason = rollout["reason"].as_str().expect("a reason");
+    assert!(reason.starts_with("halted at step 1/2 (canary): 1 of 1 instances on gateway/v2 failed"), "{reason}");
+    assert_eq!(rollout["steps"][0]["failed"], 1);
+    assert_eq!(assigned(&server, canary.uid), ("gateway/v2".into(), "step 1".into()));
+    for agent in &others {
+        assert_eq!(assigned(&server, agent.uid), ("gateway/v1".into(), "held".into()), "the rest stay on v1");
+    }
+
+    // Going back to v1 in Git ends the rollout at once: the canary gets v1 again.
+    prod_fleet(&repo, "v1", CANARY_THEN_REST);
+    repo.commit("Back to v1");
+    assert_eq!(canary.take_push(APPLIED, ""), v1);
+    let fleet = rollout_state(&server, "reverted");
+    assert!(fleet["rollout"]["reason"].as_str().expect("reason").contains("went back to gateway/v1 in Git"));
+    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "all in sync on v1", |f| f["counts"]["in_sync"] == 4);
+    assert_eq!(assigned(&server, others[0].uid), ("gateway/v1".into(), "fleet".into()));
+    others.clear();
+}
+
+#[test]
+fn a_held_step_survives_a_kill_and_is_released_by_a_commit() {
+    let repo = example();
+    prod_fleet(&repo, "v1", CANARY_THEN_REST);
+    repo.commit("Roll out prod in steps");
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = start(&repo, data.path());
+    let (mut canary, v1) = Agent::connect(&server, 1, "gw-canary-1");
+    let others: Vec<Agent> = (2..=3).map(|n| Agent::connect(&server, n, &format!("gw-{n}")).0).collect();
+    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "3 in sync", |f| f["counts"]["in_sync"] == 3);
+
+    publish_v2(&repo);
+    prod_fleet(&repo, "v2", CANARY_THEN_REST);
+    repo.commit("Roll out gateway v2 to prod");
+    let v2 = canary.take_push(APPLIED, "");
+    let fleet = rollout_state(&server, "held");
+    let rollout = &fleet["rollout"];
+    assert_eq!(rollout["step"], 2);
+    assert_eq!(rollout["reason"], "step 2/2 (rest) waits for a commit that raises `release` to 1");
+    assert_eq!(
+        (rollout["steps"][0]["instances"].as_u64(), rollout["steps"][0]["in_sync"].as_u64()),
+        (Some(1), Some(1))
+    );
+
+    // kill -9 while held; everything comes back from the store.
+    drop((canary, others));
+    drop(server);
+    let server = Server::start(&repo.path().display().to_string(), data.path(), &["--poll-interval", "1h"]);
+    let fleet = rollout_state(&server, "held");
+    assert_eq!(fleet["rollout"]["step"], 2);
+    let (canary, canary_has) = Agent::connect(&server, 1, "gw-canary-1");
+    assert_eq!(canary_has, v2, "the canary keeps v2");
+    let (mut second, second_has) = Agent::connect(&server, 2, "gw-2");
+    assert_eq!(second_has, v1, "the rest keep v1");
+    // A late joiner of a held step gets the version before.
+    let (mut late, late_has) = Agent::connect(&server, 9, "gw-9");
+    assert_eq!(late_has, v1);
+    assert_eq!(assigned(&server, late.uid), ("gateway/v1".into(), "held".into()));
+
+    // The approval: a commit that raises `release`.
+    prod_fleet(&repo, "v2", &CANARY_THEN_REST.replace("bake = \"0s\"", "bake = \"0s\"\nrelease = 1"));
+    repo.commit("Release the rest of prod to v2");
+    assert_eq!(second.take_push(APPLIED, ""), v2);
+    assert_eq!(late.take_push(APPLIED, ""), v2);
+    let fleet = rollout_state(&server, "complete");
+    assert!(fleet["rollout"]["reason"].is_null());
+    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "in sync on v2", |f| {
+        f["tag"] == "gateway/v2" && f["counts"]["in_sync"] == 3
+    });
+    assert_eq!(assigned(&server, canary.uid), ("gateway/v2".into(), "fleet".into()));
+}
+
+#[test]
+fn batches_roll_back_on_failure_and_a_stale_instance_does_not_block() {
+    let repo = example();
+    let batches = "\n[rollout]\non_failure = \"rollback\"\n[rollout.batches]\ninitial = 1\nfactor = 2\n";
+    prod_fleet(&repo, "v1", batches);
+    repo.commit("Roll out prod in batches");
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = start(&repo, data.path());
+    let agents: Vec<Agent> = (1..=4).map(|n| Agent::connect(&server, n, &format!("gw-{n}")).0).collect();
+    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "4 in sync", |f| f["counts"]["in_sync"] == 4);
+
+    // A restart: three come back, the fourth stays away (stale until heard from).
+    drop(agents);
+    assert_eq!(server.stop(), Some(0));
+    let server = start(&repo, data.path());
+    let mut agents: Vec<Agent> = (1..=3).map(|n| Agent::connect(&server, n, &format!("gw-{n}")).0).collect();
+    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "3 in sync, 1 stale", |f| {
+        f["counts"]["in_sync"] == 3 && f["counts"]["stale"] == 1
+    });
+    publish_v2(&repo);
+    let fleet = std::fs::read_to_string(repo.path().join("fleets/prod-gateway.toml")).expect("read");
+    repo.write("fleets/prod-gateway.toml", fleet.replace("version = \"v1\"", "version = \"v2\""));
+    repo.commit("Roll out gateway v2 to prod");
+    let fleet = rollout_state(&server, "running");
+    let plan: Vec<&str> = fleet["rollout"]["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["max"].as_str().unwrap_or("rest"))
+        .collect();
+    assert_eq!(plan, vec!["1", "rest"], "3 live instances: a batch of 1, then the rest");
+    let first = &mut agents[0];
+    let v2 = first.take_push(APPLIED, "");
+    // The next batch: two instances, and the stale one counted as skipped.
+    for agent in &mut agents[1..] {
+        assert_eq!(agent.take_push(APPLIED, ""), v2);
+    }
+    let fleet = rollout_state(&server, "complete");
+    assert_eq!(fleet["tag"], "gateway/v2");
+
+    // The stale instance returns after its step passed: it gets v2.
+    let (returned, has) = Agent::connect(&server, 4, "gw-4");
+    assert_eq!(has, v2);
+    assert_eq!(assigned(&server, returned.uid), ("gateway/v2".into(), "fleet".into()));
+
+    // v3 fails in the first batch: everyone goes back to v2.
+    let text = std::fs::read_to_string(repo.path().join("configs/gateway.yaml")).expect("read");
+    repo.write("configs/gateway.yaml", text.replace("send_batch_size: 4096", "send_batch_size: 2048"));
+    repo.commit("Even smaller batches");
+    repo.annotated_tag("gateway/v3", "Even smaller batches");
+    let fleet = std::fs::read_to_string(repo.path().join("fleets/prod-gateway.toml")).expect("read");
+    repo.write("fleets/prod-gateway.toml", fleet.replace("version = \"v2\"", "version = \"v3\""));
+    repo.commit("Roll out gateway v3 to prod");
+    let v3 = agents[0].take_push(FAILED, "processor batch: invalid size");
+    assert_ne!(v3, v2);
+    let fleet = rollout_state(&server, "rolled_back");
+    let reason = fleet["rollout"]["reason"].as_str().expect("a reason");
+    assert!(reason.starts_with("rolled back to gateway/v2 at step 1/3 (batch 1): 1 of 1"), "{reason}");
+    assert_eq!(agents[0].take_push(APPLIED, ""), v2, "the failed instance goes back to v2");
+    assert_eq!(assigned(&server, agents[1].uid), ("gateway/v2".into(), "rollback".into()));
+    server.wait_for("/api/v1/fleets/prod-gateway/instances", WAIT, "the failed one back in sync", |list| {
+        list["instances"].as_array().is_some_and(|rows| {
+            rows.iter().any(|row| row["instance_uid"] == uid_text(agents[0].uid) && row["status"] == "in_sync")
+        })
+    });
+}
