@@ -6,6 +6,7 @@
 pub mod app;
 pub mod bench;
 pub mod check;
+pub mod client;
 pub mod demo;
 pub mod duration;
 pub mod forge;

@@ -33,6 +33,13 @@ enum Command {
     /// Adopt an existing collector config as a new configuration, committed and tagged as
     /// its first version. Exits 1 when the config has errors (nothing is written then).
     Import(gitfleet::import::ImportArgs),
+    /// Show every fleet of a running server: version, rollout, instances in sync, failed,
+    /// stale. Exits 2 when the server cannot be read.
+    Status(gitfleet::client::StatusArgs),
+    /// Wait until a fleet is in sync or its rollout is done (for CD pipelines). Exits 0 when
+    /// reached, 1 when the rollout halted or rolled back (or instances failed), 2 on timeout
+    /// or error.
+    Wait(gitfleet::client::WaitArgs),
     /// Simulated collectors (OpAMP agents) for demos, tests and benchmarks; prints figures
     /// as JSON.
     Loadgen(gitfleet::loadgen::LoadgenArgs),
@@ -73,6 +80,8 @@ fn main() -> ExitCode {
             }
             Err(error) => report(Err(error.into())),
         },
+        Command::Status(args) => report(status(&args)),
+        Command::Wait(args) => wait(&args),
         Command::Serve(args) => report(serve(*args)),
         Command::Demo(args) => report(run_demo(args)),
         Command::InstallFiles(args) => report(install_files(&args)),
@@ -147,6 +156,39 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         running.shutdown().await;
         Ok(())
     })
+}
+
+fn status(args: &gitfleet::client::StatusArgs) -> anyhow::Result<()> {
+    use gitfleet::client::{self, FleetLine, Output};
+    let api = client::Api::new(&args.server)?;
+    let lines: Vec<FleetLine> = client::fleets(&api, args.fleet.as_deref())?.iter().map(FleetLine::of).collect();
+    match args.output {
+        Output::Table => print!("{}", client::render_table(&lines)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "fleets": lines }))?),
+    }
+    Ok(())
+}
+
+fn wait(args: &gitfleet::client::WaitArgs) -> ExitCode {
+    use gitfleet::client::Progress;
+    match gitfleet::client::wait(args, |line| eprintln!("{line}")) {
+        Ok(Progress::Reached(text)) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Ok(Progress::Failed(text)) => {
+            eprintln!("gitfleet wait: {text}");
+            ExitCode::from(1)
+        }
+        Ok(Progress::Waiting(text)) => {
+            eprintln!("gitfleet wait: timed out after {}: {text}", gitfleet::duration::format_duration(args.timeout));
+            ExitCode::from(2)
+        }
+        Err(error) => {
+            eprintln!("gitfleet wait: {error}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn install_files(args: &gitfleet::install::export::InstallFilesArgs) -> anyhow::Result<()> {

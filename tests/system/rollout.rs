@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::common::{GitRepo, OpampWs, Server, example};
+use crate::common::{GitRepo, OpampWs, Server, example, gitfleet};
 use crate::opamp::{full_state, report, uid_text};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -75,6 +75,13 @@ fn assigned(server: &Server, uid: [u8; 16]) -> (String, String) {
     (row["assigned_tag"].as_str().unwrap_or("").to_owned(), row["assigned_because"].as_str().unwrap_or("").to_owned())
 }
 
+/// Runs `gitfleet <args> --server <web>`: exit code, stdout, stderr.
+fn client(server: &Server, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = gitfleet().args(args).args(["--server", &format!("http://{}", server.web)]).output().expect("runs");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.code(), text(&output.stdout), text(&output.stderr))
+}
+
 fn rollout_state(server: &Server, state: &'static str) -> Value {
     server.wait_for("/api/v1/fleets/prod-gateway", WAIT, state, |f| f["rollout"]["state"] == state)
 }
@@ -126,6 +133,15 @@ fn a_failing_canary_halts_the_rollout_and_going_back_in_git_ends_it() {
     for agent in &others {
         assert_eq!(assigned(&server, agent.uid), ("gateway/v1".into(), "held".into()), "the rest stay on v1");
     }
+    // A pipeline waiting for the rollout learns at once that it halted.
+    let (code, _, stderr) = client(&server, &["wait", "prod-gateway", "--for", "rollout-done", "--version", "v2"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("gitfleet wait: prod-gateway: halted at step 1/2 (canary)"), "{stderr}");
+    let (code, table, _) = client(&server, &["status"]);
+    assert_eq!(code, Some(0));
+    let line = table.lines().find(|line| line.starts_with("prod-gateway")).expect("a line for prod");
+    assert!(line.contains("halted at 1/2") && line.contains("3/4"), "{table}");
+    assert!(table.contains("\nprod-gateway: halted at step 1/2 (canary): 1 of 1 instances"), "{table}");
 
     // Going back to v1 in Git ends the rollout at once: the canary gets v1 again.
     prod_fleet(&repo, "v1", CANARY_THEN_REST);
@@ -162,6 +178,10 @@ fn a_held_step_survives_a_kill_and_is_released_by_a_commit() {
         (Some(1), Some(1))
     );
 
+    let (code, _, stderr) = client(&server, &["wait", "prod-gateway", "--for", "rollout-done", "--timeout", "1s"]);
+    assert_eq!(code, Some(2), "held: the wait times out");
+    assert!(stderr.contains("gitfleet wait: timed out after 1s: prod-gateway: rollout held at step 2/2"), "{stderr}");
+
     // kill -9 while held; everything comes back from the store.
     drop((canary, others));
     drop(server);
@@ -182,8 +202,19 @@ fn a_held_step_survives_a_kill_and_is_released_by_a_commit() {
     repo.commit("Release the rest of prod to v2");
     assert_eq!(second.take_push(APPLIED, ""), v2);
     assert_eq!(late.take_push(APPLIED, ""), v2);
+    let (code, stdout, stderr) =
+        client(&server, &["wait", "prod-gateway", "--for", "rollout-done", "--version", "v2", "--timeout", "20s"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.starts_with("prod-gateway: the rollout of gateway/v2 is complete; 3 of 3 live instances"),
+        "{stdout}"
+    );
     let fleet = rollout_state(&server, "complete");
     assert!(fleet["rollout"]["reason"].is_null());
+    let (_, json, _) = client(&server, &["status", "prod-gateway", "-o", "json"]);
+    let json: Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(json["fleets"][0]["rollout"], "complete");
+    assert_eq!((json["fleets"][0]["in_sync"].as_u64(), json["fleets"][0]["stale"].as_u64()), (Some(3), Some(1)));
     server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "in sync on v2", |f| {
         f["tag"] == "gateway/v2" && f["counts"]["in_sync"] == 3
     });
@@ -255,4 +286,23 @@ fn batches_roll_back_on_failure_and_a_stale_instance_does_not_block() {
             rows.iter().any(|row| row["instance_uid"] == uid_text(agents[0].uid) && row["status"] == "in_sync")
         })
     });
+}
+
+#[test]
+fn status_and_wait_say_clearly_what_they_cannot_read() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = start(&repo, data.path());
+    let (code, _, stderr) = client(&server, &["wait", "no-such-fleet", "--for", "in-sync"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("answered 404: no fleet named `no-such-fleet`"), "{stderr}");
+    // No instance yet: nothing to wait for.
+    let (code, stdout, _) = client(&server, &["wait", "prod-gateway", "--for", "in-sync"]);
+    assert_eq!((code, stdout.as_str()), (Some(0), "prod-gateway: 0 of 0 live instances in sync with gateway/v1\n"));
+    let web = server.web;
+    drop(server);
+    let output = gitfleet().args(["status", "--server", &format!("http://{web}")]).output().expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.starts_with(&format!("gitfleet: cannot reach http://{web}/api/v1/fleets: ")), "{stderr}");
 }
