@@ -121,6 +121,51 @@ pub struct FleetStatus {
     pub counts: Counts,
     pub drift: usize,
     pub failures: Vec<Failure>,
+    /// The fleet's rollout while it decides per instance, or after it rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// A rollout as the status branch, forges and the status page show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    /// `running`, `held`, `halted`, `rolled_back`.
+    pub state: String,
+    /// The current step, from 1.
+    pub step: usize,
+    pub steps: usize,
+    pub step_name: String,
+    pub from: Option<String>,
+    pub to: String,
+    /// Instances the rollout moved that are in sync with its new version.
+    pub on_new: usize,
+    pub reason: Option<String>,
+}
+
+impl RolloutStatus {
+    /// The rollout of a fleet as worth a commit; `None` once it completed (or went back in Git).
+    pub fn of(rollout: &crate::rollout::Rollout, counts: &[crate::rollout::StepCounts]) -> Option<Self> {
+        use crate::rollout::State;
+        if matches!(rollout.state, State::Complete | State::Reverted) {
+            return None;
+        }
+        let step = rollout.step.min(rollout.steps.len().saturating_sub(1));
+        Some(Self {
+            state: rollout.state.as_str().to_owned(),
+            step: step + 1,
+            steps: rollout.steps.len(),
+            step_name: rollout.steps.get(step).map(|s| s.name.clone()).unwrap_or_default(),
+            from: rollout.from.as_ref().map(|from| from.tag.clone()),
+            to: rollout.to.tag.clone(),
+            on_new: counts.iter().map(|count| count.in_sync).sum(),
+            reason: rollout.reason.clone(),
+        })
+    }
+
+    /// "step 2/4 (rest)"
+    fn step_text(&self) -> String {
+        format!("step {}/{} ({})", self.step, self.steps, self.step_name)
+    }
 }
 
 /// What a forge shows for a fleet on its assignment commit.
@@ -142,6 +187,7 @@ pub struct Tally {
     pub drift: usize,
     /// In `instance_uid` order once `finish`ed.
     pub failures: Vec<Failure>,
+    pub rollout: Option<RolloutStatus>,
 }
 
 impl Tally {
@@ -193,7 +239,7 @@ impl FleetStatus {
     /// The status of `fleet` given what its instances add up to.
     pub fn of_tally(fleet: &Fleet, desired: &DesiredState, tally: Tally) -> Self {
         let assignment = fleet.assignment.as_deref();
-        let Tally { counts, drift, failures } = tally.finish();
+        let Tally { counts, drift, failures, rollout } = tally.finish();
         let assigned_by = assignment.and_then(|version| {
             let good = desired.last_good.get(fleet.name())?;
             (good.tag.as_deref() == Some(&version.tag)).then(|| good.assigned_by.clone())?
@@ -208,6 +254,7 @@ impl FleetStatus {
             counts,
             drift,
             failures,
+            rollout,
         }
     }
 
@@ -217,6 +264,11 @@ impl FleetStatus {
     /// the description says so. An instance that connects later turns it pending again.
     pub fn verdict(&self) -> Verdict {
         let counts = &self.counts;
+        match self.rollout.as_ref().map(|rollout| rollout.state.as_str()) {
+            Some("halted" | "rolled_back") => return Verdict::Failure,
+            Some(_) => return Verdict::Pending,
+            None => {}
+        }
         if counts.failed > 0 {
             Verdict::Failure
         } else if counts.pending + counts.applying > 0 {
@@ -232,10 +284,25 @@ impl FleetStatus {
         if self.tag.is_none() {
             return format!("{} observed", self.instances);
         }
-        if self.instances == 0 {
-            return "no instances connected".to_owned();
-        }
-        let mut text = format!("{}/{} in sync", counts.in_sync, self.instances);
+        let mut text = match &self.rollout {
+            Some(rollout) => {
+                let on_new = format!("{}/{} at {}", rollout.on_new, self.instances, rollout.to);
+                match rollout.state.as_str() {
+                    "held" => format!("held before {}, {on_new}", rollout.step_text()),
+                    "halted" => format!("halted at {}, {on_new}", rollout.step_text()),
+                    "rolled_back" => format!(
+                        "rolled back to {} at {}, {}/{} in sync",
+                        rollout.from.as_deref().unwrap_or("the version before"),
+                        rollout.step_text(),
+                        counts.in_sync,
+                        self.instances
+                    ),
+                    _ => format!("{}, {on_new}", rollout.step_text()),
+                }
+            }
+            None if self.instances == 0 => return "no instances connected".to_owned(),
+            None => format!("{}/{} in sync", counts.in_sync, self.instances),
+        };
         for (count, word) in [
             (counts.failed, "failed"),
             (counts.applying, "applying"),
@@ -252,6 +319,9 @@ impl FleetStatus {
 
     /// "prod-gateway: 12/12 in sync at gateway/v7", the line a commit message gives it.
     pub fn headline(&self) -> String {
+        if self.rollout.is_some() {
+            return format!("{}: {}", self.fleet, self.description());
+        }
         match &self.tag {
             Some(tag) => format!("{}: {} at {tag}", self.fleet, self.description()),
             None => format!("{}: {} (observe only)", self.fleet, self.description()),
@@ -428,7 +498,35 @@ mod tests {
             counts,
             drift: 0,
             failures: Vec::new(),
+            rollout: None,
         }
+    }
+
+    #[test]
+    fn a_rollout_says_its_step_and_never_looks_green() {
+        let rollout = |state: &str| RolloutStatus {
+            state: state.into(),
+            step: 2,
+            steps: 4,
+            step_name: "rest".into(),
+            from: Some("gateway/v7".into()),
+            to: "gateway/v8".into(),
+            on_new: 40,
+            reason: None,
+        };
+        let mut fleet = status(Counts { in_sync: 119, failed: 1, ..Default::default() }, Some("gateway/v8"));
+        fleet.rollout = Some(rollout("running"));
+        assert_eq!(fleet.headline(), "prod-gateway: step 2/4 (rest), 40/120 at gateway/v8, 1 failed");
+        assert_eq!(fleet.verdict(), Verdict::Pending);
+        fleet.rollout = Some(rollout("held"));
+        assert_eq!(fleet.description(), "held before step 2/4 (rest), 40/120 at gateway/v8, 1 failed");
+        assert_eq!(fleet.verdict(), Verdict::Pending, "held is not success");
+        fleet.rollout = Some(rollout("halted"));
+        assert_eq!(fleet.verdict(), Verdict::Failure);
+        fleet.rollout = Some(rollout("rolled_back"));
+        fleet.counts = Counts { in_sync: 120, ..Default::default() };
+        assert_eq!(fleet.description(), "rolled back to gateway/v7 at step 2/4 (rest), 120/120 in sync");
+        assert_eq!(fleet.verdict(), Verdict::Failure, "a rollback is a failure of the version");
     }
 
     #[test]

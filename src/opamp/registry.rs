@@ -599,6 +599,7 @@ impl Registry {
     /// What each fleet's instances add up to: cheaper than rows, for once a second.
     pub fn tallies(&self, targets: &Targets, now_ms: i64) -> HashMap<Arc<str>, Tally> {
         let mut tallies: HashMap<Arc<str>, Tally> = HashMap::new();
+        let mut steps: HashMap<Arc<str>, Vec<crate::rollout::StepCounts>> = HashMap::new();
         self.for_each(|record| {
             let target = targets.get(&*record.fleet);
             let status = record.status_for(target, now_ms);
@@ -612,7 +613,20 @@ impl Registry {
                 host: record.description.as_ref().and_then(|d| d.host.clone()),
                 error: record.config.error().unwrap_or_default().to_owned(),
             });
+            if let Some((rollout, to)) = target.and_then(FleetTarget::deciding) {
+                let counts = steps.entry(Arc::clone(&record.fleet)).or_default();
+                counts.resize(rollout.steps.len(), Default::default());
+                let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
+                rollout.count(counts, &record.rollout_fact(&rollout.steps, to, now_ms, stale_after));
+            }
         });
+        for (fleet, target) in targets {
+            let Some(rollout) = target.rollout.as_deref() else { continue };
+            let counts = steps.get(fleet.as_str()).map(Vec::as_slice).unwrap_or_default();
+            if let Some(status) = crate::status::RolloutStatus::of(rollout, counts) {
+                tallies.entry(Arc::from(fleet.as_str())).or_default().rollout = Some(status);
+            }
+        }
         tallies
     }
 

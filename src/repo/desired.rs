@@ -706,8 +706,15 @@ fn resolve_fleet(
     } else {
         let source = text.unwrap_or_default().to_owned();
         let tag = assignment.as_ref().map(|v| v.tag.clone());
+        // A commit that raises the rollout's `release` is an approval: the fleet's commit
+        // status moves to it, and follows the rest of the rollout there.
+        let released = remembered.is_some_and(|before| {
+            before.source != source
+                && parse_fleet(name, path, &before.source).0.is_some_and(|b| b.rollout.release < spec.rollout.release)
+        });
         let assigned_by = match (remembered, &assignment) {
             (_, None) => None,
+            (Some(before), Some(_)) if released && before.tag == tag => Some(file_commit.to_owned()),
             (Some(before), Some(_)) if before.tag == tag && before.assigned_by.is_some() => before.assigned_by.clone(),
             (Some(before), Some(version)) if before.source == source => Some(version.commit.clone()),
             (_, Some(_)) => Some(file_commit.to_owned()),

@@ -53,6 +53,43 @@ pub async fn metrics(State(state): State<WebState>) -> Response {
             family.sample(&[("fleet", fleet)], summary.drift);
         }
     }
+    {
+        use crate::rollout::State as Rollout;
+        const STATES: [Rollout; 6] = [
+            Rollout::Running,
+            Rollout::Held,
+            Rollout::Halted,
+            Rollout::RolledBack,
+            Rollout::Complete,
+            Rollout::Reverted,
+        ];
+        let rollouts: Vec<_> = targets.iter().filter_map(|(fleet, t)| Some((fleet, t.rollout.as_deref()?))).collect();
+        let mut family = Family::new(
+            &mut out,
+            "gitfleet_rollout_state",
+            "gauge",
+            "1 for the state each fleet's rollout is in (its last one when none runs).",
+        );
+        for (fleet, rollout) in &rollouts {
+            for state in STATES {
+                family.sample(&[("fleet", fleet), ("state", state.as_str())], usize::from(rollout.state == state));
+            }
+        }
+        let mut family = Family::new(
+            &mut out,
+            "gitfleet_rollout_step",
+            "gauge",
+            "The step each fleet's rollout is at, from 1 (all of them once it completed).",
+        );
+        for (fleet, rollout) in &rollouts {
+            let step = if rollout.state.is_active() { rollout.step + 1 } else { rollout.steps.len() };
+            family.sample(&[("fleet", fleet)], step);
+        }
+        let mut family = Family::new(&mut out, "gitfleet_rollout_steps", "gauge", "The steps of each fleet's rollout.");
+        for (fleet, rollout) in &rollouts {
+            family.sample(&[("fleet", fleet)], rollout.steps.len());
+        }
+    }
     Family::new(&mut out, "gitfleet_instances_connected", "gauge", "Instances connected, by transport.")
         .sample(&[("transport", "websocket")], websocket)
         .sample(&[("transport", "http")], http);

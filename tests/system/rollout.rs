@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::common::{GitRepo, OpampWs, Server, example, gitfleet};
 use crate::opamp::{full_state, report, uid_text};
+use crate::status::{FakeForge, status_log};
 
 const WAIT: Duration = Duration::from_secs(20);
 const APPLIED: i32 = 1;
@@ -101,7 +102,12 @@ hold = true
 "#;
 
 fn start(repo: &GitRepo, data: &std::path::Path) -> Server {
-    let server = Server::start(&repo.path().display().to_string(), data, &["--poll-interval", "1h"]);
+    start_with(repo, data, &[])
+}
+
+fn start_with(repo: &GitRepo, data: &std::path::Path, extra: &[&str]) -> Server {
+    let args: Vec<&str> = ["--poll-interval", "1h"].iter().chain(extra).copied().collect();
+    let server = Server::start(&repo.path().display().to_string(), data, &args);
     server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "prod's token", |f| f["token"]["id"].is_string());
     server
 }
@@ -142,6 +148,15 @@ fn a_failing_canary_halts_the_rollout_and_going_back_in_git_ends_it() {
     let line = table.lines().find(|line| line.starts_with("prod-gateway")).expect("a line for prod");
     assert!(line.contains("halted at 1/2") && line.contains("3/4"), "{table}");
     assert!(table.contains("\nprod-gateway: halted at step 1/2 (canary): 1 of 1 instances"), "{table}");
+    let metrics = server.get("/metrics").body;
+    for line in [
+        "gitfleet_rollout_state{fleet=\"prod-gateway\",state=\"halted\"} 1",
+        "gitfleet_rollout_state{fleet=\"prod-gateway\",state=\"running\"} 0",
+        "gitfleet_rollout_step{fleet=\"prod-gateway\"} 1",
+        "gitfleet_rollout_steps{fleet=\"prod-gateway\"} 2",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
 
     // Going back to v1 in Git ends the rollout at once: the canary gets v1 again.
     prod_fleet(&repo, "v1", CANARY_THEN_REST);
@@ -160,14 +175,22 @@ fn a_held_step_survives_a_kill_and_is_released_by_a_commit() {
     prod_fleet(&repo, "v1", CANARY_THEN_REST);
     repo.commit("Roll out prod in steps");
     let data = tempfile::tempdir().expect("temp dir");
-    let server = start(&repo, data.path());
+    let forge = FakeForge::start(false);
+    let token_file = data.path().join("forge-token");
+    std::fs::write(&token_file, "forge-s3cret\n").expect("write the token file");
+    let forge_url = format!("http://{}/acme/fleet-config", forge.address);
+    let token_path = token_file.display().to_string();
+    let args =
+        ["--status-interval", "1s", "--forge", "github", "--forge-url", &forge_url, "--forge-token-file", &token_path];
+    let data_dir = data.path().join("data");
+    let server = start_with(&repo, &data_dir, &args);
     let (mut canary, v1) = Agent::connect(&server, 1, "gw-canary-1");
     let others: Vec<Agent> = (2..=3).map(|n| Agent::connect(&server, n, &format!("gw-{n}")).0).collect();
     server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "3 in sync", |f| f["counts"]["in_sync"] == 3);
 
     publish_v2(&repo);
     prod_fleet(&repo, "v2", CANARY_THEN_REST);
-    repo.commit("Roll out gateway v2 to prod");
+    let bump = repo.commit("Roll out gateway v2 to prod");
     let v2 = canary.take_push(APPLIED, "");
     let fleet = rollout_state(&server, "held");
     let rollout = &fleet["rollout"];
@@ -177,6 +200,34 @@ fn a_held_step_survives_a_kill_and_is_released_by_a_commit() {
         (rollout["steps"][0]["instances"].as_u64(), rollout["steps"][0]["in_sync"].as_u64()),
         (Some(1), Some(1))
     );
+    // Held is pending on the forge, and a commit on the status branch says where it stands.
+    let held = "held before step 2/2 (rest), 1/3 at gateway/v2";
+    let status_on = |commit: &str, state: &str, description: &str| {
+        let path = format!("/api/v3/repos/acme/fleet-config/statuses/{commit}");
+        let found = || {
+            forge.received().into_iter().any(|r| {
+                r.path == path
+                    && r.body["context"] == "gitfleet/prod-gateway"
+                    && r.body["state"] == state
+                    && r.body["description"].as_str().is_some_and(|d| d.starts_with(description))
+            })
+        };
+        let deadline = std::time::Instant::now() + WAIT;
+        while !found() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {state} status `{description}` on {commit}: {:#?}",
+                forge.received()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    status_on(&bump, "pending", held);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !status_log(&repo).iter().any(|message| message.lines().any(|line| line == format!("prod-gateway: {held}"))) {
+        assert!(std::time::Instant::now() < deadline, "no status commit for the hold: {:#?}", status_log(&repo));
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     let (code, _, stderr) = client(&server, &["wait", "prod-gateway", "--for", "rollout-done", "--timeout", "1s"]);
     assert_eq!(code, Some(2), "held: the wait times out");
@@ -185,7 +236,7 @@ fn a_held_step_survives_a_kill_and_is_released_by_a_commit() {
     // kill -9 while held; everything comes back from the store.
     drop((canary, others));
     drop(server);
-    let server = Server::start(&repo.path().display().to_string(), data.path(), &["--poll-interval", "1h"]);
+    let server = start_with(&repo, &data_dir, &args);
     let fleet = rollout_state(&server, "held");
     assert_eq!(fleet["rollout"]["step"], 2);
     let (canary, canary_has) = Agent::connect(&server, 1, "gw-canary-1");
@@ -199,7 +250,7 @@ fn a_held_step_survives_a_kill_and_is_released_by_a_commit() {
 
     // The approval: a commit that raises `release`.
     prod_fleet(&repo, "v2", &CANARY_THEN_REST.replace("bake = \"0s\"", "bake = \"0s\"\nrelease = 1"));
-    repo.commit("Release the rest of prod to v2");
+    let release = repo.commit("Release the rest of prod to v2");
     assert_eq!(second.take_push(APPLIED, ""), v2);
     assert_eq!(late.take_push(APPLIED, ""), v2);
     let (code, stdout, stderr) =
@@ -211,6 +262,8 @@ fn a_held_step_survives_a_kill_and_is_released_by_a_commit() {
     );
     let fleet = rollout_state(&server, "complete");
     assert!(fleet["rollout"]["reason"].is_null());
+    // The release commit's status follows the rest of the rollout.
+    status_on(&release, "success", "3/4 in sync");
     let (_, json, _) = client(&server, &["status", "prod-gateway", "-o", "json"]);
     let json: Value = serde_json::from_str(&json).expect("JSON");
     assert_eq!(json["fleets"][0]["rollout"], "complete");

@@ -23,7 +23,7 @@ fn eventually<T>(what: &str, server: &Server, check: impl Fn() -> Option<T>) -> 
     }
 }
 
-fn status_log(repo: &GitRepo) -> Vec<String> {
+pub(crate) fn status_log(repo: &GitRepo) -> Vec<String> {
     let output = repo.try_git(&["log", "--format=%B%x00", "gitfleet/status"]);
     if !output.status.success() {
         return Vec::new();
@@ -186,11 +186,11 @@ fn a_moved_or_unreachable_remote_is_caught_up_with_later() {
 
 /// A request the fake forge received.
 #[derive(Clone, Debug)]
-struct Received {
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
-    body: serde_json::Value,
+pub(crate) struct Received {
+    pub(crate) method: String,
+    pub(crate) path: String,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: serde_json::Value,
 }
 
 impl Received {
@@ -201,13 +201,13 @@ impl Received {
 
 /// An HTTP server standing in for a forge's commit status API: records each request and
 /// answers 201, or 503 to the first request for each status context when `fail_first`.
-struct FakeForge {
-    address: SocketAddr,
+pub(crate) struct FakeForge {
+    pub(crate) address: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
 }
 
 impl FakeForge {
-    fn start(fail_first: bool) -> Self {
+    pub(crate) fn start(fail_first: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let address = listener.local_addr().expect("address");
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -260,7 +260,7 @@ impl FakeForge {
         Self { address, received }
     }
 
-    fn received(&self) -> Vec<Received> {
+    pub(crate) fn received(&self) -> Vec<Received> {
         self.received.lock().expect("lock").clone()
     }
 }
