@@ -21,6 +21,7 @@ use crate::reconciler::View;
 use crate::repo::desired::{Configuration, Version};
 use crate::repo::lint;
 use crate::repo::version::compare_versions;
+use crate::rollout::{Rollout, State as RolloutState, StepCounts};
 use crate::status::{FleetStatus, InstanceRow};
 use crate::web::WebState;
 use crate::web::html::{self, Badge, Bar, Message, Nav, OrDash, Short, Text, Time, Url, count, status_label};
@@ -143,12 +144,18 @@ async fn overview(State(state): State<WebState>) -> Response {
         if follows_latest {
             version.push_str(" <span class=\"tag t-latest\" title=\"version = &quot;latest&quot;: it follows the highest published version\">latest</span>");
         }
+        if let Some(rollout) = &status.rollout {
+            let _ = write!(version, " {}", RolloutTag(rollout));
+        }
         if fleet.kept_last_good {
             version.push_str(" <span class=\"tag t-broken\" title=\"Its fleet file (or the version it names) cannot be used: the last good state is served; see the problems\">broken: kept</span>");
         }
         // Observe-only fleets have nothing to be in sync with: count what is observed.
+        // During a rollout, what counts is how many run the new version.
         let in_sync = if status.tag.is_none() {
             format!("{} observed", status.instances)
+        } else if let Some(rollout) = &status.rollout {
+            format!("<span title=\"on {}\">{}/{} new</span>", Text(&rollout.to), rollout.on_new, status.instances)
         } else {
             format!("{}/{}", status.counts.in_sync, status.instances)
         };
@@ -318,6 +325,18 @@ fn fleet_page(state: &WebState, name: String, query: &TableQuery) -> Response {
     out.push_str("</div>");
     let _ = write!(out, "<p>{}</p>", Bar(&status.counts));
 
+    if let Some(target) = targets.get(&name)
+        && let Some(rollout) = target.rollout.as_deref().filter(|r| !r.steps.is_empty())
+    {
+        let counts = match target.deciding() {
+            Some((rollout, to)) => {
+                let facts = state.registry.rollout_facts(&name, &rollout.steps, to, target.stale_after_ms, now_ms);
+                rollout.counts(&facts)
+            }
+            None => Vec::new(),
+        };
+        rollout_section(&mut out, rollout, &counts, now);
+    }
     token_section(&mut out, &view, &name, &rows, now);
 
     if let Some(wanted) = filter {
@@ -392,6 +411,78 @@ fn fleet_page(state: &WebState, name: String, query: &TableQuery) -> Response {
         out.push_str("</p>");
     }
     html::page(&name, Nav::Fleets, &out)
+}
+
+/// A rollout's state, its reason, and its steps with what each has done.
+fn rollout_section(out: &mut String, rollout: &Rollout, counts: &[StepCounts], now: i64) {
+    let _ = write!(
+        out,
+        "<h2>Rollout</h2><p><span class=\"tag r-{state}\">{label}</span> {from}<code>{to}</code>, started {started}",
+        state = rollout.state.as_str(),
+        label = rollout.state.as_str().replace('_', " "),
+        from = rollout.from.as_ref().map(|from| format!("<code>{}</code> → ", Text(&from.tag))).unwrap_or_default(),
+        to = Text(&rollout.to.tag),
+        started = Time { unix_seconds: rollout.started_ms / 1000, now },
+    );
+    if let Some(replaced) = &rollout.replaced {
+        let _ = write!(out, "; it replaced the rollout of <code>{}</code>", Text(replaced));
+    }
+    out.push_str("</p>");
+    if let Some(reason) = &rollout.reason {
+        let class = if matches!(rollout.state, RolloutState::Halted | RolloutState::RolledBack) { "error" } else { "" };
+        let _ = write!(out, "<ul class=\"problems\"><li class=\"{class}\">{}</li></ul>", Message(reason));
+    }
+    out.push_str(
+        "<table><thead><tr><th>Step</th><th>Selects</th><th>Max</th><th>Started</th><th class=\"num\">Moved</th>\
+         <th class=\"num\">In sync</th><th class=\"num\">Failed</th><th class=\"num\">Skipped</th></tr></thead><tbody>",
+    );
+    for (index, step) in rollout.steps.iter().enumerate() {
+        let count = counts.get(index).copied().unwrap_or_default();
+        let current = rollout.state.is_active() && index == rollout.step;
+        let started = match step.started_ms {
+            Some(at) => Time { unix_seconds: at / 1000, now }.to_string(),
+            None if step.hold => "<span class=\"muted\">waits for a commit raising <code>release</code></span>".to_owned(),
+            None => "<span class=\"muted\">—</span>".to_owned(),
+        };
+        let _ = write!(
+            out,
+            "<tr{}><td>{}{} {}</td><td>{}</td><td>{}</td><td>{started}</td><td class=\"num\">{}</td>\
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+            if current { " aria-current=\"step\"" } else { "" },
+            index + 1,
+            if current { " ▸" } else { "" },
+            Text(&step.name),
+            Text(&step.selector.to_string()),
+            step.max.map_or_else(|| "all".to_owned(), |max| max.to_string()),
+            count.instances,
+            count.in_sync,
+            count.failed + count.unhealthy,
+            count.skipped,
+        );
+    }
+    out.push_str("</tbody></table>");
+}
+
+/// A small mark of a rollout's state, never green while it decides.
+struct RolloutTag<'a>(&'a crate::status::RolloutStatus);
+
+impl std::fmt::Display for RolloutTag<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rollout = self.0;
+        let label = match rollout.state.as_str() {
+            "running" => format!("step {}/{}", rollout.step, rollout.steps),
+            "held" => format!("held at {}/{}", rollout.step, rollout.steps),
+            "halted" => format!("halted at {}/{}", rollout.step, rollout.steps),
+            other => other.replace('_', " "),
+        };
+        write!(
+            f,
+            "<span class=\"tag r-{}\" title=\"{}\">{}</span>",
+            Text(&rollout.state),
+            Text(rollout.reason.as_deref().unwrap_or("a rollout in progress")),
+            Text(&label)
+        )
+    }
 }
 
 fn token_section(out: &mut String, view: &View, fleet: &str, rows: &[InstanceRow], now: i64) {
