@@ -196,30 +196,62 @@ pub struct Bar<'a>(pub &'a Counts);
 
 impl Display for Bar<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let total = self.0.total();
-        let summary: Vec<String> = STATUSES
-            .iter()
-            .filter(|s| self.0.get(**s) > 0)
-            .map(|s| format!("{} {}", self.0.get(*s), status_label(*s)))
-            .collect();
-        let label = if summary.is_empty() { "no instances".to_owned() } else { summary.join(", ") };
-        // SVG attributes, not inline styles: the page's policy allows no inline style.
-        write!(
-            f,
-            "<svg class=\"bar\" viewBox=\"0 0 100 1\" preserveAspectRatio=\"none\" role=\"img\" aria-label=\"{label}\">\
-             <title>{label}</title>"
-        )?;
-        let mut x = 0.0;
-        for status in STATUSES {
-            let count = self.0.get(status);
-            if count > 0 {
-                let width = count as f64 * 100.0 / total as f64;
-                write!(f, "<rect class=\"s-{}\" x=\"{x:.3}\" width=\"{width:.3}\" height=\"1\"/>", status.as_str())?;
-                x += width;
-            }
-        }
-        f.write_str("</svg>")
+        let segments: Vec<(&str, usize, &str)> =
+            STATUSES.iter().map(|s| (s.as_str(), self.0.get(*s), status_label(*s))).collect();
+        bar(f, &segments)
     }
+}
+
+/// A fleet's bar during a rollout: in sync on the new version, held back on the version
+/// before (never green), and what failed, moves or is away.
+pub struct RolloutBar<'a> {
+    pub counts: &'a Counts,
+    /// In sync with the new version.
+    pub on_new: usize,
+}
+
+impl Display for RolloutBar<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let counts = self.counts;
+        let moving = counts.pending + counts.applying;
+        let held = counts.total().saturating_sub(self.on_new + counts.failed + counts.stale + moving);
+        bar(
+            f,
+            &[
+                ("in_sync", self.on_new, "on the new version"),
+                ("held", held, "held on the version before"),
+                ("pending", moving, "moving"),
+                ("failed", counts.failed, status_label(Status::Failed)),
+                ("stale", counts.stale, status_label(Status::Stale)),
+            ],
+        )
+    }
+}
+
+/// A bar of `(class, count, label)` segments, labelled for screen readers.
+fn bar(f: &mut fmt::Formatter<'_>, segments: &[(&str, usize, &str)]) -> fmt::Result {
+    let total: usize = segments.iter().map(|(_, count, _)| count).sum();
+    let summary: Vec<String> = segments
+        .iter()
+        .filter(|(_, count, _)| *count > 0)
+        .map(|(_, count, label)| format!("{count} {label}"))
+        .collect();
+    let label = if summary.is_empty() { "no instances".to_owned() } else { summary.join(", ") };
+    // SVG attributes, not inline styles: the page's policy allows no inline style.
+    write!(
+        f,
+        "<svg class=\"bar\" viewBox=\"0 0 100 1\" preserveAspectRatio=\"none\" role=\"img\" aria-label=\"{label}\">\
+         <title>{label}</title>"
+    )?;
+    let mut x = 0.0;
+    for (class, count, _) in segments {
+        if *count > 0 {
+            let width = *count as f64 * 100.0 / total as f64;
+            write!(f, "<rect class=\"s-{class}\" x=\"{x:.3}\" width=\"{width:.3}\" height=\"1\"/>")?;
+            x += width;
+        }
+    }
+    f.write_str("</svg>")
 }
 
 /// The first 12 characters of a hash or commit, in monospace, whole on hover.

@@ -24,7 +24,9 @@ use crate::repo::version::compare_versions;
 use crate::rollout::{Rollout, State as RolloutState, StepCounts};
 use crate::status::{FleetStatus, InstanceRow};
 use crate::web::WebState;
-use crate::web::html::{self, Badge, Bar, Message, Nav, OrDash, Short, Text, Time, Url, count, status_label};
+use crate::web::html::{
+    self, Badge, Bar, Message, Nav, OrDash, RolloutBar, Short, Text, Time, Url, count, status_label,
+};
 
 /// Instance table rows per page: enough to scan, small enough to render fast at 20,000.
 const ROWS_PER_PAGE: usize = 500;
@@ -177,7 +179,10 @@ async fn overview(State(state): State<WebState>) -> Response {
             Url(name),
             Text(name),
             Text(&fleet.spec.description),
-            Bar(&status.counts),
+            match &status.rollout {
+                Some(rollout) => RolloutBar { counts: &status.counts, on_new: rollout.on_new }.to_string(),
+                None => Bar(&status.counts).to_string(),
+            },
             Text(&status.description()),
             status.drift,
         );
@@ -271,9 +276,11 @@ fn fleet_page(state: &WebState, name: String, query: &TableQuery) -> Response {
     let _ = write!(out, "<h1>{}</h1><p class=\"sub\">{}", Text(&name), Text(&fleet.spec.description));
     match fleet.assignment.as_deref() {
         Some(version) => {
+            let rolling = targets.get(&name).and_then(|t| t.deciding()).is_some();
             let _ = write!(
                 out,
-                " · runs <a href=\"/configs/{}\"><code>{}</code></a> (config hash {})",
+                " · {} <a href=\"/configs/{}\"><code>{}</code></a> (config hash {})",
+                if rolling { "rolling out" } else { "runs" },
                 Url(&version.config),
                 Text(&version.tag),
                 Short(Some(&hex::encode(version.config_hash)))
@@ -288,6 +295,20 @@ fn fleet_page(state: &WebState, name: String, query: &TableQuery) -> Response {
     let fleet_problems: Vec<Problem> =
         view.problems().into_iter().filter(|p| p.file.as_deref() == Some(fleet.spec.file.as_str())).collect();
     problems_list(&mut out, &fleet_problems);
+
+    // A rollout first: while it runs, it is what the fleet is doing.
+    let target = targets.get(&name);
+    let rollout = target.and_then(|t| t.rollout.as_deref()).filter(|r| !r.steps.is_empty());
+    let step_counts = match target.and_then(|t| t.deciding().map(|deciding| (t, deciding))) {
+        Some((target, (rollout, to))) => {
+            let facts = state.registry.rollout_facts(&name, &rollout.steps, to, target.stale_after_ms, now_ms);
+            rollout.counts(&facts)
+        }
+        None => Vec::new(),
+    };
+    if let Some(rollout) = rollout {
+        rollout_section(&mut out, rollout, &step_counts, now);
+    }
 
     // The stats strip: each number filters the table.
     let filter = query.status.as_deref().and_then(Status::parse);
@@ -323,20 +344,16 @@ fn fleet_page(state: &WebState, name: String, query: &TableQuery) -> Response {
     }
     let _ = write!(out, "<div class=\"stat\" title=\"{DRIFT}\"><b>{}</b><span>drift</span></div>", status.drift);
     out.push_str("</div>");
-    let _ = write!(out, "<p>{}</p>", Bar(&status.counts));
-
-    if let Some(target) = targets.get(&name)
-        && let Some(rollout) = target.rollout.as_deref().filter(|r| !r.steps.is_empty())
-    {
-        let counts = match target.deciding() {
-            Some((rollout, to)) => {
-                let facts = state.registry.rollout_facts(&name, &rollout.steps, to, target.stale_after_ms, now_ms);
-                rollout.counts(&facts)
-            }
-            None => Vec::new(),
-        };
-        rollout_section(&mut out, rollout, &counts, now);
+    match rollout.filter(|r| r.state.is_active()) {
+        Some(_) => {
+            let on_new = step_counts.iter().map(|count| count.in_sync).sum();
+            let _ = write!(out, "<p>{}</p>", RolloutBar { counts: &status.counts, on_new });
+        }
+        None => {
+            let _ = write!(out, "<p>{}</p>", Bar(&status.counts));
+        }
     }
+
     token_section(&mut out, &view, &name, &rows, now);
 
     if let Some(wanted) = filter {
@@ -384,7 +401,11 @@ fn fleet_page(state: &WebState, name: String, query: &TableQuery) -> Response {
             OrDash(row.agent_version.as_deref()),
             row.assigned_tag.as_deref().map_or_else(
                 || Short(row.assigned_hash.as_deref()).to_string(),
-                |tag| format!("<code>{}</code>", Text(tag))
+                |tag| match row.assigned_because.as_deref().filter(|because| *because != "fleet") {
+                    Some(because) =>
+                        format!("<code>{}</code> <span class=\"muted\">{}</span>", Text(tag), Text(because)),
+                    None => format!("<code>{}</code>", Text(tag)),
+                }
             ),
             Short(row.served_hash.as_deref()),
             Badge(row.status),
@@ -441,7 +462,9 @@ fn rollout_section(out: &mut String, rollout: &Rollout, counts: &[StepCounts], n
         let current = rollout.state.is_active() && index == rollout.step;
         let started = match step.started_ms {
             Some(at) => Time { unix_seconds: at / 1000, now }.to_string(),
-            None if step.hold => "<span class=\"muted\">waits for a commit raising <code>release</code></span>".to_owned(),
+            None if step.hold => {
+                "<span class=\"muted\">waits for a commit raising <code>release</code></span>".to_owned()
+            }
             None => "<span class=\"muted\">—</span>".to_owned(),
         };
         let _ = write!(

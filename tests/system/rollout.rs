@@ -150,12 +150,18 @@ fn a_failing_canary_halts_the_rollout_and_going_back_in_git_ends_it() {
     assert!(table.contains("\nprod-gateway: halted at step 1/2 (canary): 1 of 1 instances"), "{table}");
     // The page: never green while halted.
     let overview = server.get("/").body;
-    assert!(overview.contains("<span class=\"tag r-halted\" title=\"halted at step 1/2 (canary): 1 of 1"), "{overview}");
+    assert!(
+        overview.contains("<span class=\"tag r-halted\" title=\"halted at step 1/2 (canary): 1 of 1"),
+        "{overview}"
+    );
     assert!(overview.contains(">0/4 new</span>"), "the in-sync column counts the new version: {overview}");
     let page = server.get("/fleets/prod-gateway").body;
     assert!(page.contains("<h2>Rollout</h2><p><span class=\"tag r-halted\">halted</span> <code>gateway/v1</code> → <code>gateway/v2</code>"), "{page}");
     assert!(page.contains("<li class=\"error\">halted at step 1/2 (canary)"), "{page}");
-    assert!(page.contains("<tr aria-current=\"step\"><td>1 ▸ canary</td><td>host=gw-canary-*</td><td>1</td>"), "{page}");
+    assert!(
+        page.contains("<tr aria-current=\"step\"><td>1 ▸ canary</td><td>host=gw-canary-*</td><td>1</td>"),
+        "{page}"
+    );
     let metrics = server.get("/metrics").body;
     for line in [
         "gitfleet_rollout_state{fleet=\"prod-gateway\",state=\"halted\"} 1",
