@@ -36,6 +36,10 @@ pub struct CheckArgs {
     /// serving that Git alone no longer shows: versions whose tags were deleted or moved.
     #[arg(long, default_value = "gitfleet/status")]
     pub status_branch: String,
+    /// A running server's web address: each rollout step then says how many of its live
+    /// instances would fall in it now (read from the server's read-only API).
+    #[arg(long)]
+    pub server: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +50,8 @@ pub enum CheckError {
         "{path} is not a config repository: `{rev}` has no fleets/ and no configs/ directory (see the README for the layout)"
     )]
     NotAConfigRepository { path: String, rev: String },
+    #[error(transparent)]
+    Server(#[from] crate::client::ClientError),
 }
 
 /// Reads and compiles the repository at `--rev` (and `--base`), and plans the change.
@@ -77,7 +83,69 @@ pub fn run(args: &CheckArgs) -> Result<Plan, CheckError> {
     let mut plan = plan(base.as_ref(), &head);
     let served = served_by_server(&repo, &args.status_branch);
     as_the_server_serves(&mut plan, &head, &served);
+    if let Some(server) = &args.server {
+        let api = crate::client::Api::new(&crate::client::ServerArg { server: server.clone() })?;
+        let mut failed = None;
+        crate::plan::with_instances_now(&mut plan, &head, &mut |fleet| {
+            live_instances(&api, fleet).unwrap_or_else(|error| {
+                failed.get_or_insert(error);
+                Vec::new()
+            })
+        });
+        if let Some(error) = failed {
+            return Err(error.into());
+        }
+    }
     Ok(plan)
+}
+
+/// Every instance of `fleet` on the server, with what it reports (a fleet the server does not
+/// have yet has none).
+fn live_instances(
+    api: &crate::client::Api,
+    fleet: &str,
+) -> Result<Vec<crate::plan::LiveInstance>, crate::client::ClientError> {
+    use crate::rollout::Outcome;
+    let mut instances = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/api/v1/fleets/{fleet}/instances?attributes=true&limit=10000");
+        if let Some(cursor) = &cursor {
+            path.push_str(&format!("&cursor={cursor}"));
+        }
+        let page = match api.get(&path) {
+            Ok(page) => page,
+            Err(crate::client::ClientError::Refused { status: 404, .. }) => return Ok(Vec::new()),
+            Err(error) => return Err(error),
+        };
+        for row in page["instances"].as_array().into_iter().flatten() {
+            let Some(uid) = row["instance_uid"].as_str().and_then(crate::opamp::codec::InstanceUid::parse) else {
+                continue;
+            };
+            let status = row["status"].as_str().unwrap_or_default();
+            let attributes = row["attributes"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(key, value)| Some((key.clone(), value.as_str()?.to_owned())))
+                .collect();
+            instances.push(crate::plan::LiveInstance {
+                uid: uid.0,
+                live: status != "stale",
+                outcome: match status {
+                    "in_sync" | "observed" => Outcome::Settled,
+                    "failed" => Outcome::Failed,
+                    _ => Outcome::Busy,
+                },
+                host: row["host"].as_str().map(str::to_owned),
+                attributes,
+            });
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return Ok(instances),
+        }
+    }
 }
 
 /// What the server last recorded serving each fleet, from its status branch when this clone
@@ -220,6 +288,10 @@ fn text(plan: &Plan) -> String {
                 rollout.from.as_deref().unwrap_or("nothing"),
                 rollout.to.as_deref().unwrap_or("nothing")
             );
+            let _ = writeln!(out, "      {}", rollout.how);
+            for (index, step) in rollout.steps.iter().enumerate() {
+                let _ = writeln!(out, "        {}", step.describe(index));
+            }
             for line in rollout.diff.lines() {
                 let _ = writeln!(out, "      {line}");
             }
@@ -285,9 +357,14 @@ fn markdown(plan: &Plan) -> String {
                 let _ = writeln!(out, "| `{}` | {} |", line.name, markdown_runs(line));
             }
             for rollout in &plan.rollouts {
+                let mut how = escape_cell(&rollout.how);
+                for (index, step) in rollout.steps.iter().enumerate() {
+                    how.push_str("<br>");
+                    how.push_str(&escape_cell(&step.describe(index)));
+                }
                 let _ = writeln!(
                     out,
-                    "| `{}` | {} → **{}** |",
+                    "| `{}` | {} → **{}**, {how} |",
                     rollout.fleet,
                     cell(rollout.from.as_deref()),
                     cell(rollout.to.as_deref())

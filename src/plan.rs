@@ -56,8 +56,72 @@ pub struct Rollout {
     pub fleet: String,
     pub from: Option<String>,
     pub to: Option<String>,
+    /// How the change reaches the fleet's instances: "at once …", "in 3 steps", "in batches …".
+    pub how: String,
+    /// The steps of its `[rollout]` (batches appear once their sizes are known: with `--server`).
+    pub steps: Vec<PlannedStep>,
     /// Unified diff of the configuration between the two versions.
     pub diff: String,
+}
+
+/// One step of a planned rollout.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PlannedStep {
+    pub name: String,
+    /// `host=gw-canary-*`, or `any instance`.
+    pub selects: String,
+    /// `3`, `10%` or `all`.
+    pub max: String,
+    /// It waits for a commit that raises `release`.
+    pub hold: bool,
+    /// How many of the server's live instances would fall in it now (`check --server`).
+    pub now: Option<crate::rollout::StepCounts>,
+}
+
+impl PlannedStep {
+    fn of(step: &crate::rollout::Step) -> Self {
+        Self {
+            name: step.name.clone(),
+            selects: step.selector.to_string(),
+            max: step.max.map_or_else(|| "all".to_owned(), |max| max.to_string()),
+            hold: step.hold,
+            now: None,
+        }
+    }
+
+    /// "step 1 (canary, host=gw-canary-*, max 3): 3 instances, all in sync; holds …"
+    pub fn describe(&self, index: usize) -> String {
+        let mut text = format!("step {} ({}", index + 1, self.name);
+        if self.selects != "any instance" {
+            text.push_str(&format!(", {}", self.selects));
+        }
+        if self.max != "all" {
+            text.push_str(&format!(", max {}", self.max));
+        }
+        text.push(')');
+        if let Some(now) = &self.now {
+            let plural = if now.instances == 1 { "" } else { "s" };
+            text.push_str(&format!(": {} instance{plural} now", now.instances));
+            let in_sync = if now.instances > 0 && now.in_sync == now.instances {
+                ", all in sync".to_owned()
+            } else if now.instances > 0 {
+                format!(", {} in sync", now.in_sync)
+            } else {
+                String::new()
+            };
+            text.push_str(&in_sync);
+            if now.failed > 0 {
+                text.push_str(&format!(", {} failed", now.failed));
+            }
+            if now.skipped > 0 {
+                text.push_str(&format!(", {} stale (skipped)", now.skipped));
+            }
+        }
+        if self.hold {
+            text.push_str("; waits for a commit that raises `release`");
+        }
+        text
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -90,7 +154,7 @@ pub fn plan(base: Option<&DesiredState>, head: &DesiredState) -> Plan {
                 None => {
                     added.push(name.clone());
                     if fleet.assignment.is_some() {
-                        rollouts.push(rollout(name, None, fleet.assignment.as_ref()));
+                        rollouts.push(rollout(fleet, None, fleet.assignment.as_ref()));
                     }
                 }
                 Some(old) => {
@@ -101,7 +165,7 @@ pub fn plan(base: Option<&DesiredState>, head: &DesiredState) -> Plan {
                         != fleet.assignment.as_ref().map(|v| v.config_hash)
                         || old.assignment.as_ref().map(|v| &v.tag) != fleet.assignment.as_ref().map(|v| &v.tag)
                     {
-                        rollouts.push(rollout(name, old.assignment.as_ref(), fleet.assignment.as_ref()));
+                        rollouts.push(rollout(fleet, old.assignment.as_ref(), fleet.assignment.as_ref()));
                     }
                     let changes = settings_changes(old, fleet);
                     if !changes.is_empty() {
@@ -170,7 +234,7 @@ impl FleetLine {
     }
 }
 
-fn rollout(fleet: &str, from: Option<&Arc<Version>>, to: Option<&Arc<Version>>) -> Rollout {
+fn rollout(fleet: &Fleet, from: Option<&Arc<Version>>, to: Option<&Arc<Version>>) -> Rollout {
     let text = |v: Option<&Arc<Version>>| v.map(|v| String::from_utf8_lossy(&v.body).into_owned()).unwrap_or_default();
     let label =
         |v: Option<&Arc<Version>>| v.map(|v| format!("{}:{}", v.tag, v.file)).unwrap_or_else(|| "/dev/null".to_owned());
@@ -180,7 +244,106 @@ fn rollout(fleet: &str, from: Option<&Arc<Version>>, to: Option<&Arc<Version>>) 
         .context_radius(3)
         .header(&label(from), &label(to))
         .to_string();
-    Rollout { fleet: fleet.to_owned(), from: from.map(|v| v.tag.clone()), to: to.map(|v| v.tag.clone()), diff }
+    let (how, steps) = approach(fleet, from.map(|v| v.tag.as_str()), to.map(|v| v.tag.as_str()));
+    Rollout {
+        fleet: fleet.name().to_owned(),
+        from: from.map(|v| v.tag.clone()),
+        to: to.map(|v| v.tag.clone()),
+        how,
+        steps,
+        diff,
+    }
+}
+
+/// How a change from `from` to `to` reaches the fleet, as the server decides it
+/// (`opamp::rollouts`): at once without a version before, for an earlier version, or without
+/// a `[rollout]`; else in the steps of its `[rollout]`.
+fn approach(fleet: &Fleet, from: Option<&str>, to: Option<&str>) -> (String, Vec<PlannedStep>) {
+    use crate::rollout::Strategy;
+    let (Some(from), Some(to)) = (from, to) else {
+        return ("at once: there is no version before".to_owned(), Vec::new());
+    };
+    if crate::rollout::is_earlier(to, from) {
+        return ("at once: an earlier version is a rollback".to_owned(), Vec::new());
+    }
+    match &fleet.spec.rollout.strategy {
+        Strategy::All => ("at once (no [rollout])".to_owned(), Vec::new()),
+        Strategy::Batches { initial, factor, cap } => {
+            let cap = cap.map(|cap| format!(", at most {cap} each")).unwrap_or_default();
+            (format!("in batches: {initial} first, then ×{factor}{cap}; the last takes the rest"), Vec::new())
+        }
+        strategy => {
+            let steps: Vec<PlannedStep> =
+                crate::rollout::plan(strategy, 0).unwrap_or_default().iter().map(PlannedStep::of).collect();
+            (format!("in {} steps", steps.len()), steps)
+        }
+    }
+}
+
+/// An instance as the server reports it, for `check --server`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveInstance {
+    pub uid: [u8; 16],
+    /// Not stale.
+    pub live: bool,
+    /// Where it stands with the version it runs now.
+    pub outcome: crate::rollout::Outcome,
+    pub host: Option<String>,
+    pub attributes: Vec<(String, String)>,
+}
+
+/// Fills in how many of the live instances would fall in each step of each rollout now (for
+/// batches, the batches themselves): `instances` of each fleet as the server reports them.
+pub fn with_instances_now(plan: &mut Plan, head: &DesiredState, instances: &mut dyn FnMut(&str) -> Vec<LiveInstance>) {
+    for rollout in &mut plan.rollouts {
+        let Some(fleet) = head.fleets.get(&rollout.fleet) else { continue };
+        if rollout.how.starts_with("at once") {
+            continue;
+        }
+        let instances = instances(&rollout.fleet);
+        let live = instances.iter().filter(|instance| instance.live).count();
+        let Some(steps) = crate::rollout::plan(&fleet.spec.rollout.strategy, live) else { continue };
+        let facts: Vec<crate::rollout::Fact> = instances
+            .iter()
+            .map(|instance| crate::rollout::Fact {
+                uid: instance.uid,
+                live: instance.live,
+                matches: crate::rollout::matching_steps(
+                    &steps,
+                    instance.host.as_deref(),
+                    instance.attributes.iter().map(|(key, value)| (key.as_str(), value.as_str())),
+                ),
+                outcome: instance.outcome,
+            })
+            .collect();
+        let counts = crate::rollout::Rollout::preview(steps.clone(), &facts);
+        rollout.steps = steps
+            .iter()
+            .zip(counts)
+            .map(|(step, now)| PlannedStep { now: Some(now), ..PlannedStep::of(step) })
+            .collect();
+    }
+}
+
+/// A `[rollout]` table in a line, `release` aside (it has its own line).
+fn rollout_text(spec: &crate::rollout::RolloutSpec) -> String {
+    use crate::rollout::Strategy;
+    let strategy = match &spec.strategy {
+        Strategy::All => return "all at once".to_owned(),
+        Strategy::Batches { initial, factor, cap } => {
+            format!("batches of {initial} ×{factor}{}", cap.map(|c| format!(" at most {c}")).unwrap_or_default())
+        }
+        Strategy::Steps(steps) => {
+            let names: Vec<&str> = steps.iter().map(|step| step.name.as_str()).collect();
+            format!("steps {}", names.join(", "))
+        }
+    };
+    format!(
+        "{strategy}; bake {}, max_failures {}, on_failure {}",
+        crate::duration::format_duration(spec.bake),
+        spec.max_failures,
+        if spec.on_failure == crate::rollout::OnFailure::Rollback { "rollback" } else { "halt" }
+    )
 }
 
 fn settings_changes(old: &Fleet, new: &Fleet) -> Vec<String> {
@@ -219,6 +382,9 @@ fn settings_changes(old: &Fleet, new: &Fleet) -> Vec<String> {
         show(old.install.supervisor_version.clone()),
         show(new.install.supervisor_version.clone()),
     );
+    compare("rollout", rollout_text(&old.rollout), rollout_text(&new.rollout));
+    let released = if new.rollout.release > old.rollout.release { " (releases a held step)" } else { "" };
+    compare("rollout.release", old.rollout.release.to_string(), format!("{}{released}", new.rollout.release));
     compare(
         "health.stale_after",
         crate::duration::format_duration(old.health.stale_after),

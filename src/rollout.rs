@@ -591,6 +591,13 @@ impl Rollout {
             ));
             return;
         }
+        self.admit(step, facts);
+        self.steps[step].started_ms = Some(now_ms);
+    }
+
+    /// Admits to `step` the live instances its selector matches, up to its `max`; stale ones
+    /// it matches are skipped.
+    fn admit(&mut self, step: usize, facts: &[Fact]) {
         let live = facts.iter().filter(|fact| fact.live).count();
         let mut room = self.steps[step].max.map_or(usize::MAX, |max| max.of(live));
         let index = u16::try_from(step).expect("at most MAX_STEPS steps");
@@ -605,7 +612,17 @@ impl Rollout {
                 self.members.insert(fact.uid, Member { step: index, skipped: false });
             }
         }
-        self.steps[step].started_ms = Some(now_ms);
+    }
+
+    /// Where the instances of `facts` would go if a rollout with `steps` started now and
+    /// ran every step (holds and bakes aside): the counts of each step.
+    pub fn preview(steps: Vec<Step>, facts: &[Fact]) -> Vec<StepCounts> {
+        let to = VersionRef { tag: String::new(), hash: String::new() };
+        let mut rollout = Self { steps, ..Self::settled(None, to, None, 0) };
+        for step in 0..rollout.steps.len() {
+            rollout.admit(step, facts);
+        }
+        rollout.counts(facts)
     }
 }
 
@@ -641,6 +658,17 @@ pub fn plan(strategy: &Strategy, live: usize) -> Option<Vec<Step>> {
             steps.push(step(format!("batch {}", steps.len() + 1), Selector::default(), None, false));
             Some(steps)
         }
+    }
+}
+
+/// `a` is an earlier version of the same configuration than `b` (tags like `gateway/v7`):
+/// a fleet that goes back takes it at once, without a rollout.
+pub fn is_earlier(a: &str, b: &str) -> bool {
+    match (a.split_once('/'), b.split_once('/')) {
+        (Some((config_a, a)), Some((config_b, b))) if config_a == config_b => {
+            crate::repo::version::compare_versions(a, b) == std::cmp::Ordering::Less
+        }
+        _ => false,
     }
 }
 

@@ -152,7 +152,7 @@ fn changed(
 ) -> Rollout {
     let active = current.state.is_active();
     let back_to_before = active && current.from.as_ref().is_some_and(|from| from.tag == to.tag);
-    if back_to_before || is_earlier(&to.tag, &current.to.tag) {
+    if back_to_before || crate::rollout::is_earlier(&to.tag, &current.to.tag) {
         let reason = if active {
             format!("{} went back to {} in Git: every instance takes it at once", current.to.tag, to.tag)
         } else {
@@ -189,16 +189,6 @@ pub fn version_of<'d>(desired: &'d DesiredState, tag: &str) -> Option<&'d Arc<cr
     let (config, version) = tag.split_once('/')?;
     let configuration = desired.configs.get(config)?;
     configuration.find(version).or_else(|| configuration.find_deleted(version))
-}
-
-/// `a` is an earlier version of the same configuration than `b`.
-fn is_earlier(a: &str, b: &str) -> bool {
-    match (a.split_once('/'), b.split_once('/')) {
-        (Some((config_a, a)), Some((config_b, b))) if config_a == config_b => {
-            crate::repo::version::compare_versions(a, b) == std::cmp::Ordering::Less
-        }
-        _ => false,
-    }
 }
 
 fn stale_after_ms(fleet: &Fleet) -> i64 {

@@ -104,6 +104,9 @@ struct InstanceQuery {
     limit: Option<usize>,
     /// The `next_cursor` of the previous page: instances after this `instance_uid`.
     cursor: Option<String>,
+    /// With `true`, each instance carries every attribute it reported (`attributes`), as
+    /// rollout steps select by them.
+    attributes: bool,
 }
 
 const MAX_LIMIT: usize = 10_000;
@@ -163,8 +166,23 @@ fn list_instances(state: &WebState, fleet: Option<String>, query: InstanceQuery)
         Some(_) => page.last().map(|(uid, _)| uid.to_string()),
         None => None,
     };
+    let by_uid: std::collections::HashMap<InstanceUid, &InstanceRecord> =
+        if query.attributes { records.iter().map(|record| (record.uid, record)).collect() } else { Default::default() };
+    let json_of = |(uid, row): &(InstanceUid, crate::status::InstanceRow)| {
+        let mut value = row.to_json();
+        if let Some(record) = by_uid.get(uid) {
+            let attributes: serde_json::Map<String, Value> = record
+                .description
+                .iter()
+                .flat_map(|d| d.identifying.iter().chain(&d.non_identifying))
+                .map(|(key, value)| (key.clone(), json!(value)))
+                .collect();
+            value["attributes"] = Value::Object(attributes);
+        }
+        value
+    };
     Json(json!({
-        "instances": page.iter().map(|(_, row)| row.to_json()).collect::<Vec<_>>(),
+        "instances": page.iter().map(json_of).collect::<Vec<_>>(),
         "next_cursor": next_cursor,
     }))
     .into_response()

@@ -123,9 +123,35 @@ fn a_failing_canary_halts_the_rollout_and_going_back_in_git_ends_it() {
     let mut others: Vec<Agent> = (2..=4).map(|n| Agent::connect(&server, n, &format!("gw-{n}")).0).collect();
     server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "4 in sync", |f| f["counts"]["in_sync"] == 4);
 
+    // The pull request: `check --server` shows where today's live instances would go.
     publish_v2(&repo);
+    repo.git(&["checkout", "-q", "-b", "roll-out-v2"]);
     prod_fleet(&repo, "v2", CANARY_THEN_REST);
     repo.commit("Roll out gateway v2 to prod");
+    let web = format!("http://{}", server.web);
+    let path = repo.path().display().to_string();
+    let output = gitfleet()
+        .args(["check", "--repo", &path, "--base", "main", "--rev", "roll-out-v2", "--server", &web])
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}{}", String::from_utf8_lossy(&output.stderr));
+    let expected = "  ~ fleet prod-gateway: gateway/v1 → gateway/v2\n      in 2 steps\n        \
+        step 1 (canary, host=gw-canary-*, max 1): 1 instance now, all in sync\n        \
+        step 2 (rest): 3 instances now, all in sync; waits for a commit that raises `release`\n";
+    assert!(text.contains(expected), "{text}");
+    let output = gitfleet()
+        .args(["check", "--repo", &path, "--base", "main", "--rev", "roll-out-v2", "--server", "http://127.0.0.1:9"])
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(2), "a server that cannot be read is an error");
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("cannot reach http://127.0.0.1:9/api/v1/fleets/prod-gateway/instances")
+    );
+    // Merged.
+    repo.git(&["checkout", "-q", "main"]);
+    repo.git(&["merge", "-q", "--ff-only", "roll-out-v2"]);
     let v2 = canary.take_push(FAILED, "exporter otlp: connection refused");
     assert_ne!(v2, v1);
     let fleet = rollout_state(&server, "halted");
