@@ -203,9 +203,14 @@ impl Fixture {
     }
 
     fn roll_out(&self, version: &str, rotate: u32) {
+        self.roll_out_in_steps(version, rotate, "");
+    }
+
+    /// Rolls out `version` with `rollout` (a `[rollout]` table) in the fleet file.
+    fn roll_out_in_steps(&self, version: &str, rotate: u32, rollout: &str) {
         self.repo.write(
             &format!("fleets/{FLEET}.toml"),
-            fleet_file(version, self.endpoint.as_deref(), self.supervisor, rotate),
+            fleet_file(version, self.endpoint.as_deref(), self.supervisor, rotate) + rollout,
         );
         self.repo.commit(&format!("{FLEET}: gateway {version}"));
     }
@@ -855,4 +860,100 @@ fn the_collector_takes_the_pipeline_the_supervisor_may_bootstrap_it_with() {
         .output()
         .expect("the collector runs");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// This machine's name, which the Supervisor reports as `host.name`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").expect("the host name").trim().to_owned()
+}
+
+fn rollout_of(server: &Server) -> Value {
+    server.json(&format!("/api/v1/fleets/{FLEET}"))["rollout"].clone()
+}
+
+#[test]
+fn a_real_collector_as_the_canary_holds_the_fleet_and_a_failure_rolls_it_back() {
+    use crate::rollout::{APPLIED, Agent};
+    let _turn = one_host_at_a_time();
+    let releases = releases();
+    let opamp = format!("127.0.0.1:{}", free_port());
+    let fixture = Fixture::new(Some(format!("ws://{opamp}/v1/opamp")), SUPERVISOR);
+    // The canary is this machine's collector; the rest of the fleet is two scripted agents.
+    let steps = format!(
+        "[rollout]\nbake = \"2s\"\non_failure = \"rollback\"\n\
+         [[rollout.steps]]\nname = \"canary\"\nhost = \"{}\"\nmax = 1\n\
+         [[rollout.steps]]\nname = \"rest\"\nhold = true\n",
+        host_name()
+    );
+    fixture.roll_out_in_steps("v1", 0, &steps);
+    let data = tempfile::tempdir().expect("temp dir");
+    let releases_text = releases.display().to_string();
+    let extra = ["--artifacts-dir", &releases_text, "--poll-interval", "1h"];
+    let server = Server::start_on(&opamp, "127.0.0.1:0", &fixture.path(), data.path(), &extra);
+    server.token(FLEET);
+    let set = install_files(data.path(), &["--artifacts-dir", &releases_text]);
+    let mut host = Host::new();
+    host.install_bundle(&set.path().join(format!("gitfleet-{FLEET}-linux-{}.tar.gz", arch())));
+    host.start();
+    let uid = host.instance_uid();
+    in_sync_at(&server, &uid, &host, "gateway/v1");
+    let mut rest: Vec<Agent> = (1..=2).map(|n| Agent::connect_to(&server, FLEET, n, &format!("gw-{n}")).0).collect();
+
+    // v2: the real collector takes it first; the rest wait for a commit.
+    fixture.publish("v2", &fixture.gateway("production-v2"));
+    fixture.roll_out_in_steps("v2", 0, &steps);
+    let canary = in_sync_at(&server, &uid, &host, "gateway/v2");
+    assert_eq!(canary["assigned_because"], "step 1", "{canary:#}");
+    runs(&server, &uid, &host, "production-v2");
+    let deadline = Instant::now() + CONVERGE;
+    while rollout_of(&server)["state"] != "held" {
+        assert!(Instant::now() < deadline, "never held: {:#}\n{}", rollout_of(&server), host.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let held = server.json(&format!("/api/v1/instances/{}", crate::opamp::uid_text(rest[0].uid)));
+    assert_eq!((held["assigned_tag"].as_str(), held["assigned_because"].as_str()), (Some("gateway/v1"), Some("held")));
+    assert_eq!(fixture.send_span(), 200);
+    fixture.backend.wait_for_traces_with("production-v2", &host);
+
+    // The approval: the rest follow, and the rollout completes.
+    fixture.roll_out_in_steps("v2", 0, &steps.replace("bake = \"2s\"", "bake = \"2s\"\nrelease = 1"));
+    let v2 = rest[0].take_push(APPLIED, "");
+    assert_eq!(rest[1].take_push(APPLIED, ""), v2);
+    let deadline = Instant::now() + CONVERGE;
+    while rollout_of(&server)["state"] != "complete" {
+        assert!(Instant::now() < deadline, "never complete: {:#}", rollout_of(&server));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // v3 validates but cannot start on the canary (its port is taken): the Supervisor
+    // reports it failed, the rollout rolls back, and the canary is sent v2 again. The rest
+    // never see v3.
+    let taken = TcpListener::bind("127.0.0.1:0").expect("hold a port");
+    let crashing = fixture
+        .gateway("production-v3")
+        .replace(&format!("127.0.0.1:{}", fixture.ports.grpc), &taken.local_addr().expect("address").to_string());
+    fixture.publish("v3", &crashing);
+    fixture.roll_out_in_steps("v3", 0, &steps.replace("bake = \"2s\"", "bake = \"2s\"\nrelease = 1"));
+    let back = instance(&server, &uid, &host, "rolled back to v2", |i| {
+        i["assigned_tag"] == "gateway/v2" && i["assigned_because"] == "rollback" && i["status"] == "in_sync"
+    });
+    assert!(
+        back["events"]
+            .as_array()
+            .is_some_and(|events| events.iter().any(|e| e["kind"] == "assigned" && e["tag"] == "gateway/v3")),
+        "{back:#}"
+    );
+    let rollout = rollout_of(&server);
+    assert_eq!(rollout["state"], "rolled_back");
+    let reason = rollout["reason"].as_str().expect("a reason");
+    assert!(reason.starts_with("rolled back to gateway/v2 at step 1/2 (canary): 1 of 1"), "{reason}");
+    runs(&server, &uid, &host, "production-v2");
+    assert_eq!(fixture.send_span(), 200, "v2 runs again");
+    for agent in &rest {
+        let row = server.json(&format!("/api/v1/instances/{}", crate::opamp::uid_text(agent.uid)));
+        assert_eq!(row["assigned_tag"], "gateway/v2", "{row:#}");
+    }
+    drop(taken);
+    rest.clear();
+    server.stop();
 }

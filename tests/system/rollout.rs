@@ -10,7 +10,7 @@ use crate::opamp::{full_state, report, uid_text};
 use crate::status::{FakeForge, status_log};
 
 const WAIT: Duration = Duration::from_secs(20);
-const APPLIED: i32 = 1;
+pub(crate) const APPLIED: i32 = 1;
 const FAILED: i32 = 3;
 
 /// The prod fleet file with `rollout` appended, at `version`.
@@ -33,17 +33,22 @@ fn publish_v2(repo: &GitRepo) {
     repo.annotated_tag("gateway/v2", "Smaller batches");
 }
 
-/// An agent of prod that connects, takes what it is given and reports it applied.
-struct Agent {
-    uid: [u8; 16],
+/// A scripted agent that connects, takes what it is given and reports it applied.
+pub(crate) struct Agent {
+    pub(crate) uid: [u8; 16],
     ws: OpampWs,
     seq: u64,
 }
 
 impl Agent {
+    /// An agent of prod.
     fn connect(server: &Server, n: u8, host: &str) -> (Self, Vec<u8>) {
+        Self::connect_to(server, "prod-gateway", n, host)
+    }
+
+    pub(crate) fn connect_to(server: &Server, fleet: &str, n: u8, host: &str) -> (Self, Vec<u8>) {
         let uid = [n; 16];
-        let mut ws = OpampWs::connect(server.opamp, &server.token("prod-gateway")).expect("connects");
+        let mut ws = OpampWs::connect(server.opamp, &server.token(fleet)).expect("connects");
         ws.send(&full_state(uid, 0, host));
         let hash = ws.recv().remote_config.expect("a config").config_hash;
         let mut agent = Self { uid, ws, seq: 0 };
@@ -51,14 +56,14 @@ impl Agent {
         (agent, hash)
     }
 
-    fn report(&mut self, hash: &[u8], status: i32, error: &str) {
+    pub(crate) fn report(&mut self, hash: &[u8], status: i32, error: &str) {
         self.seq += 1;
         self.ws.send(&report(self.uid, self.seq, hash, status, error));
         self.ws.recv();
     }
 
     /// Waits for a pushed config, and reports it `status`.
-    fn take_push(&mut self, status: i32, error: &str) -> Vec<u8> {
+    pub(crate) fn take_push(&mut self, status: i32, error: &str) -> Vec<u8> {
         let hash = self.ws.recv().remote_config.expect("a pushed config").config_hash;
         self.report(&hash, status, error);
         hash
