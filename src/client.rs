@@ -148,7 +148,12 @@ impl FleetLine {
             version: fleet["version"].as_str().map_or_else(|| "observe only".to_owned(), str::to_owned),
             rollout: rollout_text(rollout),
             instances: fleet["instances"].as_u64().unwrap_or(0),
-            in_sync: count("in_sync"),
+            // During a rollout, in sync on its new version: the old one is not the goal.
+            in_sync: if matches!(rollout["state"].as_str(), Some("running" | "held" | "halted")) {
+                rollout["steps"].as_array().into_iter().flatten().filter_map(|step| step["in_sync"].as_u64()).sum()
+            } else {
+                count("in_sync")
+            },
             failed: count("failed"),
             stale: count("stale"),
             last_change: rollout["changed_at"].as_str().unwrap_or("-").to_owned(),
@@ -308,7 +313,8 @@ mod tests {
     }
 
     fn rollout(state: &str, step: u64, reason: Option<&str>) -> Value {
-        json!({ "state": state, "step": step, "steps_total": 4, "reason": reason, "changed_at": "2026-12-01T10:00:00Z" })
+        let steps = json!([{ "in_sync": 3 }, { "in_sync": 37 }, { "in_sync": 0 }, { "in_sync": 0 }]);
+        json!({ "state": state, "step": step, "steps_total": 4, "steps": steps, "reason": reason, "changed_at": "2026-12-01T10:00:00Z" })
     }
 
     #[test]
@@ -325,7 +331,7 @@ mod tests {
             FLEET         VERSION       ROLLOUT        IN SYNC  FAILED  STALE  LAST CHANGE
             prod-gateway  v8            step 2/4       40/120   0       0      2026-12-01T10:00:00Z
             nodes         observe only  -              0/3      0       3      -
-            prod-gateway  v8            halted at 1/4  2/120    1       0      2026-12-01T10:00:00Z
+            prod-gateway  v8            halted at 1/4  40/120   1       0      2026-12-01T10:00:00Z
             prod-gateway: halted at step 1/4 (canary): 1 of 3 failed
         "#]]
         .assert_eq(&render_table(&lines));
