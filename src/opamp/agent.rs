@@ -123,7 +123,7 @@ pub fn handle(
         // The collector now uses another token, possibly another fleet's: it moved.
         record.fleet = Arc::clone(&connection.fleet);
         record.token_id = Arc::clone(&connection.token_id);
-        record.dirty = true;
+        record.touch();
     }
     let gap = known && record.sequence_num.map(|last| last.wrapping_add(1)) != Some(message.sequence_num);
     // Sequence numbers start over with each agent process (a repeat is an HTTP retry).
@@ -142,21 +142,21 @@ pub fn handle(
         || record.config.capabilities != message.capabilities
         || record.transport != Some(connection.transport);
     if reports_something {
-        record.dirty = true;
+        record.touch();
     }
     if let Some(description) = &message.agent_description {
         record.description = Some(Box::new(describe(description)));
     }
     if let Some(health) = &message.health {
+        if record.health.as_ref().map(|h| h.healthy) != Some(health.healthy) {
+            crate::opamp::registry::note_outcome_change();
+        }
         record.health = Some(Box::new(health_summary(health)));
     }
     if let Some(effective) = &message.effective_config {
         record.effective_config = effective_config(effective).map(Box::new);
-        record.runs_pipelines = record
-            .effective_config
-            .as_ref()
-            .and_then(|config| crate::repo::lint::pipeline_count(&config.body))
-            .map(|count| count > 0);
+        record.runs_pipelines =
+            record.effective_config.as_ref().and_then(|config| registry.runs_pipelines(&config.body));
     }
     // The build's components: a whole list is kept by its hash; a hash alone is looked up,
     // and asked for in full when gitfleet does not know it (opamp.md §3.11).
@@ -173,7 +173,7 @@ pub fn handle(
         ask_components = known.is_none() && available.components.is_empty();
         if known.is_some() {
             record.components = known;
-            record.dirty = true;
+            record.touch();
         }
     }
     let report = message.remote_config_status.as_ref().map(|status| {

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
-use crate::opamp::registry::{AvailableComponents, InstanceRecord, Registry};
+use crate::opamp::registry::{AvailableComponents, InstanceRecord, Registry, Unsaved};
 use crate::store::{Store, StoreError};
 
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
@@ -124,21 +124,35 @@ async fn flush(registry: &Arc<Registry>, store: &Arc<dyn Store>) {
             Err(_) => registry.mark_components_unsaved(lists),
         }
     }
-    let (instances, events) = registry.take_unsaved();
-    if instances.is_empty() && events.is_empty() {
-        return;
-    }
-    let uids: Vec<[u8; 16]> = instances.iter().map(|i| i.uid).collect();
-    let store = Arc::clone(store);
-    let count = instances.len();
-    let saved = tokio::task::spawn_blocking(move || store.save_instances(&instances, &events))
-        .await
-        .expect("saving does not panic");
-    match saved {
-        Ok(()) => debug!(instances = count, "saved instances"),
-        Err(error) => {
-            warn!(%error, instances = count, "cannot save instances; will retry");
-            registry.mark_unsaved(uids);
+    let mut unsaved = registry.unsaved();
+    // In chunks: each is one transaction, acknowledged when committed, and other writers
+    // (a rollout that must be stored before it moves anyone) wait for one chunk at most.
+    while !unsaved.is_empty() {
+        let chunk: Vec<Unsaved> = unsaved.drain(..unsaved.len().min(SAVE_CHUNK)).collect();
+        let (mut instances, mut events, mut receipts) = (Vec::new(), Vec::new(), Vec::new());
+        for Unsaved { instance, events: new, receipt } in chunk {
+            instances.push(instance);
+            receipts.push((receipt, new.len()));
+            events.extend(new);
+        }
+        let writer = Arc::clone(store);
+        let count = instances.len();
+        let saved = tokio::task::spawn_blocking(move || writer.save_instances(&instances, &events))
+            .await
+            .expect("saving does not panic");
+        match saved {
+            Ok(()) => {
+                registry.saved(receipts);
+                debug!(instances = count, "saved instances");
+            }
+            Err(error) => {
+                // Nothing was marked written: the next flush takes them again.
+                warn!(%error, instances = count + unsaved.len(), "cannot save instances; will retry");
+                return;
+            }
         }
     }
 }
+
+/// Instances written per transaction.
+const SAVE_CHUNK: usize = 1000;

@@ -17,11 +17,25 @@ use crate::rollout::{Decision, Rollout};
 use crate::status::{Failure, InstanceRow, Tally};
 
 const SHARDS: usize = 64;
+
+/// Bumped whenever an instance's status or health changes: running rollouts look at their
+/// instances again only when it moved (or a bake is due), not on every tick.
+static OUTCOME_CHANGES: AtomicU64 = AtomicU64::new(0);
+
+/// An instance's status or health changed.
+pub fn note_outcome_change() {
+    OUTCOME_CHANGES.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How many times an instance's status or health changed since the process started.
+pub fn outcome_changes() -> u64 {
+    OUTCOME_CHANGES.load(Ordering::Relaxed)
+}
 /// History entries kept in memory per instance.
 const HISTORY_KEPT: usize = 50;
 
 /// What one fleet's instances should run, as the OpAMP layer needs it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct FleetTarget {
     /// The fleet's version; `None` for observe-only fleets and fleets without a version.
     pub version: Option<Arc<ServedVersion>>,
@@ -48,13 +62,37 @@ pub struct ServedVersion {
     pub declares_pipelines: bool,
 }
 
+/// Targets are compared each time they are rebuilt, to wake sessions only on a change. A
+/// rollout is a new `Arc` whenever it changed (`RolloutBook::save`), so its pointer says it;
+/// comparing the rollouts' contents would compare every instance they moved.
+impl PartialEq for FleetTarget {
+    fn eq(&self, other: &Self) -> bool {
+        let same = |a: &Option<Arc<ServedVersion>>, b: &Option<Arc<ServedVersion>>| match (a, b) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        let same_rollout = match (&self.rollout, &other.rollout) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        same(&self.version, &other.version)
+            && same(&self.before, &other.before)
+            && same_rollout
+            && self.stale_after_ms == other.stale_after_ms
+            && self.current_token == other.current_token
+            && self.credentials == other.credentials
+    }
+}
+
+impl Eq for FleetTarget {}
+
 impl FleetTarget {
     /// The version `record` should run, and why: the one place an instance's assignment is
     /// decided.
     pub fn decide(&self, record: &InstanceRecord) -> (Option<&Arc<ServedVersion>>, Decision) {
         let Some(version) = &self.version else { return (None, Decision::Fleet) };
-        let Some(rollout) = self.rollout.as_deref().filter(|r| r.to.hash == hex::encode(&version.assignment.hash))
-        else {
+        // `targets_of` attaches only the rollout of the fleet's version.
+        let Some(rollout) = self.rollout.as_deref().filter(|r| r.state.decides()) else {
             return (Some(version), Decision::Fleet);
         };
         let decision = rollout.decide(&record.uid.0, || record.matching_steps(&rollout.steps));
@@ -220,8 +258,10 @@ pub struct InstanceRecord {
     pub takeovers: u32,
     pub takeovers_since_ms: i64,
     pub history: VecDeque<HistoryEntry>,
-    /// Changed since it was last written to the store.
-    pub dirty: bool,
+    /// Bumped by every change worth writing (`touch`); the record is written while it differs
+    /// from `saved_edits`, the count the store acknowledged.
+    edits: u32,
+    saved_edits: u32,
     /// History entries at the end of `history` not written yet.
     pub unsaved_events: usize,
     /// The `last_seen` the store has.
@@ -248,21 +288,33 @@ impl InstanceRecord {
             takeovers: 0,
             takeovers_since_ms: 0,
             history: VecDeque::new(),
-            dirty: true,
+            edits: 1,
+            saved_edits: 0,
             unsaved_events: 0,
             last_seen_saved_ms: 0,
         }
     }
 
+    /// Something worth writing to the store changed.
+    pub fn touch(&mut self) {
+        self.edits = self.edits.wrapping_add(1);
+    }
+
+    /// Changed since the store last acknowledged it.
+    pub fn is_dirty(&self) -> bool {
+        self.edits != self.saved_edits
+    }
+
     /// Records changes in the history, keeping the last `HISTORY_KEPT`.
     pub fn record(&mut self, changes: Vec<Change>, now_ms: i64) {
         if !changes.is_empty() {
-            self.dirty = true;
+            self.touch();
         }
         for change in changes {
             self.unsaved_events = (self.unsaved_events + 1).min(HISTORY_KEPT);
             if let Change::Status { to, .. } = &change {
                 self.status = *to;
+                note_outcome_change();
             }
             if self.history.len() == HISTORY_KEPT {
                 self.history.pop_front();
@@ -442,7 +494,7 @@ impl InstanceRecord {
                 Some(HistoryEntry { at_ms: event.at_ms, change: serde_json::from_str(&event.event).ok()? })
             })
             .collect();
-        record.dirty = false;
+        record.saved_edits = record.edits;
         record.last_seen_saved_ms = stored.last_seen_ms;
         record
     }
@@ -460,6 +512,21 @@ fn to_json<T: Serialize>(value: &T) -> String {
 
 pub use crate::status::Counts;
 
+/// A record to write, with what the store must acknowledge (`Registry::saved`).
+pub struct Unsaved {
+    pub instance: crate::store::StoredInstance,
+    pub events: Vec<crate::store::StoredEvent>,
+    pub receipt: Receipt,
+}
+
+/// Which state of a record a write carried.
+#[derive(Clone, Copy, Debug)]
+pub struct Receipt {
+    uid: InstanceUid,
+    edits: u32,
+    last_seen_ms: i64,
+}
+
 /// A fleet's counts plus drift (served ≠ assigned), and its instances per install token.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FleetSummary {
@@ -476,6 +543,10 @@ pub struct Registry {
     next_session: AtomicU64,
     /// Locked after a shard (never the other way round), or alone.
     components: Mutex<ComponentCatalog>,
+    /// Whether an effective config runs pipelines, by the hash of its text: thousands of
+    /// instances of a fleet report the same text, and parsing it is the dearest part of a
+    /// report. Locked after a shard, or alone.
+    pipelines: Mutex<HashMap<u64, Option<bool>>>,
 }
 
 impl Default for Registry {
@@ -484,6 +555,7 @@ impl Default for Registry {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             next_session: AtomicU64::new(1),
             components: Mutex::default(),
+            pipelines: Mutex::default(),
         }
     }
 }
@@ -534,6 +606,26 @@ impl Registry {
     /// Lists whose write failed, to write again with the next batch.
     pub fn mark_components_unsaved(&self, lists: Vec<Arc<AvailableComponents>>) {
         self.catalog().unsaved.extend(lists);
+    }
+
+    /// Whether an effective config (YAML) runs any pipeline; `None` when it cannot tell.
+    pub fn runs_pipelines(&self, config: &str) -> Option<bool> {
+        use std::hash::{BuildHasher, RandomState};
+        /// Distinct texts remembered; beyond that the memory starts over.
+        const KEPT: usize = 1024;
+        static KEYS: std::sync::LazyLock<RandomState> = std::sync::LazyLock::new(RandomState::new);
+        let key = KEYS.hash_one(config);
+        let lock = || self.pipelines.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(known) = lock().get(&key) {
+            return *known;
+        }
+        let runs = crate::repo::lint::pipeline_count(config).map(|count| count > 0);
+        let mut known = lock();
+        if known.len() >= KEPT {
+            known.clear();
+        }
+        known.insert(key, runs);
+        runs
     }
 
     pub fn new_session_id(&self) -> u64 {
@@ -697,37 +789,48 @@ impl Registry {
         self.shard(uid).get(uid).cloned()
     }
 
-    /// Takes what must be written: records that changed (and their new history entries),
-    /// and records whose `last_seen` moved by `LAST_SEEN_WRITE_EVERY_MS`.
-    pub fn take_unsaved(&self) -> (Vec<crate::store::StoredInstance>, Vec<crate::store::StoredEvent>) {
-        let mut instances = Vec::new();
-        let mut events = Vec::new();
+    /// What must be written: records that changed (and their new history entries), and
+    /// records whose `last_seen` moved by `LAST_SEEN_WRITE_EVERY_MS`. Nothing is marked
+    /// written here: `saved` does that once the store has committed them, so a failed write
+    /// loses nothing and is tried again.
+    pub fn unsaved(&self) -> Vec<Unsaved> {
+        let mut unsaved = Vec::new();
         self.for_each(|record| {
             let last_seen_due = record.config.last_seen_ms - record.last_seen_saved_ms >= LAST_SEEN_WRITE_EVERY_MS;
-            if !record.dirty && !last_seen_due && record.unsaved_events == 0 {
+            if !record.is_dirty() && !last_seen_due && record.unsaved_events == 0 {
                 return;
             }
-            instances.push(record.to_stored());
-            // The store has it now; an effective config can be large, so memory lets go.
-            record.effective_config = None;
             let skip = record.history.len().saturating_sub(record.unsaved_events);
-            for entry in record.history.iter().skip(skip) {
-                let event = serde_json::to_string(&entry.change).expect("changes serialize to JSON");
-                events.push(crate::store::StoredEvent { uid: record.uid.0, at_ms: entry.at_ms, event });
-            }
-            record.dirty = false;
-            record.unsaved_events = 0;
-            record.last_seen_saved_ms = record.config.last_seen_ms;
+            let events = record
+                .history
+                .iter()
+                .skip(skip)
+                .map(|entry| {
+                    let event = serde_json::to_string(&entry.change).expect("changes serialize to JSON");
+                    crate::store::StoredEvent { uid: record.uid.0, at_ms: entry.at_ms, event }
+                })
+                .collect();
+            unsaved.push(Unsaved {
+                instance: record.to_stored(),
+                events,
+                receipt: Receipt { uid: record.uid, edits: record.edits, last_seen_ms: record.config.last_seen_ms },
+            });
         });
-        (instances, events)
+        unsaved
     }
 
-    /// Marks records to be written again (after a failed write).
-    pub fn mark_unsaved(&self, uids: impl IntoIterator<Item = [u8; 16]>) {
-        for uid in uids {
-            let uid = InstanceUid(uid);
-            if let Some(record) = self.shard(&uid).get_mut(&uid) {
-                record.dirty = true;
+    /// The store committed what `receipts` took: those records are clean unless they changed
+    /// since, and their effective configs live in the store from now on.
+    pub fn saved(&self, receipts: impl IntoIterator<Item = (Receipt, usize)>) {
+        for (receipt, events) in receipts {
+            let mut shard = self.shard(&receipt.uid);
+            let Some(record) = shard.get_mut(&receipt.uid) else { continue };
+            record.unsaved_events = record.unsaved_events.saturating_sub(events);
+            record.last_seen_saved_ms = record.last_seen_saved_ms.max(receipt.last_seen_ms);
+            if record.edits == receipt.edits {
+                record.saved_edits = receipt.edits;
+                // An effective config can be large: once stored, memory lets go of it.
+                record.effective_config = None;
             }
         }
     }
@@ -778,5 +881,40 @@ mod tests {
         assert!(record.row(&targets, 20).drifted);
         record.sync(Some(&v2), 20);
         assert_eq!(record.status_for(Some(&v2), 20), Status::Pending, "the same once synced");
+    }
+
+    #[test]
+    fn a_record_is_clean_only_once_the_store_acknowledged_what_it_took() {
+        let registry = Registry::default();
+        let uid = InstanceUid([9; 16]);
+        let mut record = InstanceRecord::new(uid, Arc::from("prod"), Arc::from("tk"), 0x3847, 0);
+        record.effective_config = Some(Box::new(EffectiveConfig { content_type: String::new(), body: "a: 1".into() }));
+        record.record(vec![Change::Status { from: Status::Pending, to: Status::InSync }], 5);
+        registry.restore([record]);
+
+        // A write that failed: nothing was acknowledged, everything is taken again.
+        let first = registry.unsaved();
+        assert_eq!((first.len(), first[0].events.len()), (1, 1));
+        let again = registry.unsaved();
+        assert_eq!((again.len(), again[0].events.len()), (1, 1), "nothing lost");
+        assert!(registry.get(&uid).unwrap().effective_config.is_some(), "kept until stored");
+
+        // Changed while the write was under way: the new change stays to be written.
+        let taken = registry.unsaved().remove(0);
+        registry
+            .shard(&uid)
+            .get_mut(&uid)
+            .unwrap()
+            .record(vec![Change::Status { from: Status::InSync, to: Status::Failed }], 9);
+        registry.saved([(taken.receipt, taken.events.len())]);
+        let after = registry.unsaved();
+        assert_eq!(after.len(), 1, "still dirty");
+        assert_eq!(after[0].events.len(), 1, "only the new entry");
+        assert!(registry.get(&uid).unwrap().effective_config.is_some());
+
+        let taken = after.into_iter().next().unwrap();
+        registry.saved([(taken.receipt, taken.events.len())]);
+        assert!(registry.unsaved().is_empty(), "clean");
+        assert!(registry.get(&uid).unwrap().effective_config.is_none(), "the store has it now");
     }
 }
