@@ -406,6 +406,103 @@ fn prepare_fleet_commit(dir: &Path, round: usize, configs: usize) -> Result<Stri
     run(&["commit-tree", &tree, "-p", "HEAD", "-m", &format!("bench round {round}")])
 }
 
+/// Publishes `gateway/v<version>` (a smaller batch size each time) and moves prod-gateway to
+/// it, with `rollout` as its `[rollout]`, in one ref update; when the refs moved.
+fn push_version(repo: &Path, version: usize, rollout: &str) -> Result<Instant, BenchError> {
+    let text = std::fs::read_to_string(repo.join("configs/gateway.yaml")).map_err(io("reading the config"))?;
+    let (before, after) = (8192 >> (version - 2), 8192 >> (version - 1));
+    std::fs::write(
+        repo.join("configs/gateway.yaml"),
+        text.replace(&format!("send_batch_size: {before}"), &format!("send_batch_size: {after}")),
+    )
+    .map_err(io("writing the config"))?;
+    let fleet = std::fs::read_to_string(repo.join("fleets/prod-gateway.toml")).map_err(io("reading the fleet"))?;
+    let fleet = fleet.replace(&format!("version = \"v{}\"", version - 1), &format!("version = \"v{version}\""));
+    std::fs::write(repo.join("fleets/prod-gateway.toml"), fleet + rollout).map_err(io("writing the fleet"))?;
+    git(repo, &["add", "--all"])?;
+    let tree = git(repo, &["write-tree"])?;
+    let commit = git(repo, &["commit-tree", &tree, "-p", "HEAD", "-m", &format!("gateway v{version} to prod")])?;
+    let started = Instant::now();
+    let mut update = git_command(repo)
+        .args(["update-ref", "--stdin"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .map_err(io("running git update-ref"))?;
+    {
+        use std::io::Write;
+        let stdin = update.stdin.as_mut().expect("stdin is piped");
+        writeln!(stdin, "create refs/tags/gateway/v{version} {commit}\nupdate refs/heads/main {commit}")
+            .map_err(io("writing to git update-ref"))?;
+    }
+    let status = update.wait().map_err(io("waiting for git update-ref"))?;
+    if !status.success() {
+        return Err(BenchError::Failed("git update-ref failed".into()));
+    }
+    Ok(started)
+}
+
+/// gateway/v3 to every agent in four batches without a bake: how long the whole rollout
+/// takes, and how long each batch starts after the one before settled, as seen by polling
+/// the API (so within a poll of the truth).
+fn rollout_in_batches(
+    client: &Client,
+    web: std::net::SocketAddr,
+    repo: &Path,
+    agents: usize,
+) -> Result<(), BenchError> {
+    let rollout = "\n[rollout]\n[rollout.batches]\ninitial = \"25%\"\nfactor = 1\n";
+    let started = push_version(repo, 3, rollout)?;
+    let mut settled: Vec<Option<Instant>> = Vec::new();
+    let mut begun: Vec<Option<Instant>> = Vec::new();
+    let mut polls = 0usize;
+    let mut poll_time = Duration::ZERO;
+    let done = loop {
+        if started.elapsed() > Duration::from_secs(120) {
+            return Err(BenchError::Failed("the rollout of gateway/v3 did not complete within 120 s".into()));
+        }
+        let asked = Instant::now();
+        let fleet = client.api(web, "/api/v1/fleets/prod-gateway")?;
+        poll_time += asked.elapsed();
+        polls += 1;
+        let now = Instant::now();
+        let rollout = &fleet["rollout"];
+        if fleet["tag"] != "gateway/v3" || rollout["to"] != "gateway/v3" {
+            continue;
+        }
+        let steps = rollout["steps"].as_array().cloned().unwrap_or_default();
+        settled.resize(steps.len(), None);
+        begun.resize(steps.len(), None);
+        for (index, step) in steps.iter().enumerate() {
+            let moved = step["instances"].as_u64().unwrap_or(0);
+            if begun[index].is_none() && step["started_at"].is_string() {
+                begun[index] = Some(now);
+            }
+            if settled[index].is_none() && moved > 0 && step["in_sync"].as_u64() == Some(moved) {
+                settled[index] = Some(now);
+            }
+        }
+        if rollout["state"] == "complete" && fleet["counts"]["in_sync"].as_u64() == Some(agents as u64) {
+            break now;
+        }
+        if rollout["state"] != "running" {
+            return Err(BenchError::Failed(format!("the rollout of gateway/v3 stopped: {rollout}")));
+        }
+    };
+    let gaps: Vec<String> = (1..begun.len())
+        .filter_map(|next| {
+            Some(format!("{:.0} ms", begun[next]?.saturating_duration_since(settled[next - 1]?).as_secs_f64() * 1000.0))
+        })
+        .collect();
+    println!(
+        "  rollout of gateway/v3 in {} batches, no bake → 100% of {agents} in sync: {:.2} s; next batch started after the one before settled: {} (API polled every {:.0} ms)",
+        begun.len(),
+        done.duration_since(started).as_secs_f64(),
+        gaps.join(", "),
+        poll_time.as_secs_f64() * 1000.0 / polls.max(1) as f64
+    );
+    Ok(())
+}
+
 fn git_command(dir: &Path) -> Command {
     let mut command = Command::new("git");
     command
@@ -696,31 +793,7 @@ fn opamp(
     }
 
     // Publish gateway/v2 and move prod-gateway to it in one push.
-    let text = std::fs::read_to_string(repo.join("configs/gateway.yaml")).map_err(io("reading the config"))?;
-    std::fs::write(repo.join("configs/gateway.yaml"), text.replace("send_batch_size: 8192", "send_batch_size: 4096"))
-        .map_err(io("writing the config"))?;
-    let fleet = std::fs::read_to_string(repo.join("fleets/prod-gateway.toml")).map_err(io("reading the fleet"))?;
-    std::fs::write(repo.join("fleets/prod-gateway.toml"), fleet.replace("version = \"v1\"", "version = \"v2\""))
-        .map_err(io("writing the fleet"))?;
-    git(&repo, &["add", "--all"])?;
-    let tree = git(&repo, &["write-tree"])?;
-    let commit = git(&repo, &["commit-tree", &tree, "-p", "HEAD", "-m", "gateway v2 to prod"])?;
-    let started = Instant::now();
-    let mut update = git_command(&repo)
-        .args(["update-ref", "--stdin"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .map_err(io("running git update-ref"))?;
-    {
-        use std::io::Write;
-        let stdin = update.stdin.as_mut().expect("stdin is piped");
-        writeln!(stdin, "create refs/tags/gateway/v2 {commit}\nupdate refs/heads/main {commit}")
-            .map_err(io("writing to git update-ref"))?;
-    }
-    let status = update.wait().map_err(io("waiting for git update-ref"))?;
-    if !status.success() {
-        return Err(BenchError::Failed("git update-ref failed".into()));
-    }
+    let started = push_version(&repo, 2, "")?;
     let converge =
         wait_until("every agent in sync at gateway/v2", Duration::from_secs(120), in_sync(agents, "gateway/v2"))?;
     let _ = converge;
@@ -728,6 +801,7 @@ fn opamp(
         "  publish + fleet bump → 100% of {agents} in sync at gateway/v2: {:.2} s",
         started.elapsed().as_secs_f64()
     );
+    rollout_in_batches(&client, web, &repo, agents)?;
     drop(loadgens);
     wait_until("the agents to disconnect", Duration::from_secs(60), || {
         Ok(client

@@ -11,7 +11,8 @@
 //! The shell (`opamp::rollouts`) observes instances, calls [`Rollout::advance`], stores the
 //! rollout before publishing it, and assigns each instance what [`Rollout::decide`] says.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -214,6 +215,12 @@ impl State {
         matches!(self, State::Running | State::Held | State::Halted)
     }
 
+    /// Instances get different versions: while it runs, holds or halted, and after a
+    /// rollback.
+    pub fn decides(self) -> bool {
+        self.is_active() || self == State::RolledBack
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             State::Running => "running",
@@ -222,6 +229,28 @@ impl State {
             State::RolledBack => "rolled_back",
             State::Complete => "complete",
             State::Reverted => "reverted",
+        }
+    }
+}
+
+/// The instances a rollout moved, by instance id: looked up for every instance on every
+/// decision, so hashed by the id's own (random) bytes.
+pub type Members = HashMap<[u8; 16], Member, BuildHasherDefault<UidHasher>>;
+
+/// Instance ids are random: eight of their bytes are as good a hash as any.
+#[derive(Default)]
+pub struct UidHasher(u64);
+
+impl Hasher for UidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
         }
     }
 }
@@ -260,8 +289,9 @@ pub struct Rollout {
     /// The version of the rollout this one replaced (a new version published mid-rollout).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaced: Option<String>,
-    #[serde(with = "members_by_hex", default)]
-    pub members: BTreeMap<[u8; 16], Member>,
+    /// Stored apart, in a compact binary form (`members_to_bytes`).
+    #[serde(skip)]
+    pub members: Members,
 }
 
 /// Which of the two versions an instance runs, and why.
@@ -356,7 +386,7 @@ impl Rollout {
             reason,
             release_base: 0,
             replaced: None,
-            members: BTreeMap::new(),
+            members: Members::default(),
         }
     }
 
@@ -376,7 +406,7 @@ impl Rollout {
             reason: None,
             release_base: change.spec.release,
             replaced: change.replacing.map(|replaced| replaced.to.tag.clone()),
-            members: BTreeMap::new(),
+            members: Members::default(),
         })
     }
 
@@ -685,30 +715,34 @@ pub fn matching_steps<'a>(
         .fold(0, |bits, (index, _)| bits | (1 << index))
 }
 
-/// Members in the store as `{"<uid hex>": {"step": 1}}`.
-mod members_by_hex {
-    use std::collections::BTreeMap;
-
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    use super::Member;
-
-    pub fn serialize<S: Serializer>(members: &BTreeMap<[u8; 16], Member>, serializer: S) -> Result<S::Ok, S::Error> {
-        let by_hex: BTreeMap<String, &Member> = members.iter().map(|(uid, m)| (hex::encode(uid), m)).collect();
-        by_hex.serialize(serializer)
+/// Members as the store keeps them: per member its 16-byte id, then its step as two bytes
+/// (big-endian) with the top bit set when it was skipped; in id order. At 19,500 members
+/// that is 351 KB, written in a few milliseconds.
+pub fn members_to_bytes(members: &Members) -> Vec<u8> {
+    let mut sorted: Vec<(&[u8; 16], &Member)> = members.iter().collect();
+    sorted.sort_unstable_by_key(|(uid, _)| **uid);
+    let mut bytes = Vec::with_capacity(sorted.len() * 18);
+    for (uid, member) in sorted {
+        bytes.extend_from_slice(uid);
+        bytes.extend_from_slice(&(member.step | if member.skipped { 0x8000 } else { 0 }).to_be_bytes());
     }
+    bytes
+}
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<[u8; 16], Member>, D::Error> {
-        let by_hex = BTreeMap::<String, Member>::deserialize(deserializer)?;
-        by_hex
-            .into_iter()
-            .map(|(text, member)| {
-                let mut uid = [0; 16];
-                hex::decode_to_slice(&text, &mut uid).map_err(serde::de::Error::custom)?;
-                Ok((uid, member))
-            })
-            .collect()
+/// The members back from `members_to_bytes`; `None` when the bytes are not its form.
+pub fn members_from_bytes(bytes: &[u8]) -> Option<Members> {
+    if bytes.len() % 18 != 0 {
+        return None;
     }
+    let members = bytes
+        .chunks_exact(18)
+        .map(|chunk| {
+            let uid: [u8; 16] = chunk[..16].try_into().expect("16 bytes");
+            let step = u16::from_be_bytes([chunk[16], chunk[17]]);
+            (uid, Member { step: step & 0x7fff, skipped: step & 0x8000 != 0 })
+        })
+        .collect();
+    Some(members)
 }
 
 #[cfg(test)]
@@ -926,9 +960,17 @@ mod tests {
     #[test]
     fn the_stored_form_reads_back() {
         let spec = canary_then_rest(false);
-        let rollout = start(&spec, &fleet(4, |_| 0b11));
+        let mut facts = fleet(4, |_| 0b11);
+        facts[3].live = false;
+        let rollout = start(&spec, &facts);
         let json = serde_json::to_string(&rollout).unwrap();
-        assert!(json.contains(&format!("\"{}\":{{\"step\":0}}", hex::encode(uid(1)))), "{json}");
-        assert_eq!(serde_json::from_str::<Rollout>(&json).unwrap(), rollout);
+        let bytes = members_to_bytes(&rollout.members);
+        assert_eq!(bytes.len(), 3 * 18, "two admitted, one skipped");
+        assert_eq!(&bytes[..18], &[[1; 16].as_slice(), &[0, 0]].concat()[..]);
+        assert_eq!(&bytes[36..], &[[4; 16].as_slice(), &[0x80, 0]].concat()[..], "skipped: the top bit");
+        let mut back = serde_json::from_str::<Rollout>(&json).unwrap();
+        back.members = members_from_bytes(&bytes).unwrap();
+        assert_eq!(back, rollout);
+        assert_eq!(members_from_bytes(&[1, 2, 3]), None);
     }
 }

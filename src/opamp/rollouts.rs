@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use crate::opamp::registry::Registry;
 use crate::repo::desired::{DesiredState, Fleet};
 use crate::rollout::{Change, Rollout, State, Strategy, VersionRef};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoredRollout};
 
 /// Each fleet's rollout: the working copies, and the ones stored (which targets use).
 #[derive(Default)]
@@ -27,8 +27,16 @@ impl RolloutBook {
     /// fleet then starts from where it is, with no rollout).
     pub fn load(store: &dyn Store) -> Result<Self, StoreError> {
         let mut book = Self::default();
-        for (fleet, body) in store.rollouts()? {
-            match serde_json::from_str::<Rollout>(&body) {
+        for (fleet, stored) in store.rollouts()? {
+            let members = crate::rollout::members_from_bytes(&stored.members);
+            let read =
+                serde_json::from_str::<Rollout>(&stored.body).map_err(|error| error.to_string()).and_then(|rollout| {
+                    match members {
+                        Some(members) => Ok(Rollout { members, ..rollout }),
+                        None => Err("its members are not in their stored form".to_owned()),
+                    }
+                });
+            match read {
                 Ok(rollout) => {
                     book.stored.insert(fleet.clone(), Arc::new(rollout.clone()));
                     book.working.insert(fleet, rollout);
@@ -46,6 +54,17 @@ impl RolloutBook {
 
     pub fn any_active(&self) -> bool {
         self.working.values().any(|rollout| matches!(rollout.state, State::Running | State::Held))
+    }
+
+    /// A running rollout's bake is over by `now_ms`: time alone moves it on.
+    pub fn bake_over(&self, desired: &DesiredState, now_ms: i64) -> bool {
+        self.working.iter().any(|(name, rollout)| {
+            let bake = desired.fleets.get(name).map_or(0, |fleet| fleet.spec.rollout.bake.as_millis());
+            rollout.state == State::Running
+                && rollout
+                    .settled_since_ms
+                    .is_some_and(|since| since + i64::try_from(bake).unwrap_or(i64::MAX) <= now_ms)
+        })
     }
 
     /// Follows the desired state: a fleet on a new version starts a rollout (or takes it at
@@ -110,12 +129,15 @@ impl RolloutBook {
         if self.unsaved.is_empty() {
             return false;
         }
-        let changed: Vec<(String, Option<String>)> = self
+        let changed: Vec<(String, Option<StoredRollout>)> = self
             .unsaved
             .iter()
             .map(|fleet| {
-                let body = self.working.get(fleet).map(|r| serde_json::to_string(r).expect("rollouts serialize"));
-                (fleet.clone(), body)
+                let stored = self.working.get(fleet).map(|rollout| StoredRollout {
+                    body: serde_json::to_string(rollout).expect("rollouts serialize"),
+                    members: crate::rollout::members_to_bytes(&rollout.members),
+                });
+                (fleet.clone(), stored)
             })
             .collect();
         let writer = Arc::clone(store);

@@ -504,6 +504,7 @@ pub async fn follow_targets(
     let mut rollout_tick = tokio::time::interval(ROLLOUT_TICK);
     rollout_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_refusal = None;
+    let (mut looked_at, mut view_changed) = (u64::MAX, true);
     loop {
         let mut sync = true;
         tokio::select! {
@@ -521,12 +522,20 @@ pub async fn follow_targets(
                 if let Some(desired) = &current.desired {
                     rollouts.follow(desired, &registry, crate::time::now_ms());
                 }
+                view_changed = true;
                 rollouts.save(&store).await;
                 publish(&targets, &current, &rollouts, public_endpoint.as_deref(), install_ca.as_ref());
             }
             _ = rollout_tick.tick(), if rollouts.any_active() => {
+                // Only when an instance's status or health moved, a bake may be over, or
+                // the fleet file changed (a release): a quiet fleet costs nothing.
                 let current = Arc::clone(&view.borrow());
                 let Some(desired) = &current.desired else { continue };
+                let changes = crate::opamp::registry::outcome_changes();
+                if changes == looked_at && !view_changed && !rollouts.bake_over(desired, crate::time::now_ms()) {
+                    continue;
+                }
+                (looked_at, view_changed) = (changes, false);
                 rollouts.advance(desired, &registry, crate::time::now_ms());
                 // Only a stored change is handed out: then every instance it moves syncs.
                 sync = rollouts.save(&store).await
@@ -554,9 +563,9 @@ pub async fn follow_targets(
     }
 }
 
-/// How often running rollouts look at their instances: the delay between a step settling (or
-/// baking) and the next one starting.
-const ROLLOUT_TICK: std::time::Duration = std::time::Duration::from_millis(50);
+/// How often running rollouts may look at their instances (when something moved): the most a
+/// step that settled (or baked) waits before the next one starts.
+const ROLLOUT_TICK: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// Publishes the targets of `view` and the stored rollouts when they changed; returns whether
 /// they did.

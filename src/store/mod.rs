@@ -66,6 +66,14 @@ pub struct StoredInstance {
     pub components_hash: Option<Vec<u8>>,
 }
 
+/// A fleet's rollout as stored: JSON (`rollout::Rollout`), and the instances it moved
+/// (`rollout::members_to_bytes`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRollout {
+    pub body: String,
+    pub members: Vec<u8>,
+}
+
 /// One history entry of an instance; `event` is JSON.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredEvent {
@@ -97,10 +105,10 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces the remembered last good fleets with `fleets`.
     fn save_last_good_fleets(&self, fleets: &BTreeMap<String, LastGoodFleet>) -> Result<(), StoreError>;
     fn record_reconcile(&self, record: &ReconcileRecord) -> Result<(), StoreError>;
-    /// Each fleet's rollout as JSON (`rollout::Rollout`).
-    fn rollouts(&self) -> Result<BTreeMap<String, String>, StoreError>;
+    /// Each fleet's rollout.
+    fn rollouts(&self) -> Result<BTreeMap<String, StoredRollout>, StoreError>;
     /// Writes rollouts in one transaction; `None` forgets the fleet's.
-    fn save_rollouts(&self, changed: &[(String, Option<String>)]) -> Result<(), StoreError>;
+    fn save_rollouts(&self, changed: &[(String, Option<StoredRollout>)]) -> Result<(), StoreError>;
     /// Every install token ever issued (hashes only), oldest first.
     fn tokens(&self) -> Result<Vec<IssuedToken>, StoreError>;
     fn save_token(&self, token: &IssuedToken) -> Result<(), StoreError>;

@@ -8,7 +8,7 @@ use rusqlite::{Connection, params};
 
 use crate::install::token::IssuedToken;
 use crate::repo::desired::{LastGoodFleet, SeenVersion};
-use crate::store::{PostedStatus, ReconcileRecord, Store, StoreError, StoredEvent, StoredInstance};
+use crate::store::{PostedStatus, ReconcileRecord, Store, StoreError, StoredEvent, StoredInstance, StoredRollout};
 
 /// Each entry moves the schema one version forward. Never edit one that has shipped.
 const MIGRATIONS: &[&str] = &[
@@ -101,10 +101,12 @@ const MIGRATIONS: &[&str] = &[
         body TEXT NOT NULL
     );
     ALTER TABLE instances ADD COLUMN components_hash BLOB;",
-    // 8: each fleet's rollout (JSON, `rollout::Rollout`): the one running, or the last one.
+    // 8: each fleet's rollout (JSON, `rollout::Rollout`): the one running, or the last one;
+    // the instances it moved apart, compact (`rollout::members_to_bytes`).
     "CREATE TABLE rollouts (
-        fleet TEXT PRIMARY KEY,
-        body  TEXT NOT NULL
+        fleet   TEXT PRIMARY KEY,
+        body    TEXT NOT NULL,
+        members BLOB NOT NULL
     );",
 ];
 
@@ -260,21 +262,25 @@ impl Store for SqliteStore {
         transaction.commit().map_err(query("saving last good fleets"))
     }
 
-    fn rollouts(&self) -> Result<BTreeMap<String, String>, StoreError> {
+    fn rollouts(&self) -> Result<BTreeMap<String, StoredRollout>, StoreError> {
         let connection = self.connection();
         let mut statement =
-            connection.prepare("SELECT fleet, body FROM rollouts").map_err(query("reading rollouts"))?;
-        let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?))).map_err(query("reading rollouts"))?;
+            connection.prepare("SELECT fleet, body, members FROM rollouts").map_err(query("reading rollouts"))?;
+        let rows = statement
+            .query_map([], |row| Ok((row.get(0)?, StoredRollout { body: row.get(1)?, members: row.get(2)? })))
+            .map_err(query("reading rollouts"))?;
         rows.collect::<Result<_, _>>().map_err(query("reading rollouts"))
     }
 
-    fn save_rollouts(&self, changed: &[(String, Option<String>)]) -> Result<(), StoreError> {
+    fn save_rollouts(&self, changed: &[(String, Option<StoredRollout>)]) -> Result<(), StoreError> {
         let mut connection = self.connection();
         let transaction = connection.transaction().map_err(query("saving rollouts"))?;
-        for (fleet, body) in changed {
-            match body {
-                Some(body) => transaction
-                    .execute("INSERT OR REPLACE INTO rollouts (fleet, body) VALUES (?1, ?2)", params![fleet, body]),
+        for (fleet, rollout) in changed {
+            match rollout {
+                Some(rollout) => transaction.execute(
+                    "INSERT OR REPLACE INTO rollouts (fleet, body, members) VALUES (?1, ?2, ?3)",
+                    params![fleet, rollout.body, rollout.members],
+                ),
                 None => transaction.execute("DELETE FROM rollouts WHERE fleet = ?1", params![fleet]),
             }
             .map_err(query("saving rollouts"))?;
