@@ -250,12 +250,13 @@ impl Host {
 
     /// Runs `install.sh --prefix … --no-systemd` (always under a prefix: tests may run as
     /// root); what it printed.
-    fn install(&self, script: &Path) -> String {
+    fn install_with(&self, script: &Path, options: &[&str]) -> String {
         let output = Command::new("sh")
             .arg(script)
             .arg("--prefix")
             .arg(&self.prefix)
             .arg("--no-systemd")
+            .args(options)
             .output()
             .expect("sh runs install.sh");
         let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
@@ -265,11 +266,16 @@ impl Host {
 
     /// Unpacks an offline bundle and installs from it; what `install.sh` printed.
     fn install_bundle(&self, bundle: &Path) -> String {
+        self.install_bundle_with(bundle, &[])
+    }
+
+    /// The same, with more options for `install.sh`.
+    fn install_bundle_with(&self, bundle: &Path, options: &[&str]) -> String {
         let unpacked = self.dir.path().join("bundle");
         std::fs::create_dir_all(&unpacked).expect("create dir");
         let status = Command::new("tar").arg("-xzf").arg(bundle).arg("-C").arg(&unpacked).status().expect("tar runs");
         assert!(status.success(), "tar -xzf {}", bundle.display());
-        self.install(&unpacked.join(format!("gitfleet-{FLEET}-linux-{}/install.sh", arch())))
+        self.install_with(&unpacked.join(format!("gitfleet-{FLEET}-linux-{}/install.sh", arch())), options)
     }
 
     fn config(&self) -> PathBuf {
@@ -878,10 +884,11 @@ fn a_real_collector_as_the_canary_holds_the_fleet_and_a_failure_rolls_it_back() 
     let releases = releases();
     let opamp = format!("127.0.0.1:{}", free_port());
     let fixture = Fixture::new(Some(format!("ws://{opamp}/v1/opamp")), SUPERVISOR);
-    // The canary is this machine's collector; the rest of the fleet is two scripted agents.
+    // The canary is this machine's collector, labelled so by its install; the rest of the
+    // fleet is two scripted agents on hosts of the same name pattern.
     let steps = format!(
         "[rollout]\nbake = \"2s\"\non_failure = \"rollback\"\n\
-         [[rollout.steps]]\nname = \"canary\"\nhost = \"{}\"\nmax = 1\n\
+         [[rollout.steps]]\nname = \"canary\"\nhost = \"{}*\"\nattributes = {{ ring = \"canary\" }}\nmax = 1\n\
          [[rollout.steps]]\nname = \"rest\"\nhold = true\n",
         host_name()
     );
@@ -893,11 +900,16 @@ fn a_real_collector_as_the_canary_holds_the_fleet_and_a_failure_rolls_it_back() 
     server.token(FLEET);
     let set = install_files(data.path(), &["--artifacts-dir", &releases_text]);
     let mut host = Host::new();
-    host.install_bundle(&set.path().join(format!("gitfleet-{FLEET}-linux-{}.tar.gz", arch())));
+    let bundle = set.path().join(format!("gitfleet-{FLEET}-linux-{}.tar.gz", arch()));
+    host.install_bundle_with(&bundle, &["--label", "ring=canary"]);
     host.start();
     let uid = host.instance_uid();
-    in_sync_at(&server, &uid, &host, "gateway/v1");
-    let mut rest: Vec<Agent> = (1..=2).map(|n| Agent::connect_to(&server, FLEET, n, &format!("gw-{n}")).0).collect();
+    let first = in_sync_at(&server, &uid, &host, "gateway/v1");
+    let reported = first["description"]["non_identifying"].to_string();
+    assert!(reported.contains("\"ring\",\"canary\""), "the label is reported: {reported}");
+    let names: Vec<String> = (1..=2).map(|n| format!("{}-{n}", host_name())).collect();
+    let mut rest: Vec<Agent> =
+        names.iter().zip(1..).map(|(name, n)| Agent::connect_to(&server, FLEET, n, name).0).collect();
 
     // v2: the real collector takes it first; the rest wait for a commit.
     fixture.publish("v2", &fixture.gateway("production-v2"));

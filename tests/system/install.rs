@@ -286,6 +286,30 @@ fn install_sh_from_an_offline_bundle_installs_updates_nothing_and_uninstalls() {
     assert!(ok && out.contains("already up to date; nothing changed"), "{out}");
     assert_eq!(std::fs::metadata(bin.join("otelcol-contrib")).and_then(|m| m.modified()).expect("mtime"), before);
 
+    // Labels, for rollout steps to select by: reported with the fleet's own attribute.
+    let (ok, out) = install(&["--label", "ring=canary", "--label=site=eu-west-1"]);
+    assert!(ok && out.contains(&format!("installed {}", config.display())), "{out}");
+    let labelled = std::fs::read_to_string(&config).expect("read");
+    assert!(
+        labelled.contains("    non_identifying_attributes:\n      gitfleet.fleet: prod-gateway\n      ring: \"canary\"\n      site: \"eu-west-1\"\n"),
+        "{labelled}"
+    );
+    for (label, refusal) in [
+        ("ring", "--label needs KEY=VALUE"),
+        ("=canary", "--label key ''"),
+        ("ring=can ary", "--label value 'can ary'"),
+        ("ring=a\"b", "--label value 'a\"b'"),
+        ("gitfleet.fleet=x", "--label gitfleet.fleet is set by gitfleet"),
+    ] {
+        let (ok, out) = install(&["--label", label]);
+        assert!(!ok && out.contains(refusal), "{label}: {out}");
+    }
+    let (ok, out) = install(&["--label", "ring=a", "--label", "ring=b"]);
+    assert!(!ok && out.contains("--label ring is given twice"), "{out}");
+    assert_eq!(std::fs::read_to_string(&config).expect("read"), labelled, "a refused run changes nothing");
+    let (ok, out) = install(&[]);
+    assert!(ok && !std::fs::read_to_string(&config).expect("read").contains("ring:"), "without them, gone: {out}");
+
     // A fleet of a server with a private CA: install.sh carries the CA and puts it beside
     // the config (here from the same bundle's release files).
     let nodes = unpacked.join("install-nodes.sh");

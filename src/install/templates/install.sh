@@ -10,6 +10,8 @@
 #   --prefix DIR   install under DIR instead of / (no system user, no systemctl)
 #   --no-systemd   do not install or start the systemd unit
 #   --arch ARCH    amd64 or arm64 (default: this machine's)
+#   --label K=V    a label this collector reports (rollout steps select by it); repeat
+#                  for more, and give the same ones again when you run it again
 #   --purge        with --uninstall: also remove the state directory and the system user
 #
 # It carries the fleet's supervisor.yaml, unit file and CA as they were when it was
@@ -39,15 +41,44 @@ die() {
     exit 1
 }
 
-usage() { sed -n '2,16s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,18s/^# \{0,1\}//p' "$0"; }
 
 prefix=''
 systemd=1
 action=install
 purge=0
 arch=''
+# The labels as YAML lines under the Supervisor's non-identifying attributes.
+labels=''
+add_label() {
+    key=${1%%=*}
+    value=${1#*=}
+    case $1 in *=*) ;; *) die "--label needs KEY=VALUE, like ring=canary" ;; esac
+    case $key in
+        '' | [!A-Za-z0-9]* | *[!A-Za-z0-9._-]*) die "--label key '$key': letters, digits, '.', '_' and '-', starting with a letter or digit" ;;
+        gitfleet.fleet) die "--label gitfleet.fleet is set by gitfleet" ;;
+    esac
+    case $value in
+        *[!A-Za-z0-9._:/@+-]*) die "--label value '$value': letters, digits and . _ : / @ + - only" ;;
+    esac
+    if [ "${#key}" -gt 64 ] || [ "${#value}" -gt 128 ]; then
+        die "--label $key: at most 64 characters of key and 128 of value"
+    fi
+    case $labels in *"      $key: "*) die "--label $key is given twice" ;; esac
+    labels="$labels      $key: \"$value\"
+"
+}
 while [ $# -gt 0 ]; do
     case $1 in
+        --label)
+            [ $# -ge 2 ] || die '--label needs KEY=VALUE'
+            add_label "$2"
+            shift 2
+            ;;
+        --label=*)
+            add_label "${1#--label=}"
+            shift
+            ;;
         --prefix)
             [ $# -ge 2 ] || die '--prefix needs a directory'
             prefix=$2
@@ -266,7 +297,9 @@ tar -xzf "$work/$collector_archive" -C "$work/collector" otelcol-contrib ||
 
 # Paths in the config and the unit follow --prefix.
 relocate() { sed -e "s#/opt/gitfleet-collector#$prefix/opt/gitfleet-collector#g" -e "s#/etc/gitfleet-collector#$prefix/etc/gitfleet-collector#g" -e "s#/var/lib/gitfleet-collector#$prefix/var/lib/gitfleet-collector#g" "$1"; }
-relocate "$work/supervisor.yaml.in" >"$work/supervisor.yaml"
+relocate "$work/supervisor.yaml.in" >"$work/supervisor.relocated"
+# The labels go right after the fleet's own attribute.
+awk -v labels="$labels" '{ print } /^      gitfleet\.fleet: / { printf "%s", labels }' "$work/supervisor.relocated" >"$work/supervisor.yaml"
 [ "$systemd" -eq 0 ] || relocate "$work/$SERVICE.service.in" >"$work/$SERVICE.service"
 
 changed=0
