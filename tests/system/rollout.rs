@@ -404,3 +404,40 @@ fn status_and_wait_say_clearly_what_they_cannot_read() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.starts_with(&format!("gitfleet: cannot reach http://{web}/api/v1/fleets: ")), "{stderr}");
 }
+
+#[test]
+fn a_version_published_mid_rollout_replaces_it_and_starts_over_from_the_version_before() {
+    let repo = example();
+    prod_fleet(&repo, "v1", CANARY_THEN_REST);
+    repo.commit("Roll out prod in steps");
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = start(&repo, data.path());
+    let (mut canary, v1) = Agent::connect(&server, 1, "gw-canary-1");
+    let (rest, _) = Agent::connect(&server, 2, "gw-2");
+    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "2 in sync", |f| f["counts"]["in_sync"] == 2);
+    publish_v2(&repo);
+    prod_fleet(&repo, "v2", CANARY_THEN_REST);
+    repo.commit("Roll out gateway v2 to prod");
+    let v2 = canary.take_push(APPLIED, "");
+    rollout_state(&server, "held");
+
+    // v3 while v2 holds: the rollout of v2 is replaced, v3 starts over at the canary, and
+    // the rest stay on v1, the version before both.
+    let text = std::fs::read_to_string(repo.path().join("configs/gateway.yaml")).expect("read");
+    repo.write("configs/gateway.yaml", text.replace("send_batch_size: 4096", "send_batch_size: 2048"));
+    repo.commit("Even smaller batches");
+    repo.annotated_tag("gateway/v3", "Even smaller batches");
+    prod_fleet(&repo, "v3", CANARY_THEN_REST);
+    repo.commit("Roll out gateway v3 to prod");
+    let v3 = canary.take_push(APPLIED, "");
+    assert!(v3 != v2 && v3 != v1);
+    let fleet = server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "v3 held", |f| {
+        f["rollout"]["to"] == "gateway/v3" && f["rollout"]["state"] == "held"
+    });
+    let rollout = &fleet["rollout"];
+    assert_eq!((rollout["from"].as_str(), rollout["replaced"].as_str()), (Some("gateway/v1"), Some("gateway/v2")));
+    assert_eq!(assigned(&server, canary.uid), ("gateway/v3".into(), "step 1".into()));
+    assert_eq!(assigned(&server, rest.uid), ("gateway/v1".into(), "held".into()));
+    let page = server.get("/fleets/prod-gateway").body;
+    assert!(page.contains("it replaced the rollout of <code>gateway/v2</code>"), "{page}");
+}
