@@ -196,6 +196,13 @@ impl Fixture {
         gateway(&self.ports, self.backend.address, environment)
     }
 
+    /// A gateway configuration that validates but cannot start: its OTLP/gRPC receiver
+    /// listens on a port `taken` holds.
+    fn crashing(&self, environment: &str, taken: &TcpListener) -> String {
+        let port = taken.local_addr().expect("address").to_string();
+        self.gateway(environment).replace(&format!("127.0.0.1:{}", self.ports.grpc), &port)
+    }
+
     fn publish(&self, version: &str, config: &str) {
         self.repo.write("configs/gateway.yaml", config);
         self.repo.commit(&format!("gateway {version}"));
@@ -570,10 +577,7 @@ fn a_host_installed_from_the_offline_bundle_follows_git_over_websocket() {
     // A version that validates but cannot start (its port is taken): failed with the
     // collector's log tail, and the Supervisor rolls back to v2.
     let taken = TcpListener::bind("127.0.0.1:0").expect("hold a port");
-    let crashing = fixture
-        .gateway("production-v4")
-        .replace(&format!("127.0.0.1:{}", fixture.ports.grpc), &taken.local_addr().expect("address").to_string());
-    fixture.publish("v4", &crashing);
+    fixture.publish("v4", &fixture.crashing("production-v4", &taken));
     fixture.roll_out("v4", 0);
     let v4 = instance(&server, &uid, &host, "a rollback after v4 crashed", |i| {
         i["status"] == "failed"
@@ -941,10 +945,7 @@ fn a_real_collector_as_the_canary_holds_the_fleet_and_a_failure_rolls_it_back() 
     // reports it failed, the rollout rolls back, and the canary is sent v2 again. The rest
     // never see v3.
     let taken = TcpListener::bind("127.0.0.1:0").expect("hold a port");
-    let crashing = fixture
-        .gateway("production-v3")
-        .replace(&format!("127.0.0.1:{}", fixture.ports.grpc), &taken.local_addr().expect("address").to_string());
-    fixture.publish("v3", &crashing);
+    fixture.publish("v3", &fixture.crashing("production-v3", &taken));
     fixture.roll_out_in_steps("v3", 0, &steps.replace("bake = \"2s\"", "bake = \"2s\"\nrelease = 1"));
     let back = instance(&server, &uid, &host, "rolled back to v2", |i| {
         i["assigned_tag"] == "gateway/v2" && i["assigned_because"] == "rollback" && i["status"] == "in_sync"

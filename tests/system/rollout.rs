@@ -27,10 +27,23 @@ fn prod_fleet(repo: &GitRepo, version: &str, rollout: &str) {
 
 /// Publishes gateway/v2 (a smaller batch size).
 fn publish_v2(repo: &GitRepo) {
+    publish_smaller_batches(repo, "gateway/v2", 8192);
+}
+
+/// Publishes gateway/v3 (a smaller batch size again).
+fn publish_v3(repo: &GitRepo) {
+    publish_smaller_batches(repo, "gateway/v3", 4096);
+}
+
+/// Publishes `tag`: the gateway configuration with half the batch size it has (`size`).
+fn publish_smaller_batches(repo: &GitRepo, tag: &str, size: u32) {
     let text = std::fs::read_to_string(repo.path().join("configs/gateway.yaml")).expect("read");
-    repo.write("configs/gateway.yaml", text.replace("send_batch_size: 8192", "send_batch_size: 4096"));
+    repo.write(
+        "configs/gateway.yaml",
+        text.replace(&format!("send_batch_size: {size}"), &format!("send_batch_size: {}", size / 2)),
+    );
     repo.commit("Smaller batches");
-    repo.annotated_tag("gateway/v2", "Smaller batches");
+    repo.annotated_tag(tag, "Smaller batches");
 }
 
 /// A scripted agent that connects, takes what it is given and reports it applied.
@@ -106,6 +119,21 @@ name = "rest"
 hold = true
 "#;
 
+/// prod in steps (`CANARY_THEN_REST`) at v1, with a canary and `others` more agents in sync:
+/// the repository, the data directory, the server, the canary, v1's hash and the others.
+fn canary_and_others(others: u8) -> (GitRepo, tempfile::TempDir, Server, Agent, Vec<u8>, Vec<Agent>) {
+    let repo = example();
+    prod_fleet(&repo, "v1", CANARY_THEN_REST);
+    repo.commit("Roll out prod in steps");
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = start(&repo, data.path());
+    let (canary, v1) = Agent::connect(&server, 1, "gw-canary-1");
+    let others: Vec<Agent> = (2..=others + 1).map(|n| Agent::connect(&server, n, &format!("gw-{n}")).0).collect();
+    let all = others.len() + 1;
+    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "all in sync", |f| f["counts"]["in_sync"] == all);
+    (repo, data, server, canary, v1, others)
+}
+
 fn start(repo: &GitRepo, data: &std::path::Path) -> Server {
     start_with(repo, data, &[])
 }
@@ -119,14 +147,7 @@ fn start_with(repo: &GitRepo, data: &std::path::Path, extra: &[&str]) -> Server 
 
 #[test]
 fn a_failing_canary_halts_the_rollout_and_going_back_in_git_ends_it() {
-    let repo = example();
-    prod_fleet(&repo, "v1", CANARY_THEN_REST);
-    repo.commit("Roll out prod in steps");
-    let data = tempfile::tempdir().expect("temp dir");
-    let server = start(&repo, data.path());
-    let (mut canary, v1) = Agent::connect(&server, 1, "gw-canary-1");
-    let mut others: Vec<Agent> = (2..=4).map(|n| Agent::connect(&server, n, &format!("gw-{n}")).0).collect();
-    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "4 in sync", |f| f["counts"]["in_sync"] == 4);
+    let (repo, _data, server, mut canary, v1, mut others) = canary_and_others(3);
 
     // The pull request: `check --server` shows where today's live instances would go.
     publish_v2(&repo);
@@ -365,10 +386,7 @@ fn batches_roll_back_on_failure_and_a_stale_instance_does_not_block() {
     assert_eq!(assigned(&server, returned.uid), ("gateway/v2".into(), "fleet".into()));
 
     // v3 fails in the first batch: everyone goes back to v2.
-    let text = std::fs::read_to_string(repo.path().join("configs/gateway.yaml")).expect("read");
-    repo.write("configs/gateway.yaml", text.replace("send_batch_size: 4096", "send_batch_size: 2048"));
-    repo.commit("Even smaller batches");
-    repo.annotated_tag("gateway/v3", "Even smaller batches");
+    publish_v3(&repo);
     let fleet = std::fs::read_to_string(repo.path().join("fleets/prod-gateway.toml")).expect("read");
     repo.write("fleets/prod-gateway.toml", fleet.replace("version = \"v2\"", "version = \"v3\""));
     repo.commit("Roll out gateway v3 to prod");
@@ -407,14 +425,8 @@ fn status_and_wait_say_clearly_what_they_cannot_read() {
 
 #[test]
 fn a_version_published_mid_rollout_replaces_it_and_starts_over_from_the_version_before() {
-    let repo = example();
-    prod_fleet(&repo, "v1", CANARY_THEN_REST);
-    repo.commit("Roll out prod in steps");
-    let data = tempfile::tempdir().expect("temp dir");
-    let server = start(&repo, data.path());
-    let (mut canary, v1) = Agent::connect(&server, 1, "gw-canary-1");
-    let (rest, _) = Agent::connect(&server, 2, "gw-2");
-    server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "2 in sync", |f| f["counts"]["in_sync"] == 2);
+    let (repo, _data, server, mut canary, v1, others) = canary_and_others(1);
+    let rest = &others[0];
     publish_v2(&repo);
     prod_fleet(&repo, "v2", CANARY_THEN_REST);
     repo.commit("Roll out gateway v2 to prod");
@@ -423,10 +435,7 @@ fn a_version_published_mid_rollout_replaces_it_and_starts_over_from_the_version_
 
     // v3 while v2 holds: the rollout of v2 is replaced, v3 starts over at the canary, and
     // the rest stay on v1, the version before both.
-    let text = std::fs::read_to_string(repo.path().join("configs/gateway.yaml")).expect("read");
-    repo.write("configs/gateway.yaml", text.replace("send_batch_size: 4096", "send_batch_size: 2048"));
-    repo.commit("Even smaller batches");
-    repo.annotated_tag("gateway/v3", "Even smaller batches");
+    publish_v3(&repo);
     prod_fleet(&repo, "v3", CANARY_THEN_REST);
     repo.commit("Roll out gateway v3 to prod");
     let v3 = canary.take_push(APPLIED, "");
