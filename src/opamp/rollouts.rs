@@ -186,8 +186,10 @@ fn changed(
         }
         return settled;
     }
-    // A rollout that is still deciding starts over from the version before it.
-    let from = if active { current.from.clone() } else { Some(current.to.clone()) };
+    // A rollout that is still deciding starts over from the version before it; after a
+    // rollback, that version is what the instances run.
+    let from =
+        if active || current.state == State::RolledBack { current.from.clone() } else { Some(current.to.clone()) };
     let spec = &fleet.spec.rollout;
     let servable = from.as_ref().is_some_and(|from| version_of(desired, &from.tag).is_some());
     if spec.strategy == Strategy::All || !servable {

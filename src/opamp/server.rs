@@ -5,6 +5,7 @@
 //! fleet. Each WebSocket is one task that selects over its socket, changes of its fleet's
 //! target (pushed at once), and shutdown.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -23,8 +24,6 @@ use crate::metrics::Metrics;
 use crate::opamp::agent::{self, Connection};
 use crate::opamp::codec::{self, DecodeError, MAX_MESSAGE_BYTES};
 use crate::opamp::proto::ServerToAgent;
-use std::collections::BTreeMap;
-
 use crate::opamp::registry::{Registry, ServedVersion, Targets, Transport};
 use crate::opamp::rollouts::{self, RolloutBook};
 use crate::opamp::ws::{self, FrameReader, Incoming, WsError};

@@ -402,6 +402,18 @@ fn batches_roll_back_on_failure_and_a_stale_instance_does_not_block() {
             rows.iter().any(|row| row["instance_uid"] == uid_text(agents[0].uid) && row["status"] == "in_sync")
         })
     });
+
+    // The next version rolls out from what the instances run after the rollback: v2.
+    publish_smaller_batches(&repo, "gateway/v4", 2048);
+    let fleet = std::fs::read_to_string(repo.path().join("fleets/prod-gateway.toml")).expect("read");
+    repo.write("fleets/prod-gateway.toml", fleet.replace("version = \"v3\"", "version = \"v4\""));
+    repo.commit("Roll out gateway v4 to prod");
+    let v4 = agents[0].take_push(APPLIED, "");
+    assert!(v4 != v3 && v4 != v2);
+    let fleet =
+        server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "v4 rolling", |f| f["rollout"]["to"] == "gateway/v4");
+    assert_eq!(fleet["rollout"]["from"], "gateway/v2", "{fleet:#}");
+    assert_eq!(assigned(&server, agents[1].uid), ("gateway/v2".into(), "held".into()));
 }
 
 #[test]
