@@ -468,6 +468,7 @@ mod tests {
             stale_after_ms: 120_000,
             current_token: Some(Arc::from("tk_00000001")),
             credentials: None,
+            generation: 0,
         };
         [("prod".to_owned(), target)].into_iter().collect()
     }

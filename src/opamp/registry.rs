@@ -49,6 +49,9 @@ pub struct FleetTarget {
     /// The fleet's current token, offered over OpAMP to instances still on an older one
     /// (when gitfleet has its text).
     pub credentials: Option<Arc<Credentials>>,
+    /// Goes up each time this fleet's target changes (not counted in `==`): a session wakes
+    /// for its own fleet only.
+    pub generation: u64,
 }
 
 /// A version as it goes out to collectors.
@@ -860,6 +863,7 @@ mod tests {
             stale_after_ms: 60_000,
             current_token: None,
             credentials: None,
+            generation: 0,
         }
     }
 

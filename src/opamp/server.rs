@@ -362,7 +362,7 @@ where
     connection.transport = Transport::WebSocket;
     connection.session = Some(session_id);
     let mut targets = state.targets.clone();
-    targets.borrow_and_update();
+    let mut seen_generation = targets.borrow_and_update().get(&*connection.fleet).map(|target| target.generation);
     // Checked once at the start too: the token may have been refused since the upgrade.
     let mut tokens = state.tokens.clone();
     tokens.mark_changed();
@@ -420,6 +420,11 @@ where
                     break Some((1001, "gitfleet is shutting down"));
                 }
                 let current = Arc::clone(&targets.borrow_and_update());
+                // Another fleet's change: nothing for this instance.
+                let generation = current.get(&*connection.fleet).map(|target| target.generation);
+                if std::mem::replace(&mut seen_generation, generation) == generation {
+                    continue;
+                }
                 if let Some(push) = push_for(&state.registry, &current, &mut connection) {
                     if ws::write_frame(&mut writer, 0x2, &codec::encode_ws_message(&push)).await.is_err() {
                         break None;
@@ -575,7 +580,26 @@ fn publish(
     public_endpoint: Option<&str>,
     install_ca: Option<&Arc<str>>,
 ) -> bool {
-    let next = Arc::new(targets_of(view, rollouts.stored(), public_endpoint, install_ca));
+    let mut next = targets_of(view, rollouts.stored(), public_endpoint, install_ca);
+    {
+        // What did not change keeps its generation and its `Arc`s (later comparisons are
+        // then by pointer); what changed gets the next generation.
+        let current = targets.borrow();
+        let reuse = |new: &mut Option<Arc<ServedVersion>>, old: &Option<Arc<ServedVersion>>| {
+            if let (Some(new_version), Some(old_version)) = (new.as_ref(), old) {
+                if new_version == old_version {
+                    *new = Some(Arc::clone(old_version));
+                }
+            }
+        };
+        for (fleet, target) in &mut next {
+            let Some(old) = current.get(fleet) else { continue };
+            reuse(&mut target.version, &old.version);
+            reuse(&mut target.before, &old.before);
+            target.generation = if *target == *old { old.generation } else { old.generation + 1 };
+        }
+    }
+    let next = Arc::new(next);
     let modified = targets.send_if_modified(|current| {
         if **current == *next {
             return false;
@@ -631,6 +655,7 @@ pub fn targets_of(
                         ca: install_ca.cloned(),
                     }))
                 }),
+                generation: 0,
             };
             (fleet.name().to_owned(), target)
         })
