@@ -635,15 +635,16 @@ impl Registry {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The shard holding `uid`, locked. Never hold it across an `.await`.
-    pub fn shard(&self, uid: &InstanceUid) -> MutexGuard<'_, HashMap<InstanceUid, InstanceRecord>> {
+    /// The shard holding `uid`, locked; for the OpAMP step functions (`agent::handle`,
+    /// `server::push_for`) only. Never hold it across an `.await`.
+    pub(super) fn shard(&self, uid: &InstanceUid) -> MutexGuard<'_, HashMap<InstanceUid, InstanceRecord>> {
         let index = u64::from_le_bytes(uid.0[8..].try_into().expect("8 bytes")) as usize % SHARDS;
         // A panic while holding the lock leaves plain data; carry on with it.
         self.shards[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs `f` over every record, one shard at a time.
-    pub fn for_each(&self, mut f: impl FnMut(&mut InstanceRecord)) {
+    fn for_each(&self, mut f: impl FnMut(&mut InstanceRecord)) {
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             shard.values_mut().for_each(&mut f);
@@ -836,6 +837,32 @@ impl Registry {
                 record.effective_config = None;
             }
         }
+    }
+
+    /// A WebSocket session ended: its instance has no live connection any more, unless a
+    /// newer session took it over.
+    pub fn session_ended(&self, uid: &InstanceUid, session: u64) {
+        let mut shard = self.shard(uid);
+        if let Some(record) = shard.get_mut(uid)
+            && record.session == Some(session)
+        {
+            record.session = None;
+        }
+    }
+
+    /// Connected instances by transport: WebSocket sessions, and plain-HTTP agents that
+    /// keep polling (heard from within their fleet's `stale_after`).
+    pub fn connected(&self, targets: &Targets, now_ms: i64) -> (usize, usize) {
+        let (mut websocket, mut http) = (0, 0);
+        self.for_each(|record| {
+            let stale_after = targets.get(&*record.fleet).map_or(i64::MAX, |t| t.stale_after_ms);
+            match record.transport {
+                Some(Transport::WebSocket) if record.session.is_some() => websocket += 1,
+                Some(Transport::Http) if now_ms - record.config.last_seen_ms <= stale_after => http += 1,
+                _ => {}
+            }
+        });
+        (websocket, http)
     }
 
     /// Puts restored records in place (at startup).

@@ -449,12 +449,7 @@ where
     }
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut writer).await;
     if let Some(uid) = connection.uid {
-        let mut shard = state.registry.shard(&uid);
-        if let Some(record) = shard.get_mut(&uid)
-            && record.session == Some(session_id)
-        {
-            record.session = None;
-        }
+        state.registry.session_ended(&uid, session_id);
     }
     drop(slot);
 }

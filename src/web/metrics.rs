@@ -9,7 +9,6 @@ use axum::response::{IntoResponse, Response};
 
 use crate::instance::Status;
 use crate::metrics::{Family, Metrics};
-use crate::opamp::registry::Transport;
 use crate::problem::Severity;
 use crate::web::WebState;
 
@@ -26,16 +25,7 @@ pub async fn metrics(State(state): State<WebState>) -> Response {
     }
     let mut summaries: Vec<_> = summaries.into_iter().collect();
     summaries.sort_by(|a, b| a.0.cmp(&b.0));
-    let (mut websocket, mut http) = (0usize, 0usize);
-    state.registry.for_each(|record| {
-        let stale_after = targets.get(&*record.fleet).map_or(i64::MAX, |t| t.stale_after_ms);
-        match record.transport {
-            Some(Transport::WebSocket) if record.session.is_some() => websocket += 1,
-            // Plain-HTTP agents hold no connection: they count while they keep polling.
-            Some(Transport::Http) if now - record.config.last_seen_ms <= stale_after => http += 1,
-            _ => {}
-        }
-    });
+    let (websocket, http) = state.registry.connected(&targets, now);
 
     let mut out = String::with_capacity(4096);
     {
