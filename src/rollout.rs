@@ -147,29 +147,46 @@ impl std::fmt::Display for Selector {
     }
 }
 
-/// `*` matches any run of characters, `?` one character; everything else itself.
+/// `*` matches any run of characters, `?` one character; everything else itself. Works on
+/// the bytes without allocating: agents choose what they report, and it is matched for each
+/// of them on every look of a running rollout.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let pattern: Vec<char> = pattern.chars().collect();
-    let text: Vec<char> = text.chars().collect();
+    let (pattern, text) = (pattern.as_bytes(), text.as_bytes());
+    // The length of the UTF-8 character that starts with `byte`.
+    let width = |byte: u8| match byte {
+        0xF0.. => 4,
+        0xE0.. => 3,
+        0xC0.. => 2,
+        _ => 1,
+    };
     let (mut p, mut t) = (0, 0);
-    // Where the last `*` was, and the text position it matched up to.
+    // Where the last `*` was, and where in the text it would take one more character.
     let mut star: Option<(usize, usize)> = None;
     while t < text.len() {
-        if p < pattern.len() && (pattern[p] == '?' || pattern[p] == text[t]) {
-            p += 1;
-            t += 1;
-        } else if p < pattern.len() && pattern[p] == '*' {
-            star = Some((p, t));
-            p += 1;
-        } else if let Some((star_p, star_t)) = star {
-            p = star_p + 1;
-            t = star_t + 1;
-            star = Some((star_p, star_t + 1));
-        } else {
-            return false;
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some(b'?') => {
+                p += 1;
+                t += width(text[t]);
+            }
+            Some(&byte) if byte == text[t] => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                Some((star_p, star_t)) => {
+                    let next = star_t + width(text[star_t]);
+                    (p, t) = (star_p + 1, next);
+                    star = Some((star_p, next));
+                }
+                None => return false,
+            },
         }
     }
-    pattern[p..].iter().all(|&c| c == '*')
+    pattern[p..].iter().all(|&byte| byte == b'*')
 }
 
 /// A published version, as the rollout refers to it.
@@ -799,6 +816,9 @@ mod tests {
         assert!(!glob_match("gw-canary-*", "gw-main-01"));
         assert!(!glob_match("gw-?", "gw-12"));
         assert!(glob_match("linux", "linux") && !glob_match("linux", "linux2"));
+        assert!(glob_match("gw-?-eu", "gw-é-eu"), "? is one character, not one byte");
+        assert!(glob_match("*é*", "café-1") && !glob_match("caf?", "cafés"));
+        assert!(glob_match("a*b*c", "axxbyyc") && !glob_match("a*b*c", "axxbyy"));
     }
 
     #[test]
