@@ -378,7 +378,7 @@ pub struct StepCounts {
 }
 
 /// What a rollout start needs to know about the fleet's change.
-pub struct Change<'a> {
+pub struct VersionChange<'a> {
     pub from: Option<VersionRef>,
     pub to: VersionRef,
     pub spec: &'a RolloutSpec,
@@ -409,7 +409,7 @@ impl Rollout {
 
     /// A new rollout of `change.to`, planned for a fleet of `live` instances; `None` when the
     /// strategy is `all`. Nothing is admitted before [`Rollout::begin`].
-    pub fn plan(change: Change<'_>, live: usize) -> Option<Self> {
+    pub fn plan(change: VersionChange<'_>, live: usize) -> Option<Self> {
         let steps = plan(&change.spec.strategy, live)?;
         Some(Self {
             from: change.from,
@@ -800,7 +800,7 @@ mod tests {
     }
 
     fn start(spec: &RolloutSpec, facts: &[Fact]) -> Rollout {
-        let change = Change { from: Some(version(7)), to: version(8), spec, replacing: None, now_ms: 0 };
+        let change = VersionChange { from: Some(version(7)), to: version(8), spec, replacing: None, now_ms: 0 };
         let mut rollout =
             Rollout::plan(change, facts.iter().filter(|f| f.live).count()).expect("a strategy with steps");
         rollout.begin(spec, facts, 0);

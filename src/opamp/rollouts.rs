@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use crate::opamp::registry::Registry;
 use crate::repo::desired::{DesiredState, Fleet};
-use crate::rollout::{Change, Rollout, State, Strategy, VersionRef};
+use crate::rollout::{Rollout, State, Strategy, VersionChange, VersionRef};
 use crate::store::{Store, StoreError, StoredRollout};
 
 /// Each fleet's rollout: the working copies, and the ones stored (which targets use).
@@ -197,7 +197,7 @@ fn changed(
             .then(|| "the version before is no longer published: every instance takes the new one at once".to_owned());
         return Rollout::settled(from, to, reason, now_ms);
     }
-    let change = Change { from, to, spec, replacing: active.then_some(current), now_ms };
+    let change = VersionChange { from, to, spec, replacing: active.then_some(current), now_ms };
     let live = {
         let stale_after = stale_after_ms(fleet);
         registry.rollout_facts(fleet.name(), &[], &[], stale_after, now_ms).iter().filter(|f| f.live).count()
