@@ -412,6 +412,17 @@ pub fn readme(
             counts.observed,
             status.drift,
         );
+        if let Some(rollout) = &status.rollout {
+            let _ = writeln!(
+                text,
+                "Rollout of {}: {}.\n",
+                markdown_text(&rollout.to),
+                markdown_text(&status.description())
+            );
+            if let Some(reason) = &rollout.reason {
+                let _ = writeln!(text, "{}\n", markdown_text(reason));
+            }
+        }
         if !status.failures.is_empty() {
             text.push_str("| Failed instance | Host | Error |\n|---|---|---|\n");
             for failure in &status.failures {

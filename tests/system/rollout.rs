@@ -294,6 +294,9 @@ fn a_held_step_survives_a_kill_and_is_released_by_a_commit() {
         assert!(std::time::Instant::now() < deadline, "no status commit for the hold: {:#?}", status_log(&repo));
         std::thread::sleep(Duration::from_millis(50));
     }
+    let readme = repo.git(&["show", "gitfleet/status:README.md"]);
+    assert!(readme.contains(&format!("Rollout of gateway/v2: {held}.\n")), "{readme}");
+    assert!(readme.contains("step 2/2 (rest) waits for a commit that raises \\`release\\` to 1"), "{readme}");
 
     let (code, _, stderr) = client(&server, &["wait", "prod-gateway", "--for", "rollout-done", "--timeout", "1s"]);
     assert_eq!(code, Some(2), "held: the wait times out");
