@@ -107,7 +107,9 @@ impl Api {
     }
 }
 
-fn innermost(error: &dyn std::error::Error) -> String {
+/// The innermost cause of `error`: reqwest's outer errors repeat the URL, which the caller
+/// says once.
+pub fn innermost(error: &dyn std::error::Error) -> String {
     let mut source = error;
     while let Some(inner) = source.source() {
         source = inner;

@@ -137,7 +137,8 @@ impl Forge {
         for (name, value) in headers {
             request = request.header(name, value);
         }
-        let response = request.send().map_err(|error| format!("cannot reach {url}: {}", without_url(&error)))?;
+        let response =
+            request.send().map_err(|error| format!("cannot reach {url}: {}", crate::client::innermost(&error)))?;
         let code = response.status();
         if code.is_success() {
             return Ok(());
@@ -165,15 +166,6 @@ impl Forge {
             Some(posted) => posted != next,
         }
     }
-}
-
-/// reqwest's errors repeat the URL; the message says it once.
-fn without_url(error: &reqwest::Error) -> String {
-    let mut source: &dyn std::error::Error = error;
-    while let Some(inner) = source.source() {
-        source = inner;
-    }
-    source.to_string()
 }
 
 /// One fleet's status on one commit.

@@ -111,6 +111,13 @@ impl FleetTarget {
         Some((rollout, self.version.as_ref()?.assignment.hash.as_slice()))
     }
 
+    /// Adds `record` to `counts` (one entry per step) while the fleet's rollout decides.
+    pub fn count_step(&self, record: &InstanceRecord, counts: &mut Vec<crate::rollout::StepCounts>, now_ms: i64) {
+        let Some((rollout, to)) = self.deciding() else { return };
+        counts.resize(rollout.steps.len(), Default::default());
+        rollout.count(counts, &record.rollout_fact(&rollout.steps, to, now_ms, self.stale_after_ms));
+    }
+
     /// The assignment `record` should have.
     pub fn assignment_for(&self, record: &InstanceRecord) -> Option<&Assignment> {
         self.decide(record).0.map(|version| &version.assignment)
@@ -683,10 +690,8 @@ impl Registry {
             summary.counts.add(record.status_for(target, now_ms));
             summary.drift += usize::from(record.drifted(target));
             *summary.by_token.entry(Arc::clone(&record.token_id)).or_default() += 1;
-            if let Some((rollout, to)) = target.and_then(FleetTarget::deciding) {
-                summary.steps.resize(rollout.steps.len(), Default::default());
-                let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
-                rollout.count(&mut summary.steps, &record.rollout_fact(&rollout.steps, to, now_ms, stale_after));
+            if let Some(target) = target {
+                target.count_step(record, &mut summary.steps, now_ms);
             }
         });
         summaries
@@ -709,11 +714,8 @@ impl Registry {
                 host: record.description.as_ref().and_then(|d| d.host.clone()),
                 error: record.config.error().unwrap_or_default().to_owned(),
             });
-            if let Some((rollout, to)) = target.and_then(FleetTarget::deciding) {
-                let counts = steps.entry(Arc::clone(&record.fleet)).or_default();
-                counts.resize(rollout.steps.len(), Default::default());
-                let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
-                rollout.count(counts, &record.rollout_fact(&rollout.steps, to, now_ms, stale_after));
+            if let Some(target) = target.filter(|t| t.deciding().is_some()) {
+                target.count_step(record, steps.entry(Arc::clone(&record.fleet)).or_default(), now_ms);
             }
         });
         for (fleet, target) in targets {

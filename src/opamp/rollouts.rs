@@ -87,6 +87,11 @@ impl RolloutBook {
             let next = match self.working.get_mut(fleet.name()) {
                 None => Some(Rollout::settled(None, to, None, now_ms)),
                 Some(current) if current.to == to => {
+                    // Only a halted rollout has anything to look at again; a pass over the
+                    // fleet's instances for every fleet on every reconcile would be waste.
+                    if current.state != State::Halted {
+                        continue;
+                    }
                     let facts = facts(registry, fleet, current, now_ms);
                     if current.reconsider(&fleet.spec.rollout, &facts, now_ms) {
                         info!(fleet = fleet.name(), "halted rollout runs on: its failures fit the budget now");

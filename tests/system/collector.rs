@@ -877,10 +877,6 @@ fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").expect("the host name").trim().to_owned()
 }
 
-fn rollout_of(server: &Server) -> Value {
-    server.json(&format!("/api/v1/fleets/{FLEET}"))["rollout"].clone()
-}
-
 #[test]
 fn a_real_collector_as_the_canary_holds_the_fleet_and_a_failure_rolls_it_back() {
     use crate::rollout::{APPLIED, Agent};
@@ -921,11 +917,8 @@ fn a_real_collector_as_the_canary_holds_the_fleet_and_a_failure_rolls_it_back() 
     let canary = in_sync_at(&server, &uid, &host, "gateway/v2");
     assert_eq!(canary["assigned_because"], "step 1", "{canary:#}");
     runs(&server, &uid, &host, "production-v2");
-    let deadline = Instant::now() + CONVERGE;
-    while rollout_of(&server)["state"] != "held" {
-        assert!(Instant::now() < deadline, "never held: {:#}\n{}", rollout_of(&server), host.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let fleet = format!("/api/v1/fleets/{FLEET}");
+    server.wait_for(&fleet, CONVERGE, "the rollout held", |f| f["rollout"]["state"] == "held");
     let held = server.json(&format!("/api/v1/instances/{}", crate::opamp::uid_text(rest[0].uid)));
     assert_eq!((held["assigned_tag"].as_str(), held["assigned_because"].as_str()), (Some("gateway/v1"), Some("held")));
     assert_eq!(fixture.send_span(), 200);
@@ -935,11 +928,7 @@ fn a_real_collector_as_the_canary_holds_the_fleet_and_a_failure_rolls_it_back() 
     fixture.roll_out_in_steps("v2", 0, &steps.replace("bake = \"2s\"", "bake = \"2s\"\nrelease = 1"));
     let v2 = rest[0].take_push(APPLIED, "");
     assert_eq!(rest[1].take_push(APPLIED, ""), v2);
-    let deadline = Instant::now() + CONVERGE;
-    while rollout_of(&server)["state"] != "complete" {
-        assert!(Instant::now() < deadline, "never complete: {:#}", rollout_of(&server));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    server.wait_for(&fleet, CONVERGE, "the rollout complete", |f| f["rollout"]["state"] == "complete");
 
     // v3 validates but cannot start on the canary (its port is taken): the Supervisor
     // reports it failed, the rollout rolls back, and the canary is sent v2 again. The rest
@@ -956,7 +945,7 @@ fn a_real_collector_as_the_canary_holds_the_fleet_and_a_failure_rolls_it_back() 
             .is_some_and(|events| events.iter().any(|e| e["kind"] == "assigned" && e["tag"] == "gateway/v3")),
         "{back:#}"
     );
-    let rollout = rollout_of(&server);
+    let rollout = server.json(&fleet)["rollout"].clone();
     assert_eq!(rollout["state"], "rolled_back");
     let reason = rollout["reason"].as_str().expect("a reason");
     assert!(reason.starts_with("rolled back to gateway/v2 at step 1/2 (canary): 1 of 1"), "{reason}");
