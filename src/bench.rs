@@ -749,9 +749,11 @@ fn opamp(
     if let Some((cert, key)) = tls {
         serve.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
     }
+    // `GITFLEET_BENCH_SERVER_LOG` sets the server's `RUST_LOG`, to see where time goes.
+    let server_log = std::env::var("GITFLEET_BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into());
     let server = ChildGuard(
         serve
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", server_log)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -355,8 +355,17 @@ impl InstanceRecord {
     /// `config.status`: between a new target and `sync` catching up with it, the record
     /// still holds the old assignment, and would count as in sync with it.
     pub fn status_for(&self, target: Option<&FleetTarget>, now_ms: i64) -> Status {
-        let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
+        self.status_with(target, target.and_then(|t| t.assignment_for(self)), now_ms)
+    }
+
+    /// `status_for`, and whether the config last delivered is not the one assigned.
+    pub fn status_and_drift(&self, target: Option<&FleetTarget>, now_ms: i64) -> (Status, bool) {
         let assigned = target.and_then(|t| t.assignment_for(self));
+        (self.status_with(target, assigned, now_ms), self.drifted_from(assigned))
+    }
+
+    fn status_with(&self, target: Option<&FleetTarget>, assigned: Option<&Assignment>, now_ms: i64) -> Status {
+        let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
         if self.config.assigned.as_ref() == assigned {
             return self.config.status(now_ms, stale_after);
         }
@@ -365,9 +374,9 @@ impl InstanceRecord {
         config.status(now_ms, stale_after)
     }
 
-    /// Whether the config last delivered is not the one `target` assigns.
-    pub fn drifted(&self, target: Option<&FleetTarget>) -> bool {
-        target.and_then(|t| t.assignment_for(self)).is_some_and(|a| self.config.served.as_ref() != Some(&a.hash))
+    /// Whether the config last delivered is not the one `assigned`.
+    fn drifted_from(&self, assigned: Option<&Assignment>) -> bool {
+        assigned.is_some_and(|a| self.config.served.as_ref() != Some(&a.hash))
     }
 
     /// Bit `i` set when step `i`'s selector matches what the instance reported.
@@ -421,7 +430,7 @@ impl InstanceRecord {
         InstanceRow {
             instance_uid: self.uid.to_string(),
             fleet: self.fleet.to_string(),
-            status: self.status_for(target, now_ms),
+            status: self.status_with(target, assignment, now_ms),
             assigned_hash: assignment.map(|a| hex::encode(&a.hash)),
             assigned_tag: assignment.map(|a| a.tag.clone()),
             assigned_because: assignment.map(|_| decision.label()),
@@ -442,7 +451,7 @@ impl InstanceRecord {
             connected: self.session.is_some(),
             token_id: self.token_id.to_string(),
             token_current: target.and_then(|t| t.current_token.as_deref()) == Some(&*self.token_id),
-            drifted: self.drifted(target),
+            drifted: self.drifted_from(assignment),
         }
     }
 
@@ -557,6 +566,9 @@ pub struct Registry {
     /// instances of a fleet report the same text, and parsing it is the dearest part of a
     /// report. Locked after a shard, or alone.
     pipelines: Mutex<HashMap<u64, Option<bool>>>,
+    /// Fleet names and token ids, one `Arc` each for all their instances: less memory, and
+    /// passes over every record find their fleet by pointer.
+    names: Interner,
 }
 
 impl Default for Registry {
@@ -566,6 +578,7 @@ impl Default for Registry {
             next_session: AtomicU64::new(1),
             components: Mutex::default(),
             pipelines: Mutex::default(),
+            names: Interner::default(),
         }
     }
 }
@@ -638,6 +651,11 @@ impl Registry {
         runs
     }
 
+    /// The shared `Arc` of a fleet name or token id.
+    pub fn name(&self, text: &str) -> Arc<str> {
+        self.names.intern(text)
+    }
+
     pub fn new_session_id(&self) -> u64 {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
@@ -680,44 +698,65 @@ impl Registry {
         self.for_each(|record| record.sync(targets.get(&*record.fleet), now_ms));
     }
 
+    /// `sync_all` for the records without a live WebSocket session: after new targets are
+    /// published, each session syncs its own record as it pushes.
+    pub fn sync_unattended(&self, targets: &Targets, now_ms: i64) {
+        self.for_each(|record| {
+            if record.session.is_none() {
+                record.sync(targets.get(&*record.fleet), now_ms);
+            }
+        });
+    }
+
     /// Counts and drift of every fleet that has instances.
     pub fn summaries(&self, targets: &Targets, now_ms: i64) -> HashMap<Arc<str>, FleetSummary> {
-        let mut summaries: HashMap<Arc<str>, FleetSummary> = HashMap::new();
+        let mut fleets: PerFleet<(FleetSummary, TokenCounts)> = PerFleet::new(targets);
         self.for_each(|record| {
-            let target = targets.get(&*record.fleet);
-            let summary = summaries.entry(Arc::clone(&record.fleet)).or_default();
+            let (target, (summary, tokens)) = fleets.of(&record.fleet);
+            let (status, drifted) = record.status_and_drift(target, now_ms);
             summary.instances += 1;
-            summary.counts.add(record.status_for(target, now_ms));
-            summary.drift += usize::from(record.drifted(target));
-            *summary.by_token.entry(Arc::clone(&record.token_id)).or_default() += 1;
+            summary.counts.add(status);
+            summary.drift += usize::from(drifted);
+            match tokens.iter_mut().find(|(token, _)| Arc::ptr_eq(token, &record.token_id) || *token == record.token_id)
+            {
+                Some((_, count)) => *count += 1,
+                None => tokens.push((Arc::clone(&record.token_id), 1)),
+            }
             if let Some(target) = target {
                 target.count_step(record, &mut summary.steps, now_ms);
             }
         });
-        summaries
+        fleets
+            .into_entries()
+            .map(|(fleet, (mut summary, tokens))| {
+                for (token, count) in tokens {
+                    *summary.by_token.entry(token).or_default() += count;
+                }
+                (fleet, summary)
+            })
+            .collect()
     }
 
     /// What each fleet's instances add up to: cheaper than rows, for once a second.
     pub fn tallies(&self, targets: &Targets, now_ms: i64) -> HashMap<Arc<str>, Tally> {
-        let mut tallies: HashMap<Arc<str>, Tally> = HashMap::new();
-        let mut steps: HashMap<Arc<str>, Vec<crate::rollout::StepCounts>> = HashMap::new();
+        let mut fleets: PerFleet<(Tally, Vec<crate::rollout::StepCounts>)> = PerFleet::new(targets);
         self.for_each(|record| {
-            let target = targets.get(&*record.fleet);
-            let status = record.status_for(target, now_ms);
-            let drifted = record.drifted(target);
-            let tally = match tallies.get_mut(&record.fleet) {
-                Some(tally) => tally,
-                None => tallies.entry(Arc::clone(&record.fleet)).or_default(),
-            };
+            let (target, (tally, steps)) = fleets.of(&record.fleet);
+            let (status, drifted) = record.status_and_drift(target, now_ms);
             tally.add(status, drifted, || Failure {
                 instance_uid: record.uid.to_string(),
                 host: record.description.as_ref().and_then(|d| d.host.clone()),
                 error: record.config.error().unwrap_or_default().to_owned(),
             });
             if let Some(target) = target.filter(|t| t.deciding().is_some()) {
-                target.count_step(record, steps.entry(Arc::clone(&record.fleet)).or_default(), now_ms);
+                target.count_step(record, steps, now_ms);
             }
         });
+        let (mut tallies, mut steps) = (HashMap::new(), HashMap::new());
+        for (fleet, (tally, counts)) in fleets.into_entries() {
+            steps.insert(Arc::clone(&fleet), counts);
+            tallies.insert(fleet, tally);
+        }
         for (fleet, target) in targets {
             let Some(rollout) = target.rollout.as_deref() else { continue };
             let counts = steps.get(fleet.as_str()).map(Vec::as_slice).unwrap_or_default();
@@ -869,9 +908,70 @@ impl Registry {
 
     /// Puts restored records in place (at startup).
     pub fn restore(&self, records: impl IntoIterator<Item = InstanceRecord>) {
-        for record in records {
+        for mut record in records {
+            record.fleet = self.name(&record.fleet);
+            record.token_id = self.name(&record.token_id);
             self.shard(&record.uid).insert(record.uid, record);
         }
+    }
+}
+
+/// Shares equal strings. Bounded: past `INTERNED_MAX` entries a string is not shared.
+#[derive(Debug, Default)]
+pub struct Interner(Mutex<std::collections::HashSet<Arc<str>>>);
+
+const INTERNED_MAX: usize = 1024;
+
+impl Interner {
+    pub fn intern(&self, text: &str) -> Arc<str> {
+        let mut set = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(shared) = set.get(text) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = Arc::from(text);
+        if set.len() < INTERNED_MAX {
+            set.insert(Arc::clone(&shared));
+        }
+        shared
+    }
+}
+
+/// Instances per install token, while a pass runs: a fleet has a few tokens.
+type TokenCounts = Vec<(Arc<str>, usize)>;
+
+/// One accumulator per fleet for a pass over every record. Records of a fleet share its
+/// `Arc` (`Registry::name`), so finding the fleet is a pointer comparison, most often with
+/// the fleet of the record before.
+struct PerFleet<'t, T> {
+    targets: &'t Targets,
+    fleets: Vec<(Arc<str>, Option<&'t FleetTarget>, T)>,
+    last: usize,
+}
+
+impl<'t, T: Default> PerFleet<'t, T> {
+    fn new(targets: &'t Targets) -> Self {
+        Self { targets, fleets: Vec::new(), last: 0 }
+    }
+
+    fn of(&mut self, fleet: &Arc<str>) -> (Option<&'t FleetTarget>, &mut T) {
+        let same = |name: &Arc<str>| Arc::ptr_eq(name, fleet) || **name == **fleet;
+        let index = match self.fleets.get(self.last) {
+            Some((name, ..)) if Arc::ptr_eq(name, fleet) => self.last,
+            _ => match self.fleets.iter().position(|(name, ..)| same(name)) {
+                Some(index) => index,
+                None => {
+                    self.fleets.push((Arc::clone(fleet), self.targets.get(&**fleet), T::default()));
+                    self.fleets.len() - 1
+                }
+            },
+        };
+        self.last = index;
+        let (_, target, value) = &mut self.fleets[index];
+        (*target, value)
+    }
+
+    fn into_entries(self) -> impl Iterator<Item = (Arc<str>, T)> {
+        self.fleets.into_iter().map(|(fleet, _, value)| (fleet, value))
     }
 }
 

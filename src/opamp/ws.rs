@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 const CONTINUATION: u8 = 0x0;
 const TEXT: u8 = 0x1;
-const BINARY: u8 = 0x2;
+pub const BINARY: u8 = 0x2;
 pub const CLOSE: u8 = 0x8;
 const PING: u8 = 0x9;
 pub const PONG: u8 = 0xA;
