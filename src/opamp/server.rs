@@ -45,7 +45,7 @@ pub struct OpampState {
     /// that live sessions on it are closed at once.
     pub tokens: watch::Receiver<Arc<TokenIndex>>,
     /// The endpoints agents dialled, shared: thousands of connections name a handful.
-    pub dialled: Arc<Interner>,
+    pub dialled: Arc<crate::opamp::registry::Interner>,
     /// `<data-dir>/install`: each fleet's install files, served at `/v1/install/<file>`.
     pub install_dir: std::path::PathBuf,
     /// Live WebSockets plus HTTP requests in flight.
@@ -92,9 +92,9 @@ fn plain(status: StatusCode, message: &str) -> Response {
 }
 
 /// Counts a message sent to an agent, and the remote config it carries, if any.
-fn count_sent(metrics: &Metrics, reply: &ServerToAgent) {
+fn count_sent(metrics: &Metrics, remote_config: bool) {
     Metrics::count(&metrics.opamp_messages_out);
-    if reply.remote_config.is_some() {
+    if remote_config {
         Metrics::count(&metrics.remote_configs_out);
     }
 }
@@ -204,14 +204,15 @@ async fn opamp(State(state): State<OpampState>, request: Request) -> Response {
     let is_http = request.method() == Method::POST
         && request.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == PROTOBUF.as_bytes());
     let connection = Connection {
-        fleet: Arc::from(token.fleet.as_str()),
-        token_id: Arc::from(token.id.as_str()),
+        fleet: state.registry.name(&token.fleet),
+        token_id: state.registry.name(&token.id),
         transport: Transport::Http,
         session: None,
         first_reply: true,
         uid: None,
         wire_uid: Vec::new(),
-        dialled: dialled_endpoint(request.headers(), is_http, state.tls).map(|endpoint| state.dialled.intern(endpoint)),
+        dialled: dialled_endpoint(request.headers(), is_http, state.tls)
+            .map(|endpoint| state.dialled.intern(&endpoint)),
         offered: None,
     };
     if is_http {
@@ -289,7 +290,7 @@ async fn plain_http(state: &OpampState, mut connection: Connection, request: Req
     let targets = Arc::clone(&state.targets.borrow());
     let outcome = agent::handle(&state.registry, &targets, &mut connection, message, crate::time::now_ms());
     let mut body = codec::encode_http_body(&outcome.reply);
-    count_sent(&state.metrics, &outcome.reply);
+    count_sent(&state.metrics, outcome.reply.remote_config.is_some());
     let mut response = Response::builder().status(StatusCode::OK).header(header::CONTENT_TYPE, PROTOBUF);
     if accepts_gzip && body.len() >= GZIP_FROM {
         body = codec::gzip(&body);
@@ -313,26 +314,6 @@ fn dialled_endpoint(headers: &HeaderMap, is_http: bool, tls: bool) -> Option<Str
         (false, false) => "ws",
     };
     Some(format!("{scheme}://{host}/v1/opamp"))
-}
-
-/// Shares equal strings. Bounded: past `INTERNED_MAX` entries a string is not shared.
-#[derive(Debug, Default)]
-pub struct Interner(std::sync::Mutex<std::collections::HashSet<Arc<str>>>);
-
-const INTERNED_MAX: usize = 1024;
-
-impl Interner {
-    pub fn intern(&self, text: String) -> Arc<str> {
-        let mut set = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(shared) = set.get(text.as_str()) {
-            return Arc::clone(shared);
-        }
-        let shared: Arc<str> = Arc::from(text);
-        if set.len() < INTERNED_MAX {
-            set.insert(Arc::clone(&shared));
-        }
-        shared
-    }
 }
 
 fn accepts_gzip(headers: &HeaderMap) -> bool {
@@ -371,76 +352,62 @@ where
     // never interrupts a frame halfway.
     let mut reading = Box::pin(read_next(FrameReader::new(reader, MAX_MESSAGE_BYTES)));
     let close = loop {
-        tokio::select! {
-            () = state.cancel.cancelled() => break Some((1001, "gitfleet is shutting down")),
+        // The select only says what happened; what to send is worked out without awaiting,
+        // so that only its encoded bytes are held across the write. (Messages held across an
+        // await would be part of every idle session's future.)
+        let event = tokio::select! {
+            () = state.cancel.cancelled() => Event::ShuttingDown,
             (frame_reader, received) = &mut reading => {
                 reading.set(read_next(frame_reader));
-                match received {
-                    Ok(Incoming::Binary(payload)) => {
-                        let message = match codec::decode_ws_message(&payload) {
-                            Ok(message) => message,
-                            Err(DecodeError::TooLarge { .. }) => break Some((1009, "message too big")),
-                            Err(error) => {
-                                debug!(%error, "malformed OpAMP message");
-                                break Some((1007, "malformed OpAMP message"));
-                            }
-                        };
-                        drop(payload);
-                        Metrics::count(&state.metrics.opamp_messages_in);
-                        let current = Arc::clone(&targets.borrow());
-                        let outcome = agent::handle(&state.registry, &current, &mut connection, message, crate::time::now_ms());
-                        if outcome.replaced {
-                            break Some((1008, "a newer connection took over this instance_uid"));
-                        }
-                        if ws::write_frame(&mut writer, 0x2, &codec::encode_ws_message(&outcome.reply)).await.is_err() {
-                            break None;
-                        }
-                        count_sent(&state.metrics, &outcome.reply);
-                        if outcome.disconnect {
-                            break Some((1000, "goodbye"));
-                        }
-                    }
-                    Ok(Incoming::Ping(payload)) => {
-                        if ws::write_frame(&mut writer, ws::PONG, &payload).await.is_err() {
-                            break None;
-                        }
-                    }
-                    Ok(Incoming::Text) => break Some((1003, "OpAMP uses binary messages")),
-                    Ok(Incoming::Close(_)) => break Some((1000, "")),
-                    Err(WsError::TooBig(_)) => break Some((1009, "message too big")),
-                    Err(WsError::Protocol(what)) => {
-                        debug!(error = what, "WebSocket protocol violation");
-                        break Some((1002, "protocol error"));
-                    }
-                    Err(WsError::Io(_)) => break None,
-                }
+                Event::Received(received)
             }
-            changed = targets.changed() => {
-                if changed.is_err() {
-                    break Some((1001, "gitfleet is shutting down"));
-                }
+            changed = targets.changed() => match changed {
+                Ok(()) => Event::Targets,
+                Err(_) => Event::ShuttingDown,
+            },
+            changed = tokens.changed() => match changed {
+                Ok(()) => Event::Tokens,
+                Err(_) => Event::ShuttingDown,
+            },
+        };
+        let step = match event {
+            Event::ShuttingDown => Step::Close(Some((1001, "gitfleet is shutting down"))),
+            Event::Received(received) => received_step(&state, &mut connection, received),
+            Event::Targets => {
                 let current = Arc::clone(&targets.borrow_and_update());
                 // Another fleet's change: nothing for this instance.
                 let generation = current.get(&*connection.fleet).map(|target| target.generation);
                 if std::mem::replace(&mut seen_generation, generation) == generation {
                     continue;
                 }
-                if let Some(push) = push_for(&state.registry, &current, &mut connection) {
-                    if ws::write_frame(&mut writer, 0x2, &codec::encode_ws_message(&push)).await.is_err() {
-                        break None;
-                    }
-                    count_sent(&state.metrics, &push);
+                match push_for(&state.registry, &current, &mut connection) {
+                    Some(push) => Step::Send(Frame::message(&push)),
+                    None => continue,
                 }
             }
-            changed = tokens.changed() => {
-                if changed.is_err() {
-                    break Some((1001, "gitfleet is shutting down"));
-                }
+            Event::Tokens => {
                 let refused = tokens.borrow_and_update().refusal(&connection.token_id, crate::time::now_unix());
-                if let Some(refused) = refused {
-                    info!(fleet = %connection.fleet, token = %connection.token_id, reason = %refused, "closing a session whose install token is refused now");
-                    break Some((1008, refused.close_reason()));
+                match refused {
+                    Some(refused) => {
+                        info!(fleet = %connection.fleet, token = %connection.token_id, reason = %refused, "closing a session whose install token is refused now");
+                        Step::Close(Some((1008, refused.close_reason())))
+                    }
+                    None => continue,
                 }
+            }
+        };
+        match step {
+            Step::Close(close) => break close,
+            Step::Send(frame) => {
+                if frame.write(&mut writer, &state.metrics).await.is_err() {
+                    break None;
+                }
+            }
+            Step::SendThenClose(frame, close) => {
+                if frame.write(&mut writer, &state.metrics).await.is_err() {
+                    break None;
+                }
+                break Some(close);
             }
         }
     };
@@ -452,6 +419,86 @@ where
         state.registry.session_ended(&uid, session_id);
     }
     drop(slot);
+}
+
+/// What woke a session.
+enum Event {
+    Received(Result<Incoming, WsError>),
+    Targets,
+    Tokens,
+    ShuttingDown,
+}
+
+/// What a session does next.
+enum Step {
+    Send(Frame),
+    /// Sends, then closes with this code and reason.
+    SendThenClose(Frame, (u16, &'static str)),
+    /// Closes, with a close frame if there is a code.
+    Close(Option<(u16, &'static str)>),
+}
+
+/// A frame to write, and what it counts as once written.
+struct Frame {
+    opcode: u8,
+    payload: Vec<u8>,
+    /// For an OpAMP message: whether it carries a remote config.
+    message: Option<bool>,
+}
+
+impl Frame {
+    fn message(message: &ServerToAgent) -> Self {
+        Self {
+            opcode: ws::BINARY,
+            payload: codec::encode_ws_message(message),
+            message: Some(message.remote_config.is_some()),
+        }
+    }
+
+    async fn write<W: tokio::io::AsyncWrite + Unpin>(self, writer: &mut W, metrics: &Metrics) -> std::io::Result<()> {
+        ws::write_frame(writer, self.opcode, &self.payload).await?;
+        if let Some(remote_config) = self.message {
+            count_sent(metrics, remote_config);
+        }
+        Ok(())
+    }
+}
+
+/// Handles what the agent sent: the reply to write, or how to close.
+fn received_step(state: &OpampState, connection: &mut Connection, received: Result<Incoming, WsError>) -> Step {
+    match received {
+        Ok(Incoming::Binary(payload)) => {
+            let message = match codec::decode_ws_message(&payload) {
+                Ok(message) => message,
+                Err(DecodeError::TooLarge { .. }) => return Step::Close(Some((1009, "message too big"))),
+                Err(error) => {
+                    debug!(%error, "malformed OpAMP message");
+                    return Step::Close(Some((1007, "malformed OpAMP message")));
+                }
+            };
+            drop(payload);
+            Metrics::count(&state.metrics.opamp_messages_in);
+            let current = Arc::clone(&state.targets.borrow());
+            let outcome = agent::handle(&state.registry, &current, connection, message, crate::time::now_ms());
+            if outcome.replaced {
+                return Step::Close(Some((1008, "a newer connection took over this instance_uid")));
+            }
+            let reply = Frame::message(&outcome.reply);
+            if outcome.disconnect {
+                return Step::SendThenClose(reply, (1000, "goodbye"));
+            }
+            Step::Send(reply)
+        }
+        Ok(Incoming::Ping(payload)) => Step::Send(Frame { opcode: ws::PONG, payload, message: None }),
+        Ok(Incoming::Text) => Step::Close(Some((1003, "OpAMP uses binary messages"))),
+        Ok(Incoming::Close(_)) => Step::Close(Some((1000, ""))),
+        Err(WsError::TooBig(_)) => Step::Close(Some((1009, "message too big"))),
+        Err(WsError::Protocol(what)) => {
+            debug!(error = what, "WebSocket protocol violation");
+            Step::Close(Some((1002, "protocol error")))
+        }
+        Err(WsError::Io(_)) => Step::Close(None),
+    }
 }
 
 /// What to push to this connection's instance after its fleet's target changed: the
@@ -505,7 +552,8 @@ pub async fn follow_targets(
     let mut next_refusal = None;
     let (mut looked_at, mut view_changed) = (u64::MAX, true);
     loop {
-        let mut sync = true;
+        // Which records to bring up to date once the arm below has run.
+        let mut sync = Sync::All;
         tokio::select! {
             () = cancel.cancelled() => break,
             changed = view.changed() => {
@@ -523,7 +571,9 @@ pub async fn follow_targets(
                 }
                 view_changed = true;
                 rollouts.save(&store).await;
-                publish(&targets, &current, &rollouts, public_endpoint.as_deref(), install_ca.as_ref());
+                if publish(&targets, &current, &rollouts, public_endpoint.as_deref(), install_ca.as_ref()) {
+                    sync = Sync::Unattended;
+                }
             }
             _ = rollout_tick.tick(), if rollouts.any_active() => {
                 // Only when an instance's status or health moved, a bake may be over, or
@@ -537,8 +587,9 @@ pub async fn follow_targets(
                 (looked_at, view_changed) = (changes, false);
                 rollouts.advance(desired, &registry, crate::time::now_ms());
                 // Only a stored change is handed out: then every instance it moves syncs.
-                sync = rollouts.save(&store).await
+                let published = rollouts.save(&store).await
                     && publish(&targets, &current, &rollouts, public_endpoint.as_deref(), install_ca.as_ref());
+                sync = if published { Sync::Unattended } else { Sync::None };
             }
             _ = tick.tick() => {
                 // A token reached its expiry or the end of its grace: wake the sessions.
@@ -550,16 +601,31 @@ pub async fn follow_targets(
         }
         // Until the repository has been read, no target is known: leave records alone
         // rather than unassigning every restored instance.
-        if !sync || view.borrow().desired.is_none() {
+        if sync == Sync::None || view.borrow().desired.is_none() {
             continue;
         }
         let current = Arc::clone(&targets.borrow());
         let registry = Arc::clone(&registry);
-        let synced = tokio::task::spawn_blocking(move || registry.sync_all(&current, crate::time::now_ms())).await;
+        let synced = tokio::task::spawn_blocking(move || match sync {
+            Sync::Unattended => registry.sync_unattended(&current, crate::time::now_ms()),
+            _ => registry.sync_all(&current, crate::time::now_ms()),
+        })
+        .await;
         if synced.is_err() {
             warn!("syncing the registry panicked");
         }
     }
+}
+
+/// Which records `follow_targets` brings up to date after an event.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    None,
+    /// Those without a live WebSocket session: new targets were published, and each session
+    /// syncs its own record as it pushes.
+    Unattended,
+    /// Every record: the clock moved (staleness), or the view did without new targets.
+    All,
 }
 
 /// How often running rollouts may look at their instances (when something moved): the most a
