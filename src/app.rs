@@ -310,13 +310,29 @@ async fn serve(
 ) {
     let shutdown = cancel.clone().cancelled_owned();
     let served = match tls {
-        None => axum::serve(listener, router).with_graceful_shutdown(shutdown).await,
+        // Every write is a whole message (an OpAMP frame, a response): send it at once.
+        None => {
+            axum::serve(
+                axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| nodelay(tcp)),
+                router,
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
+        }
         Some(tls) => {
             axum::serve(tls.listen(listener, local, metrics, cancel), router).with_graceful_shutdown(shutdown).await
         }
     };
     if let Err(error) = served {
         warn!(%error, "the server stopped with an error");
+    }
+}
+
+/// Turns Nagle's algorithm off on an accepted connection. Failing leaves a slower socket,
+/// not a broken one.
+pub fn nodelay(tcp: &tokio::net::TcpStream) {
+    if let Err(error) = tcp.set_nodelay(true) {
+        tracing::debug!(%error, "cannot set TCP_NODELAY");
     }
 }
 

@@ -376,6 +376,7 @@ async fn accept_and_handshake(
                 }
             },
         };
+        crate::app::nodelay(&stream);
         let (acceptor, done, metrics) = (acceptor.clone(), done.clone(), Arc::clone(&metrics));
         tokio::spawn(async move {
             let _permit = permit;
