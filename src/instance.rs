@@ -148,13 +148,20 @@ impl ConfigState {
 
     /// The status now, given how long silence may last.
     pub fn status(&self, now_ms: i64, stale_after_ms: i64) -> Status {
+        self.status_if_assigned(self.assigned.as_ref(), now_ms, stale_after_ms)
+    }
+
+    /// The status `assign(assigned)` would leave, without assigning.
+    pub fn status_if_assigned(&self, assigned: Option<&Assignment>, now_ms: i64, stale_after_ms: i64) -> Status {
         if self.awaiting_contact || now_ms.saturating_sub(self.last_seen_ms) > stale_after_ms {
             return Status::Stale;
         }
-        let Some(assigned) = self.assigned.as_ref().filter(|_| self.accepts_remote_config()) else {
+        let Some(assigned) = assigned.filter(|_| self.accepts_remote_config()) else {
             return Status::Observed;
         };
-        if self.failed.as_ref().is_some_and(|(hash, _)| *hash == assigned.hash) {
+        // `assign` forgets the failure when the hash changes.
+        let same_hash = self.assigned.as_ref().is_some_and(|current| current.hash == assigned.hash);
+        if same_hash && self.failed.as_ref().is_some_and(|(hash, _)| *hash == assigned.hash) {
             return Status::Failed;
         }
         match &self.reported {
@@ -366,8 +373,17 @@ mod tests {
             ),
             ("silent supervisor, not delivered", with(&|s| s.capabilities = SILENT), Status::Pending),
         ];
-        for (name, state, expected) in cases {
-            assert_eq!(state.status(2_000, STALE), expected, "{name}");
+        for (name, state, expected) in &cases {
+            assert_eq!(state.status(2_000, STALE), *expected, "{name}");
+        }
+        // Readers ask what an assignment would make the status without assigning it.
+        for (name, state, _) in &cases {
+            for assigned in [None, Some(v(1)), Some(v(2)), Some(v(3))] {
+                let mut moved = state.clone();
+                moved.assign(assigned.clone(), 2_000, STALE);
+                let expected = moved.status(2_000, STALE);
+                assert_eq!(state.status_if_assigned(assigned.as_ref(), 2_000, STALE), expected, "{name}, {assigned:?}");
+            }
         }
         assert_eq!(base.status(1_000 + STALE + 1, STALE), Status::Stale, "silence");
         let observed = with(&|s| s.assigned = None);

@@ -366,12 +366,7 @@ impl InstanceRecord {
 
     fn status_with(&self, target: Option<&FleetTarget>, assigned: Option<&Assignment>, now_ms: i64) -> Status {
         let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
-        if self.config.assigned.as_ref() == assigned {
-            return self.config.status(now_ms, stale_after);
-        }
-        let mut config = self.config.clone();
-        let _ = config.assign(assigned.cloned(), now_ms, stale_after);
-        config.status(now_ms, stale_after)
+        self.config.status_if_assigned(assigned, now_ms, stale_after)
     }
 
     /// Whether the config last delivered is not the one `assigned`.
