@@ -155,4 +155,4 @@ async fn flush(registry: &Arc<Registry>, store: &Arc<dyn Store>) {
 }
 
 /// Instances written per transaction.
-const SAVE_CHUNK: usize = 1000;
+const SAVE_CHUNK: usize = 250;

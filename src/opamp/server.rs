@@ -571,9 +571,13 @@ pub async fn follow_targets(
                 }
                 view_changed = true;
                 rollouts.save(&store).await;
-                if publish(&targets, &current, &rollouts, public_endpoint.as_deref(), install_ca.as_ref()) {
-                    sync = Sync::Unattended;
-                }
+                // Records follow the targets alone: a view change that leaves them as they
+                // were (a fetch counted, a problem) leaves the records to the clock's tick.
+                sync = if publish(&targets, &current, &rollouts, public_endpoint.as_deref(), install_ca.as_ref()) {
+                    Sync::Unattended
+                } else {
+                    Sync::None
+                };
             }
             _ = rollout_tick.tick(), if rollouts.any_active() => {
                 // Only when an instance's status or health moved, a bake may be over, or
@@ -624,7 +628,7 @@ enum Sync {
     /// Those without a live WebSocket session: new targets were published, and each session
     /// syncs its own record as it pushes.
     Unattended,
-    /// Every record: the clock moved (staleness), or the view did without new targets.
+    /// Every record: the clock moved (staleness).
     All,
 }
 
