@@ -110,7 +110,7 @@ pub async fn run(
         let job_rev = rev.clone();
         let branch = settings.branch.clone();
         let must_read = !read_once;
-        let (result, branches) = tokio::task::spawn_blocking(move || {
+        let (result, branches, fallback) = tokio::task::spawn_blocking(move || {
             let read = || {
                 let changed = job_mirror.fetch()?;
                 if !changed && !must_read {
@@ -126,10 +126,27 @@ pub async fn run(
                 Err(crate::git::GitError::Resolve { .. }) => job_mirror.branches(),
                 _ => Vec::new(),
             };
-            (result, branches)
+            // A start with the remote out of reach: the mirror still holds what the last run
+            // fetched, which is the state it reconciled. Start from that.
+            let fallback = match &result {
+                Err(error) if must_read && !matches!(error, crate::git::GitError::Resolve { .. }) => {
+                    let repo = job_mirror.repo();
+                    let mut reader = job_reader.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    reader.read(&repo, &job_rev, &branch).ok()
+                }
+                _ => None,
+            };
+            (result, branches, fallback)
         })
         .await
         .expect("fetch and read do not panic");
+        if let Some(snapshot) = fallback {
+            read_once = true;
+            info!(commit = %crate::repo::desired::short(&snapshot.commit), "the repository is out of reach: starting from the mirror's last fetched state");
+            if events.send(Event::RepoRead(Box::new(snapshot))).await.is_err() {
+                break;
+            }
+        }
 
         let event = match result {
             Ok(Some(snapshot)) => {

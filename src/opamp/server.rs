@@ -188,7 +188,20 @@ async fn install_file(
 
 async fn opamp(State(state): State<OpampState>, request: Request) -> Response {
     let authorization = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let tokens = Arc::clone(&state.view.borrow().tokens);
+    let tokens = {
+        let view = state.view.borrow();
+        if view.desired.is_none() {
+            // Tokens are known from the first reconcile on: until then no token is refused,
+            // every collector is asked to come back.
+            let mut response = plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "gitfleet is starting and has not loaded its fleets yet; retry shortly",
+            );
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return response;
+        }
+        Arc::clone(&view.tokens)
+    };
     let token = match tokens.authenticate(authorization, crate::time::now_unix()) {
         Ok(token) => token.clone(),
         Err(refused) => {

@@ -13,6 +13,7 @@ mod install;
 mod opamp;
 mod peers;
 mod proto;
+mod reliability;
 mod rollout;
 mod serve;
 mod status;

@@ -1,0 +1,86 @@
+//! Restarts and faults a user can cause: nothing lost, nobody locked out.
+
+use std::time::Duration;
+
+use crate::common::{GitHttpServer, Server, example, git_command, http};
+use crate::opamp::{converge, uid_text};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A repository served over smart HTTP, so that it can go out of reach and come back.
+fn served_example() -> (tempfile::TempDir, std::path::PathBuf, GitHttpServer) {
+    let work = example();
+    let served = tempfile::tempdir().expect("temp dir");
+    let bare = served.path().join("fleet.git");
+    let status = git_command(served.path())
+        .args(["clone", "--quiet", "--bare"])
+        .arg(work.path())
+        .arg(&bare)
+        .status()
+        .expect("git clone runs");
+    assert!(status.success());
+    let http = GitHttpServer::start(served.path());
+    (served, bare, http)
+}
+
+#[test]
+fn a_restart_with_the_repository_out_of_reach_serves_the_last_fetched_state() {
+    let (_served, bare, remote) = served_example();
+    let url = remote.url("fleet.git");
+    let data = tempfile::tempdir().expect("temp dir");
+    let flags = ["--poll-interval", "1h", "--no-status-branch"];
+    let server = Server::start(&url, data.path(), &flags);
+    let token = server.token("prod-gateway");
+    let uid = [0x51; 16];
+    drop(converge(&server, &token, uid, "gw-1", None));
+    let before = server.json("/api/v1/fleets/prod-gateway");
+    assert_eq!(before["tag"], "gateway/v1");
+    let (opamp, web) = (server.opamp.to_string(), server.web.to_string());
+    assert_eq!(server.stop(), Some(0));
+
+    // The remote answers 404 for the repository from now on.
+    let away = bare.with_extension("away");
+    std::fs::rename(&bare, &away).expect("move the repository away");
+    let server = Server::start_on(&opamp, &web, &url, data.path(), &flags);
+    let deadline = std::time::Instant::now() + WAIT;
+    while server.get("/readyz").status != 200 {
+        assert!(std::time::Instant::now() < deadline, "not ready from the mirror; logs:\n{}", server.logs());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let fleet = server.json("/api/v1/fleets/prod-gateway");
+    assert_eq!(fleet["tag"], before["tag"]);
+    assert_eq!(fleet["config_hash"], before["config_hash"]);
+    assert_eq!(fleet["token"]["id"], before["token"]["id"], "the same token, not a new one");
+    let repo = server.wait_for("/api/v1/repo", WAIT, "the repository reported out of reach", |r| {
+        r["problems"].as_array().is_some_and(|p| p.iter().any(|p| p["severity"] == "error"))
+    });
+    assert!(repo["problems"].to_string().contains("fleet.git"), "{repo}");
+
+    // The collector's token still works, and it is still in sync.
+    let agent = converge(&server, &token, uid, "gw-1", None);
+    let instance = server.json(&format!("/api/v1/instances/{}", uid_text(uid)));
+    assert_eq!(instance["status"], "in_sync", "{instance}");
+    drop(agent);
+
+    // The remote comes back: a webhook (or the poll) catches up, and the problem goes.
+    std::fs::rename(&away, &bare).expect("bring the repository back");
+    let hook = http(server.web, "POST", "/hooks/git", &[], b"");
+    assert!(hook.status < 300, "{}", hook.body);
+    server.wait_for("/api/v1/repo", WAIT, "the problem gone", |r| r["problems"] == serde_json::json!([]));
+}
+
+#[test]
+fn until_its_fleets_are_loaded_the_server_asks_collectors_to_come_back_instead_of_refusing_them() {
+    let (_served, bare, remote) = served_example();
+    let url = remote.url("fleet.git");
+    // Never fetched: there is nothing to start from, so the server stays unready.
+    std::fs::rename(&bare, bare.with_extension("away")).expect("move the repository away");
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&url, data.path(), &["--poll-interval", "1h", "--no-status-branch"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(server.get("/readyz").status, 503);
+    let headers = [("Authorization", "Bearer tk_00000000.0000"), ("Content-Type", "application/x-protobuf")];
+    let answer = http(server.opamp, "POST", "/v1/opamp", &headers, b"");
+    assert_eq!(answer.status, 503, "not 401 before any token is known: {}", answer.body);
+    assert_eq!(answer.header("retry-after").as_deref(), Some("1"));
+}
