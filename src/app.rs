@@ -136,6 +136,7 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
             Arc::clone(&store),
             settings.forget_after,
             Arc::clone(&metrics),
+            events_tx.clone(),
             cancel.clone(),
         )
         .instrument(info_span!("persist")),

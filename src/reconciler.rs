@@ -40,6 +40,8 @@ pub enum ProblemSource {
     Forge,
     /// Loading a changed TLS certificate.
     Tls,
+    /// Writing instances and their histories to the store.
+    Store,
 }
 
 /// What readers (the web API, later the OpAMP server) see. Replaced whole on each change.

@@ -11,6 +11,8 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 use crate::opamp::registry::{AvailableComponents, InstanceRecord, Registry, Unsaved};
+use crate::problem::{Problem, Severity};
+use crate::reconciler::{Event, ProblemSource};
 use crate::store::{Store, StoreError};
 
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
@@ -49,8 +51,12 @@ pub async fn run(
     store: Arc<dyn Store>,
     forget_after: Option<Duration>,
     metrics: Arc<Metrics>,
+    events: tokio::sync::mpsc::Sender<Event>,
     cancel: CancellationToken,
 ) {
+    // The last write's failure, while the store keeps refusing: reported as a problem, and
+    // withdrawn by the first write that succeeds.
+    let mut failing: Option<String> = None;
     let mut flush_tick = tokio::time::interval(FLUSH_EVERY);
     flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut prune_tick = tokio::time::interval(PRUNE_EVERY);
@@ -77,7 +83,25 @@ pub async fn run(
                 false
             }
         };
-        flush(&registry, &store).await;
+        let written = flush(&registry, &store).await;
+        if let Err(error) = &written {
+            Metrics::count(&metrics.store_write_errors);
+            warn!(%error, "cannot write instance changes to the store; they are kept and tried again");
+        }
+        let now_failing = written.err();
+        if now_failing != failing {
+            let problems = now_failing
+                .iter()
+                .map(|error| {
+                    Problem::general(
+                        Severity::Error,
+                        format!("cannot write instance changes to the store ({error}): they are kept in memory and written once it accepts them again; a restart before then loses them"),
+                    )
+                })
+                .collect();
+            let _ = events.send(Event::Problems { source: ProblemSource::Store, problems }).await;
+            failing = now_failing;
+        }
         if stopping {
             break;
         }
@@ -106,7 +130,8 @@ async fn forget(registry: &Registry, store: &Arc<dyn Store>, after: Duration, me
     }
 }
 
-async fn flush(registry: &Arc<Registry>, store: &Arc<dyn Store>) {
+/// Writes what changed; the error of the first write that failed, if one did.
+async fn flush(registry: &Arc<Registry>, store: &Arc<dyn Store>) -> Result<(), String> {
     // Component lists first: the instances written next point at them.
     let lists = registry.take_unsaved_components();
     if !lists.is_empty() {
@@ -118,10 +143,13 @@ async fn flush(registry: &Arc<Registry>, store: &Arc<dyn Store>) {
         match tokio::task::spawn_blocking(move || writer.save_available_components(&rows)).await {
             Ok(Ok(())) => debug!(builds = lists.len(), "saved component lists"),
             Ok(Err(error)) => {
-                warn!(%error, "cannot save component lists; will retry");
                 registry.mark_components_unsaved(lists);
+                return Err(error.to_string());
             }
-            Err(_) => registry.mark_components_unsaved(lists),
+            Err(_) => {
+                registry.mark_components_unsaved(lists);
+                return Err("writing component lists panicked".into());
+            }
         }
     }
     let mut unsaved = registry.unsaved();
@@ -145,13 +173,11 @@ async fn flush(registry: &Arc<Registry>, store: &Arc<dyn Store>) {
                 registry.saved(receipts);
                 debug!(instances = count, "saved instances");
             }
-            Err(error) => {
-                // Nothing was marked written: the next flush takes them again.
-                warn!(%error, instances = count + unsaved.len(), "cannot save instances; will retry");
-                return;
-            }
+            // Nothing was marked written: the next flush takes them again.
+            Err(error) => return Err(error.to_string()),
         }
     }
+    Ok(())
 }
 
 /// Instances written per transaction.

@@ -129,6 +129,12 @@ pub async fn metrics(State(state): State<WebState>) -> Response {
     );
     counter(
         &mut out,
+        "gitfleet_store_write_errors_total",
+        "Writes of instance changes to the store that failed (each is tried again).",
+        Metrics::read(&m.store_write_errors),
+    );
+    counter(
+        &mut out,
         "gitfleet_status_commits_total",
         "Commits made to the status branch.",
         Metrics::read(&m.status_commits),

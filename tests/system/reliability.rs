@@ -84,3 +84,54 @@ fn until_its_fleets_are_loaded_the_server_asks_collectors_to_come_back_instead_o
     assert_eq!(answer.status, 503, "not 401 before any token is known: {}", answer.body);
     assert_eq!(answer.header("retry-after").as_deref(), Some("1"));
 }
+
+#[test]
+fn a_store_that_refuses_writes_is_a_problem_until_it_takes_them_and_nothing_is_lost() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let path = repo.path().display().to_string();
+    let flags = ["--poll-interval", "1h", "--no-status-branch"];
+    let server = Server::start(&path, data.path(), &flags);
+    let token = server.token("prod-gateway");
+    server.wait_for("/api/v1/repo", WAIT, "a quiet start", |r| r["problems"] == serde_json::json!([]));
+
+    // Another process holds the database's write lock longer than gitfleet waits for it
+    // (5 s): every write of instance changes fails while it does.
+    let holder = rusqlite::Connection::open(data.path().join("state.db")).expect("open the database");
+    holder.execute_batch("BEGIN IMMEDIATE").expect("take the write lock");
+    let uid = [0x52; 16];
+    let instance = format!("/api/v1/instances/{}", uid_text(uid));
+    let agent = converge(&server, &token, uid, "gw-locked-out", None);
+    let repo_state = server.wait_for("/api/v1/repo", Duration::from_secs(30), "the write problem", |r| {
+        r["problems"].as_array().is_some_and(|p| !p.is_empty())
+    });
+    let problem = &repo_state["problems"][0];
+    assert_eq!(problem["severity"], "error", "{repo_state}");
+    assert!(problem["message"].as_str().is_some_and(|m| m.contains("cannot write instance changes")), "{repo_state}");
+    let metrics = server.get("/metrics").body;
+    let errors = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("gitfleet_store_write_errors_total "))
+        .and_then(|value| value.parse::<u64>().ok());
+    assert!(errors.is_some_and(|n| n >= 1), "{metrics}");
+    // Memory keeps what the store has not taken: the effective config is still shown.
+    let shown = server.json(&instance);
+    assert_eq!(shown["status"], "in_sync");
+    assert_eq!(shown["effective_config"]["body"], "# running on gw-locked-out\n", "{shown}");
+
+    holder.execute_batch("ROLLBACK").expect("let go of the lock");
+    drop(holder);
+    server.wait_for("/api/v1/repo", Duration::from_secs(30), "the problem withdrawn", |r| {
+        r["problems"] == serde_json::json!([])
+    });
+    drop(agent);
+    assert_eq!(server.stop(), Some(0));
+
+    // Everything the instance did while the store refused it was written once it could be.
+    let server = Server::start(&path, data.path(), &flags);
+    let after = server.wait_for(&instance, WAIT, "the restored instance", |i| i["status"] == "stale");
+    assert_eq!(after["host"], "gw-locked-out");
+    assert_eq!(after["effective_config"]["body"], "# running on gw-locked-out\n", "{after}");
+    let events = after["events"].as_array().expect("events");
+    assert!(events.iter().any(|e| e["to"] == "in_sync"), "the history written: {after}");
+}
