@@ -257,6 +257,7 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
         max_connections: settings.max_connections,
         tls: settings.tls.is_some(),
         metrics: Arc::clone(&metrics),
+        assembling: crate::opamp::ws::Budget::new(opamp_server::ASSEMBLING_BUDGET),
         cancel: cancel.clone(),
     });
     let tls = settings.tls.clone();

@@ -54,8 +54,17 @@ pub struct OpampState {
     /// Whether this port terminates TLS itself (`--tls-cert`).
     pub tls: bool,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// What messages still arriving may hold, over every connection.
+    pub assembling: ws::Budget,
     pub cancel: CancellationToken,
 }
+
+/// The memory every WebSocket together may hold in messages still arriving: 32 of the
+/// largest messages at once.
+pub const ASSEMBLING_BUDGET: usize = 32 * MAX_MESSAGE_BYTES;
+
+/// How long a message may take from its first byte to its last.
+const MESSAGE_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub fn router(state: OpampState) -> Router {
     Router::new()
@@ -363,7 +372,8 @@ where
     let (reader, mut writer) = tokio::io::split(io);
     // The read future owns the reader and is only replaced once it completes, so a push
     // never interrupts a frame halfway.
-    let mut reading = Box::pin(read_next(FrameReader::new(reader, MAX_MESSAGE_BYTES)));
+    let frames = FrameReader::new(reader, MAX_MESSAGE_BYTES, state.assembling.clone(), MESSAGE_WITHIN);
+    let mut reading = Box::pin(read_next(frames));
     let close = loop {
         // The select only says what happened; what to send is worked out without awaiting,
         // so that only its encoded bytes are held across the write. (Messages held across an
@@ -506,6 +516,11 @@ fn received_step(state: &OpampState, connection: &mut Connection, received: Resu
         Ok(Incoming::Text) => Step::Close(Some((1003, "OpAMP uses binary messages"))),
         Ok(Incoming::Close(_)) => Step::Close(Some((1000, ""))),
         Err(WsError::TooBig(_)) => Step::Close(Some((1009, "message too big"))),
+        Err(WsError::Busy) => Step::Close(Some((1013, "too many large messages arriving; try again later"))),
+        Err(error @ WsError::Unfinished(_)) => {
+            debug!(%error, "closing a connection whose message stalled");
+            Step::Close(Some((1008, "message not completed in time")))
+        }
         Err(WsError::Protocol(what)) => {
             debug!(error = what, "WebSocket protocol violation");
             Step::Close(Some((1002, "protocol error")))

@@ -6,7 +6,12 @@
 //! Only what OpAMP needs: binary messages (fragmented or not), ping/pong, close. Text
 //! frames are reported so the session can refuse them. Client frames must be masked.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 
 const CONTINUATION: u8 = 0x0;
 const TEXT: u8 = 0x1;
@@ -32,27 +37,104 @@ pub enum WsError {
     TooBig(usize),
     #[error("WebSocket protocol violation: {0}")]
     Protocol(&'static str),
+    /// Messages being received on every connection together hold the whole budget.
+    #[error("too many large messages are arriving at once")]
+    Busy,
+    /// A message began and did not end within the time allowed.
+    #[error("a message was not completed within {0:?}")]
+    Unfinished(Duration),
+}
+
+/// The memory every connection together may hold in messages still arriving. A frame's
+/// payload is reserved before it is read and given back once its message is handed on.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    used: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+impl Budget {
+    pub fn new(limit: usize) -> Self {
+        Self { used: Arc::default(), limit }
+    }
+
+    fn take(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|total| *total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// Bytes held now, by every connection.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
 }
 
 /// Reads messages from one connection. Holds a partial message only while a fragmented
-/// message is arriving.
+/// message is arriving, and only within the shared budget; a message must be complete
+/// within `finish_within` of its first byte.
 pub struct FrameReader<R> {
     reader: R,
     partial: Option<Vec<u8>>,
     max_message: usize,
+    budget: Budget,
+    /// Bytes this reader holds of the budget.
+    held: usize,
+    finish_within: Duration,
+    /// When the message being received must be complete.
+    deadline: Option<Instant>,
+}
+
+impl<R> Drop for FrameReader<R> {
+    fn drop(&mut self) {
+        self.budget.give(self.held);
+    }
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    pub fn new(reader: R, max_message: usize) -> Self {
-        Self { reader, partial: None, max_message }
+    pub fn new(reader: R, max_message: usize, budget: Budget, finish_within: Duration) -> Self {
+        Self { reader, partial: None, max_message, budget, held: 0, finish_within, deadline: None }
+    }
+
+    /// Reads exactly `buf`, by the deadline of the message under way if there is one.
+    async fn fill(&mut self, buf: &mut [u8]) -> Result<(), WsError> {
+        match self.deadline {
+            None => self.reader.read_exact(buf).await.map(drop).map_err(WsError::from),
+            Some(deadline) => match tokio::time::timeout_at(deadline, self.reader.read_exact(buf)).await {
+                Ok(read) => read.map(drop).map_err(WsError::from),
+                Err(_) => Err(WsError::Unfinished(self.finish_within)),
+            },
+        }
+    }
+
+    /// The budget this reader holds goes back, and no message is under way.
+    fn settle(&mut self) {
+        if self.partial.is_none() {
+            self.budget.give(std::mem::take(&mut self.held));
+            self.deadline = None;
+        }
     }
 
     /// The next message. Control frames in the middle of a fragmented message are returned
     /// as they come; the partial message is kept.
     pub async fn read_message(&mut self) -> Result<Incoming, WsError> {
+        let incoming = self.next_message().await;
+        self.settle();
+        incoming
+    }
+
+    async fn next_message(&mut self) -> Result<Incoming, WsError> {
         loop {
             let mut head = [0u8; 2];
-            self.reader.read_exact(&mut head).await?;
+            self.fill(&mut head).await?;
+            // From its first byte on, a frame (and the message it begins) has a deadline.
+            self.deadline.get_or_insert_with(|| Instant::now() + self.finish_within);
             let fin = head[0] & 0x80 != 0;
             if head[0] & 0x70 != 0 {
                 return Err(WsError::Protocol("reserved bits set"));
@@ -62,8 +144,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Err(WsError::Protocol("client frames must be masked"));
             }
             let length = match head[1] & 0x7F {
-                126 => u64::from(self.reader.read_u16().await?),
-                127 => self.reader.read_u64().await?,
+                126 => {
+                    let mut bytes = [0u8; 2];
+                    self.fill(&mut bytes).await?;
+                    u64::from(u16::from_be_bytes(bytes))
+                }
+                127 => {
+                    let mut bytes = [0u8; 8];
+                    self.fill(&mut bytes).await?;
+                    u64::from_be_bytes(bytes)
+                }
                 short => u64::from(short),
             };
             let control = opcode >= 0x8;
@@ -75,10 +165,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Err(WsError::TooBig(self.max_message));
             }
             let mut mask = [0u8; 4];
-            self.reader.read_exact(&mut mask).await?;
+            self.fill(&mut mask).await?;
             let length = usize::try_from(length).map_err(|_| WsError::TooBig(self.max_message))?;
+            if !control {
+                if !self.budget.take(length) {
+                    return Err(WsError::Busy);
+                }
+                self.held += length;
+            }
             let mut payload = vec![0u8; length];
-            self.reader.read_exact(&mut payload).await?;
+            self.fill(&mut payload).await?;
             for (index, byte) in payload.iter_mut().enumerate() {
                 *byte ^= mask[index % 4];
             }
@@ -108,7 +204,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     return Ok(Incoming::Close(code));
                 }
                 PING => return Ok(Incoming::Ping(payload)),
-                PONG => {}
+                PONG => {
+                    // Not a message: between messages, the connection is idle again.
+                    if self.partial.is_none() {
+                        self.deadline = None;
+                    }
+                }
                 _ => return Err(WsError::Protocol("unknown opcode")),
             }
         }
@@ -167,7 +268,7 @@ mod tests {
     }
 
     async fn read_all(bytes: Vec<u8>, max: usize) -> Vec<Result<Incoming, String>> {
-        let mut reader = FrameReader::new(bytes.as_slice(), max);
+        let mut reader = FrameReader::new(bytes.as_slice(), max, Budget::new(usize::MAX), Duration::from_secs(5));
         let mut out = Vec::new();
         loop {
             match reader.read_message().await {
@@ -226,6 +327,66 @@ mod tests {
         let mut reserved = client_frame(true, BINARY, b"x");
         reserved[0] |= 0x40;
         assert_eq!(read_all(reserved, 1000).await, vec![Err("WebSocket protocol violation: reserved bits set".into())]);
+    }
+
+    #[tokio::test]
+    async fn messages_still_arriving_share_one_budget_and_give_it_back() {
+        let budget = Budget::new(1000);
+        let (mut first_client, first_server) = tokio::io::duplex(4096);
+        let (mut second_client, second_server) = tokio::io::duplex(4096);
+        let mut first = FrameReader::new(first_server, 1000, budget.clone(), Duration::from_secs(5));
+        let mut second = FrameReader::new(second_server, 1000, budget.clone(), Duration::from_secs(5));
+
+        // The first connection's message is half there, with a ping in between.
+        first_client.write_all(&client_frame(false, BINARY, &[1; 600])).await.expect("write");
+        first_client.write_all(&client_frame(true, PING, b"")).await.expect("write");
+        assert_eq!(first.read_message().await.expect("the ping"), Incoming::Ping(Vec::new()));
+        assert_eq!(budget.used(), 600, "the partial message holds its bytes");
+
+        // The second cannot take 600 more.
+        second_client.write_all(&client_frame(true, BINARY, &[2; 600])).await.expect("write");
+        assert!(matches!(second.read_message().await, Err(WsError::Busy)));
+        drop(second);
+        assert_eq!(budget.used(), 600);
+
+        first_client.write_all(&client_frame(true, CONTINUATION, &[1; 100])).await.expect("write");
+        assert_eq!(first.read_message().await.expect("the whole message"), Incoming::Binary(vec![1; 700]));
+        assert_eq!(budget.used(), 0, "given back once the message is handed on");
+
+        // A reader dropped halfway through a message gives its share back too.
+        first_client.write_all(&client_frame(false, BINARY, &[1; 300])).await.expect("write");
+        first_client.write_all(&client_frame(true, PING, b"")).await.expect("write");
+        first.read_message().await.expect("the ping");
+        assert_eq!(budget.used(), 300);
+        drop(first);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_message_must_finish_in_time_but_an_idle_connection_may_wait() {
+        let within = Duration::from_millis(100);
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut reader = FrameReader::new(server, 1000, Budget::new(1000), within);
+
+        // Idle, and idle again after a pong: no deadline.
+        client.write_all(&client_frame(true, PONG, b"")).await.expect("write");
+        let idle = tokio::time::timeout(within * 3, reader.read_message()).await;
+        assert!(idle.is_err(), "still waiting for a message: {idle:?}");
+
+        // A message that starts and stalls.
+        client.write_all(&client_frame(false, BINARY, &[1; 10])).await.expect("write");
+        let started = Instant::now();
+        let stalled = tokio::time::timeout(within * 10, reader.read_message()).await.expect("ends by itself");
+        assert!(matches!(stalled, Err(WsError::Unfinished(_))), "{stalled:?}");
+        assert!(started.elapsed() >= within);
+
+        // So does a frame whose payload stops halfway.
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut reader = FrameReader::new(server, 1000, Budget::new(1000), within);
+        let frame = client_frame(true, BINARY, &[1; 50]);
+        client.write_all(&frame[..20]).await.expect("write");
+        let stalled = tokio::time::timeout(within * 10, reader.read_message()).await.expect("ends by itself");
+        assert!(matches!(stalled, Err(WsError::Unfinished(_))), "{stalled:?}");
     }
 
     #[tokio::test]
