@@ -177,7 +177,11 @@ pub fn handle(
         }
     }
     let report = message.remote_config_status.as_ref().map(|status| {
-        (status.last_remote_config_hash.clone(), Reported::from_wire(status.status), status.error_message.clone())
+        (
+            status.last_remote_config_hash.clone(),
+            Reported::from_wire(status.status),
+            clip(&status.error_message, ERROR_MAX),
+        )
     });
     record.sync(target, now_ms);
     if started_over {
@@ -342,9 +346,38 @@ fn value_text(value: Option<&proto::AnyValue>) -> String {
     }
 }
 
+/// What gitfleet keeps of what an agent reports, at most: a message may be 8 MiB, and every
+/// field is kept in memory, in the store and in API answers. Longer text is cut, with a note
+/// of how much was left out.
+const ATTRIBUTES_KEPT: usize = 64;
+const KEY_MAX: usize = 256;
+const VALUE_MAX: usize = 1024;
+const STATUS_MAX: usize = 1024;
+const ERROR_MAX: usize = 4096;
+const COMPONENTS_KEPT: usize = 256;
+const EFFECTIVE_CONFIG_MAX: usize = 256 * 1024;
+
+/// `text` if it is at most `max` bytes, else its first bytes (on a character boundary) and
+/// a note of what was cut.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let end = (0..=max).rev().find(|&index| text.is_char_boundary(index)).unwrap_or(0);
+    format!("{}… [{} more bytes not kept]", &text[..end], text.len() - end)
+}
+
 fn describe(description: &proto::AgentDescription) -> Description {
     let pairs = |list: &[proto::KeyValue]| {
-        list.iter().map(|kv| (kv.key.clone(), value_text(kv.value.as_ref()))).collect::<Vec<_>>()
+        let mut pairs: Vec<(String, String)> = list
+            .iter()
+            .take(ATTRIBUTES_KEPT)
+            .map(|kv| (clip(&kv.key, KEY_MAX), clip(&value_text(kv.value.as_ref()), VALUE_MAX)))
+            .collect();
+        if list.len() > ATTRIBUTES_KEPT {
+            pairs.push(("…".to_owned(), format!("{} more attributes not kept", list.len() - ATTRIBUTES_KEPT)));
+        }
+        pairs
     };
     let identifying = pairs(&description.identifying_attributes);
     let non_identifying = pairs(&description.non_identifying_attributes);
@@ -366,8 +399,8 @@ fn health_summary(health: &proto::ComponentHealth) -> Health {
     flatten_components("", &health.component_health_map, &mut components);
     Health {
         healthy: health.healthy,
-        status: health.status.clone(),
-        last_error: health.last_error.clone(),
+        status: clip(&health.status, STATUS_MAX),
+        last_error: clip(&health.last_error, ERROR_MAX),
         start_time_unix_nano: health.start_time_unix_nano,
         components,
     }
@@ -381,13 +414,16 @@ fn flatten_components(
     let mut names: Vec<&String> = map.keys().collect();
     names.sort();
     for name in names {
+        if out.len() >= COMPONENTS_KEPT {
+            return;
+        }
         let component = &map[name];
-        let path = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+        let path = clip(&if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") }, KEY_MAX);
         out.push(ComponentHealth {
             name: path.clone(),
             healthy: component.healthy,
-            status: component.status.clone(),
-            last_error: component.last_error.clone(),
+            status: clip(&component.status, STATUS_MAX),
+            last_error: clip(&component.last_error, ERROR_MAX),
         });
         flatten_components(&path, &component.component_health_map, out);
     }
@@ -440,8 +476,8 @@ fn effective_config(effective: &proto::EffectiveConfig) -> Option<EffectiveConfi
     // The supervisor reports under "": prefer it, else the first key.
     let (_, file) = map.get_key_value("").or_else(|| map.iter().min_by_key(|(key, _)| key.as_str()))?;
     Some(EffectiveConfig {
-        content_type: file.content_type.clone(),
-        body: String::from_utf8_lossy(&file.body).into_owned(),
+        content_type: clip(&file.content_type, KEY_MAX),
+        body: clip(&String::from_utf8_lossy(&file.body), EFFECTIVE_CONFIG_MAX),
     })
 }
 
@@ -533,6 +569,61 @@ mod tests {
             }),
             ..heartbeat(seq)
         }
+    }
+
+    #[test]
+    fn what_an_agent_reports_is_kept_within_bounds() {
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("ééé", 3), "é… [4 more bytes not kept]", "cut on a character boundary");
+
+        let huge = "h".repeat(7 * 1024 * 1024);
+        let text = |key: &str, value: &str| KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.into())) }),
+        };
+        let mut attributes = vec![text("host.name", &huge)];
+        attributes.extend((0..100).map(|n| text(&format!("label.{n}"), "x")));
+        let components = (0..1000)
+            .map(|n| {
+                let last_error = if n < 3 { huge.clone() } else { String::new() };
+                (format!("receiver/{n}"), proto::ComponentHealth { last_error, ..Default::default() })
+            })
+            .collect();
+        let config = AgentConfigFile { body: vec![b'a'; 2 * 1024 * 1024], content_type: "text/yaml".into() };
+        let message = AgentToServer {
+            agent_description: Some(AgentDescription {
+                identifying_attributes: Vec::new(),
+                non_identifying_attributes: attributes,
+            }),
+            health: Some(proto::ComponentHealth {
+                healthy: false,
+                last_error: huge.clone(),
+                component_health_map: components,
+                ..Default::default()
+            }),
+            effective_config: Some(proto::EffectiveConfig {
+                config_map: Some(AgentConfigMap { config_map: [(String::new(), config)].into_iter().collect() }),
+            }),
+            ..full_state(0)
+        };
+        let registry = Registry::new();
+        handle(&registry, &targets(1), &mut connection(Some(1)), message, 0);
+        let record = registry.get(&InstanceUid(UID)).expect("registered");
+        let description = record.description.as_deref().expect("description");
+        let host = description.host.as_deref().expect("host");
+        assert!(host.len() < 2 * VALUE_MAX && host.ends_with(" more bytes not kept]"), "{}", host.len());
+        assert_eq!(description.non_identifying.len(), ATTRIBUTES_KEPT + 1);
+        assert_eq!(description.non_identifying.last().map(|(_, v)| v.as_str()), Some("37 more attributes not kept"));
+        let health = record.health.as_deref().expect("health");
+        assert!(health.last_error.len() < 2 * ERROR_MAX);
+        assert_eq!(health.components.len(), COMPONENTS_KEPT);
+        assert!(health.components.iter().all(|c| c.last_error.len() < 2 * ERROR_MAX));
+        let effective = record.effective_config.as_deref().expect("effective config");
+        assert!(effective.body.len() < EFFECTIVE_CONFIG_MAX + 100, "{}", effective.body.len());
+        let kept = serde_json::to_string(&record.row(&targets(1), 0)).expect("row").len()
+            + serde_json::to_string(description).expect("json").len()
+            + serde_json::to_string(health).expect("json").len();
+        assert!(kept < 2 * 1024 * 1024, "what the API shows of it: {kept} bytes");
     }
 
     #[test]

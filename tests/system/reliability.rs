@@ -135,3 +135,30 @@ fn a_store_that_refuses_writes_is_a_problem_until_it_takes_them_and_nothing_is_l
     let events = after["events"].as_array().expect("events");
     assert!(events.iter().any(|e| e["to"] == "in_sync"), "the history written: {after}");
 }
+
+#[test]
+fn an_agent_that_reports_megabytes_is_kept_to_kilobytes() {
+    use prost::Message;
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.path().display().to_string(), data.path(), &["--poll-interval", "1h"]);
+    let token = server.token("prod-gateway");
+    let uid = [0x53; 16];
+    // The host name goes into the description and the effective config: 3 MiB twice.
+    let huge = "h".repeat(3 * 1024 * 1024);
+    let message = crate::opamp::full_state(uid, 0, &huge);
+    let authorization = format!("Bearer {token}");
+    let headers = [("Authorization", authorization.as_str()), ("Content-Type", "application/x-protobuf")];
+    for _ in 0..3 {
+        let answer = http(server.opamp, "POST", "/v1/opamp", &headers, &message.encode_to_vec());
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+    // The detail shows the effective config, kept up to 256 KiB.
+    let detail = server.get(&format!("/api/v1/instances/{}", uid_text(uid)));
+    assert!(detail.body.len() < 300 * 1024, "the API answer: {} bytes", detail.body.len());
+    let instance: serde_json::Value = serde_json::from_str(&detail.body).expect("json");
+    let host = instance["host"].as_str().expect("host");
+    assert!(host.starts_with("hhhh") && host.ends_with(" more bytes not kept]"), "{}", &host[host.len() - 40..]);
+    let list = server.get("/api/v1/instances");
+    assert!(list.body.len() < 64 * 1024, "the list: {} bytes", list.body.len());
+}
