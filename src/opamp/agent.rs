@@ -212,7 +212,8 @@ pub fn handle(
     }
 
     let remote_config = if disconnect { None } else { remote_config_for(record, targets, now_ms) };
-    let connection_settings = if disconnect { None } else { offer_for(connection, capabilities, target) };
+    let connection_settings =
+        if disconnect { None } else { offer_for(connection, capabilities, record.first_seen_ms, target) };
     drop(shard);
 
     let reply = ServerToAgent {
@@ -254,10 +255,15 @@ pub fn remote_config_for(record: &mut InstanceRecord, targets: &Targets, now_ms:
 pub fn offer_for(
     connection: &mut Connection,
     capabilities: u64,
+    first_seen_ms: i64,
     target: Option<&crate::opamp::registry::FleetTarget>,
 ) -> Option<proto::ConnectionSettingsOffers> {
     let credentials = target?.credentials.as_ref()?;
+    // Only an instance that was there before the rotation (to the second) is offered the
+    // new token: whoever holds a leaked old one and connects since gets nothing.
+    let known_before = first_seen_ms.div_euclid(1000) <= credentials.issued_at;
     if capabilities & ACCEPTS_OPAMP_CONNECTION_SETTINGS == 0
+        || !known_before
         || connection.token_id == credentials.token_id
         || connection.offered.as_ref() == Some(&credentials.token_id)
     {
@@ -528,6 +534,7 @@ mod tests {
         target.current_token = Some(Arc::from("tk_00000002"));
         target.credentials = Some(Arc::new(crate::opamp::registry::Credentials {
             token_id: Arc::from("tk_00000002"),
+            issued_at: 100,
             authorization: "Bearer tk_00000002.secret".into(),
             endpoint: endpoint.map(str::to_owned),
             ca: Some(Arc::from("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")),
@@ -690,6 +697,18 @@ mod tests {
         // On the current token: nothing to offer.
         let mut current = Connection { token_id: Arc::from("tk_00000002"), ..connection(Some(4)) };
         assert!(handle(&registry, &targets, &mut current, accepts(4), 3).reply.connection_settings.is_none());
+
+        // An instance first seen after the rotation (issued at 100 s), on the old token: it
+        // may be whoever leaked it, so it gets no offer, now or later.
+        let registry = Registry::new();
+        let mut late = connection(Some(5));
+        assert!(handle(&registry, &targets, &mut late, accepts(0), 101_000).reply.connection_settings.is_none());
+        let mut again = connection(Some(6));
+        assert!(handle(&registry, &targets, &mut again, accepts(1), 102_000).reply.connection_settings.is_none());
+        // One seen in the rotation's own second counts as before it.
+        let registry = Registry::new();
+        let mut early = connection(Some(7));
+        assert!(handle(&registry, &targets, &mut early, accepts(0), 100_999).reply.connection_settings.is_some());
     }
 
     #[test]

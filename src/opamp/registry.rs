@@ -133,6 +133,8 @@ impl FleetTarget {
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     pub token_id: Arc<str>,
+    /// When the token was issued (Unix seconds): instances first seen later get no offer.
+    pub issued_at: i64,
     /// `Bearer <token>`: a secret, never printed.
     pub authorization: String,
     /// The fleet's `[install].endpoint`, else the one from `--public-url`; without either,

@@ -534,7 +534,7 @@ fn received_step(state: &OpampState, connection: &mut Connection, received: Resu
 fn push_for(registry: &Registry, targets: &Targets, connection: &mut Connection) -> Option<ServerToAgent> {
     let uid = connection.uid?;
     let now = crate::time::now_ms();
-    let (remote_config, capabilities) = {
+    let (remote_config, capabilities, first_seen_ms) = {
         let mut shard = registry.shard(&uid);
         let record = shard.get_mut(&uid)?;
         if record.session != connection.session {
@@ -542,9 +542,10 @@ fn push_for(registry: &Registry, targets: &Targets, connection: &mut Connection)
             return None;
         }
         record.sync(targets.get(&*record.fleet), now);
-        (agent::remote_config_for(record, targets, now), record.config.capabilities)
+        (agent::remote_config_for(record, targets, now), record.config.capabilities, record.first_seen_ms)
     };
-    let connection_settings = agent::offer_for(connection, capabilities, targets.get(&*connection.fleet));
+    let connection_settings =
+        agent::offer_for(connection, capabilities, first_seen_ms, targets.get(&*connection.fleet));
     if remote_config.is_none() && connection_settings.is_none() {
         return None;
     }
@@ -743,6 +744,7 @@ pub fn targets_of(
                     let text = tokens.text.as_ref()?;
                     Some(Arc::new(crate::opamp::registry::Credentials {
                         token_id: Arc::from(current.token.id.as_str()),
+                        issued_at: current.token.issued_at,
                         authorization: format!("Bearer {}", text.expose()),
                         endpoint: fleet.spec.install.endpoint.clone().or_else(|| public_endpoint.map(str::to_owned)),
                         ca: install_ca.cloned(),
