@@ -262,8 +262,16 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
     });
     let tls = settings.tls.clone();
     tracker.spawn(
-        serve(opamp_listener, opamp_addr, tls.clone(), opamp_router, Arc::clone(&metrics), cancel.clone())
-            .instrument(info_span!("opamp")),
+        serve(
+            opamp_listener,
+            opamp_addr,
+            tls.clone(),
+            opamp_router,
+            (settings.max_connections, OPAMP_TIMEOUTS),
+            Arc::clone(&metrics),
+            cancel.clone(),
+        )
+        .instrument(info_span!("opamp")),
     );
 
     let router = web::router(WebState {
@@ -278,8 +286,16 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
         cancel: cancel.clone(),
     });
     tracker.spawn(
-        serve(listener, web_addr, tls.clone(), router, Arc::clone(&metrics), cancel.clone())
-            .instrument(info_span!("web")),
+        serve(
+            listener,
+            web_addr,
+            tls.clone(),
+            router,
+            (WEB_CONNECTIONS, WEB_TIMEOUTS),
+            Arc::clone(&metrics),
+            cancel.clone(),
+        )
+        .instrument(info_span!("web")),
     );
     if let Some(tls) = tls {
         tracker.spawn(
@@ -301,28 +317,42 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
     Ok(Running { web_addr, opamp_addr, registry, view: view_rx, cancel, tracker, fatal: fatal_rx, _fs_watch: fs_watch })
 }
 
-/// Serves `router` on `listener`, through TLS when it is on, until `cancel`.
+/// Open sockets on the people port at most: with `--max-connections` on the OpAMP port and
+/// what the store and Git use, within the process's open-file limit.
+const WEB_CONNECTIONS: usize = 256;
+
+/// How long an accepted OpAMP socket may wait to send its first bytes, and stay silent
+/// after. Collectors heartbeat every 30 s: six missed heartbeats close a WebSocket.
+const OPAMP_TIMEOUTS: crate::net::Timeouts =
+    crate::net::Timeouts { first_within: Duration::from_secs(10), silent_within: Duration::from_secs(180) };
+
+/// The same for the people port, where a status page listens to its event stream without
+/// saying anything.
+const WEB_TIMEOUTS: crate::net::Timeouts =
+    crate::net::Timeouts { first_within: Duration::from_secs(10), silent_within: Duration::from_secs(3600) };
+
+/// Serves `router` on `listener`, through TLS when it is on, until `cancel`, with at most
+/// `limit` sockets open, each closed when silent past its `timeouts`.
 async fn serve(
     listener: tokio::net::TcpListener,
     local: SocketAddr,
     tls: Option<crate::tls::Tls>,
     router: axum::Router,
+    (limit, timeouts): (usize, crate::net::Timeouts),
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
+    use crate::net::Limited;
     let shutdown = cancel.clone().cancelled_owned();
     let served = match tls {
         // Every write is a whole message (an OpAMP frame, a response): send it at once.
         None => {
-            axum::serve(
-                axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| nodelay(tcp)),
-                router,
-            )
-            .with_graceful_shutdown(shutdown)
-            .await
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| nodelay(tcp));
+            axum::serve(Limited::new(listener, limit, timeouts), router).with_graceful_shutdown(shutdown).await
         }
         Some(tls) => {
-            axum::serve(tls.listen(listener, local, metrics, cancel), router).with_graceful_shutdown(shutdown).await
+            let listener = Limited::new(tls.listen(listener, local, metrics, cancel), limit, timeouts);
+            axum::serve(listener, router).with_graceful_shutdown(shutdown).await
         }
     };
     if let Err(error) = served {

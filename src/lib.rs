@@ -16,6 +16,7 @@ pub mod install;
 pub mod instance;
 pub mod loadgen;
 pub mod metrics;
+pub mod net;
 pub mod opamp;
 pub mod plan;
 pub mod problem;

@@ -162,3 +162,35 @@ fn an_agent_that_reports_megabytes_is_kept_to_kilobytes() {
     let list = server.get("/api/v1/instances");
     assert!(list.body.len() < 64 * 1024, "the list: {} bytes", list.body.len());
 }
+
+#[test]
+fn idle_sockets_count_against_the_limit_and_are_closed_when_they_say_nothing() {
+    use std::io::Read;
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let flags = ["--poll-interval", "1h", "--max-connections", "3"];
+    let server = Server::start(&repo.path().display().to_string(), data.path(), &flags);
+    let token = server.token("prod-gateway");
+
+    // Three sockets that never send a byte take every slot.
+    let idle: Vec<std::net::TcpStream> =
+        (0..3).map(|_| std::net::TcpStream::connect(server.opamp).expect("connects")).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fourth = std::net::TcpStream::connect(server.opamp).expect("the socket is accepted");
+    fourth.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut answer = String::new();
+    fourth.read_to_string(&mut answer).expect("an answer, then the end");
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+    assert!(answer.contains("Retry-After: 5"), "{answer}");
+    assert_eq!(server.get("/healthz").status, 200, "the people port is not affected");
+
+    // They are closed 10 s after saying nothing; then collectors get in again.
+    for mut socket in idle {
+        socket.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+        let mut byte = [0u8; 1];
+        let closed = socket.read(&mut byte);
+        assert!(matches!(closed, Ok(0) | Err(_)), "closed by the server: {closed:?}");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    drop(converge(&server, &token, [0x55; 16], "gw-after", None));
+}
