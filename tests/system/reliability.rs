@@ -194,3 +194,101 @@ fn idle_sockets_count_against_the_limit_and_are_closed_when_they_say_nothing() {
     std::thread::sleep(Duration::from_millis(200));
     drop(converge(&server, &token, [0x55; 16], "gw-after", None));
 }
+
+/// A loadgen process, killed when dropped.
+struct Loadgen(std::process::Child);
+
+impl Loadgen {
+    fn start(server: &Server, token: &str, agents: usize, first: usize) -> Self {
+        let child = crate::common::gitfleet()
+            .args(["loadgen", "--url", &format!("ws://{}/v1/opamp", server.opamp), "--token", token])
+            .args(["--agents", &agents.to_string(), "--first-agent", &first.to_string()])
+            .args(["--connect-rate", "2000", "--duration", "60s"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("loadgen starts");
+        Self(child)
+    }
+}
+
+impl Drop for Loadgen {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_kill_while_collectors_arrive_loses_nothing_written_before_it() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let path = repo.path().display().to_string();
+    let flags = ["--poll-interval", "1h", "--status-interval", "1s"];
+    let server = Server::start(&path, data.path(), &flags);
+    let token = server.token("prod-gateway");
+    let settled = Loadgen::start(&server, &token, 400, 0);
+    server.wait_for("/api/v1/fleets/prod-gateway", Duration::from_secs(60), "400 in sync", |f| {
+        f["counts"]["in_sync"] == 400
+    });
+    // Written: instances are flushed every 250 ms.
+    std::thread::sleep(Duration::from_millis(1500));
+    let fleets_before = server.json("/api/v1/fleets");
+    let before: Vec<String> = server.json("/api/v1/instances")["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .map(|i| i["instance_uid"].as_str().expect("uid").to_owned())
+        .collect();
+    assert_eq!(before.len(), 400);
+
+    // More collectors arrive, so that writes are under way, and the server is killed.
+    let arriving = Loadgen::start(&server, &token, 2000, 400);
+    server.wait_for("/api/v1/fleets/prod-gateway", Duration::from_secs(60), "arrivals", |f| {
+        f["instances"].as_u64().is_some_and(|n| n > 600)
+    });
+    drop(server);
+    drop((settled, arriving));
+
+    let store = rusqlite::Connection::open(data.path().join("state.db")).expect("open the database");
+    let check: String = store.query_row("PRAGMA integrity_check", [], |row| row.get(0)).expect("integrity check");
+    assert_eq!(check, "ok");
+    drop(store);
+
+    let server = Server::start(&path, data.path(), &flags);
+    let fleets_after = server.wait_for("/api/v1/fleets", WAIT, "the fleets", |f| {
+        f["fleets"].as_array().is_some_and(|fleets| fleets.iter().all(|fleet| fleet["token"]["id"].is_string()))
+    });
+    for (old, new) in fleets_before["fleets"]
+        .as_array()
+        .expect("fleets")
+        .iter()
+        .zip(fleets_after["fleets"].as_array().expect("fleets"))
+    {
+        for field in ["name", "tag", "config_hash"] {
+            assert_eq!(old[field], new[field], "{field} of {}", old["name"]);
+        }
+        assert_eq!(old["token"]["id"], new["token"]["id"], "the same token for {}", old["name"]);
+    }
+    let after = server.json("/api/v1/instances");
+    let after: std::collections::HashMap<&str, &serde_json::Value> = after["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .map(|i| (i["instance_uid"].as_str().expect("uid"), i))
+        .collect();
+    assert!(after.len() >= 400, "{} instances", after.len());
+    for uid in &before {
+        let instance =
+            after.get(uid.as_str()).unwrap_or_else(|| panic!("{uid} was written before the kill and is gone"));
+        assert_eq!(instance["status"], "stale", "{instance}");
+        assert!(instance["assigned_hash"].is_string(), "{instance}");
+    }
+    let sample = server.json(&format!("/api/v1/instances/{}", before[0]));
+    let events = sample["events"].as_array().expect("events");
+    assert!(events.iter().any(|e| e["to"] == "in_sync"), "its history: {sample}");
+    // The status branch the server had pushed is intact.
+    let log = repo.git(&["log", "--format=%s", "gitfleet/status"]);
+    assert!(!log.trim().is_empty());
+    assert!(repo.try_git(&["fsck", "--no-dangling"]).status.success());
+}
