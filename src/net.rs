@@ -123,7 +123,12 @@ impl<Io: AsyncRead + Unpin> AsyncRead for Socket<Io> {
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(result) => {
                 if buf.filled().len() > before {
-                    this.heard = Some(Instant::now());
+                    let now = Instant::now();
+                    // The first bytes: the alarm moves from the first deadline to the
+                    // silence one once, rather than waking every socket when it fires.
+                    if this.heard.replace(now).is_none() {
+                        this.alarm.as_mut().reset(now + this.timeouts.silent_within);
+                    }
                 }
                 Poll::Ready(result)
             }
