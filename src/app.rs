@@ -84,11 +84,23 @@ pub struct Listeners {
 impl Listeners {
     pub async fn bind(web: SocketAddr, opamp: SocketAddr) -> Result<Self, AppError> {
         let bind = |address: SocketAddr| async move {
-            tokio::net::TcpListener::bind(address).await.map_err(|source| AppError::Listen { address, source })
+            let listen = || -> std::io::Result<tokio::net::TcpListener> {
+                let socket =
+                    if address.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+                socket.set_reuseaddr(true)?;
+                socket.bind(address)?;
+                socket.listen(LISTEN_BACKLOG)
+            };
+            listen().map_err(|source| AppError::Listen { address, source })
         };
         Ok(Self { web: bind(web).await?, opamp: bind(opamp).await? })
     }
 }
+
+/// Connections waiting to be accepted, at most. A fleet reconnects all at once after a
+/// restart: with the usual 1,024, the kernel drops the SYNs past it and those collectors
+/// retry only after 1, 3, 7, 15 … seconds. The kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 65_535;
 
 /// Starts the server; returns once every socket is bound.
 pub async fn start(settings: Settings) -> Result<Running, AppError> {

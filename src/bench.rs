@@ -670,6 +670,17 @@ fn wait_until(
     Err(BenchError::Failed(format!("timed out after {timeout:?} waiting for {what}")))
 }
 
+/// `start_loadgens` with 30 s heartbeats and their figures on a pipe, for `restart_storm`.
+fn start_loadgens_reporting(
+    opamp: std::net::SocketAddr,
+    token: &str,
+    agents: usize,
+    processes: usize,
+    ca_file: Option<&Path>,
+) -> Result<Vec<ChildGuard>, BenchError> {
+    spawn_loadgens(opamp, token, agents, processes, "30s", ca_file, Stdio::piped)
+}
+
 fn start_loadgens(
     opamp: std::net::SocketAddr,
     token: &str,
@@ -677,6 +688,19 @@ fn start_loadgens(
     processes: usize,
     heartbeat: &str,
     ca_file: Option<&Path>,
+) -> Result<Vec<ChildGuard>, BenchError> {
+    spawn_loadgens(opamp, token, agents, processes, heartbeat, ca_file, Stdio::null)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_loadgens(
+    opamp: std::net::SocketAddr,
+    token: &str,
+    agents: usize,
+    processes: usize,
+    heartbeat: &str,
+    ca_file: Option<&Path>,
+    stdout: fn() -> Stdio,
 ) -> Result<Vec<ChildGuard>, BenchError> {
     let exe = std::env::current_exe().map_err(io("cannot find the gitfleet binary"))?;
     let per_process = agents.div_ceil(processes.max(1));
@@ -702,7 +726,7 @@ fn start_loadgens(
             .args(["--connect-rate", "5000", "--duration", "1h"])
             .env("GITFLEET_LOADGEN_TOKEN", token)
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            .stdout(stdout())
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(io("cannot start a loadgen process"))?;
@@ -739,26 +763,29 @@ fn opamp(
     let opamp_addr = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(io("cannot find a free port"))?;
-    let mut serve = Command::new(&exe);
-    serve
-        .args(["serve", "--repo", &repo.display().to_string(), "--poll-interval", "1h"])
-        .args(["--web-listen", &web.to_string(), "--listen", &opamp_addr.to_string()])
-        .args(["--max-connections", &(agents + 100).to_string()])
-        .arg("--data-dir")
-        .arg(&data);
-    if let Some((cert, key)) = tls {
-        serve.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
-    }
-    // `GITFLEET_BENCH_SERVER_LOG` sets the server's `RUST_LOG`, to see where time goes.
-    let server_log = std::env::var("GITFLEET_BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into());
-    let server = ChildGuard(
+    let start_server = || -> Result<ChildGuard, BenchError> {
+        let mut serve = Command::new(&exe);
         serve
-            .env("RUST_LOG", server_log)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(io("cannot start the server"))?,
-    );
+            .args(["serve", "--repo", &repo.display().to_string(), "--poll-interval", "1h"])
+            .args(["--web-listen", &web.to_string(), "--listen", &opamp_addr.to_string()])
+            .args(["--max-connections", &(agents + 100).to_string()])
+            .arg("--data-dir")
+            .arg(&data);
+        if let Some((cert, key)) = tls {
+            serve.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
+        // `GITFLEET_BENCH_SERVER_LOG` sets the server's `RUST_LOG`, to see where time goes.
+        let server_log = std::env::var("GITFLEET_BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into());
+        Ok(ChildGuard(
+            serve
+                .env("RUST_LOG", server_log)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .map_err(io("cannot start the server"))?,
+        ))
+    };
+    let server = start_server()?;
     let pid = server.0.id();
     wait_until("the server to reconcile", Duration::from_secs(30), || {
         Ok(client.api(web, "/api/v1/fleets/prod-gateway").is_ok_and(|f| f["token"]["id"].is_string()))
@@ -830,6 +857,66 @@ fn opamp(
     std::thread::sleep(Duration::from_secs(2));
     let busy = cpu_share(pid, sample_seconds)?;
     println!("  server CPU with {agents} agents heartbeating every second: {:.1}% of a core", busy * 100.0);
+    drop(_loadgens);
+    restart_storm(&client, web, agents, server, start_server, || {
+        start_loadgens_reporting(opamp_addr, &token, agents, processes, ca_file)
+    })
+}
+
+/// Phase 3: every agent connected and in sync, then `kill -9` and a restart: how long until
+/// every agent is connected and in sync again, and what the agents were answered meanwhile.
+fn restart_storm(
+    client: &Client,
+    web: std::net::SocketAddr,
+    agents: usize,
+    server: ChildGuard,
+    start_server: impl Fn() -> Result<ChildGuard, BenchError>,
+    start_loadgens: impl Fn() -> Result<Vec<ChildGuard>, BenchError>,
+) -> Result<(), BenchError> {
+    let all_back = |client: &Client| -> Result<bool, BenchError> {
+        let fleet = client.api(web, "/api/v1/fleets/prod-gateway")?;
+        let connected = client.api(web, "/api/v1/instances")?["instances"]
+            .as_array()
+            .map_or(0, |i| i.iter().filter(|i| i["connected"] == true).count());
+        Ok(connected == agents && fleet["counts"]["in_sync"].as_u64() == Some(agents as u64))
+    };
+    wait_until("the agents to disconnect", Duration::from_secs(60), || {
+        Ok(client
+            .api(web, "/api/v1/instances")
+            .is_ok_and(|v| v["instances"].as_array().is_some_and(|i| i.iter().all(|i| i["connected"] == false))))
+    })?;
+    let loadgens = start_loadgens()?;
+    wait_until("every agent connected and in sync", Duration::from_secs(300), || all_back(client))?;
     drop(server);
+    let killed = Instant::now();
+    let _server = start_server()?;
+    let took = loop {
+        if killed.elapsed() > Duration::from_secs(300) {
+            return Err(BenchError::Failed("the agents did not all come back within 300 s of the restart".into()));
+        }
+        if all_back(client).unwrap_or(false) {
+            break killed.elapsed();
+        }
+        std::thread::sleep(POLL);
+    };
+    // The loadgens print their figures when interrupted.
+    let (mut unauthorized, mut busy) = (0u64, 0u64);
+    for mut loadgen in loadgens {
+        let _ = Command::new("kill").args(["-INT", &loadgen.0.id().to_string()]).status();
+        let mut output = String::new();
+        if let Some(mut stdout) = loadgen.0.stdout.take() {
+            use std::io::Read;
+            let _ = stdout.read_to_string(&mut output);
+        }
+        let figures: serde_json::Value = serde_json::from_str(output.lines().last().unwrap_or("null"))
+            .map_err(|error| BenchError::Failed(format!("loadgen figures: {error}")))?;
+        let count = |key: &str| figures[key].as_u64().unwrap_or(0);
+        unauthorized += count("unauthorized");
+        busy += count("refused") - count("unauthorized");
+    }
+    println!(
+        "  restart storm: kill -9 with {agents} connected, restart → 100% connected and in sync after {:.2} s; agents answered 401: {unauthorized}, 503: {busy}",
+        took.as_secs_f64()
+    );
     Ok(())
 }
