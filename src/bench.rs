@@ -670,30 +670,8 @@ fn wait_until(
     Err(BenchError::Failed(format!("timed out after {timeout:?} waiting for {what}")))
 }
 
-/// `start_loadgens` with 30 s heartbeats and their figures on a pipe, for `restart_storm`.
-fn start_loadgens_reporting(
-    opamp: std::net::SocketAddr,
-    token: &str,
-    agents: usize,
-    processes: usize,
-    ca_file: Option<&Path>,
-) -> Result<Vec<ChildGuard>, BenchError> {
-    spawn_loadgens(opamp, token, agents, processes, "30s", ca_file, Stdio::piped)
-}
-
+/// Starts `agents` loadgen agents over `processes` processes; their figures go to `stdout`.
 fn start_loadgens(
-    opamp: std::net::SocketAddr,
-    token: &str,
-    agents: usize,
-    processes: usize,
-    heartbeat: &str,
-    ca_file: Option<&Path>,
-) -> Result<Vec<ChildGuard>, BenchError> {
-    spawn_loadgens(opamp, token, agents, processes, heartbeat, ca_file, Stdio::null)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn spawn_loadgens(
     opamp: std::net::SocketAddr,
     token: &str,
     agents: usize,
@@ -803,7 +781,7 @@ fn opamp(
             Ok(fleet["tag"] == tag.as_str() && fleet["counts"]["in_sync"].as_u64() == Some(expected as u64))
         }
     };
-    let loadgens = start_loadgens(opamp_addr, &token, agents, processes, "30s", ca_file)?;
+    let loadgens = start_loadgens(opamp_addr, &token, agents, processes, "30s", ca_file, Stdio::null)?;
     let took = wait_until("every agent in sync", Duration::from_secs(300), in_sync(agents, "gateway/v1"))?;
     println!("  {agents} agents connected and in sync at gateway/v1 after {:.1} s", took.as_secs_f64());
     std::thread::sleep(Duration::from_secs(2));
@@ -848,7 +826,7 @@ fn opamp(
     })?;
 
     // Phase 2: everyone heartbeats every second.
-    let _loadgens = start_loadgens(opamp_addr, &token, agents, processes, "1s", ca_file)?;
+    let _loadgens = start_loadgens(opamp_addr, &token, agents, processes, "1s", ca_file, Stdio::null)?;
     wait_until("every agent reconnected", Duration::from_secs(300), || {
         Ok(client.api(web, "/api/v1/instances").is_ok_and(|v| {
             v["instances"].as_array().is_some_and(|i| i.iter().filter(|i| i["connected"] == true).count() == agents)
@@ -859,7 +837,7 @@ fn opamp(
     println!("  server CPU with {agents} agents heartbeating every second: {:.1}% of a core", busy * 100.0);
     drop(_loadgens);
     restart_storm(&client, web, agents, server, start_server, || {
-        start_loadgens_reporting(opamp_addr, &token, agents, processes, ca_file)
+        start_loadgens(opamp_addr, &token, agents, processes, "30s", ca_file, Stdio::piped)
     })
 }
 

@@ -631,6 +631,16 @@ impl OpampWs {
     }
 }
 
+/// A bare clone of `work` in a new directory, as a server would hold it: the directory and
+/// the clone's path in it (`fleet.git`).
+pub fn bare_clone(work: &GitRepo) -> (tempfile::TempDir, PathBuf) {
+    let served = tempfile::tempdir().expect("temp dir");
+    let bare = served.path().join("fleet.git");
+    let status = git_command(served.path()).args(["clone", "--quiet", "--bare"]).arg(work.path()).arg(&bare).status();
+    assert!(status.expect("git clone runs").success());
+    (served, bare)
+}
+
 /// A smart-HTTP Git server for the tests: `git http-backend` run as CGI behind a small HTTP
 /// server on a loopback port. Serves every repository under `root` at `/<name>`.
 pub struct GitHttpServer {

@@ -2,23 +2,14 @@
 
 use std::time::Duration;
 
-use crate::common::{GitHttpServer, Server, example, git_command, http};
+use crate::common::{GitHttpServer, Server, bare_clone, example, http};
 use crate::opamp::{converge, uid_text};
 
 const WAIT: Duration = Duration::from_secs(15);
 
 /// A repository served over smart HTTP, so that it can go out of reach and come back.
 fn served_example() -> (tempfile::TempDir, std::path::PathBuf, GitHttpServer) {
-    let work = example();
-    let served = tempfile::tempdir().expect("temp dir");
-    let bare = served.path().join("fleet.git");
-    let status = git_command(served.path())
-        .args(["clone", "--quiet", "--bare"])
-        .arg(work.path())
-        .arg(&bare)
-        .status()
-        .expect("git clone runs");
-    assert!(status.success());
+    let (served, bare) = bare_clone(&example());
     let http = GitHttpServer::start(served.path());
     (served, bare, http)
 }

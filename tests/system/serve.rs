@@ -492,15 +492,7 @@ fn a_branch_deleted_while_serving_is_a_problem_not_a_crash() {
 #[test]
 fn fetches_over_smart_http() {
     let work = example();
-    let served = tempfile::tempdir().expect("temp dir");
-    let bare = served.path().join("fleet.git");
-    let status = crate::common::git_command(served.path())
-        .args(["clone", "--quiet", "--bare"])
-        .arg(work.path())
-        .arg(&bare)
-        .status()
-        .expect("git clone runs");
-    assert!(status.success());
+    let (served, bare) = crate::common::bare_clone(&work);
     // Let `git http-backend` accept pushes, so that the status branch is pushed over HTTP too.
     let allowed = crate::common::git_command(&bare).args(["config", "http.receivepack", "true"]).status();
     assert!(allowed.expect("git config runs").success());
