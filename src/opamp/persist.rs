@@ -84,12 +84,18 @@ pub async fn run(
             }
         };
         let written = flush(&registry, &store).await;
-        if let Err(error) = &written {
+        if written.is_err() {
             Metrics::count(&metrics.store_write_errors);
-            warn!(%error, "cannot write instance changes to the store; they are kept and tried again");
         }
         let now_failing = written.err();
         if now_failing != failing {
+            // Said once per change, not every 250 ms while the store keeps refusing.
+            match &now_failing {
+                Some(error) => {
+                    warn!(%error, "cannot write instance changes to the store; they are kept and tried again")
+                }
+                None => info!("the store takes instance changes again"),
+            }
             let problems = now_failing
                 .iter()
                 .map(|error| {
