@@ -937,27 +937,28 @@ impl Interner {
 type TokenCounts = Vec<(Arc<str>, usize)>;
 
 /// One accumulator per fleet for a pass over every record. Records of a fleet share its
-/// `Arc` (`Registry::name`), so finding the fleet is a pointer comparison, most often with
-/// the fleet of the record before.
+/// `Arc` (`Registry::name`), so the fleet of the record before is found by pointer; another
+/// is looked up by name.
 struct PerFleet<'t, T> {
     targets: &'t Targets,
     fleets: Vec<(Arc<str>, Option<&'t FleetTarget>, T)>,
+    index: HashMap<Arc<str>, usize>,
     last: usize,
 }
 
 impl<'t, T: Default> PerFleet<'t, T> {
     fn new(targets: &'t Targets) -> Self {
-        Self { targets, fleets: Vec::new(), last: 0 }
+        Self { targets, fleets: Vec::new(), index: HashMap::new(), last: 0 }
     }
 
     fn of(&mut self, fleet: &Arc<str>) -> (Option<&'t FleetTarget>, &mut T) {
-        let same = |name: &Arc<str>| Arc::ptr_eq(name, fleet) || **name == **fleet;
         let index = match self.fleets.get(self.last) {
             Some((name, ..)) if Arc::ptr_eq(name, fleet) => self.last,
-            _ => match self.fleets.iter().position(|(name, ..)| same(name)) {
-                Some(index) => index,
+            _ => match self.index.get(fleet) {
+                Some(index) => *index,
                 None => {
                     self.fleets.push((Arc::clone(fleet), self.targets.get(&**fleet), T::default()));
+                    self.index.insert(Arc::clone(fleet), self.fleets.len() - 1);
                     self.fleets.len() - 1
                 }
             },
@@ -1011,6 +1012,36 @@ mod tests {
         assert!(record.row(&targets, 20).drifted);
         record.sync(Some(&v2), 20);
         assert_eq!(record.status_for(Some(&v2), 20), Status::Pending, "the same once synced");
+    }
+
+    #[test]
+    fn counts_are_per_fleet_and_token_whether_or_not_names_are_shared() {
+        let registry = Registry::default();
+        let targets = Targets::from([("a".to_owned(), target(1)), ("b".to_owned(), target(2))]);
+        let mut records = Vec::new();
+        for n in 0..60u8 {
+            // Fleets interleaved; some names from the registry, some not (as after a restore
+            // past the interner's bound).
+            let fleet = if n % 3 == 0 { "a" } else { "b" };
+            let name = if n % 2 == 0 { registry.name(fleet) } else { Arc::from(fleet) };
+            let token = if n % 5 == 0 { Arc::from("tk_old") } else { registry.name("tk_new") };
+            let mut record = InstanceRecord::new(InstanceUid([n; 16]), name, token, 0x3847, 0);
+            record.sync(targets.get(fleet), 0);
+            records.push(record);
+        }
+        for record in records {
+            registry.shard(&record.uid).insert(record.uid, record);
+        }
+        let summaries = registry.summaries(&targets, 0);
+        let (a, b) = (&summaries["a"], &summaries["b"]);
+        assert_eq!((a.instances, b.instances), (20, 40));
+        assert_eq!(a.counts.get(Status::Pending) + b.counts.get(Status::Pending), 60);
+        assert_eq!(a.by_token.get("tk_old").copied(), Some(4), "n = 0, 15, 30, 45");
+        assert_eq!(b.by_token.get("tk_old").copied(), Some(8));
+        assert_eq!(a.by_token.get("tk_new").copied(), Some(16));
+        let tallies = registry.tallies(&targets, 0);
+        assert_eq!(tallies["a"].counts, a.counts);
+        assert_eq!(tallies["b"].counts, b.counts);
     }
 
     #[test]
