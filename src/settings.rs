@@ -220,13 +220,18 @@ impl ServeArgs {
             return Err(SettingsError::UnreadableRepository { repo, what });
         }
         let local_git_dir = local_git_dir(&repo);
-        if !is_url && local_git_dir.is_none() {
-            return Err(SettingsError::NotARepository(repo));
-        }
-        if let Some(path) = repo.strip_prefix("file://")
-            && !std::path::Path::new(path).exists()
-        {
-            return Err(SettingsError::NotARepository(repo));
+        // A local repository that is not there at all is a mistake in the settings, unless
+        // an earlier run fetched it into the data directory: then the server starts from
+        // that, and reports the repository as out of reach until it is back.
+        let missing = local_path.is_some_and(|path| !Path::new(path).exists());
+        let fetched_before = self.data_dir.join("repo.git").join("HEAD").exists();
+        if !(missing && fetched_before) {
+            if !is_url && local_git_dir.is_none() {
+                return Err(SettingsError::NotARepository(repo));
+            }
+            if missing {
+                return Err(SettingsError::NotARepository(repo));
+            }
         }
         if !valid_branch(&self.branch) {
             return Err(SettingsError::BadBranch(self.branch));

@@ -283,3 +283,45 @@ fn a_kill_while_collectors_arrive_loses_nothing_written_before_it() {
     assert!(!log.trim().is_empty());
     assert!(repo.try_git(&["fsck", "--no-dangling"]).status.success());
 }
+
+#[test]
+fn a_local_repository_missing_at_a_restart_is_served_from_what_was_fetched() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let path = repo.path().display().to_string();
+    let flags = ["--poll-interval", "1h", "--no-status-branch"];
+    let server = Server::start(&path, data.path(), &flags);
+    let token = server.token("prod-gateway");
+    let before = server.json("/api/v1/fleets/prod-gateway");
+    assert_eq!(server.stop(), Some(0));
+
+    let away = repo.path().with_extension("away");
+    std::fs::rename(repo.path(), &away).expect("move the repository away");
+    let server = Server::start(&path, data.path(), &flags);
+    let deadline = std::time::Instant::now() + WAIT;
+    while server.get("/readyz").status != 200 {
+        assert!(std::time::Instant::now() < deadline, "not ready; logs:\n{}", server.logs());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let fleet = server.json("/api/v1/fleets/prod-gateway");
+    assert_eq!((&fleet["tag"], &fleet["token"]["id"]), (&before["tag"], &before["token"]["id"]));
+    server.wait_for("/api/v1/repo", WAIT, "the repository reported missing", |r| {
+        r["problems"].to_string().contains(&path)
+    });
+    drop(converge(&server, &token, [0x56; 16], "gw-1", None));
+
+    std::fs::rename(&away, repo.path()).expect("bring the repository back");
+    let hook = http(server.web, "POST", "/hooks/git", &[], b"");
+    assert!(hook.status < 300, "{}", hook.body);
+    server.wait_for("/api/v1/repo", WAIT, "the problem gone", |r| r["problems"] == serde_json::json!([]));
+
+    // A repository that was never fetched and is not there is still a mistake in the settings.
+    let fresh = tempfile::tempdir().expect("temp dir");
+    let missing = fresh.path().join("nowhere");
+    let output = crate::common::gitfleet()
+        .args(["serve", "--repo", &missing.display().to_string(), "--data-dir"])
+        .arg(fresh.path().join("data"))
+        .output()
+        .expect("gitfleet runs");
+    assert!(!output.status.success());
+}
