@@ -14,6 +14,22 @@ fn served_example() -> (tempfile::TempDir, std::path::PathBuf, GitHttpServer) {
     (served, bare, http)
 }
 
+/// Waits for `/readyz` to say ready: from the mirror when the repository is out of reach.
+fn wait_until_ready(server: &Server) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while server.get("/readyz").status != 200 {
+        assert!(std::time::Instant::now() < deadline, "not ready; logs:\n{}", server.logs());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Once the repository is back: a webhook makes the server fetch, and its problem goes.
+fn catch_up(server: &Server) {
+    let hook = http(server.web, "POST", "/hooks/git", &[], b"");
+    assert!(hook.status < 300, "{}", hook.body);
+    server.wait_for("/api/v1/repo", WAIT, "the problem gone", |r| r["problems"] == serde_json::json!([]));
+}
+
 #[test]
 fn a_restart_with_the_repository_out_of_reach_serves_the_last_fetched_state() {
     let (_served, bare, remote) = served_example();
@@ -33,11 +49,7 @@ fn a_restart_with_the_repository_out_of_reach_serves_the_last_fetched_state() {
     let away = bare.with_extension("away");
     std::fs::rename(&bare, &away).expect("move the repository away");
     let server = Server::start_on(&opamp, &web, &url, data.path(), &flags);
-    let deadline = std::time::Instant::now() + WAIT;
-    while server.get("/readyz").status != 200 {
-        assert!(std::time::Instant::now() < deadline, "not ready from the mirror; logs:\n{}", server.logs());
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    wait_until_ready(&server);
     let fleet = server.json("/api/v1/fleets/prod-gateway");
     assert_eq!(fleet["tag"], before["tag"]);
     assert_eq!(fleet["config_hash"], before["config_hash"]);
@@ -55,9 +67,7 @@ fn a_restart_with_the_repository_out_of_reach_serves_the_last_fetched_state() {
 
     // The remote comes back: a webhook (or the poll) catches up, and the problem goes.
     std::fs::rename(&away, &bare).expect("bring the repository back");
-    let hook = http(server.web, "POST", "/hooks/git", &[], b"");
-    assert!(hook.status < 300, "{}", hook.body);
-    server.wait_for("/api/v1/repo", WAIT, "the problem gone", |r| r["problems"] == serde_json::json!([]));
+    catch_up(&server);
 }
 
 #[test]
@@ -298,11 +308,7 @@ fn a_local_repository_missing_at_a_restart_is_served_from_what_was_fetched() {
     let away = repo.path().with_extension("away");
     std::fs::rename(repo.path(), &away).expect("move the repository away");
     let server = Server::start(&path, data.path(), &flags);
-    let deadline = std::time::Instant::now() + WAIT;
-    while server.get("/readyz").status != 200 {
-        assert!(std::time::Instant::now() < deadline, "not ready; logs:\n{}", server.logs());
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    wait_until_ready(&server);
     let fleet = server.json("/api/v1/fleets/prod-gateway");
     assert_eq!((&fleet["tag"], &fleet["token"]["id"]), (&before["tag"], &before["token"]["id"]));
     server.wait_for("/api/v1/repo", WAIT, "the repository reported missing", |r| {
@@ -311,9 +317,7 @@ fn a_local_repository_missing_at_a_restart_is_served_from_what_was_fetched() {
     drop(converge(&server, &token, [0x56; 16], "gw-1", None));
 
     std::fs::rename(&away, repo.path()).expect("bring the repository back");
-    let hook = http(server.web, "POST", "/hooks/git", &[], b"");
-    assert!(hook.status < 300, "{}", hook.body);
-    server.wait_for("/api/v1/repo", WAIT, "the problem gone", |r| r["problems"] == serde_json::json!([]));
+    catch_up(&server);
 
     // A repository that was never fetched and is not there is still a mistake in the settings.
     let fresh = tempfile::tempdir().expect("temp dir");
