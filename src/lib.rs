@@ -10,6 +10,8 @@ pub mod client;
 pub mod demo;
 pub mod duration;
 pub mod forge;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod git;
 pub mod import;
 pub mod install;

@@ -355,13 +355,13 @@ fn value_text(value: Option<&proto::AnyValue>) -> String {
 /// What gitfleet keeps of what an agent reports, at most: a message may be 8 MiB, and every
 /// field is kept in memory, in the store and in API answers. Longer text is cut, with a note
 /// of how much was left out.
-const ATTRIBUTES_KEPT: usize = 64;
-const KEY_MAX: usize = 256;
-const VALUE_MAX: usize = 1024;
-const STATUS_MAX: usize = 1024;
-const ERROR_MAX: usize = 4096;
-const COMPONENTS_KEPT: usize = 256;
-const EFFECTIVE_CONFIG_MAX: usize = 256 * 1024;
+pub(crate) const ATTRIBUTES_KEPT: usize = 64;
+pub(crate) const KEY_MAX: usize = 256;
+pub(crate) const VALUE_MAX: usize = 1024;
+pub(crate) const STATUS_MAX: usize = 1024;
+pub(crate) const ERROR_MAX: usize = 4096;
+pub(crate) const COMPONENTS_KEPT: usize = 256;
+pub(crate) const EFFECTIVE_CONFIG_MAX: usize = 256 * 1024;
 
 /// `text` if it is at most `max` bytes, else its first bytes (on a character boundary) and
 /// a note of what was cut.

@@ -76,13 +76,134 @@ impl Budget {
     }
 }
 
-/// Reads messages from one connection. Holds a partial message only while a fragmented
-/// message is arriving, and only within the shared budget; a message must be complete
-/// within `finish_within` of its first byte.
-pub struct FrameReader<R> {
-    reader: R,
+/// A frame's header: its first 2 bytes, then 4 to 12 more (extended length and mask).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub fin: bool,
+    pub opcode: u8,
+    pub length: u64,
+    pub mask: [u8; 4],
+}
+
+impl Head {
+    /// Checks a frame's first two bytes and says how many header bytes follow them.
+    pub fn rest_len(first: [u8; 2]) -> Result<usize, WsError> {
+        if first[0] & 0x70 != 0 {
+            return Err(WsError::Protocol("reserved bits set"));
+        }
+        if first[1] & 0x80 == 0 {
+            return Err(WsError::Protocol("client frames must be masked"));
+        }
+        Ok(4 + match first[1] & 0x7F {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        })
+    }
+
+    /// The header from its first two bytes and the `rest_len` bytes after them.
+    pub fn decode(first: [u8; 2], rest: &[u8]) -> Result<Head, WsError> {
+        if rest.len() != Self::rest_len(first)? {
+            return Err(WsError::Protocol("truncated frame header"));
+        }
+        let (length, mask) = rest.split_at(rest.len() - 4);
+        let length = match *length {
+            [] => u64::from(first[1] & 0x7F),
+            [a, b] => u64::from(u16::from_be_bytes([a, b])),
+            _ => u64::from_be_bytes(length.try_into().expect("8 bytes, from rest_len")),
+        };
+        let head = Head {
+            fin: first[0] & 0x80 != 0,
+            opcode: first[0] & 0x0F,
+            length,
+            mask: mask.try_into().expect("4 bytes"),
+        };
+        if head.is_control() && (!head.fin || head.length > 125) {
+            return Err(WsError::Protocol("control frames must be whole and short"));
+        }
+        Ok(head)
+    }
+
+    fn is_control(&self) -> bool {
+        self.opcode >= 0x8
+    }
+}
+
+/// Assembles messages from frames, with no I/O: the part of reading a connection that a
+/// fuzzer can drive. Holds the partial message while a fragmented one is arriving.
+#[derive(Debug)]
+pub struct Assembler {
     partial: Option<Vec<u8>>,
     max_message: usize,
+}
+
+impl Assembler {
+    pub fn new(max_message: usize) -> Self {
+        Self { partial: None, max_message }
+    }
+
+    /// Whether a fragmented message is under way.
+    pub fn in_message(&self) -> bool {
+        self.partial.is_some()
+    }
+
+    /// Checks a frame before its payload is read, and says how many payload bytes it holds
+    /// while the message arrives (control frames hold none).
+    pub fn admit(&self, head: &Head) -> Result<usize, WsError> {
+        if head.is_control() {
+            return Ok(0);
+        }
+        let so_far = self.partial.as_ref().map_or(0, Vec::len) as u64;
+        if so_far.saturating_add(head.length) > self.max_message as u64 {
+            return Err(WsError::TooBig(self.max_message));
+        }
+        usize::try_from(head.length).map_err(|_| WsError::TooBig(self.max_message))
+    }
+
+    /// Takes an admitted frame's payload, still masked; returns a message once one is whole.
+    pub fn accept(&mut self, head: &Head, mut payload: Vec<u8>) -> Result<Option<Incoming>, WsError> {
+        for (index, byte) in payload.iter_mut().enumerate() {
+            *byte ^= head.mask[index % 4];
+        }
+        match head.opcode {
+            BINARY => {
+                if self.partial.is_some() {
+                    return Err(WsError::Protocol("a new message began inside a fragmented one"));
+                }
+                if head.fin {
+                    return Ok(Some(Incoming::Binary(payload)));
+                }
+                self.partial = Some(payload);
+            }
+            CONTINUATION => {
+                let Some(mut partial) = self.partial.take() else {
+                    return Err(WsError::Protocol("continuation without a message"));
+                };
+                partial.extend_from_slice(&payload);
+                if head.fin {
+                    return Ok(Some(Incoming::Binary(partial)));
+                }
+                self.partial = Some(partial);
+            }
+            TEXT => return Ok(Some(Incoming::Text)),
+            CLOSE => {
+                let code = (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                return Ok(Some(Incoming::Close(code)));
+            }
+            PING => return Ok(Some(Incoming::Ping(payload))),
+            PONG => {}
+            _ => return Err(WsError::Protocol("unknown opcode")),
+        }
+        Ok(None)
+    }
+}
+
+/// Reads messages from one connection: the bytes come from `reader`, the frames are
+/// understood by an [`Assembler`]. A partial message is held only within the shared
+/// budget, and must be complete within `finish_within` of its first byte.
+pub struct FrameReader<R> {
+    reader: R,
+    frames: Assembler,
     budget: Budget,
     /// Bytes this reader holds of the budget.
     held: usize,
@@ -99,7 +220,7 @@ impl<R> Drop for FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(reader: R, max_message: usize, budget: Budget, finish_within: Duration) -> Self {
-        Self { reader, partial: None, max_message, budget, held: 0, finish_within, deadline: None }
+        Self { reader, frames: Assembler::new(max_message), budget, held: 0, finish_within, deadline: None }
     }
 
     /// Reads exactly `buf`, by the deadline of the message under way if there is one.
@@ -115,7 +236,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The budget this reader holds goes back, and no message is under way.
     fn settle(&mut self) {
-        if self.partial.is_none() {
+        if !self.frames.in_message() {
             self.budget.give(std::mem::take(&mut self.held));
             self.deadline = None;
         }
@@ -131,86 +252,26 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     async fn next_message(&mut self) -> Result<Incoming, WsError> {
         loop {
-            let mut head = [0u8; 2];
-            self.fill(&mut head).await?;
+            let mut first = [0u8; 2];
+            self.fill(&mut first).await?;
             // From its first byte on, a frame (and the message it begins) has a deadline.
             self.deadline.get_or_insert_with(|| Instant::now() + self.finish_within);
-            let fin = head[0] & 0x80 != 0;
-            if head[0] & 0x70 != 0 {
-                return Err(WsError::Protocol("reserved bits set"));
+            let mut rest = [0u8; 12];
+            let rest = &mut rest[..Head::rest_len(first)?];
+            self.fill(rest).await?;
+            let head = Head::decode(first, rest)?;
+            let holds = self.frames.admit(&head)?;
+            if !self.budget.take(holds) {
+                return Err(WsError::Busy);
             }
-            let opcode = head[0] & 0x0F;
-            if head[1] & 0x80 == 0 {
-                return Err(WsError::Protocol("client frames must be masked"));
-            }
-            let length = match head[1] & 0x7F {
-                126 => {
-                    let mut bytes = [0u8; 2];
-                    self.fill(&mut bytes).await?;
-                    u64::from(u16::from_be_bytes(bytes))
-                }
-                127 => {
-                    let mut bytes = [0u8; 8];
-                    self.fill(&mut bytes).await?;
-                    u64::from_be_bytes(bytes)
-                }
-                short => u64::from(short),
-            };
-            let control = opcode >= 0x8;
-            if control && (!fin || length > 125) {
-                return Err(WsError::Protocol("control frames must be whole and short"));
-            }
-            let so_far = self.partial.as_ref().map_or(0, Vec::len) as u64;
-            if !control && so_far.saturating_add(length) > self.max_message as u64 {
-                return Err(WsError::TooBig(self.max_message));
-            }
-            let mut mask = [0u8; 4];
-            self.fill(&mut mask).await?;
-            let length = usize::try_from(length).map_err(|_| WsError::TooBig(self.max_message))?;
-            if !control {
-                if !self.budget.take(length) {
-                    return Err(WsError::Busy);
-                }
-                self.held += length;
-            }
-            let mut payload = vec![0u8; length];
+            self.held += holds;
+            let mut payload = vec![0u8; head.length as usize];
             self.fill(&mut payload).await?;
-            for (index, byte) in payload.iter_mut().enumerate() {
-                *byte ^= mask[index % 4];
-            }
-            match opcode {
-                BINARY => {
-                    if self.partial.is_some() {
-                        return Err(WsError::Protocol("a new message began inside a fragmented one"));
-                    }
-                    if fin {
-                        return Ok(Incoming::Binary(payload));
-                    }
-                    self.partial = Some(payload);
-                }
-                CONTINUATION => {
-                    let Some(mut partial) = self.partial.take() else {
-                        return Err(WsError::Protocol("continuation without a message"));
-                    };
-                    partial.extend_from_slice(&payload);
-                    if fin {
-                        return Ok(Incoming::Binary(partial));
-                    }
-                    self.partial = Some(partial);
-                }
-                TEXT => return Ok(Incoming::Text),
-                CLOSE => {
-                    let code = (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
-                    return Ok(Incoming::Close(code));
-                }
-                PING => return Ok(Incoming::Ping(payload)),
-                PONG => {
-                    // Not a message: between messages, the connection is idle again.
-                    if self.partial.is_none() {
-                        self.deadline = None;
-                    }
-                }
-                _ => return Err(WsError::Protocol("unknown opcode")),
+            match self.frames.accept(&head, payload)? {
+                Some(incoming) => return Ok(incoming),
+                // A pong is not a message: between messages, the connection is idle again.
+                None if !self.frames.in_message() => self.deadline = None,
+                None => {}
             }
         }
     }

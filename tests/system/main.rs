@@ -8,6 +8,7 @@ mod check;
 mod collector;
 mod demo;
 mod dockerfile;
+mod fuzz;
 mod import;
 mod install;
 mod opamp;
