@@ -159,7 +159,8 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
             .await
             .expect("reading rollouts does not panic")?
     };
-    let reconciler = Reconciler::load(Arc::clone(&store), settings.data_dir.clone(), view_tx).await?;
+    let reconciler =
+        Reconciler::load(Arc::clone(&store), settings.data_dir.clone(), settings.removed_fleet_grace, view_tx).await?;
     tracker.spawn(reconciler.run(events_rx, cancel.clone()).instrument(info_span!("reconciler")));
 
     let fs_watch = match &settings.local_git_dir {

@@ -12,6 +12,9 @@ use crate::problem::{Problem, Severity};
 use crate::repo::desired::{self, short};
 use crate::status::FleetStatus;
 
+/// What removing a fleet does to its collectors, for plans.
+const REMOVAL_EFFECT: &str = "its collectors keep their config and may connect, observe only, for the server's --removed-fleet-grace (7d unless set); then they are refused";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     Text,
@@ -101,6 +104,7 @@ pub fn run(args: &CheckArgs) -> Result<Plan, CheckError> {
 
 /// Every instance of `fleet` on the server, with what it reports (a fleet the server does not
 /// have yet has none).
+
 fn live_instances(
     api: &crate::client::Api,
     fleet: &str,
@@ -273,7 +277,7 @@ fn text(plan: &Plan) -> String {
         }
         for name in &plan.removed {
             any = true;
-            let _ = writeln!(out, "  - fleet {name} removed");
+            let _ = writeln!(out, "  - fleet {name} removed: {REMOVAL_EFFECT}");
         }
         for line in plan.fleets.iter().filter(|f| plan.broken.contains(&f.name)) {
             any = true;
@@ -351,7 +355,7 @@ fn markdown(plan: &Plan) -> String {
                 let _ = writeln!(out, "| `{name}` | added |");
             }
             for name in &plan.removed {
-                let _ = writeln!(out, "| `{name}` | **removed** |");
+                let _ = writeln!(out, "| `{name}` | **removed**: {REMOVAL_EFFECT} |");
             }
             for line in plan.fleets.iter().filter(|f| plan.broken.contains(&f.name)) {
                 let _ = writeln!(out, "| `{}` | {} |", line.name, markdown_runs(line));

@@ -14,7 +14,7 @@ use crate::install::token::{self, IssuedToken, TokenIndex, TokenState, TokenStat
 use crate::problem::{Problem, Severity};
 use crate::repo::RepoSnapshot;
 use crate::repo::desired::{self, DesiredState, LastGoodFleet, SeenVersion};
-use crate::store::{ReconcileRecord, Store, StoreError};
+use crate::store::{ReconcileRecord, RemovedFleet, Store, StoreError};
 
 /// Everything the reconciler reacts to.
 #[derive(Debug)]
@@ -42,6 +42,8 @@ pub enum ProblemSource {
     Tls,
     /// Writing instances and their histories to the store.
     Store,
+    /// Writing the operator's token files.
+    TokenFiles,
 }
 
 /// What readers (the web API, later the OpAMP server) see. Replaced whole on each change.
@@ -56,8 +58,11 @@ pub struct View {
     pub fetch_problem: Option<Problem>,
     /// Why the state database cannot be written right now, if it cannot.
     pub store_problem: Option<Problem>,
-    /// Each fleet's install tokens, and the index that authenticates collectors.
+    /// Each fleet's install tokens, and the index that authenticates collectors (which
+    /// also holds the tokens of fleets in `removed_fleets`).
     pub fleet_tokens: Arc<BTreeMap<String, FleetTokens>>,
+    /// Fleets removed from the repository whose collectors may still connect.
+    pub removed_fleets: Arc<BTreeMap<String, RemovedFleet>>,
     pub tokens: Arc<TokenIndex>,
     /// Token problems that do not depend on the clock (those are added by `problems`).
     pub token_problems: Vec<Problem>,
@@ -88,6 +93,33 @@ impl FleetTokens {
     }
 }
 
+/// What the reconciler publishes of tokens, worked out before the view is modified.
+struct TokenView {
+    fleet_tokens: Arc<BTreeMap<String, FleetTokens>>,
+    problems: Vec<Problem>,
+    /// `None` when the index is unchanged.
+    index: Option<Arc<TokenIndex>>,
+    removed: Arc<BTreeMap<String, RemovedFleet>>,
+}
+
+impl TokenView {
+    fn publish(self, view: &mut View) {
+        view.fleet_tokens = self.fleet_tokens;
+        view.token_problems = self.problems;
+        if let Some(index) = self.index {
+            view.tokens = index;
+        }
+        view.removed_fleets = self.removed;
+    }
+}
+
+/// Sleeps until the Unix second `at` (not at all without one).
+async fn sleep_until_unix(at: Option<i64>) {
+    let Some(at) = at else { return std::future::pending().await };
+    let wait = at.saturating_sub(crate::time::now_unix()).max(0);
+    tokio::time::sleep(std::time::Duration::from_secs(u64::try_from(wait).unwrap_or(0))).await;
+}
+
 /// A current token expiring sooner than this is a warning.
 const EXPIRY_WARNING_SECONDS: i64 = 14 * 24 * 3600;
 
@@ -102,12 +134,30 @@ impl View {
             .chain(self.task_problems.values().flatten())
             .cloned()
             .collect();
-        problems.extend(self.token_deadlines(crate::time::now_unix()));
+        let now = crate::time::now_unix();
+        problems.extend(self.token_deadlines(now));
+        problems.extend(self.removal_deadlines(now));
         if let Some(desired) = &self.desired {
             problems.extend(desired.problems.iter().cloned());
         }
         problems.sort_by_key(|p| p.severity);
         problems
+    }
+
+    /// Removed fleets whose collectors are still let in, and until when.
+    fn removal_deadlines(&self, now: i64) -> impl Iterator<Item = Problem> + '_ {
+        self.removed_fleets.iter().filter(move |(_, removed)| removed.until > now).map(|(fleet, removed)| {
+            Problem::warning(
+                format!("fleets/{fleet}.toml"),
+                None,
+                format!(
+                    "fleet `{fleet}` was removed in commit {} at {}: its collectors keep the config they run and may still connect, observe only, until {}; then they are refused. Restore fleets/{fleet}.toml before then to keep them",
+                    desired::short(&removed.commit),
+                    crate::time::rfc3339(removed.removed_at),
+                    crate::time::rfc3339(removed.until),
+                ),
+            )
+        })
     }
 
     /// Current tokens that have expired or expire soon: collectors are, or will be, refused.
@@ -139,16 +189,21 @@ impl View {
 
 pub struct Reconciler {
     store: Arc<dyn Store>,
-    data_dir: PathBuf,
     /// Every token ever issued, by fleet (including fleets since removed), oldest first.
     issued: BTreeMap<String, Vec<IssuedToken>>,
     /// The newest token's text of each fleet whose token file gitfleet could read back.
     texts: BTreeMap<String, Arc<TokenText>>,
     seen: Arc<BTreeMap<String, SeenVersion>>,
     last_good: Arc<BTreeMap<String, LastGoodFleet>>,
-    /// Fleets that were removed (their token files with them): one that comes back gets a
-    /// new token rather than its old one.
-    removed: std::collections::BTreeSet<String>,
+    /// Fleets removed from the repository. Until its `until`, a removed fleet's tokens and
+    /// token file are kept, and it keeps them if it comes back; after, one that comes back
+    /// gets a new token.
+    removed: BTreeMap<String, RemovedFleet>,
+    /// How long a removed fleet's tokens stay accepted, in seconds.
+    removal_grace: i64,
+    /// Newly issued tokens' texts, to be written to their token files in order.
+    token_files: mpsc::UnboundedSender<Vec<(String, Arc<TokenText>)>>,
+    token_files_written: tokio::task::JoinHandle<()>,
     view: watch::Sender<Arc<View>>,
 }
 
@@ -157,11 +212,17 @@ impl Reconciler {
     pub async fn load(
         store: Arc<dyn Store>,
         data_dir: PathBuf,
+        removal_grace: std::time::Duration,
         view: watch::Sender<Arc<View>>,
     ) -> Result<Self, StoreError> {
         let loading = Arc::clone(&store);
-        let (seen, last_good, tokens) = tokio::task::spawn_blocking(move || {
-            Ok::<_, StoreError>((loading.seen_versions()?, loading.last_good_fleets()?, loading.tokens()?))
+        let (seen, last_good, tokens, mut removed) = tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>((
+                loading.seen_versions()?,
+                loading.last_good_fleets()?,
+                loading.tokens()?,
+                loading.removed_fleets()?,
+            ))
         })
         .await
         .expect("store loading does not panic")?;
@@ -171,27 +232,51 @@ impl Reconciler {
             issued.entry(token.fleet.clone()).or_default().push(token);
         }
         let reading_dir = data_dir.clone();
-        let newest: Vec<IssuedToken> = issued.values().filter_map(|tokens| tokens.last().cloned()).collect();
+        let now = crate::time::now_unix();
+        let newest: Vec<IssuedToken> = issued
+            .iter()
+            .filter(|(fleet, _)| removed.get(*fleet).is_none_or(|removal| removal.until > now))
+            .filter_map(|(_, tokens)| tokens.last().cloned())
+            .collect();
         let texts = tokio::task::spawn_blocking(move || read_token_texts(&reading_dir, &newest))
             .await
             .expect("reading token files does not panic");
-        // Removed before this start: tokens, but neither a last good state nor a token file.
-        let removed = issued
-            .keys()
-            .filter(|fleet| !last_good.contains_key(*fleet) && !texts.contains_key(*fleet))
-            .cloned()
-            .collect();
-        Ok(Self { store, data_dir, issued, texts, seen: Arc::new(seen), last_good: Arc::new(last_good), removed, view })
+        // Removed before removals were remembered: tokens, but neither a last good state nor
+        // a token file. Long over.
+        for fleet in issued.keys() {
+            if !last_good.contains_key(fleet) && !texts.contains_key(fleet) && !removed.contains_key(fleet) {
+                removed.insert(fleet.clone(), RemovedFleet { removed_at: 0, commit: String::new(), until: 0, tokens: Vec::new() });
+            }
+        }
+        let (token_files, to_write) = mpsc::unbounded_channel();
+        let token_files_written = tokio::spawn(write_token_files(to_write, data_dir.clone(), view.clone()));
+        Ok(Self {
+            store,
+            issued,
+            texts,
+            seen: Arc::new(seen),
+            last_good: Arc::new(last_good),
+            removed,
+            removal_grace: i64::try_from(removal_grace.as_secs()).unwrap_or(i64::MAX),
+            token_files,
+            token_files_written,
+            view,
+        })
     }
 
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>, cancel: CancellationToken) {
         loop {
+            let removal_ends = self.next_removal_end();
             let event = tokio::select! {
                 () = cancel.cancelled() => break,
                 event = events.recv() => match event {
                     Some(event) => event,
                     None => break,
                 },
+                () = sleep_until_unix(removal_ends), if removal_ends.is_some() => {
+                    self.end_removals();
+                    continue;
+                }
             };
             let is_fetch = !matches!(event, Event::Problems { .. });
             if is_fetch {
@@ -224,13 +309,18 @@ impl Reconciler {
                 }
             }
         }
+        // Token files already issued are written before gitfleet stops.
+        drop(self.token_files);
+        if let Err(join_error) = self.token_files_written.await {
+            error!(error = %join_error, "the token file writer failed");
+        }
         info!("reconciler stopped");
     }
 
     async fn reconcile(&mut self, snapshot: RepoSnapshot) {
         let started = Instant::now();
         let previous = self.view.borrow().desired.clone();
-        let previous_fleets: Option<Vec<String>> = previous.as_ref().map(|p| p.fleets.keys().cloned().collect());
+        let before = previous.clone();
         let seen = Arc::clone(&self.seen);
         let last_good = Arc::clone(&self.last_good);
         let compiled = tokio::task::spawn_blocking(move || {
@@ -242,20 +332,9 @@ impl Reconciler {
         .await
         .expect("compile is pure and does not panic");
 
-        // Fleets removed by this commit lose their token files with their install files;
-        // fleets that were removed and are back get a new token.
-        if let Some(previous) = &previous_fleets {
-            let exists = |name: &String| {
-                compiled.desired.fleets.contains_key(name) || compiled.desired.unresolved.contains(name)
-            };
-            for name in previous.iter().filter(|name| !exists(name)) {
-                self.texts.remove(name);
-                self.removed.insert(name.clone());
-            }
-        }
-        let returning: Vec<String> =
-            compiled.desired.fleets.keys().filter(|name| self.removed.contains(*name)).cloned().collect();
-        if let Err(store_error) = self.persist(&compiled).await {
+        let now = crate::time::now_unix();
+        let (removals, returning) = self.removals(before.as_deref(), &compiled, now);
+        if let Err(store_error) = self.persist(&compiled, &removals).await {
             error!(error = %store_error, commit = %compiled.desired.commit, "cannot persist state; keeping the last reconciled state");
             let problem = Problem::general(
                 Severity::Error,
@@ -311,29 +390,27 @@ impl Reconciler {
                 warn!(error = %store_error, "cannot record reconcile history");
             }
         }
-        let (fleet_tokens, token_problems) = self.fleet_tokens(&desired);
-        let index = TokenIndex::new(fleet_tokens.values().flat_map(|tokens| tokens.statuses.iter().cloned()));
-        let tokens = if *self.view.borrow().tokens == index { None } else { Some(Arc::new(index)) };
-        let now = crate::time::now_unix();
+        let tokens = self.token_view(&desired, now);
         self.view.send_modify(|view| {
             let view = Arc::make_mut(view);
+            tokens.publish(view);
             view.desired = Some(Arc::new(desired));
             view.reconcile_micros = micros;
             view.reconciles += 1;
             view.reconcile_errors += u64::from(has_errors);
             view.store_problem = token_problem;
-            if let Some(tokens) = tokens {
-                view.tokens = tokens;
-            }
-            view.fleet_tokens = Arc::new(fleet_tokens);
-            view.token_problems = token_problems;
             // The snapshot was just fetched and read, so the repository is reachable.
             view.fetch_problem = None;
             if changed || view.reconciled_at.is_none() {
                 view.reconciled_at = Some(now);
             }
         });
-        self.write_token_files(token_texts).await;
+        if !token_texts.is_empty() {
+            // Written once the index that accepts them is published, off this task: a
+            // thousand new fleets' files take seconds to write and sync, and the next push
+            // must not wait for them.
+            let _ = self.token_files.send(token_texts);
+        }
     }
 
     /// Issues a token to every fleet that needs one (new, rotated, or its newest token
@@ -345,7 +422,7 @@ impl Reconciler {
         returning: &[String],
     ) -> Result<Vec<(String, Arc<TokenText>)>, Problem> {
         let now = crate::time::now_unix();
-        let mut texts = Vec::new();
+        let mut issuing = Vec::new();
         for fleet in desired.fleets.values() {
             let policy = &fleet.spec.token;
             let tokens = self.issued.get(fleet.name()).map(Vec::as_slice).unwrap_or_default();
@@ -354,25 +431,119 @@ impl Reconciler {
                 false => token::needs_token(tokens, policy),
             };
             let Some(reason) = reason else { continue };
-            self.removed.remove(fleet.name());
             let (text, issued) = token::issue(fleet.name(), now, policy.rotate)
                 .map_err(|error| Problem::general(Severity::Error, error.to_string()))?;
-            let store = Arc::clone(&self.store);
-            let saving = issued.clone();
-            let saved = tokio::task::spawn_blocking(move || store.save_token(&saving))
-                .await
-                .expect("saving a token does not panic");
-            if let Err(store_error) = saved {
-                error!(fleet = %issued.fleet, error = %store_error, "cannot issue install token");
-                return Err(Problem::general(Severity::Error, store_error.to_string()));
-            }
+            issuing.push((reason, Arc::new(text), issued));
+        }
+        if issuing.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One transaction for all of them: a first start with a thousand fleets issues a
+        // thousand tokens.
+        let store = Arc::clone(&self.store);
+        let saving: Vec<IssuedToken> = issuing.iter().map(|(_, _, issued)| issued.clone()).collect();
+        let saved = tokio::task::spawn_blocking(move || store.save_tokens(&saving))
+            .await
+            .expect("saving tokens does not panic");
+        if let Err(store_error) = saved {
+            error!(tokens = issuing.len(), error = %store_error, "cannot issue install tokens");
+            return Err(Problem::general(Severity::Error, store_error.to_string()));
+        }
+        let mut texts = Vec::with_capacity(issuing.len());
+        for (reason, text, issued) in issuing {
             info!(fleet = %issued.fleet, token = %issued.id, reason = ?reason, "issued install token");
-            let text = Arc::new(text);
+            self.removed.remove(&issued.fleet);
             self.texts.insert(issued.fleet.clone(), Arc::clone(&text));
             texts.push((issued.fleet.clone(), text));
             self.issued.entry(issued.fleet.clone()).or_default().push(issued);
         }
         Ok(texts)
+    }
+
+    /// Fleets with tokens that this commit removes, and removed fleets it brings back; and
+    /// of those coming back, the ones whose removal is over, which get a new token.
+    fn removals(
+        &self,
+        before: Option<&DesiredState>,
+        compiled: &desired::Compiled,
+        now: i64,
+    ) -> (Vec<(String, Option<RemovedFleet>)>, Vec<String>) {
+        let exists = |name: &str| compiled.desired.fleets.contains_key(name) || compiled.desired.unresolved.contains(name);
+        let mut changed = Vec::new();
+        let mut returning = Vec::new();
+        for (fleet, tokens) in &self.issued {
+            match (exists(fleet), self.removed.get(fleet)) {
+                (true, Some(removal)) => {
+                    if removal.until <= now {
+                        returning.push(fleet.clone());
+                    }
+                    changed.push((fleet.clone(), None));
+                }
+                (false, None) => {
+                    // Its tokens as its last fleet file had them: revoked ones stay revoked.
+                    let policy = before
+                        .and_then(|before| before.fleets.get(fleet))
+                        .map(|before| before.spec.token.clone())
+                        .or_else(|| {
+                            let last = self.last_good.get(fleet)?;
+                            let file = format!("fleets/{fleet}.toml");
+                            crate::repo::manifest::parse_fleet(fleet, &file, &last.source).0.map(|spec| spec.token)
+                        })
+                        .unwrap_or_default();
+                    let until = now.saturating_add(self.removal_grace);
+                    let tokens = token::statuses(tokens, &policy)
+                        .into_iter()
+                        .filter(|status| status.state(now).accepted())
+                        .map(|status| (status.token.id.clone(), status.refused_from().map_or(until, |at| at.min(until))))
+                        .filter(|(_, refused_from)| *refused_from > now)
+                        .collect();
+                    let removal = RemovedFleet { removed_at: now, commit: compiled.desired.commit.clone(), until, tokens };
+                    warn!(fleet = %fleet, until = %crate::time::rfc3339(until), "fleet removed; its collectors may connect until its removal grace ends");
+                    changed.push((fleet.clone(), Some(removal)));
+                }
+                _ => {}
+            }
+        }
+        (changed, returning)
+    }
+
+    /// The tokens readers see: each fleet's, and those of removed fleets still let in.
+    fn token_view(&self, desired: &DesiredState, now: i64) -> TokenView {
+        let (fleet_tokens, problems) = self.fleet_tokens(desired);
+        let removed: BTreeMap<String, RemovedFleet> =
+            self.removed.iter().filter(|(_, removal)| removal.until > now).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let removed_statuses = removed.iter().flat_map(|(fleet, removal)| {
+            let issued = self.issued.get(fleet).map(Vec::as_slice).unwrap_or_default();
+            removal.tokens.iter().filter_map(move |(id, refused_from)| {
+                let token = issued.iter().find(|token| token.id == *id)?;
+                Some(TokenStatus { token: token.clone(), expires_at: None, retires_at: Some(*refused_from), revoked: false })
+            })
+        });
+        let index = TokenIndex::new(
+            fleet_tokens.values().flat_map(|tokens| tokens.statuses.iter().cloned()).chain(removed_statuses),
+        );
+        let index = if *self.view.borrow().tokens == index { None } else { Some(Arc::new(index)) };
+        TokenView { fleet_tokens: Arc::new(fleet_tokens), problems, index, removed: Arc::new(removed) }
+    }
+
+    /// When the next removal grace ends, if one is running.
+    fn next_removal_end(&self) -> Option<i64> {
+        let now = crate::time::now_unix();
+        self.removed.values().map(|removal| removal.until).filter(|until| *until > now).min()
+    }
+
+    /// Removals whose grace has ended: their tokens are no longer let in, and their token
+    /// files go with their install files.
+    fn end_removals(&mut self) {
+        let now = crate::time::now_unix();
+        for (fleet, removal) in &self.removed {
+            if removal.until <= now && self.texts.remove(fleet).is_some() {
+                info!(fleet = %fleet, "the removal grace of fleet ended; its tokens are refused");
+            }
+        }
+        let Some(desired) = self.view.borrow().desired.clone() else { return };
+        let tokens = self.token_view(&desired, now);
+        self.view.send_modify(|view| tokens.publish(Arc::make_mut(view)));
     }
 
     /// Each fleet's tokens under its current policy, and what is wrong with them.
@@ -409,39 +580,27 @@ impl Reconciler {
         (fleets, problems)
     }
 
-    /// Writes the operator's token files for freshly issued tokens.
-    async fn write_token_files(&self, texts: Vec<(String, Arc<TokenText>)>) {
-        for (fleet, text) in texts {
-            let data_dir = self.data_dir.clone();
-            let writing = fleet.clone();
-            let written = tokio::task::spawn_blocking(move || token::write_token_file(&data_dir, &writing, &text))
-                .await
-                .expect("writing a token file does not panic");
-            match written {
-                Ok(path) => info!(fleet = %fleet, path = %path.display(), "wrote install token file"),
-                Err(io_error) => {
-                    let message = format!("cannot write the token file of fleet `{fleet}`: {io_error}");
-                    error!(fleet = %fleet, error = %message, "cannot write install token file");
-                    let problem = Problem::general(Severity::Error, message);
-                    self.view.send_modify(|view| Arc::make_mut(view).store_problem = Some(problem));
-                }
-            }
-        }
-    }
-
     /// Remembers new versions and last good fleets before they are served.
-    async fn persist(&mut self, compiled: &desired::Compiled) -> Result<(), StoreError> {
+    async fn persist(
+        &mut self,
+        compiled: &desired::Compiled,
+        removals: &[(String, Option<RemovedFleet>)],
+    ) -> Result<(), StoreError> {
         let newly_seen = compiled.newly_seen.clone();
         let last_good = (compiled.desired.last_good != *self.last_good).then(|| compiled.desired.last_good.clone());
-        if newly_seen.is_empty() && last_good.is_none() {
+        if newly_seen.is_empty() && last_good.is_none() && removals.is_empty() {
             return Ok(());
         }
         let store = Arc::clone(&self.store);
         let to_save = last_good.clone();
         let saving = newly_seen.clone();
+        let removing = removals.to_vec();
         tokio::task::spawn_blocking(move || {
             if !saving.is_empty() {
                 store.remember_versions(&saving)?;
+            }
+            if !removing.is_empty() {
+                store.save_removed_fleets(&removing)?;
             }
             if let Some(fleets) = &to_save {
                 store.save_last_good_fleets(fleets)?;
@@ -450,6 +609,21 @@ impl Reconciler {
         })
         .await
         .expect("store does not panic")?;
+        let now = crate::time::now_unix();
+        for (fleet, removal) in removals {
+            match removal {
+                // A removal with no grace left loses its token text at once.
+                Some(removal) => {
+                    if removal.until <= now {
+                        self.texts.remove(fleet);
+                    }
+                    self.removed.insert(fleet.clone(), removal.clone());
+                }
+                None => {
+                    self.removed.remove(fleet);
+                }
+            }
+        }
         if !newly_seen.is_empty() {
             let seen = Arc::make_mut(&mut self.seen);
             for version in newly_seen {
@@ -460,6 +634,53 @@ impl Reconciler {
             self.last_good = Arc::new(fleets);
         }
         Ok(())
+    }
+}
+
+/// Writes the operator's token files, batch after batch in the order the tokens were
+/// issued, until the reconciler stops. A file that cannot be written is a problem until a
+/// later write of that fleet's file succeeds.
+async fn write_token_files(
+    mut batches: mpsc::UnboundedReceiver<Vec<(String, Arc<TokenText>)>>,
+    data_dir: PathBuf,
+    view: watch::Sender<Arc<View>>,
+) {
+    let mut failed: BTreeMap<String, Problem> = BTreeMap::new();
+    while let Some(batch) = batches.recv().await {
+        let dir = data_dir.clone();
+        let outcomes = tokio::task::spawn_blocking(move || {
+            batch
+                .into_iter()
+                .map(|(fleet, text)| {
+                    let written = token::write_token_file(&dir, &fleet, &text);
+                    (fleet, written)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .expect("writing token files does not panic");
+        for (fleet, written) in outcomes {
+            match written {
+                Ok(path) => {
+                    info!(fleet = %fleet, path = %path.display(), "wrote install token file");
+                    failed.remove(&fleet);
+                }
+                Err(io_error) => {
+                    let message = format!("cannot write the token file of fleet `{fleet}`: {io_error}");
+                    error!(fleet = %fleet, error = %message, "cannot write install token file");
+                    failed.insert(fleet, Problem::general(Severity::Error, message));
+                }
+            }
+        }
+        let problems: Vec<Problem> = failed.values().cloned().collect();
+        view.send_if_modified(|view| {
+            let known = view.task_problems.get(&ProblemSource::TokenFiles);
+            if known.map_or(problems.is_empty(), |known| *known == problems) {
+                return false;
+            }
+            Arc::make_mut(view).task_problems.insert(ProblemSource::TokenFiles, problems.clone());
+            true
+        });
     }
 }
 

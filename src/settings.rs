@@ -18,6 +18,7 @@ const DEFAULT_POLL_INTERVAL: &str = "30s";
 const DEFAULT_STATUS_BRANCH: &str = "gitfleet/status";
 const DEFAULT_STATUS_INTERVAL: &str = "10s";
 const DEFAULT_FORGET_AFTER: &str = "7d";
+const DEFAULT_REMOVED_FLEET_GRACE: &str = "7d";
 
 /// `gitfleet serve` flags. Every flag has a `GITFLEET_*` variable.
 #[derive(Clone, Debug, clap::Args)]
@@ -87,6 +88,11 @@ pub struct ServeArgs {
     /// back is simply new again.
     #[arg(long, env = "GITFLEET_FORGET_AFTER", default_value = DEFAULT_FORGET_AFTER)]
     pub forget_after: String,
+    /// How long the collectors of a fleet removed from the repository may still connect,
+    /// observe only, keeping the config they run: a removal by mistake (a force-push) can be
+    /// undone without reinstalling them. `0s` refuses them at once.
+    #[arg(long, env = "GITFLEET_REMOVED_FLEET_GRACE", default_value = DEFAULT_REMOVED_FLEET_GRACE)]
+    pub removed_fleet_grace: String,
     /// A PEM file of the CA certificates collectors should trust for this server (for a
     /// private CA): put into the install files of fleets that dial wss:// or https://, as
     /// ca.pem and the supervisor's `server.tls.ca_file`.
@@ -127,6 +133,7 @@ pub struct Settings {
     pub tls: Option<crate::tls::Tls>,
     /// `None` for `never`.
     pub forget_after: Option<Duration>,
+    pub removed_fleet_grace: Duration,
     /// The PEM text of `--install-ca-file`.
     pub install_ca: Option<Arc<str>>,
 }
@@ -175,6 +182,8 @@ pub enum SettingsError {
     InstallCa(String),
     #[error("--forget-after: {0}")]
     BadForgetAfter(String),
+    #[error("--removed-fleet-grace: {0}")]
+    BadRemovedFleetGrace(String),
     #[error("--tls-cert/--tls-key: {0}")]
     Tls(#[from] crate::tls::TlsError),
 }
@@ -203,6 +212,7 @@ impl ServeArgs {
             forge_token_file: None,
             status_page_url: None,
             forget_after: DEFAULT_FORGET_AFTER.to_owned(),
+            removed_fleet_grace: DEFAULT_REMOVED_FLEET_GRACE.to_owned(),
             install_ca_file: None,
             tls_cert: None,
             tls_key: None,
@@ -307,6 +317,8 @@ impl ServeArgs {
                 Some(after)
             }
         };
+        let removed_fleet_grace =
+            parse_duration(self.removed_fleet_grace.trim()).map_err(SettingsError::BadRemovedFleetGrace)?;
         let install_ca = match &self.install_ca_file {
             Some(path) => Some(Arc::from(crate::tls::read_ca_bundle(path).map_err(SettingsError::InstallCa)?)),
             None => None,
@@ -334,6 +346,7 @@ impl ServeArgs {
             status_page_url,
             tls,
             forget_after,
+            removed_fleet_grace,
             install_ca,
         })
     }

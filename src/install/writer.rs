@@ -58,9 +58,10 @@ pub async fn keep_written(
         let jobs = {
             let current = view.borrow_and_update();
             // Most view changes (a fetch that found nothing new) touch neither input.
-            let inputs = (current.desired.clone(), Arc::clone(&current.fleet_tokens));
-            let unchanged = last_inputs.as_ref().is_some_and(|(desired, tokens)| {
+            let inputs = (current.desired.clone(), Arc::clone(&current.fleet_tokens), Arc::clone(&current.removed_fleets));
+            let unchanged = last_inputs.as_ref().is_some_and(|(desired, tokens, removed)| {
                 Arc::ptr_eq(tokens, &inputs.1)
+                    && Arc::ptr_eq(removed, &inputs.2)
                     && match (desired, &inputs.0) {
                         (Some(a), Some(b)) => Arc::ptr_eq(a, b),
                         (None, None) => true,
@@ -110,8 +111,9 @@ pub async fn keep_written(
 /// when nothing may be removed).
 fn jobs(view: &View, config: &InstallConfig) -> (Vec<Job>, Option<HashSet<String>>) {
     let Some(desired) = &view.desired else { return (Vec::new(), None) };
-    // A fleet whose file is broken still exists: only removed fleets lose their files.
-    let keep = desired.fleets.keys().chain(&desired.unresolved).cloned().collect();
+    // A fleet whose file is broken still exists, and a removed fleet keeps its token file
+    // while its collectors may still connect: only fleets removed for good lose their files.
+    let keep = desired.fleets.keys().chain(&desired.unresolved).chain(view.removed_fleets.keys()).cloned().collect();
     let jobs = desired
         .fleets
         .values()
@@ -135,8 +137,8 @@ fn jobs(view: &View, config: &InstallConfig) -> (Vec<Job>, Option<HashSet<String
     (jobs, Some(keep))
 }
 
-/// Removes the install directories (files and token file) of fleets that no longer exist:
-/// their tokens are no longer accepted, and a fleet that comes back gets a new one.
+/// Removes the install directories (files and token file) of fleets removed for good: their
+/// tokens are no longer accepted, and a fleet that comes back gets a new one.
 fn remove_gone(config: &InstallConfig, keep: &HashSet<String>, written: &mut HashMap<String, String>) -> Vec<Problem> {
     let root = config.data_dir.join("install");
     let Ok(entries) = std::fs::read_dir(&root) else { return Vec::new() };

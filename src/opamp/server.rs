@@ -125,6 +125,14 @@ async fn install_file(
     let view = Arc::clone(&state.view.borrow());
     let fleet = match view.tokens.authenticate(authorization, crate::time::now_unix()) {
         Ok(token) => {
+            if let Some(removed) = view.removed_fleets.get(&token.fleet) {
+                let message = format!(
+                    "fleet `{}` was removed from the repository: nothing is installed into it (its collectors may still connect until {})",
+                    token.fleet,
+                    crate::time::rfc3339(removed.until)
+                );
+                return plain(StatusCode::GONE, &message);
+            }
             let current = view.fleet_tokens.get(&token.fleet).and_then(|tokens| tokens.current());
             if current.is_none_or(|current| current.token.id != token.id) {
                 return unauthorized("install files need the fleet's current token");

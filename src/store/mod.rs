@@ -74,6 +74,22 @@ pub struct StoredRollout {
     pub members: Vec<u8>,
 }
 
+/// A fleet removed from the repository. Its collectors keep what they run and may still
+/// connect, observe only, until `until`; then its tokens are refused, and a fleet of that
+/// name that comes back gets a new token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemovedFleet {
+    /// Unix seconds.
+    pub removed_at: i64,
+    /// The commit that removed it.
+    pub commit: String,
+    /// Unix seconds from which none of its tokens is accepted.
+    pub until: i64,
+    /// The tokens it had accepted when it was removed, each with the Unix second from which
+    /// it is refused (its own expiry or grace, if sooner than `until`).
+    pub tokens: Vec<(String, i64)>,
+}
+
 /// One history entry of an instance; `event` is JSON.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredEvent {
@@ -109,9 +125,14 @@ pub trait Store: Send + Sync + 'static {
     fn rollouts(&self) -> Result<BTreeMap<String, StoredRollout>, StoreError>;
     /// Writes rollouts in one transaction; `None` forgets the fleet's.
     fn save_rollouts(&self, changed: &[(String, Option<StoredRollout>)]) -> Result<(), StoreError>;
+    /// Fleets removed from the repository (`RemovedFleet`), by name.
+    fn removed_fleets(&self) -> Result<BTreeMap<String, RemovedFleet>, StoreError>;
+    /// Writes removals in one transaction; `None` forgets the fleet's (it came back).
+    fn save_removed_fleets(&self, changed: &[(String, Option<RemovedFleet>)]) -> Result<(), StoreError>;
     /// Every install token ever issued (hashes only), oldest first.
     fn tokens(&self) -> Result<Vec<IssuedToken>, StoreError>;
-    fn save_token(&self, token: &IssuedToken) -> Result<(), StoreError>;
+    /// Writes newly issued tokens in one transaction.
+    fn save_tokens(&self, tokens: &[IssuedToken]) -> Result<(), StoreError>;
     /// Writes instances and new history entries in one transaction.
     fn save_instances(&self, instances: &[StoredInstance], events: &[StoredEvent]) -> Result<(), StoreError>;
     /// Every instance, with its newest `events_per_instance` history entries (oldest first).

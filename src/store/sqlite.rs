@@ -8,7 +8,9 @@ use rusqlite::{Connection, params};
 
 use crate::install::token::IssuedToken;
 use crate::repo::desired::{LastGoodFleet, SeenVersion};
-use crate::store::{PostedStatus, ReconcileRecord, Store, StoreError, StoredEvent, StoredInstance, StoredRollout};
+use crate::store::{
+    PostedStatus, ReconcileRecord, RemovedFleet, Store, StoreError, StoredEvent, StoredInstance, StoredRollout,
+};
 
 /// Each entry moves the schema one version forward. Never edit one that has shipped.
 const MIGRATIONS: &[&str] = &[
@@ -107,6 +109,15 @@ const MIGRATIONS: &[&str] = &[
         fleet   TEXT PRIMARY KEY,
         body    TEXT NOT NULL,
         members BLOB NOT NULL
+    );",
+    // 9: fleets removed from the repository whose tokens are still accepted for a while;
+    // `tokens` is JSON: `[[id, refused_from], …]`.
+    "CREATE TABLE removed_fleets (
+        fleet      TEXT PRIMARY KEY,
+        removed_at INTEGER NOT NULL,
+        commit_id  TEXT NOT NULL,
+        until_at   INTEGER NOT NULL,
+        tokens     TEXT NOT NULL
     );",
 ];
 
@@ -288,6 +299,51 @@ impl Store for SqliteStore {
         transaction.commit().map_err(query("saving rollouts"))
     }
 
+    fn removed_fleets(&self) -> Result<BTreeMap<String, RemovedFleet>, StoreError> {
+        let connection = self.connection();
+        let mut statement = connection
+            .prepare("SELECT fleet, removed_at, commit_id, until_at, tokens FROM removed_fleets")
+            .map_err(query("reading removed fleets"))?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get::<_, String>(4)?))
+            })
+            .map_err(query("reading removed fleets"))?;
+        let mut removed = BTreeMap::new();
+        for row in rows {
+            let (fleet, removed_at, commit, until, tokens) = row.map_err(query("reading removed fleets"))?;
+            let tokens = serde_json::from_str(&tokens).map_err(|error| StoreError::Corrupt {
+                what: "removed fleet",
+                message: format!("fleet {fleet}: {error}"),
+            })?;
+            removed.insert(fleet, RemovedFleet { removed_at, commit, until, tokens });
+        }
+        Ok(removed)
+    }
+
+    fn save_removed_fleets(&self, changed: &[(String, Option<RemovedFleet>)]) -> Result<(), StoreError> {
+        let mut connection = self.connection();
+        let transaction = connection.transaction().map_err(query("saving removed fleets"))?;
+        for (fleet, removed) in changed {
+            match removed {
+                Some(removed) => transaction.execute(
+                    "INSERT OR REPLACE INTO removed_fleets (fleet, removed_at, commit_id, until_at, tokens)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        fleet,
+                        removed.removed_at,
+                        removed.commit,
+                        removed.until,
+                        serde_json::to_string(&removed.tokens).expect("pairs of text and numbers serialize")
+                    ],
+                ),
+                None => transaction.execute("DELETE FROM removed_fleets WHERE fleet = ?1", params![fleet]),
+            }
+            .map_err(query("saving removed fleets"))?;
+        }
+        transaction.commit().map_err(query("saving removed fleets"))
+    }
+
     fn posted_statuses(&self, forge: &str) -> Result<Vec<PostedStatus>, StoreError> {
         let connection = self.connection();
         let mut statement = connection
@@ -369,14 +425,22 @@ impl Store for SqliteStore {
         Ok(tokens)
     }
 
-    fn save_token(&self, token: &IssuedToken) -> Result<(), StoreError> {
-        self.connection()
-            .execute(
-                "INSERT INTO tokens (id, fleet, secret_hash, issued_at, rotation) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![token.id, token.fleet, &token.secret_hash[..], token.issued_at, token.rotation],
-            )
-            .map_err(query("saving a token"))?;
-        Ok(())
+    fn save_tokens(&self, tokens: &[IssuedToken]) -> Result<(), StoreError> {
+        let mut connection = self.connection();
+        let transaction = connection.transaction().map_err(query("saving tokens"))?;
+        {
+            let mut insert = transaction
+                .prepare_cached(
+                    "INSERT INTO tokens (id, fleet, secret_hash, issued_at, rotation) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(query("saving tokens"))?;
+            for token in tokens {
+                insert
+                    .execute(params![token.id, token.fleet, &token.secret_hash[..], token.issued_at, token.rotation])
+                    .map_err(query("saving tokens"))?;
+            }
+        }
+        transaction.commit().map_err(query("saving tokens"))
     }
 
     fn save_instances(&self, instances: &[StoredInstance], events: &[StoredEvent]) -> Result<(), StoreError> {
@@ -751,6 +815,26 @@ mod tests {
         store.save_posted_status(&posted("gitlab", "c9", "pending")).expect("another forge");
         assert_eq!(store.posted_statuses("github").expect("read"), vec![posted("github", "c1", "success")]);
         assert_eq!(store.posted_statuses("gitea").expect("read"), vec![]);
+    }
+
+    #[test]
+    fn removed_fleets_are_kept_until_they_come_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.db");
+        let removed = RemovedFleet {
+            removed_at: 1_700_000_000,
+            commit: "c0ffee".into(),
+            until: 1_700_604_800,
+            tokens: vec![("tk_00000001".into(), 1_700_086_400), ("tk_00000002".into(), 1_700_604_800)],
+        };
+        {
+            let store = SqliteStore::open(&path).expect("open");
+            let changed = [("edge".to_owned(), Some(removed.clone())), ("core".to_owned(), Some(removed.clone()))];
+            store.save_removed_fleets(&changed).expect("save");
+            store.save_removed_fleets(&[("core".to_owned(), None)]).expect("core came back");
+        }
+        let store = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(store.removed_fleets().expect("read"), BTreeMap::from([("edge".to_owned(), removed)]));
     }
 
     #[test]

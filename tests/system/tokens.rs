@@ -190,14 +190,15 @@ fn an_expired_token_is_refused_its_session_closed_and_the_problem_reported() {
 }
 
 #[test]
-fn a_removed_fleet_leaves_no_files_and_gets_a_new_token_when_it_comes_back() {
+fn a_removed_fleet_leaves_no_files_once_its_grace_ends_and_gets_a_new_token_when_it_comes_back() {
     let repo = example();
     let data = tempfile::tempdir().expect("temp dir");
     // A fleet that never resolved (its version is not published) has a token but no last
     // good state: it is not a removed fleet, and keeps its token across reconciles.
     repo.write("fleets/ghost.toml", "config = \"gateway\"\nversion = \"v9\"\n");
     repo.commit("A fleet waiting for gateway/v9");
-    let server = Server::start(&repo.url(), data.path(), &["--poll-interval", "1s"]);
+    let server =
+        Server::start(&repo.url(), data.path(), &["--poll-interval", "1s", "--removed-fleet-grace", "2s"]);
     let ghost = server.token("ghost");
     let old = server.token("nodes");
     let dir = data.path().join("install/nodes");
@@ -226,6 +227,10 @@ fn a_removed_fleet_leaves_no_files_and_gets_a_new_token_when_it_comes_back() {
         std::thread::sleep(Duration::from_millis(25));
     }
     assert!(data.path().join("install/prod-gateway/token").is_file(), "other fleets keep theirs");
+    // Its grace is over: its collectors are refused, and it is no longer a problem.
+    assert_eq!(post(&server, &old, &hello([0x71; 16], 0, SUPERVISOR)), 401);
+    let repo_status = server.json("/api/v1/repo");
+    assert!(!repo_status["problems"].to_string().contains("was removed"), "{repo_status}");
 
     // Back under the same name: a new token, the old one stays out.
     repo.write("fleets/nodes.toml", text);
@@ -239,4 +244,70 @@ fn a_removed_fleet_leaves_no_files_and_gets_a_new_token_when_it_comes_back() {
     assert!(server.logs().contains("reason=Returned"), "{}", server.logs());
     assert_eq!(server.token("ghost"), ghost, "a fleet that was never removed keeps its token");
     assert_eq!(server.logs().matches("reason=Returned").count(), 1, "{}", server.logs());
+}
+
+#[test]
+fn the_collectors_of_a_removed_fleet_stay_connected_observe_only_and_across_a_restart_until_it_is_back() {
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let flags = ["--poll-interval", "1h", "--no-status-branch"];
+    let server = Server::start(&repo.path().display().to_string(), data.path(), &flags);
+    let token = server.token("nodes");
+    let uid = [0x81; 16];
+    let mut agent = OpampWs::connect(server.opamp, &token).expect("connects");
+    agent.send(&hello(uid, 0, SUPERVISOR));
+    let assigned = agent.recv().remote_config.expect("the fleet's config");
+
+    // A history rewrite that drops every fleet file.
+    repo.git(&["rm", "-r", "--quiet", "fleets"]);
+    let removal = repo.commit("Rewrite main without fleets/");
+    let problems = server.wait_for("/api/v1/repo", WAIT, "the removal reported", |repo| {
+        repo["problems"].to_string().contains("fleet `nodes` was removed")
+    });
+    let warning = problems["problems"]
+        .as_array()
+        .and_then(|list| list.iter().find(|p| p["message"].as_str().is_some_and(|m| m.contains("fleet `nodes`"))))
+        .expect("a problem for nodes")
+        .clone();
+    assert_eq!(warning["severity"], "warning", "{warning}");
+    assert!(warning["message"].as_str().is_some_and(|m| m.contains(&removal[..7])), "names the commit: {warning}");
+
+    // The live session stays, and gets no new config; a new connection is let in too.
+    agent.send(&AgentToServer { instance_uid: uid.to_vec(), sequence_num: 1, capabilities: SUPERVISOR, ..Default::default() });
+    let reply = agent.recv();
+    assert!(reply.remote_config.is_none(), "nothing pushed to a removed fleet: {reply:?}");
+    assert_eq!(post(&server, &token, &hello([0x82; 16], 0, SUPERVISOR)), 200);
+    let authorization = format!("Bearer {token}");
+    let install = http(server.opamp, "GET", "/v1/install/install.sh", &[("Authorization", &authorization)], b"");
+    assert_eq!(install.status, 410, "{}", install.body);
+    assert!(install.body.contains("removed"), "{}", install.body);
+    assert!(data.path().join("install/nodes/token").is_file(), "the token file stays for the grace");
+
+    // Across a restart, the removal and its grace are remembered.
+    drop(agent);
+    server.stop();
+    let server = Server::start(&repo.path().display().to_string(), data.path(), &flags);
+    server.wait_for("/api/v1/repo", WAIT, "the removal still reported", |repo| {
+        repo["problems"].to_string().contains("fleet `nodes` was removed")
+    });
+    let mut agent = OpampWs::connect(server.opamp, &token).expect("still let in after a restart");
+    agent.send(&hello(uid, 0, SUPERVISOR));
+    assert!(agent.recv().remote_config.is_none());
+
+    // Undone: the fleet is back with the same token, and its collectors get their config.
+    repo.git(&["revert", "--no-edit", "HEAD"]);
+    server.wait_for("/api/v1/repo", WAIT, "the removal undone", |repo| {
+        !repo["problems"].to_string().contains("was removed")
+    });
+    assert_eq!(server.token("nodes"), token, "the same token");
+    agent.send(&hello(uid, 1, SUPERVISOR));
+    let pushed = loop {
+        let message = agent.recv();
+        if let Some(config) = message.remote_config {
+            break config;
+        }
+    };
+    assert_eq!(pushed.config_hash, assigned.config_hash);
+    assert!(!server.logs().contains("reason=Returned"), "{}", server.logs());
+    server.stop();
 }
