@@ -139,7 +139,7 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
     let (triggers_tx, triggers_rx) = mpsc::channel(16);
 
     let metrics = Arc::new(Metrics::default());
-    let registry = Registry::new();
+    let registry = Registry::limiting_new_instances(settings.new_instances);
     let restored = crate::opamp::persist::restore(&registry, Arc::clone(&store)).await?;
     info!(instances = restored, "restored instances");
     tracker.spawn(

@@ -747,6 +747,8 @@ fn opamp(
             .args(["serve", "--repo", &repo.display().to_string(), "--poll-interval", "1h"])
             .args(["--web-listen", &web.to_string(), "--listen", &opamp_addr.to_string()])
             .args(["--max-connections", &(agents + 100).to_string()])
+            // Every agent is new to the first start, and all of them use one token.
+            .args(["--new-instances-burst", &(agents + 100).to_string()])
             .arg("--data-dir")
             .arg(&data);
         if let Some((cert, key)) = tls {

@@ -104,7 +104,6 @@ pub fn run(args: &CheckArgs) -> Result<Plan, CheckError> {
 
 /// Every instance of `fleet` on the server, with what it reports (a fleet the server does not
 /// have yet has none).
-
 fn live_instances(
     api: &crate::client::Api,
     fleet: &str,

@@ -13,8 +13,11 @@ use crate::opamp::registry::{InstanceRecord, Registry, Targets, Transport};
 use crate::opamp::ws::{Assembler, Head, Incoming};
 use crate::problem::Severity;
 
+/// What a target runs on one input.
+pub type Target = fn(&[u8]);
+
 /// The targets, by the name of their corpus directory under `fuzz/corpus/`.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("ws_frames", ws_frames),
     ("opamp_message", opamp_message),
     ("http_body", http_body),

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub forge_errors: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
     pub instances_forgotten: AtomicU64,
+    /// Messages refused because their token had created too many new instances.
+    pub new_instances_refused: AtomicU64,
     /// Batches of instance changes the store refused (each is tried again).
     pub store_write_errors: AtomicU64,
     /// The end of the served certificate's validity (Unix seconds); 0 without TLS.

@@ -245,7 +245,10 @@ impl Reconciler {
         // a token file. Long over.
         for fleet in issued.keys() {
             if !last_good.contains_key(fleet) && !texts.contains_key(fleet) && !removed.contains_key(fleet) {
-                removed.insert(fleet.clone(), RemovedFleet { removed_at: 0, commit: String::new(), until: 0, tokens: Vec::new() });
+                removed.insert(
+                    fleet.clone(),
+                    RemovedFleet { removed_at: 0, commit: String::new(), until: 0, tokens: Vec::new() },
+                );
             }
         }
         let (token_files, to_write) = mpsc::unbounded_channel();
@@ -468,7 +471,8 @@ impl Reconciler {
         compiled: &desired::Compiled,
         now: i64,
     ) -> (Vec<(String, Option<RemovedFleet>)>, Vec<String>) {
-        let exists = |name: &str| compiled.desired.fleets.contains_key(name) || compiled.desired.unresolved.contains(name);
+        let exists =
+            |name: &str| compiled.desired.fleets.contains_key(name) || compiled.desired.unresolved.contains(name);
         let mut changed = Vec::new();
         let mut returning = Vec::new();
         for (fleet, tokens) in &self.issued {
@@ -494,10 +498,13 @@ impl Reconciler {
                     let tokens = token::statuses(tokens, &policy)
                         .into_iter()
                         .filter(|status| status.state(now).accepted())
-                        .map(|status| (status.token.id.clone(), status.refused_from().map_or(until, |at| at.min(until))))
+                        .map(|status| {
+                            (status.token.id.clone(), status.refused_from().map_or(until, |at| at.min(until)))
+                        })
                         .filter(|(_, refused_from)| *refused_from > now)
                         .collect();
-                    let removal = RemovedFleet { removed_at: now, commit: compiled.desired.commit.clone(), until, tokens };
+                    let removal =
+                        RemovedFleet { removed_at: now, commit: compiled.desired.commit.clone(), until, tokens };
                     warn!(fleet = %fleet, until = %crate::time::rfc3339(until), "fleet removed; its collectors may connect until its removal grace ends");
                     changed.push((fleet.clone(), Some(removal)));
                 }
@@ -510,13 +517,22 @@ impl Reconciler {
     /// The tokens readers see: each fleet's, and those of removed fleets still let in.
     fn token_view(&self, desired: &DesiredState, now: i64) -> TokenView {
         let (fleet_tokens, problems) = self.fleet_tokens(desired);
-        let removed: BTreeMap<String, RemovedFleet> =
-            self.removed.iter().filter(|(_, removal)| removal.until > now).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let removed: BTreeMap<String, RemovedFleet> = self
+            .removed
+            .iter()
+            .filter(|(_, removal)| removal.until > now)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let removed_statuses = removed.iter().flat_map(|(fleet, removal)| {
             let issued = self.issued.get(fleet).map(Vec::as_slice).unwrap_or_default();
             removal.tokens.iter().filter_map(move |(id, refused_from)| {
                 let token = issued.iter().find(|token| token.id == *id)?;
-                Some(TokenStatus { token: token.clone(), expires_at: None, retires_at: Some(*refused_from), revoked: false })
+                Some(TokenStatus {
+                    token: token.clone(),
+                    expires_at: None,
+                    retires_at: Some(*refused_from),
+                    revoked: false,
+                })
             })
         });
         let index = TokenIndex::new(

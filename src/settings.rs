@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::duration::parse_duration;
 use crate::git::mirror::local_git_dir;
+use crate::opamp::registry::NewInstanceLimit;
 
 const DEFAULT_BRANCH: &str = "main";
 const DEFAULT_LISTEN: &str = "0.0.0.0:4320";
@@ -19,6 +20,7 @@ const DEFAULT_STATUS_BRANCH: &str = "gitfleet/status";
 const DEFAULT_STATUS_INTERVAL: &str = "10s";
 const DEFAULT_FORGET_AFTER: &str = "7d";
 const DEFAULT_REMOVED_FLEET_GRACE: &str = "7d";
+const DEFAULT_NEW_INSTANCES: NewInstanceLimit = NewInstanceLimit { burst: 20_000, per_minute: 1_000 };
 
 /// `gitfleet serve` flags. Every flag has a `GITFLEET_*` variable.
 #[derive(Clone, Debug, clap::Args)]
@@ -93,6 +95,14 @@ pub struct ServeArgs {
     /// undone without reinstalling them. `0s` refuses them at once.
     #[arg(long, env = "GITFLEET_REMOVED_FLEET_GRACE", default_value = DEFAULT_REMOVED_FLEET_GRACE)]
     pub removed_fleet_grace: String,
+    /// How many new instances (ids gitfleet has not seen) one install token may create at
+    /// once: a whole machine's worth of collectors installed together.
+    #[arg(long, env = "GITFLEET_NEW_INSTANCES_BURST", default_value_t = DEFAULT_NEW_INSTANCES.burst)]
+    pub new_instances_burst: u32,
+    /// How many more new instances a token may create each minute once its burst is spent.
+    /// Past both, a message that would create one gets 429 (HTTP) or close 1013 (WebSocket).
+    #[arg(long, env = "GITFLEET_NEW_INSTANCES_PER_MINUTE", default_value_t = DEFAULT_NEW_INSTANCES.per_minute)]
+    pub new_instances_per_minute: u32,
     /// A PEM file of the CA certificates collectors should trust for this server (for a
     /// private CA): put into the install files of fleets that dial wss:// or https://, as
     /// ca.pem and the supervisor's `server.tls.ca_file`.
@@ -134,6 +144,7 @@ pub struct Settings {
     /// `None` for `never`.
     pub forget_after: Option<Duration>,
     pub removed_fleet_grace: Duration,
+    pub new_instances: NewInstanceLimit,
     /// The PEM text of `--install-ca-file`.
     pub install_ca: Option<Arc<str>>,
 }
@@ -184,6 +195,8 @@ pub enum SettingsError {
     BadForgetAfter(String),
     #[error("--removed-fleet-grace: {0}")]
     BadRemovedFleetGrace(String),
+    #[error("--new-instances-burst must be at least 1 (no collector could ever connect)")]
+    NoNewInstances,
     #[error("--tls-cert/--tls-key: {0}")]
     Tls(#[from] crate::tls::TlsError),
 }
@@ -213,6 +226,8 @@ impl ServeArgs {
             status_page_url: None,
             forget_after: DEFAULT_FORGET_AFTER.to_owned(),
             removed_fleet_grace: DEFAULT_REMOVED_FLEET_GRACE.to_owned(),
+            new_instances_burst: DEFAULT_NEW_INSTANCES.burst,
+            new_instances_per_minute: DEFAULT_NEW_INSTANCES.per_minute,
             install_ca_file: None,
             tls_cert: None,
             tls_key: None,
@@ -319,6 +334,11 @@ impl ServeArgs {
         };
         let removed_fleet_grace =
             parse_duration(self.removed_fleet_grace.trim()).map_err(SettingsError::BadRemovedFleetGrace)?;
+        if self.new_instances_burst == 0 {
+            return Err(SettingsError::NoNewInstances);
+        }
+        let new_instances =
+            NewInstanceLimit { burst: self.new_instances_burst, per_minute: self.new_instances_per_minute };
         let install_ca = match &self.install_ca_file {
             Some(path) => Some(Arc::from(crate::tls::read_ca_bundle(path).map_err(SettingsError::InstallCa)?)),
             None => None,
@@ -347,6 +367,7 @@ impl ServeArgs {
             tls,
             forget_after,
             removed_fleet_grace,
+            new_instances,
             install_ca,
         })
     }

@@ -58,7 +58,8 @@ pub async fn keep_written(
         let jobs = {
             let current = view.borrow_and_update();
             // Most view changes (a fetch that found nothing new) touch neither input.
-            let inputs = (current.desired.clone(), Arc::clone(&current.fleet_tokens), Arc::clone(&current.removed_fleets));
+            let inputs =
+                (current.desired.clone(), Arc::clone(&current.fleet_tokens), Arc::clone(&current.removed_fleets));
             let unchanged = last_inputs.as_ref().is_some_and(|(desired, tokens, removed)| {
                 Arc::ptr_eq(tokens, &inputs.1)
                     && Arc::ptr_eq(removed, &inputs.2)

@@ -69,6 +69,9 @@ pub struct Outcome {
     pub disconnect: bool,
     /// A newer connection took over this connection's instance id: close this one.
     pub replaced: bool,
+    /// The message would create an instance its token may not create now
+    /// (`NewInstanceLimit`): nothing was kept; refuse it with a "try again later".
+    pub too_many_new: bool,
     /// The instance the message counts for (its new id, if it was given one).
     pub uid: InstanceUid,
 }
@@ -107,7 +110,12 @@ pub fn handle(
         // This connection was replaced by a newer one for the same id.
         drop(shard);
         let reply = ServerToAgent { instance_uid: wire_uid, ..Default::default() };
-        return Outcome { reply, disconnect: false, replaced: true, uid };
+        return Outcome { reply, disconnect: false, replaced: true, too_many_new: false, uid };
+    }
+    if !shard.contains_key(&uid) && !registry.admit_new_instance(&connection.token_id, now_ms) {
+        drop(shard);
+        let reply = ServerToAgent { instance_uid: wire_uid, ..Default::default() };
+        return Outcome { reply, disconnect: false, replaced: false, too_many_new: true, uid };
     }
     let known = shard.get(&uid).is_some_and(|r| r.sequence_num.is_some());
     let record = shard.entry(uid).or_insert_with(|| {
@@ -226,7 +234,7 @@ pub fn handle(
         connection_settings,
         ..Default::default()
     };
-    Outcome { reply, disconnect, replaced: false, uid }
+    Outcome { reply, disconnect, replaced: false, too_many_new: false, uid }
 }
 
 /// The assigned config if it should go to this instance now; marks it served.
@@ -631,6 +639,24 @@ mod tests {
             + serde_json::to_string(description).expect("json").len()
             + serde_json::to_string(health).expect("json").len();
         assert!(kept < 2 * 1024 * 1024, "what the API shows of it: {kept} bytes");
+    }
+
+    #[test]
+    fn a_token_creates_new_instances_within_its_allowance_and_known_ones_are_always_heard() {
+        use crate::opamp::registry::NewInstanceLimit;
+        let registry = Registry::limiting_new_instances(NewInstanceLimit { burst: 2, per_minute: 60 });
+        let send = |uid: u8, token: &str, now_ms: i64| {
+            let message = AgentToServer { instance_uid: vec![uid; 16], ..heartbeat(0) };
+            let mut connection = Connection { token_id: Arc::from(token), ..connection(None) };
+            handle(&registry, &targets(1), &mut connection, message, now_ms).too_many_new
+        };
+        assert!(!send(1, "tk_00000001", 0) && !send(2, "tk_00000001", 0), "the burst");
+        assert!(send(3, "tk_00000001", 0), "past the burst");
+        assert!(registry.get(&InstanceUid([3; 16])).is_none(), "a refused instance leaves nothing");
+        assert!(!send(1, "tk_00000001", 10), "a known instance is heard");
+        assert!(!send(4, "tk_00000002", 10), "another token has its own allowance");
+        assert!(!send(3, "tk_00000001", 1_010), "one more a second later, at 60 a minute");
+        assert!(send(5, "tk_00000001", 1_020));
     }
 
     #[test]

@@ -566,6 +566,25 @@ pub struct Registry {
     /// Fleet names and token ids, one `Arc` each for all their instances: less memory, and
     /// passes over every record find their fleet by pointer.
     names: Interner,
+    /// How many instances each token may still create. Locked after a shard, or alone.
+    allowances: Mutex<HashMap<Arc<str>, Allowance>>,
+    new_instances: NewInstanceLimit,
+}
+
+/// How many new instances (ids gitfleet does not know) one token may create: `burst` at
+/// once, a whole machine's worth of collectors installed together, then `per_minute`. A
+/// flood of made-up ids would otherwise grow memory and the store until `--forget-after`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewInstanceLimit {
+    pub burst: u32,
+    pub per_minute: u32,
+}
+
+/// A token bucket: what a token may still create, as of `at_ms`.
+#[derive(Debug)]
+struct Allowance {
+    left: f64,
+    at_ms: i64,
 }
 
 impl Default for Registry {
@@ -576,6 +595,9 @@ impl Default for Registry {
             components: Mutex::default(),
             pipelines: Mutex::default(),
             names: Interner::default(),
+            allowances: Mutex::default(),
+            // No limit but the counter's size: `serve` sets its own (`limiting_new_instances`).
+            new_instances: NewInstanceLimit { burst: u32::MAX, per_minute: 0 },
         }
     }
 }
@@ -583,6 +605,26 @@ impl Default for Registry {
 impl Registry {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    pub fn limiting_new_instances(limit: NewInstanceLimit) -> Arc<Self> {
+        Arc::new(Self { new_instances: limit, ..Self::default() })
+    }
+
+    /// Whether `token_id` may create one more instance now; takes it from its allowance.
+    pub fn admit_new_instance(&self, token_id: &Arc<str>, now_ms: i64) -> bool {
+        let NewInstanceLimit { burst, per_minute } = self.new_instances;
+        let mut allowances = self.allowances.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let allowance =
+            allowances.entry(Arc::clone(token_id)).or_insert(Allowance { left: f64::from(burst), at_ms: now_ms });
+        let elapsed = (now_ms - allowance.at_ms).max(0) as f64;
+        allowance.left = (allowance.left + elapsed * f64::from(per_minute) / 60_000.0).min(f64::from(burst));
+        allowance.at_ms = now_ms;
+        if allowance.left < 1.0 {
+            return false;
+        }
+        allowance.left -= 1.0;
+        true
     }
 
     fn catalog(&self) -> MutexGuard<'_, ComponentCatalog> {

@@ -108,6 +108,11 @@ fn count_sent(metrics: &Metrics, remote_config: bool) {
     }
 }
 
+/// Why a message that would create an instance is refused (`NewInstanceLimit`).
+const TOO_MANY_NEW: &str = "this token has created too many new instances; try again later";
+/// The spec's least recommended retry interval.
+const TOO_MANY_NEW_RETRY_AFTER: &str = "30";
+
 fn unauthorized(refused: &str) -> Response {
     let mut response = plain(StatusCode::UNAUTHORIZED, &format!("unauthorized: {refused}"));
     response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -319,6 +324,12 @@ async fn plain_http(state: &OpampState, mut connection: Connection, request: Req
     Metrics::count(&state.metrics.opamp_messages_in);
     let targets = Arc::clone(&state.targets.borrow());
     let outcome = agent::handle(&state.registry, &targets, &mut connection, message, crate::time::now_ms());
+    if outcome.too_many_new {
+        Metrics::count(&state.metrics.new_instances_refused);
+        let mut response = plain(StatusCode::TOO_MANY_REQUESTS, TOO_MANY_NEW);
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(TOO_MANY_NEW_RETRY_AFTER));
+        return response;
+    }
     let mut body = codec::encode_http_body(&outcome.reply);
     count_sent(&state.metrics, outcome.reply.remote_config.is_some());
     let mut response = Response::builder().status(StatusCode::OK).header(header::CONTENT_TYPE, PROTOBUF);
@@ -513,6 +524,10 @@ fn received_step(state: &OpampState, connection: &mut Connection, received: Resu
             let outcome = agent::handle(&state.registry, &current, connection, message, crate::time::now_ms());
             if outcome.replaced {
                 return Step::Close(Some((1008, "a newer connection took over this instance_uid")));
+            }
+            if outcome.too_many_new {
+                Metrics::count(&state.metrics.new_instances_refused);
+                return Step::Close(Some((1013, TOO_MANY_NEW)));
             }
             let reply = Frame::message(&outcome.reply);
             if outcome.disconnect {

@@ -157,6 +157,12 @@ pub async fn metrics(State(state): State<WebState>) -> Response {
         "Instances forgotten after --forget-after without a word.",
         Metrics::read(&m.instances_forgotten),
     );
+    counter(
+        &mut out,
+        "gitfleet_new_instances_refused_total",
+        "OpAMP messages refused because their token had created too many new instances.",
+        Metrics::read(&m.new_instances_refused),
+    );
     let not_after = m.tls_certificate_not_after.load(std::sync::atomic::Ordering::Relaxed);
     if not_after != 0 {
         counter(

@@ -165,6 +165,39 @@ fn an_agent_that_reports_megabytes_is_kept_to_kilobytes() {
 }
 
 #[test]
+fn a_token_that_makes_up_instance_ids_is_told_to_come_back_later() {
+    use prost::Message;
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let flags = ["--poll-interval", "1h", "--new-instances-burst", "3", "--new-instances-per-minute", "1"];
+    let server = Server::start(&repo.path().display().to_string(), data.path(), &flags);
+    let token = server.token("prod-gateway");
+    let authorization = format!("Bearer {token}");
+    let headers = [("Authorization", authorization.as_str()), ("Content-Type", "application/x-protobuf")];
+    let post = |uid: u8| {
+        let message = crate::opamp::full_state([uid; 16], 0, "made-up");
+        http(server.opamp, "POST", "/v1/opamp", &headers, &message.encode_to_vec())
+    };
+    for uid in 1..=3 {
+        assert_eq!(post(uid).status, 200, "within the burst");
+    }
+    let refused = post(4);
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert_eq!(refused.header("retry-after").as_deref(), Some("30"));
+    assert!(refused.body.contains("too many new instances"), "{}", refused.body);
+    assert_eq!(post(1).status, 200, "a known instance is heard");
+    // Over WebSocket, the made-up id's connection is closed with "try again later".
+    let mut agent = crate::common::OpampWs::connect(server.opamp, &token).expect("connects");
+    agent.send(&crate::opamp::full_state([5; 16], 0, "made-up"));
+    assert_eq!(agent.next().err().as_deref(), Some("close 1013"));
+
+    let instances = server.json("/api/v1/instances");
+    assert_eq!(instances["instances"].as_array().map(Vec::len), Some(3), "{instances}");
+    let metrics = server.get("/metrics").body;
+    assert!(metrics.contains("gitfleet_new_instances_refused_total 2"), "{metrics}");
+}
+
+#[test]
 fn idle_sockets_count_against_the_limit_and_are_closed_when_they_say_nothing() {
     use std::io::Read;
     let repo = example();

@@ -197,8 +197,7 @@ fn a_removed_fleet_leaves_no_files_once_its_grace_ends_and_gets_a_new_token_when
     // good state: it is not a removed fleet, and keeps its token across reconciles.
     repo.write("fleets/ghost.toml", "config = \"gateway\"\nversion = \"v9\"\n");
     repo.commit("A fleet waiting for gateway/v9");
-    let server =
-        Server::start(&repo.url(), data.path(), &["--poll-interval", "1s", "--removed-fleet-grace", "2s"]);
+    let server = Server::start(&repo.url(), data.path(), &["--poll-interval", "1s", "--removed-fleet-grace", "2s"]);
     let ghost = server.token("ghost");
     let old = server.token("nodes");
     let dir = data.path().join("install/nodes");
@@ -273,7 +272,12 @@ fn the_collectors_of_a_removed_fleet_stay_connected_observe_only_and_across_a_re
     assert!(warning["message"].as_str().is_some_and(|m| m.contains(&removal[..7])), "names the commit: {warning}");
 
     // The live session stays, and gets no new config; a new connection is let in too.
-    agent.send(&AgentToServer { instance_uid: uid.to_vec(), sequence_num: 1, capabilities: SUPERVISOR, ..Default::default() });
+    agent.send(&AgentToServer {
+        instance_uid: uid.to_vec(),
+        sequence_num: 1,
+        capabilities: SUPERVISOR,
+        ..Default::default()
+    });
     let reply = agent.recv();
     assert!(reply.remote_config.is_none(), "nothing pushed to a removed fleet: {reply:?}");
     assert_eq!(post(&server, &token, &hello([0x82; 16], 0, SUPERVISOR)), 200);
