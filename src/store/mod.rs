@@ -4,6 +4,8 @@
 //! The store only records what was observed (versions first seen, last good fleets,
 //! reconcile history). Git stays the only source of desired state.
 
+#[doc(hidden)]
+pub mod conformance;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -14,14 +16,17 @@ use crate::install::token::IssuedToken;
 use crate::problem::Problem;
 use crate::repo::desired::{LastGoodFleet, SeenVersion};
 
+/// What a backend's own error is carried as: the store's errors name no backend.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open the state database {path}: {source}")]
-    Open { path: String, source: rusqlite::Error },
+    Open { path: String, source: BackendError },
     #[error("state database migration to version {version} failed: {source}")]
-    Migrate { version: usize, source: rusqlite::Error },
+    Migrate { version: usize, source: BackendError },
     #[error("state database {operation} failed: {source}")]
-    Query { operation: &'static str, source: rusqlite::Error },
+    Query { operation: &'static str, source: BackendError },
     #[error("state database holds a corrupt {what}: {message}")]
     Corrupt { what: &'static str, message: String },
     #[error("state database is version {found}, newer than this gitfleet understands ({supported}); upgrade gitfleet")]

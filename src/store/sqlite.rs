@@ -130,7 +130,8 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
-        let open_error = |source| StoreError::Open { path: path.display().to_string(), source };
+        let open_error =
+            |source: rusqlite::Error| StoreError::Open { path: path.display().to_string(), source: source.into() };
         let mut connection = Connection::open(path).map_err(open_error)?;
         connection
             .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;")
@@ -148,13 +149,13 @@ impl SqliteStore {
 fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     let current: usize = connection
         .query_row("PRAGMA user_version", [], |row| row.get(0))
-        .map_err(|source| StoreError::Migrate { version: 0, source })?;
+        .map_err(|source| StoreError::Migrate { version: 0, source: source.into() })?;
     if current > MIGRATIONS.len() {
         return Err(StoreError::TooNew { found: current, supported: MIGRATIONS.len() });
     }
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(current) {
         let version = index + 1;
-        let migrate_error = |source| StoreError::Migrate { version, source };
+        let migrate_error = |source: rusqlite::Error| StoreError::Migrate { version, source: source.into() };
         let transaction = connection.transaction().map_err(migrate_error)?;
         transaction.execute_batch(sql).map_err(migrate_error)?;
         transaction.pragma_update(None, "user_version", version).map_err(migrate_error)?;
@@ -164,7 +165,7 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
 }
 
 fn query(operation: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
-    move |source| StoreError::Query { operation, source }
+    move |source| StoreError::Query { operation, source: Box::new(source) }
 }
 
 impl Store for SqliteStore {
@@ -700,141 +701,13 @@ impl Store for SqliteStore {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::problem::Problem;
-
-    fn version(tag: &str, body: &str) -> SeenVersion {
-        let (config, version) = tag.split_once('/').expect("tag has a slash");
-        SeenVersion {
-            config: config.into(),
-            version: version.into(),
-            tag: tag.into(),
-            commit: "c0ffee".into(),
-            time: 1_700_000_000,
-            note: Some("first".into()),
-            file: format!("configs/{config}.yaml"),
-            content_type: "text/yaml".into(),
-            body: Arc::from(body.as_bytes()),
-            config_hash: crate::repo::hash::single_file_hash("text/yaml", body.as_bytes()),
-            blob_id: "b10b".into(),
-            moved_to: None,
-        }
-    }
 
     #[test]
-    fn state_survives_reopening_and_first_content_wins() {
+    fn sqlite_keeps_the_store_contract() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("state.db");
-        {
-            let store = SqliteStore::open(&path).expect("open");
-            store.remember_versions(&[version("gateway/v1", "a: 1\n")]).expect("remember");
-            store
-                .remember_versions(&[version("gateway/v1", "a: 2\n"), version("gateway/v2", "b\n")])
-                .expect("remember again");
-            let fleets = BTreeMap::from([(
-                "prod".to_owned(),
-                LastGoodFleet {
-                    source: "config = \"gateway\"".into(),
-                    tag: Some("gateway/v1".into()),
-                    assigned_by: Some("c0ffee".into()),
-                },
-            )]);
-            store.save_last_good_fleets(&fleets).expect("save fleets");
-            store
-                .record_reconcile(&ReconcileRecord {
-                    commit: "abc".into(),
-                    branch: "main".into(),
-                    reconciled_at: 5,
-                    duration_micros: 42,
-                    problems: vec![Problem::error("fleets/x.toml", Some(2), "broken")],
-                })
-                .expect("record");
-        }
-        let store = SqliteStore::open(&path).expect("reopen");
-        let seen = store.seen_versions().expect("seen");
-        assert_eq!(seen.keys().collect::<Vec<_>>(), vec!["gateway/v1", "gateway/v2"]);
-        assert_eq!(&*seen["gateway/v1"].body, b"a: 1\n");
-        assert_eq!(seen["gateway/v1"], version("gateway/v1", "a: 1\n"));
-        let fleets = store.last_good_fleets().expect("fleets");
-        assert_eq!(fleets["prod"].tag.as_deref(), Some("gateway/v1"));
-        assert_eq!(fleets["prod"].assigned_by.as_deref(), Some("c0ffee"));
-        let history = store.reconcile_history(10).expect("history");
-        assert_eq!(history.len(), 1);
-        assert_eq!(history[0].problems, vec![Problem::error("fleets/x.toml", Some(2), "broken")]);
-    }
-
-    #[test]
-    fn component_lists_are_kept_once_per_build_and_instances_point_at_them() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("state.db");
-        let instance = StoredInstance {
-            uid: [7; 16],
-            fleet: "prod".into(),
-            token_id: "tk_00000001".into(),
-            capabilities: 0x7847,
-            assigned: None,
-            served_hash: None,
-            reported: None,
-            failed: None,
-            first_seen_ms: 1,
-            last_seen_ms: 2,
-            status: "observed".into(),
-            transport: Some("websocket".into()),
-            description: None,
-            health: None,
-            effective_config: None,
-            components_hash: Some(vec![0xab; 32]),
-        };
-        {
-            let store = SqliteStore::open(&path).expect("open");
-            store.save_available_components(&[(vec![0xab; 32], "{\"kinds\":{}}".into())]).expect("save");
-            store.save_available_components(&[(vec![0xab; 32], "{\"kinds\":{\"x\":{}}}".into())]).expect("again");
-            store.save_instances(std::slice::from_ref(&instance), &[]).expect("save instance");
-        }
-        let store = SqliteStore::open(&path).expect("reopen");
-        assert_eq!(store.available_components().expect("lists"), vec![(vec![0xab; 32], "{\"kinds\":{}}".to_owned())]);
-        let loaded = store.load_instances(10).expect("instances");
-        assert_eq!(loaded[0].0, instance);
-    }
-
-    #[test]
-    fn posted_commit_statuses_are_kept_per_forge_and_context() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::open(&dir.path().join("state.db")).expect("open");
-        let posted = |forge: &str, commit: &str, state: &str| PostedStatus {
-            forge: forge.into(),
-            context: "gitfleet/prod".into(),
-            commit: commit.into(),
-            state: state.into(),
-            description: "1/2 in sync".into(),
-        };
-        store.save_posted_status(&posted("github", "c1", "pending")).expect("save");
-        store.save_posted_status(&posted("github", "c1", "success")).expect("replace");
-        store.save_posted_status(&posted("gitlab", "c9", "pending")).expect("another forge");
-        assert_eq!(store.posted_statuses("github").expect("read"), vec![posted("github", "c1", "success")]);
-        assert_eq!(store.posted_statuses("gitea").expect("read"), vec![]);
-    }
-
-    #[test]
-    fn removed_fleets_are_kept_until_they_come_back() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("state.db");
-        let removed = RemovedFleet {
-            removed_at: 1_700_000_000,
-            commit: "c0ffee".into(),
-            until: 1_700_604_800,
-            tokens: vec![("tk_00000001".into(), 1_700_086_400), ("tk_00000002".into(), 1_700_604_800)],
-        };
-        {
-            let store = SqliteStore::open(&path).expect("open");
-            let changed = [("edge".to_owned(), Some(removed.clone())), ("core".to_owned(), Some(removed.clone()))];
-            store.save_removed_fleets(&changed).expect("save");
-            store.save_removed_fleets(&[("core".to_owned(), None)]).expect("core came back");
-        }
-        let store = SqliteStore::open(&path).expect("reopen");
-        assert_eq!(store.removed_fleets().expect("read"), BTreeMap::from([("edge".to_owned(), removed)]));
+        crate::store::conformance::run(&|| SqliteStore::open(&path).expect("open") as Arc<dyn Store>);
     }
 
     #[test]
