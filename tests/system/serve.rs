@@ -331,7 +331,10 @@ fn force_pushed_history_is_followed() {
     let problems = state["problems"].as_array().expect("problems");
     assert_eq!(problems.len(), 1, "{problems:#?}");
     assert_eq!(problems[0]["severity"], "warning");
-    assert!(problems[0]["message"].as_str().is_some_and(|m| m.starts_with("fleet `extra` was removed")), "{problems:#?}");
+    assert!(
+        problems[0]["message"].as_str().is_some_and(|m| m.starts_with("fleet `extra` was removed")),
+        "{problems:#?}"
+    );
     assert_eq!(server.get("/api/v1/fleets/extra").status, 404);
 }
 
