@@ -18,7 +18,8 @@ use crate::opamp::registry::Registry;
 use crate::opamp::server::{self as opamp_server, OpampState};
 use crate::reconciler::{Reconciler, View};
 use crate::reporting::{self, Statuses};
-use crate::settings::Settings;
+use crate::settings::{Database, Settings};
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 use crate::web::{self, WebState};
@@ -112,11 +113,28 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
 /// store and the mirror, and starts every task.
 pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Running, AppError> {
     crate::settings::create_data_dir(&settings.data_dir)?;
-    let store: Arc<dyn Store> = {
-        let path = settings.data_dir.join("state.db");
-        tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+    let store: Arc<dyn Store> = match settings.database.clone() {
+        Database::Sqlite => {
+            let path = settings.data_dir.join("state.db");
+            tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                .await
+                .expect("opening the store does not panic")?
+        }
+        Database::Postgres { url, password } => {
+            let credentials = url.split_once("://").and_then(|(_, rest)| rest.split_once('@')).map(|(user, _)| user);
+            if credentials.is_some_and(|user| user.contains(':')) {
+                warn!(
+                    "--database carries a password, which anyone on this host can read in `ps`; use --database-password-file"
+                );
+            }
+            tokio::task::spawn_blocking(move || {
+                let store = PostgresStore::open(&url, password.as_deref())?;
+                store.claim()?;
+                Ok::<_, StoreError>(store)
+            })
             .await
             .expect("opening the store does not panic")?
+        }
     };
     let mirror = {
         let (repo, path) = (settings.repo.clone(), settings.data_dir.join("repo.git"));

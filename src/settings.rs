@@ -34,6 +34,14 @@ pub struct ServeArgs {
     /// Where gitfleet keeps its state database and repository mirror.
     #[arg(long, env = "GITFLEET_DATA_DIR", default_value = "./.gitfleet")]
     pub data_dir: PathBuf,
+    /// A PostgreSQL database for gitfleet's state (`postgres://user@host:port/db`) instead
+    /// of SQLite in the data directory. Give the password in --database-password-file, not
+    /// in the URL (anyone on the host can read a flag in `ps`).
+    #[arg(long, env = "GITFLEET_DATABASE")]
+    pub database: Option<String>,
+    /// A file holding the PostgreSQL password and nothing else.
+    #[arg(long, env = "GITFLEET_DATABASE_PASSWORD_FILE", requires = "database")]
+    pub database_password_file: Option<PathBuf>,
     /// Address of the collector port: OpAMP at /v1/opamp (WebSocket and plain HTTP).
     #[arg(long, env = "GITFLEET_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: String,
@@ -117,6 +125,27 @@ pub struct ServeArgs {
     pub tls_key: Option<PathBuf>,
 }
 
+/// Where gitfleet keeps its state.
+#[derive(Clone)]
+pub enum Database {
+    /// `state.db` in the data directory.
+    Sqlite,
+    Postgres {
+        url: String,
+        password: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite => f.write_str("Sqlite"),
+            // Never the password.
+            Self::Postgres { .. } => f.write_str("Postgres"),
+        }
+    }
+}
+
 /// Validated settings.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -145,6 +174,7 @@ pub struct Settings {
     pub forget_after: Option<Duration>,
     pub removed_fleet_grace: Duration,
     pub new_instances: NewInstanceLimit,
+    pub database: Database,
     /// The PEM text of `--install-ca-file`.
     pub install_ca: Option<Arc<str>>,
 }
@@ -193,6 +223,10 @@ pub enum SettingsError {
     InstallCa(String),
     #[error("--forget-after: {0}")]
     BadForgetAfter(String),
+    #[error("--database-password-file {path}: {message}")]
+    DatabasePassword { path: String, message: String },
+    #[error("--database {0}: give a postgres:// or postgresql:// URL")]
+    BadDatabase(String),
     #[error("--removed-fleet-grace: {0}")]
     BadRemovedFleetGrace(String),
     #[error("--new-instances-burst must be at least 1 (no collector could ever connect)")]
@@ -209,6 +243,8 @@ impl ServeArgs {
             repo,
             branch: DEFAULT_BRANCH.to_owned(),
             data_dir,
+            database: None,
+            database_password_file: None,
             listen: DEFAULT_LISTEN.to_owned(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             web_listen: DEFAULT_WEB_LISTEN.to_owned(),
@@ -347,11 +383,37 @@ impl ServeArgs {
             (Some(cert), Some(key)) => Some(crate::tls::Tls::new(crate::tls::TlsFiles { cert, key })?),
             _ => None,
         };
+        let database = match self.database {
+            None => Database::Sqlite,
+            Some(url) => {
+                let url = url.trim().to_owned();
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    return Err(SettingsError::BadDatabase(url));
+                }
+                let password = match &self.database_password_file {
+                    None => None,
+                    Some(path) => {
+                        let password_error = |message: String| SettingsError::DatabasePassword {
+                            path: path.display().to_string(),
+                            message,
+                        };
+                        let text = std::fs::read_to_string(path).map_err(|error| password_error(error.to_string()))?;
+                        let password = text.trim_end_matches(['\n', '\r']);
+                        if password.is_empty() || password.contains('\n') {
+                            return Err(password_error("the file must hold the password and nothing else".into()));
+                        }
+                        Some(password.to_owned())
+                    }
+                };
+                Database::Postgres { url, password }
+            }
+        };
         check_data_dir(&self.data_dir)?;
         Ok(Settings {
             repo,
             branch: self.branch,
             data_dir: self.data_dir,
+            database,
             listen,
             max_connections: self.max_connections,
             web_listen,

@@ -10,9 +10,9 @@ cd "$(dirname "$0")"
 # command:package pairs. git builds fixture repositories and serves file:// remotes; tar,
 # curl, shellcheck and systemd-analyze run and check the install files; Python and Node
 # run the SDK-level OpAMP clients; Chromium loads the status page; openssl makes the TLS
-# test certificates.
+# test certificates; setpriv runs PostgreSQL as nobody when the tests run as root.
 wanted='git:git tar:tar curl:curl shellcheck:shellcheck systemd-analyze:systemd openssl:openssl
-python3:python3 npm:npm node:nodejs chromium:chromium'
+python3:python3 npm:npm node:nodejs chromium:chromium setpriv:util-linux'
 
 missing=''
 for pair in $wanted; do
@@ -29,6 +29,11 @@ fi
 case $missing in
     *chromium*) missing="$missing fonts-dejavu-core" ;;
 esac
+# The PostgreSQL store's tests start a private server from Debian's packages, whose
+# programs are not on PATH.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    missing="$missing postgresql"
+fi
 
 if [ -n "$missing" ]; then
     # shellcheck disable=SC2086 # one word per package

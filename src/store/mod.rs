@@ -6,6 +6,7 @@
 
 #[doc(hidden)]
 pub mod conformance;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -31,6 +32,8 @@ pub enum StoreError {
     Corrupt { what: &'static str, message: String },
     #[error("state database is version {found}, newer than this gitfleet understands ({supported}); upgrade gitfleet")]
     TooNew { found: usize, supported: usize },
+    #[error("another gitfleet is serving from the state database {path}; one server per database for now")]
+    InUse { path: String },
 }
 
 /// One reconcile of a new commit (or of new problems at the same commit).

@@ -778,3 +778,4 @@ fn serve_cgi(mut stream: TcpStream, root: &Path) {
     response.extend_from_slice(payload);
     let _ = stream.write_all(&response);
 }
+pub mod postgres;

@@ -13,6 +13,7 @@ mod import;
 mod install;
 mod opamp;
 mod peers;
+mod postgres;
 mod proto;
 mod reliability;
 mod rollout;
