@@ -502,10 +502,16 @@ impl Reconciler {
                             (status.token.id.clone(), status.refused_from().map_or(until, |at| at.min(until)))
                         })
                         .filter(|(_, refused_from)| *refused_from > now)
-                        .collect();
+                        .collect::<Vec<_>>();
+                    // With no token left to let in, the removal is over at once.
+                    let until = if tokens.is_empty() { now } else { until };
                     let removal =
                         RemovedFleet { removed_at: now, commit: compiled.desired.commit.clone(), until, tokens };
-                    warn!(fleet = %fleet, until = %crate::time::rfc3339(until), "fleet removed; its collectors may connect until its removal grace ends");
+                    if until > now {
+                        warn!(fleet = %fleet, until = %crate::time::rfc3339(until), "fleet removed; its collectors may connect until its removal grace ends");
+                    } else {
+                        info!(fleet = %fleet, "fleet removed; none of its tokens is let in any longer");
+                    }
                     changed.push((fleet.clone(), Some(removal)));
                 }
                 _ => {}
