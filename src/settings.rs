@@ -146,6 +146,29 @@ impl std::fmt::Debug for Database {
     }
 }
 
+/// The store `--database` and `--database-password-file` name: SQLite without them.
+pub fn database(url: Option<String>, password_file: Option<&Path>) -> Result<Database, SettingsError> {
+    let Some(url) = url else { return Ok(Database::Sqlite) };
+    let url = url.trim().to_owned();
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(SettingsError::BadDatabase(url));
+    }
+    let password = match password_file {
+        None => None,
+        Some(path) => {
+            let password_error =
+                |message: String| SettingsError::DatabasePassword { path: path.display().to_string(), message };
+            let text = std::fs::read_to_string(path).map_err(|error| password_error(error.to_string()))?;
+            let password = text.trim_end_matches(['\n', '\r']);
+            if password.is_empty() || password.contains('\n') {
+                return Err(password_error("the file must hold the password and nothing else".into()));
+            }
+            Some(password.to_owned())
+        }
+    };
+    Ok(Database::Postgres { url, password })
+}
+
 /// Validated settings.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -383,31 +406,7 @@ impl ServeArgs {
             (Some(cert), Some(key)) => Some(crate::tls::Tls::new(crate::tls::TlsFiles { cert, key })?),
             _ => None,
         };
-        let database = match self.database {
-            None => Database::Sqlite,
-            Some(url) => {
-                let url = url.trim().to_owned();
-                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                    return Err(SettingsError::BadDatabase(url));
-                }
-                let password = match &self.database_password_file {
-                    None => None,
-                    Some(path) => {
-                        let password_error = |message: String| SettingsError::DatabasePassword {
-                            path: path.display().to_string(),
-                            message,
-                        };
-                        let text = std::fs::read_to_string(path).map_err(|error| password_error(error.to_string()))?;
-                        let password = text.trim_end_matches(['\n', '\r']);
-                        if password.is_empty() || password.contains('\n') {
-                            return Err(password_error("the file must hold the password and nothing else".into()));
-                        }
-                        Some(password.to_owned())
-                    }
-                };
-                Database::Postgres { url, password }
-            }
-        };
+        let database = database(self.database, self.database_password_file.as_deref())?;
         check_data_dir(&self.data_dir)?;
         Ok(Settings {
             repo,

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use crate::install::files::{self, InstallSpec};
 use crate::install::{artifacts, token};
+use crate::settings::Database;
 use crate::store::Store;
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 
 #[derive(Clone, Debug, clap::Args)]
@@ -19,6 +21,12 @@ pub struct InstallFilesArgs {
     /// The data directory of `gitfleet serve`, which holds the fleet's token.
     #[arg(long, env = "GITFLEET_DATA_DIR", default_value = "./.gitfleet")]
     pub data_dir: PathBuf,
+    /// The PostgreSQL database of `gitfleet serve --database`, if it keeps its state there.
+    #[arg(long, env = "GITFLEET_DATABASE")]
+    pub database: Option<String>,
+    /// A file holding the PostgreSQL password and nothing else.
+    #[arg(long, env = "GITFLEET_DATABASE_PASSWORD_FILE", requires = "database")]
+    pub database_password_file: Option<PathBuf>,
     /// The URL collectors reach the collector port at, for a fleet without
     /// `[install].endpoint`. By default, the endpoint the server wrote the fleet's files with.
     #[arg(long, env = "GITFLEET_PUBLIC_URL")]
@@ -65,11 +73,18 @@ pub fn run(args: &InstallFilesArgs) -> Result<Vec<PathBuf>, ExportError> {
         Some(path) => Some(crate::tls::read_ca_bundle(path).map_err(crate::settings::SettingsError::InstallCa)?),
         None => None,
     };
-    let database = args.data_dir.join("state.db");
-    if !database.is_file() {
-        return Err(ExportError::NoState(args.data_dir.display().to_string()));
-    }
-    let store = SqliteStore::open(&database)?;
+    let store: std::sync::Arc<dyn Store> =
+        match crate::settings::database(args.database.clone(), args.database_password_file.as_deref())? {
+            Database::Sqlite => {
+                let database = args.data_dir.join("state.db");
+                if !database.is_file() {
+                    return Err(ExportError::NoState(args.data_dir.display().to_string()));
+                }
+                SqliteStore::open(&database)?
+            }
+            // Read only, beside the server that serves from it.
+            Database::Postgres { url, password } => PostgresStore::open(&url, password.as_deref())?,
+        };
     let last_good = store.last_good_fleets()?;
     let source = last_good.get(&args.fleet).ok_or_else(|| ExportError::UnknownFleet(args.fleet.clone()))?;
     let file = format!("fleets/{}.toml", args.fleet);

@@ -76,6 +76,20 @@ fn serve_keeps_its_state_in_postgres_and_a_second_server_on_it_is_refused() {
     drop(crate::opamp::converge(&server, &token, uid, "gw-pg", None));
     assert!(!server_data.join("state.db").exists(), "no SQLite beside PostgreSQL");
 
+    // The install files, written on the server host from the state in PostgreSQL.
+    let out = data.path().join("exported");
+    let output = crate::common::gitfleet()
+        .args(["install-files", "prod-gateway", "--out"])
+        .arg(&out)
+        .arg("--data-dir")
+        .arg(&server_data)
+        .args(["--database", &url, "--database-password-file", &password_file])
+        .output()
+        .expect("gitfleet install-files runs");
+    assert!(output.status.success(), "install-files: {}", String::from_utf8_lossy(&output.stderr));
+    let supervisor = std::fs::read_to_string(out.join("supervisor.yaml")).expect("supervisor.yaml");
+    assert!(supervisor.contains(&token), "the fleet's current token");
+
     // A second server on the same database stops with one line, before it writes anything.
     let output = crate::common::gitfleet()
         .args(["serve", "--repo", &repo.url(), "--listen", "127.0.0.1:0", "--web-listen", "127.0.0.1:0"])
