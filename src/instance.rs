@@ -260,7 +260,12 @@ impl ConfigState {
             // It runs, moves to, failed or knows nothing of something other than the assigned
             // hash, and not because it failed that one: whatever was delivered is gone (a
             // restart without its saved state, a lost message). It gets it again (opamp.md §3.3).
-            let failed_assigned = self.failed.as_ref().map(|(h, _)| h) == assigned_hash.as_ref();
+            // (With nothing assigned, nothing was failed: `None == None` is no failure.)
+            let failed_assigned = self
+                .failed
+                .as_ref()
+                .zip(assigned_hash.as_ref())
+                .is_some_and(|((failed, _), assigned)| failed == assigned);
             if Some(&hash) != assigned_hash.as_ref() && !failed_assigned {
                 self.served = None;
             }
@@ -388,6 +393,19 @@ mod tests {
         assert_eq!(base.status(1_000 + STALE + 1, STALE), Status::Stale, "silence");
         let observed = with(&|s| s.assigned = None);
         assert_eq!(observed.status(1_000 + STALE + 1, STALE), Status::Stale, "stale wins over observed");
+    }
+
+    #[test]
+    fn running_nothing_while_nothing_is_assigned_is_heard_and_the_config_comes_again() {
+        // Delivered, then the fleet lost its target (removed, say) and the collector came
+        // back from a restart running nothing.
+        let mut state = ConfigState::new(SUPERVISOR, Some(v(1)), 0);
+        state.served = Some(vec![1; 32]);
+        state.assign(None, 10, STALE);
+        state.heard(SUPERVISOR, Some((Vec::new(), Reported::Unset, String::new())), 20, STALE);
+        // The fleet is back: what was delivered before is gone, so it goes again.
+        state.assign(Some(v(1)), 30, STALE);
+        assert_eq!(state.config_to_push(), Some(&v(1)));
     }
 
     #[test]

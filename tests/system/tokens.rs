@@ -306,9 +306,12 @@ fn the_collectors_of_a_removed_fleet_stay_connected_observe_only_and_across_a_re
     assert_eq!(server.token("nodes"), token, "the same token");
     agent.send(&hello(uid, 1, SUPERVISOR));
     let pushed = loop {
-        let message = agent.recv();
-        if let Some(config) = message.remote_config {
-            break config;
+        match agent.next() {
+            Ok(message) => match message.remote_config {
+                Some(config) => break config,
+                None => continue,
+            },
+            Err(other) => panic!("no config once the fleet is back: {other}; logs:\n{}", server.logs()),
         }
     };
     assert_eq!(pushed.config_hash, assigned.config_hash);
