@@ -151,7 +151,7 @@ pub fn database(url: Option<String>, password_file: Option<&Path>) -> Result<Dat
     let Some(url) = url else { return Ok(Database::Sqlite) };
     let url = url.trim().to_owned();
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err(SettingsError::BadDatabase(url));
+        return Err(SettingsError::BadDatabase(crate::store::postgres::redact(&url)));
     }
     let password = match password_file {
         None => None,

@@ -222,7 +222,7 @@ impl Drop for PostgresStore {
 }
 
 /// The URL as it may be shown: without a password.
-fn redact(url: &str) -> String {
+pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         let words = url.split_whitespace().filter(|word| !word.starts_with("password="));
         return words.collect::<Vec<_>>().join(" ");

@@ -405,6 +405,8 @@ fn bad_settings_exit_with_one_clear_line_before_binding() {
         (vec!["--repo", &path, "--install-ca-file", &token_file], "gitfleet: --install-ca-file "),
         (forge(&path, "https://github.com/a/b", &empty), "gitfleet: --forge-token-file "),
         (vec!["--repo", &path, "--listen", &taken], "gitfleet: cannot listen on"),
+        // Not a PostgreSQL URL, said without the password in it.
+        (vec!["--repo", &path, "--database", "mysql://u:s3cret@db/x"], "gitfleet: --database mysql://u@db/x: give a"),
     ];
     for (args, expected) in cases {
         let output = gitfleet()
