@@ -22,15 +22,7 @@ pub fn gitfleet() -> Command {
 /// root, otherwise `nobody` (through `setpriv`), running a copy of the binary in `dir`
 /// (which is made traversable for it).
 pub fn gitfleet_unprivileged(dir: &Path) -> Command {
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("Uid:").map(|ids| ids.split_whitespace().next().map(str::to_owned)))
-        })
-        .flatten();
-    if uid.as_deref() != Some("0") {
+    if !running_as_root() {
         return gitfleet();
     }
     use std::os::unix::fs::PermissionsExt as _;
@@ -47,6 +39,17 @@ pub fn gitfleet_unprivileged(dir: &Path) -> Command {
         .env_remove("GITFLEET_REPO")
         .env("HOME", dir);
     command
+}
+
+/// Whether the tests run as root, where file permissions do not apply (and PostgreSQL
+/// refuses to run).
+pub fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|l| l.strip_prefix("Uid:").map(|ids| ids.split_whitespace().next() == Some("0")))
+        })
+        .unwrap_or(false)
 }
 
 /// A Git repository in a temporary directory, driven through the `git` command line with

@@ -28,18 +28,9 @@ fn bin_dir() -> PathBuf {
     versions.pop().expect("PostgreSQL's server programs in /usr/lib/postgresql/*/bin (tests/setup.sh installs them)")
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status.lines().find_map(|l| l.strip_prefix("Uid:").map(|ids| ids.split_whitespace().next() == Some("0")))
-        })
-        .unwrap_or(false)
-}
-
 /// `program` as the user that owns the cluster.
 fn as_owner(program: &Path) -> Command {
-    if is_root() {
+    if super::running_as_root() {
         let mut command = Command::new("setpriv");
         command.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(program);
         command
@@ -55,7 +46,7 @@ impl Postgres {
         std::fs::create_dir(&data).expect("data dir");
         let password_file = dir.path().join("password");
         std::fs::write(&password_file, PASSWORD).expect("password file");
-        if is_root() {
+        if super::running_as_root() {
             use std::os::unix::fs::PermissionsExt as _;
             std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
             for path in [&data, &password_file] {
