@@ -112,12 +112,14 @@ pub fn handle(
         let reply = ServerToAgent { instance_uid: wire_uid, ..Default::default() };
         return Outcome { reply, disconnect: false, replaced: true, too_many_new: false, uid };
     }
-    if !shard.contains_key(&uid) && !registry.admit_new_instance(&connection.token_id, now_ms) {
+    // `None` for an instance gitfleet does not know: its token's allowance decides.
+    let heard_before = shard.get(&uid).map(|r| r.sequence_num.is_some());
+    if heard_before.is_none() && !registry.admit_new_instance(&connection.token_id, now_ms) {
         drop(shard);
         let reply = ServerToAgent { instance_uid: wire_uid, ..Default::default() };
         return Outcome { reply, disconnect: false, replaced: false, too_many_new: true, uid };
     }
-    let known = shard.get(&uid).is_some_and(|r| r.sequence_num.is_some());
+    let known = heard_before == Some(true);
     let record = shard.entry(uid).or_insert_with(|| {
         InstanceRecord::new(
             uid,
