@@ -187,6 +187,12 @@ impl View {
     }
 }
 
+/// When the next removal that still lets its tokens in ends. One whose end passed while the
+/// reconciler was busy with an event is due at once: its token text is still held.
+fn next_removal_end<T>(removed: &BTreeMap<String, RemovedFleet>, texts: &BTreeMap<String, T>) -> Option<i64> {
+    removed.iter().filter(|(fleet, _)| texts.contains_key(*fleet)).map(|(_, removal)| removal.until).min()
+}
+
 pub struct Reconciler {
     store: Arc<dyn Store>,
     /// Every token ever issued, by fleet (including fleets since removed), oldest first.
@@ -550,8 +556,7 @@ impl Reconciler {
 
     /// When the next removal grace ends, if one is running.
     fn next_removal_end(&self) -> Option<i64> {
-        let now = crate::time::now_unix();
-        self.removed.values().map(|removal| removal.until).filter(|until| *until > now).min()
+        next_removal_end(&self.removed, &self.texts)
     }
 
     /// Removals whose grace has ended: their tokens are no longer let in, and their token
@@ -718,4 +723,25 @@ fn read_token_texts(data_dir: &std::path::Path, newest: &[IssuedToken]) -> BTree
             Some((token.fleet.clone(), Arc::new(text?)))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn removal(until: i64) -> RemovedFleet {
+        RemovedFleet { removed_at: until - 2, commit: "c0ffee".into(), until, tokens: vec![("tk_1".into(), until)] }
+    }
+
+    #[test]
+    fn a_removal_whose_end_passed_during_an_event_is_still_due() {
+        let removed = BTreeMap::from([("nodes".to_owned(), removal(100)), ("edge".to_owned(), removal(200))]);
+        // Both still hold their token text: the earliest end is due, even though it is past.
+        let texts = BTreeMap::from([("nodes".to_owned(), ()), ("edge".to_owned(), ())]);
+        assert_eq!(next_removal_end(&removed, &texts), Some(100));
+        // Once ended (its text dropped), the next one is.
+        let texts = BTreeMap::from([("edge".to_owned(), ())]);
+        assert_eq!(next_removal_end(&removed, &texts), Some(200));
+        assert_eq!(next_removal_end(&removed, &BTreeMap::<String, ()>::new()), None);
+    }
 }
