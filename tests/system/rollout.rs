@@ -77,9 +77,14 @@ impl Agent {
 
     /// Waits for a pushed config, and reports it `status`.
     pub(crate) fn take_push(&mut self, status: i32, error: &str) -> Vec<u8> {
-        let hash = self.ws.recv().remote_config.expect("a pushed config").config_hash;
+        let hash = self.next_push();
         self.report(&hash, status, error);
         hash
+    }
+
+    /// Waits for a pushed config and does not answer yet: the rollout waits on it.
+    fn next_push(&mut self) -> Vec<u8> {
+        self.ws.recv().remote_config.expect("a pushed config").config_hash
     }
 }
 
@@ -411,12 +416,20 @@ fn batches_roll_back_on_failure_and_a_stale_instance_does_not_block() {
     let fleet = std::fs::read_to_string(repo.path().join("fleets/prod-gateway.toml")).expect("read");
     repo.write("fleets/prod-gateway.toml", fleet.replace("version = \"v3\"", "version = \"v4\""));
     repo.commit("Roll out gateway v4 to prod");
-    let v4 = agents[0].take_push(APPLIED, "");
+    // The first batch holds its push unanswered, so the rest are still held on v2.
+    let v4 = agents[0].next_push();
     assert!(v4 != v3 && v4 != v2);
     let fleet =
         server.wait_for("/api/v1/fleets/prod-gateway", WAIT, "v4 rolling", |f| f["rollout"]["to"] == "gateway/v4");
     assert_eq!(fleet["rollout"]["from"], "gateway/v2", "{fleet:#}");
     assert_eq!(assigned(&server, agents[1].uid), ("gateway/v2".into(), "held".into()));
+    agents[0].report(&v4, APPLIED, "");
+    server.wait_for("/api/v1/fleets/prod-gateway/instances", WAIT, "the next batch once the first applied", |list| {
+        list["instances"].as_array().is_some_and(|rows| {
+            rows.iter().filter(|row| row["assigned_tag"] == "gateway/v4" && row["assigned_because"] == "step 2").count()
+                == 2
+        })
+    });
 }
 
 #[test]
