@@ -41,6 +41,27 @@ pub fn gitfleet_unprivileged(dir: &Path) -> Command {
     command
 }
 
+/// A loopback port for a process a test starts, which binds it a moment later. Ports are
+/// handed out below Linux's ephemeral range (32768 and up), each once per test run: a port
+/// the kernel picked for `bind(0)` and released at once could be picked again for another
+/// socket (a test's backend, another test's server) before its process binds it.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const LAST: u16 = 32_000;
+    // Apart per test binary run, so two runs at once rarely meet.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ =
+        NEXT.compare_exchange(0, FIRST + (std::process::id() % 97) as u16 * 100, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(port < LAST, "out of test ports");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// Whether the tests run as root, where file permissions do not apply (and PostgreSQL
 /// refuses to run).
 pub fn running_as_root() -> bool {

@@ -62,7 +62,7 @@ impl Postgres {
             .output()
             .expect("initdb runs");
         assert!(output.status.success(), "initdb: {}", String::from_utf8_lossy(&output.stderr));
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let port = super::free_port();
         let mut postgres = Self { dir, port, server: None };
         postgres.run();
         postgres

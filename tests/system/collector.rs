@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{GitRepo, SelfSigned, Server, gitfleet, http, tls_client};
+use crate::common::{GitRepo, SelfSigned, Server, free_port, gitfleet, http, tls_client};
 
 /// The Supervisor release the install files pin by default, and the oldest one supported.
 const SUPERVISOR: &str = "0.158.0";
@@ -46,10 +46,6 @@ fn arch() -> &'static str {
         "aarch64" => "arm64",
         _ => "amd64",
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
 /// Requests a backend got: path and (gunzipped) body.

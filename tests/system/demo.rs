@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::gitfleet;
+use crate::common::{free_port, gitfleet};
 
 #[test]
 fn a_demo_that_cannot_listen_writes_nothing() {
@@ -26,11 +26,6 @@ fn a_demo_that_cannot_listen_writes_nothing() {
         );
         assert!(!demo_dir.exists(), "{flag} taken, yet the demo wrote {}", demo_dir.display());
     }
-}
-
-/// A free loopback port (taken back at once: the demo binds it a moment later).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port()
 }
 
 fn get_json(web: std::net::SocketAddr, path: &str) -> Option<serde_json::Value> {
