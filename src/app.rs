@@ -16,7 +16,7 @@ use crate::git::{GitError, watcher::redact_url};
 use crate::metrics::Metrics;
 use crate::opamp::registry::Registry;
 use crate::opamp::server::{self as opamp_server, OpampState};
-use crate::reconciler::{Reconciler, View};
+use crate::reconciler::{Event, Reconciler, ReconcilerSettings, View};
 use crate::reporting::{self, Statuses};
 use crate::settings::{Database, Settings};
 use crate::store::postgres::PostgresStore;
@@ -50,7 +50,7 @@ pub struct Running {
     cancel: CancellationToken,
     tracker: TaskTracker,
     /// Why the server cannot go on, when a task finds out (e.g. `--branch` names no branch).
-    fatal: tokio::sync::oneshot::Receiver<String>,
+    fatal: mpsc::Receiver<String>,
     _fs_watch: Option<notify::RecommendedWatcher>,
 }
 
@@ -58,9 +58,9 @@ impl Running {
     /// Resolves when a task finds that the server cannot go on, with the reason; never
     /// otherwise.
     pub async fn failure(&mut self) -> String {
-        match (&mut self.fatal).await {
-            Ok(reason) => reason,
-            Err(_) => std::future::pending().await,
+        match self.fatal.recv().await {
+            Some(reason) => reason,
+            None => std::future::pending().await,
         }
     }
 
@@ -127,13 +127,9 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
                     "--database carries a password, which anyone on this host can read in `ps`; use --database-password-file"
                 );
             }
-            tokio::task::spawn_blocking(move || {
-                let store = PostgresStore::open(&url, password.as_deref())?;
-                store.claim()?;
-                Ok::<_, StoreError>(store)
-            })
-            .await
-            .expect("opening the store does not panic")?
+            tokio::task::spawn_blocking(move || PostgresStore::open(&url, password.as_deref()))
+                .await
+                .expect("opening the store does not panic")?
         }
     };
     let mirror = {
@@ -177,8 +173,19 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
             .await
             .expect("reading rollouts does not panic")?
     };
+    let leading = crate::replica::try_lead(&store, &settings.replica).await;
+    let (role_tx, role_rx) = watch::channel(leading);
+    if !leading {
+        info!(replica = %settings.replica, "following: another replica leads");
+    }
+    let reconciler_settings = ReconcilerSettings {
+        removal_grace: settings.removed_fleet_grace,
+        key: settings.secret_key.clone(),
+        leading,
+        replica: settings.replica.clone(),
+    };
     let reconciler =
-        Reconciler::load(Arc::clone(&store), settings.data_dir.clone(), settings.removed_fleet_grace, view_tx).await?;
+        Reconciler::load(Arc::clone(&store), settings.data_dir.clone(), reconciler_settings, view_tx).await?;
     tracker.spawn(reconciler.run(events_rx, cancel.clone()).instrument(info_span!("reconciler")));
 
     let fs_watch = match &settings.local_git_dir {
@@ -205,11 +212,7 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
             .instrument(info_span!("install")),
     );
     let watcher_settings = WatcherSettings { branch: settings.branch.clone(), poll_interval: settings.poll_interval };
-    let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel();
-    tracker.spawn(
-        watcher::run(watcher_settings, mirror, triggers_rx, events_tx.clone(), fatal_tx, cancel.clone())
-            .instrument(info_span!("watcher")),
-    );
+    let (fatal_tx, fatal_rx) = mpsc::channel(1);
 
     let (targets_tx, targets_rx) = watch::channel(Arc::new(crate::opamp::registry::Targets::new()));
     let (statuses_tx, statuses_rx) = watch::channel(Arc::new(Statuses::default()));
@@ -223,45 +226,78 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
         )
         .instrument(info_span!("statuses")),
     );
-    if let Some(branch) = &settings.status_branch {
-        let status_settings = reporting::StatusBranchSettings {
-            data_dir: settings.data_dir.clone(),
-            remote: settings.repo.clone(),
-            branch: branch.clone(),
-            interval: settings.status_interval,
-            status_page_url: settings.status_page_url.clone(),
-        };
-        let sources = reporting::Sources {
-            statuses: statuses_rx.clone(),
-            view: view_rx.clone(),
-            targets: targets_rx.clone(),
-            registry: Arc::clone(&registry),
-        };
-        tracker.spawn(
-            reporting::keep_status_branch(
-                status_settings,
-                sources,
-                Arc::clone(&metrics),
-                events_tx.clone(),
-                cancel.clone(),
-            )
-            .instrument(info_span!("status_branch")),
-        );
-    }
-    if let Some(forge) = &settings.forge {
-        tracker.spawn(
-            crate::forge::post_commit_statuses(
-                forge.clone(),
-                settings.status_interval,
-                statuses_rx.clone(),
-                Arc::clone(&store),
-                Arc::clone(&metrics),
-                events_tx.clone(),
-                cancel.clone(),
-            )
-            .instrument(info_span!("forge")),
-        );
-    }
+    let leader = {
+        let (settings, store, metrics) = (settings.clone(), Arc::clone(&store), Arc::clone(&metrics));
+        let (statuses_rx, view_rx, targets_rx) = (statuses_rx.clone(), view_rx.clone(), targets_rx.clone());
+        let (registry, events_tx, fatal_tx) = (Arc::clone(&registry), events_tx.clone(), fatal_tx.clone());
+        // What only the leader does, started when this replica leads.
+        move |tracker: &TaskTracker, cancel: &CancellationToken| {
+            tracker.spawn(
+                watcher::run(watcher_settings, mirror, triggers_rx, events_tx.clone(), fatal_tx, cancel.clone())
+                    .instrument(info_span!("watcher")),
+            );
+            tracker.spawn(
+                crate::replica::publish_for_followers(
+                    Arc::clone(&store),
+                    view_rx.clone(),
+                    settings.replica.clone(),
+                    cancel.clone(),
+                )
+                .instrument(info_span!("publish")),
+            );
+            if let Some(branch) = &settings.status_branch {
+                let status_settings = reporting::StatusBranchSettings {
+                    data_dir: settings.data_dir.clone(),
+                    remote: settings.repo.clone(),
+                    branch: branch.clone(),
+                    interval: settings.status_interval,
+                    status_page_url: settings.status_page_url.clone(),
+                };
+                let sources = reporting::Sources {
+                    statuses: statuses_rx.clone(),
+                    view: view_rx.clone(),
+                    targets: targets_rx.clone(),
+                    registry: Arc::clone(&registry),
+                };
+                tracker.spawn(
+                    reporting::keep_status_branch(
+                        status_settings,
+                        sources,
+                        Arc::clone(&metrics),
+                        events_tx.clone(),
+                        cancel.clone(),
+                    )
+                    .instrument(info_span!("status_branch")),
+                );
+            }
+            if let Some(forge) = &settings.forge {
+                tracker.spawn(
+                    crate::forge::post_commit_statuses(
+                        forge.clone(),
+                        settings.status_interval,
+                        statuses_rx.clone(),
+                        Arc::clone(&store),
+                        Arc::clone(&metrics),
+                        events_tx.clone(),
+                        cancel.clone(),
+                    )
+                    .instrument(info_span!("forge")),
+                );
+            }
+        }
+    };
+    tracker.spawn(
+        take_turns(
+            Arc::clone(&store),
+            settings.replica.clone(),
+            (leading, role_tx),
+            leader,
+            events_tx.clone(),
+            fatal_tx,
+            (tracker.clone(), cancel.clone()),
+        )
+        .instrument(info_span!("replica")),
+    );
     let (tokens_tx, tokens_rx) = watch::channel(Arc::clone(&view_rx.borrow().tokens));
     tracker.spawn(
         opamp_server::follow_targets(
@@ -272,7 +308,7 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
             settings.install_ca.clone(),
             Arc::clone(&registry),
             Arc::clone(&store),
-            rollouts,
+            (rollouts, role_rx),
             cancel.clone(),
         )
         .instrument(info_span!("targets")),
@@ -348,6 +384,44 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
     Ok(Running { web_addr, opamp_addr, registry, view: view_rx, cancel, tracker, fatal: fatal_rx, _fs_watch: fs_watch })
 }
 
+/// Leads or follows: a follower reads what the leader publishes and tries to take the lead
+/// every second; once it leads, it starts the `leader` tasks and checks every second that it
+/// still leads. A leader that lost the lead to another replica stops the process (through
+/// `fatal`): its tasks might otherwise do what the new leader does.
+async fn take_turns(
+    store: Arc<dyn Store>,
+    replica: String,
+    (leading, role): (bool, watch::Sender<bool>),
+    leader: impl FnOnce(&TaskTracker, &CancellationToken),
+    events: mpsc::Sender<Event>,
+    fatal: mpsc::Sender<String>,
+    (tracker, cancel): (TaskTracker, CancellationToken),
+) {
+    if !leading {
+        let following = cancel.child_token();
+        tracker.spawn(
+            crate::replica::follow_leader(Arc::clone(&store), events.clone(), following.clone())
+                .instrument(info_span!("follow")),
+        );
+        let took_over = crate::replica::wait_to_lead(&store, &replica, &cancel).await;
+        following.cancel();
+        if !took_over {
+            return;
+        }
+        // Before the watcher's first snapshot, through the same channel.
+        if events.send(Event::Lead).await.is_err() {
+            return;
+        }
+        role.send_replace(true);
+    }
+    leader(&tracker, &cancel);
+    if !crate::replica::keep_leading(store, replica, cancel.clone()).await {
+        let _ = fatal
+            .send("this replica lost the lead to another replica; start it again and it follows the new leader".into())
+            .await;
+    }
+}
+
 /// Open sockets on the people port at most: with `--max-connections` on the OpAMP port and
 /// what the store and Git use, within the process's open-file limit.
 const WEB_CONNECTIONS: usize = 256;
@@ -417,7 +491,7 @@ pub async fn shutdown_signal() {
 }
 
 /// This machine's name, for install files that must name an endpoint when none is set.
-fn host_name() -> String {
+pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|name| name.trim().to_owned())

@@ -23,6 +23,7 @@ pub mod opamp;
 pub mod plan;
 pub mod problem;
 pub mod reconciler;
+pub mod replica;
 pub mod repo;
 pub mod reporting;
 pub mod rollout;

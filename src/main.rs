@@ -30,6 +30,9 @@ enum Command {
     /// Write a fleet's install files (supervisor.yaml, install.sh, Docker files, offline
     /// bundles) from the server's data directory.
     InstallFiles(gitfleet::install::export::InstallFilesArgs),
+    /// Print a new key for --secret-key-file: 32 random bytes as 64 hex digits. Create it
+    /// once and give the same file to every replica.
+    SecretKey,
     /// Adopt an existing collector config as a new configuration, committed and tagged as
     /// its first version. Exits 1 when the config has errors (nothing is written then).
     Import(gitfleet::import::ImportArgs),
@@ -85,6 +88,11 @@ fn main() -> ExitCode {
         Command::Serve(args) => report(serve(*args)),
         Command::Demo(args) => report(run_demo(args)),
         Command::InstallFiles(args) => report(install_files(&args)),
+        Command::SecretKey => report(
+            gitfleet::install::seal::SecretKey::generate()
+                .map(|key| println!("{key}"))
+                .map_err(|error| anyhow::anyhow!("the operating system's random source failed: {error}")),
+        ),
         Command::Loadgen(args) => report(loadgen(&args)),
         Command::Bench(args) => report(bench::run(&args).map_err(anyhow::Error::from)),
     }

@@ -10,9 +10,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::install::seal::SecretKey;
 use crate::install::token::{self, IssuedToken, TokenIndex, TokenState, TokenStatus, TokenText};
 use crate::problem::{Problem, Severity};
 use crate::repo::RepoSnapshot;
+use crate::repo::desired::published::Published;
 use crate::repo::desired::{self, DesiredState, LastGoodFleet, SeenVersion};
 use crate::store::{ReconcileRecord, RemovedFleet, Store, StoreError};
 
@@ -27,6 +29,11 @@ pub enum Event {
     RepoReachable,
     /// What is wrong now with work done outside the reconciler (empty when nothing is).
     Problems { source: ProblemSource, problems: Vec<Problem> },
+    /// The leader announced a change, or it is time to look again: a follower reads what
+    /// the leader published.
+    Followed,
+    /// This replica became the leader.
+    Lead,
 }
 
 /// The tasks that report problems of their own through the reconciler.
@@ -44,6 +51,8 @@ pub enum ProblemSource {
     Store,
     /// Writing the operator's token files.
     TokenFiles,
+    /// What the leader reports of its own work, as a follower sees it.
+    Leader,
 }
 
 /// What readers (the web API, later the OpAMP server) see. Replaced whole on each change.
@@ -75,6 +84,49 @@ pub struct View {
     pub reconciles: u64,
     pub reconcile_errors: u64,
     pub last_fetched_at: Option<i64>,
+    /// This replica's name, whether it leads, and which replica does as far as it knows.
+    pub replica: String,
+    pub leading: bool,
+    pub leader: Option<String>,
+}
+
+/// What the leader publishes for the other replicas (JSON in the store): the desired state
+/// and what a reader of any replica should see of the leader's work.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaderState {
+    pub replica: String,
+    pub desired: Published,
+    pub reconciled_at: Option<i64>,
+    pub reconcile_micros: u64,
+    /// Fetching, writing, the status branch, commit statuses: the leader's own problems.
+    pub problems: Vec<Problem>,
+    /// The current token of each fleet and the fleets being removed: a change that leaves
+    /// the desired state as it was (a removal's end) still reaches the followers.
+    pub tokens: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+impl LeaderState {
+    /// What to publish of the leader's `view`; nothing before its first reconcile.
+    pub fn of(view: &View, replica: &str) -> Option<Self> {
+        let desired = view.desired.as_deref()?;
+        let own = [ProblemSource::StatusBranch, ProblemSource::Forge];
+        Some(Self {
+            replica: replica.to_owned(),
+            desired: Published::of(desired),
+            reconciled_at: view.reconciled_at,
+            reconcile_micros: view.reconcile_micros,
+            problems: view
+                .fetch_problem
+                .iter()
+                .chain(&view.store_problem)
+                .chain(own.iter().filter_map(|source| view.task_problems.get(source)).flatten())
+                .cloned()
+                .collect(),
+            tokens: view.fleet_tokens.values().filter_map(|t| Some(t.current()?.token.id.clone())).collect(),
+            removed: view.removed_fleets.keys().cloned().collect(),
+        })
+    }
 }
 
 /// One fleet's install tokens as readers need them.
@@ -211,17 +263,42 @@ pub struct Reconciler {
     token_files: mpsc::UnboundedSender<Vec<(String, Arc<TokenText>)>>,
     token_files_written: tokio::task::JoinHandle<()>,
     view: watch::Sender<Arc<View>>,
+    /// The key new tokens' texts are sealed under for the other replicas.
+    key: Option<Arc<SecretKey>>,
+    /// False while another replica leads: then the desired state is what it publishes.
+    leading: bool,
+    replica: String,
+    data_dir: PathBuf,
 }
 
-impl Reconciler {
-    /// Loads what the store remembers. Blocking work runs off the runtime.
-    pub async fn load(
-        store: Arc<dyn Store>,
-        data_dir: PathBuf,
-        removal_grace: std::time::Duration,
-        view: watch::Sender<Arc<View>>,
+/// How the reconciler starts.
+pub struct ReconcilerSettings {
+    /// How long a removed fleet's tokens stay accepted.
+    pub removal_grace: std::time::Duration,
+    pub key: Option<Arc<SecretKey>>,
+    pub leading: bool,
+    /// This replica's name, in what it publishes.
+    pub replica: String,
+}
+
+/// What the store remembers, read at a start and when a follower becomes the leader.
+struct Memory {
+    seen: BTreeMap<String, SeenVersion>,
+    last_good: BTreeMap<String, LastGoodFleet>,
+    issued: BTreeMap<String, Vec<IssuedToken>>,
+    removed: BTreeMap<String, RemovedFleet>,
+    texts: BTreeMap<String, Arc<TokenText>>,
+    /// Fleets whose text came from the store: their token file is to be written.
+    unsealed: Vec<String>,
+}
+
+impl Memory {
+    async fn read(
+        store: &Arc<dyn Store>,
+        data_dir: &std::path::Path,
+        key: Option<&Arc<SecretKey>>,
     ) -> Result<Self, StoreError> {
-        let loading = Arc::clone(&store);
+        let loading = Arc::clone(store);
         let (seen, last_good, tokens, mut removed) = tokio::task::spawn_blocking(move || {
             Ok::<_, StoreError>((
                 loading.seen_versions()?,
@@ -233,20 +310,14 @@ impl Reconciler {
         .await
         .expect("store loading does not panic")?;
         info!(versions = seen.len(), fleets = last_good.len(), tokens = tokens.len(), "loaded state");
-        let mut issued: BTreeMap<String, Vec<IssuedToken>> = BTreeMap::new();
-        for token in tokens {
-            issued.entry(token.fleet.clone()).or_default().push(token);
-        }
-        let reading_dir = data_dir.clone();
-        let now = crate::time::now_unix();
-        let newest: Vec<IssuedToken> = issued
-            .iter()
-            .filter(|(fleet, _)| removed.get(*fleet).is_none_or(|removal| removal.until > now))
-            .filter_map(|(_, tokens)| tokens.last().cloned())
-            .collect();
-        let texts = tokio::task::spawn_blocking(move || read_token_texts(&reading_dir, &newest))
-            .await
-            .expect("reading token files does not panic");
+        let issued = by_fleet(tokens);
+        let reading_dir = data_dir.to_path_buf();
+        let newest = newest_tokens(&issued, &removed);
+        let key = key.cloned();
+        let (texts, unsealed) =
+            tokio::task::spawn_blocking(move || read_token_texts(&reading_dir, &newest, key.as_deref()))
+                .await
+                .expect("reading token files does not panic");
         // Removed before removals were remembered: tokens, but neither a last good state nor
         // a token file. Long over.
         for fleet in issued.keys() {
@@ -257,16 +328,64 @@ impl Reconciler {
                 );
             }
         }
+        Ok(Self { seen, last_good, issued, removed, texts, unsealed })
+    }
+}
+
+/// Tokens by fleet, oldest first.
+fn by_fleet(tokens: Vec<IssuedToken>) -> BTreeMap<String, Vec<IssuedToken>> {
+    let mut issued: BTreeMap<String, Vec<IssuedToken>> = BTreeMap::new();
+    for token in tokens {
+        issued.entry(token.fleet.clone()).or_default().push(token);
+    }
+    issued
+}
+
+/// Each fleet's newest token, but for fleets whose removal is over.
+fn newest_tokens(
+    issued: &BTreeMap<String, Vec<IssuedToken>>,
+    removed: &BTreeMap<String, RemovedFleet>,
+) -> Vec<IssuedToken> {
+    let now = crate::time::now_unix();
+    issued
+        .iter()
+        .filter(|(fleet, _)| removed.get(*fleet).is_none_or(|removal| removal.until > now))
+        .filter_map(|(_, tokens)| tokens.last().cloned())
+        .collect()
+}
+
+impl Reconciler {
+    /// Loads what the store remembers. Blocking work runs off the runtime. A follower
+    /// (`leading` false) serves what the leader publishes until it becomes the leader.
+    pub async fn load(
+        store: Arc<dyn Store>,
+        data_dir: PathBuf,
+        settings: ReconcilerSettings,
+        view: watch::Sender<Arc<View>>,
+    ) -> Result<Self, StoreError> {
+        let memory = Memory::read(&store, &data_dir, settings.key.as_ref()).await?;
         let (token_files, to_write) = mpsc::unbounded_channel();
         let token_files_written = tokio::spawn(write_token_files(to_write, data_dir.clone(), view.clone()));
+        let unsealed = memory.unsealed.iter().map(|fleet| (fleet.clone(), Arc::clone(&memory.texts[fleet]))).collect();
+        let _ = token_files.send(unsealed);
+        view.send_modify(|view| {
+            let view = Arc::make_mut(view);
+            view.replica.clone_from(&settings.replica);
+            view.leading = settings.leading;
+            view.leader = settings.leading.then(|| settings.replica.clone());
+        });
         Ok(Self {
             store,
-            issued,
-            texts,
-            seen: Arc::new(seen),
-            last_good: Arc::new(last_good),
-            removed,
-            removal_grace: i64::try_from(removal_grace.as_secs()).unwrap_or(i64::MAX),
+            issued: memory.issued,
+            texts: memory.texts,
+            seen: Arc::new(memory.seen),
+            last_good: Arc::new(memory.last_good),
+            removed: memory.removed,
+            removal_grace: i64::try_from(settings.removal_grace.as_secs()).unwrap_or(i64::MAX),
+            key: settings.key,
+            leading: settings.leading,
+            replica: settings.replica,
+            data_dir,
             token_files,
             token_files_written,
             view,
@@ -297,6 +416,9 @@ impl Reconciler {
                 });
             }
             match event {
+                // A follower's watcher does not run; one that stopped as it lost the lead
+                // may still have sent a snapshot.
+                Event::RepoRead(_) if !self.leading => {}
                 Event::RepoRead(snapshot) => self.reconcile(*snapshot).await,
                 Event::RepoUnreachable { message } => {
                     let problem = Problem::general(Severity::Error, message);
@@ -307,6 +429,8 @@ impl Reconciler {
                     });
                 }
                 Event::RepoReachable => self.view.send_modify(|view| Arc::make_mut(view).fetch_problem = None),
+                Event::Followed => self.follow().await,
+                Event::Lead => self.lead().await,
                 Event::Problems { source, problems } => {
                     self.view.send_if_modified(|view| {
                         if view.task_problems.get(&source).map_or(problems.is_empty(), |p| *p == problems) {
@@ -324,6 +448,121 @@ impl Reconciler {
             error!(error = %join_error, "the token file writer failed");
         }
         info!("reconciler stopped");
+    }
+
+    /// A follower's reconcile: the leader's published state, with the versions, tokens and
+    /// removals the store holds (the leader wrote them before it published).
+    async fn follow(&mut self) {
+        if self.leading {
+            return;
+        }
+        let store = Arc::clone(&self.store);
+        let known = Arc::clone(&self.seen);
+        let read = tokio::task::spawn_blocking(move || {
+            let Some(body) = store.published_state()? else { return Ok(None) };
+            let state: LeaderState = serde_json::from_str(&body)
+                .map_err(|error| StoreError::Corrupt { what: "published state", message: error.to_string() })?;
+            let seen = if state.desired.tags().all(|tag| known.contains_key(tag)) {
+                None
+            } else {
+                Some(store.seen_versions()?)
+            };
+            Ok::<_, StoreError>(Some((state, seen, store.tokens()?, store.removed_fleets()?)))
+        })
+        .await
+        .expect("store reading does not panic");
+        let (state, seen, tokens, removed) = match read {
+            Ok(Some(read)) => read,
+            // Nothing published yet: the leader has not reconciled.
+            Ok(None) => return,
+            Err(store_error) => {
+                warn!(error = %store_error, "cannot read what the leader published; serving what was read before");
+                let problem = Problem::general(
+                    Severity::Error,
+                    format!("{store_error}; this replica serves what it read before"),
+                );
+                self.view.send_modify(|view| Arc::make_mut(view).store_problem = Some(problem));
+                return;
+            }
+        };
+        if let Some(seen) = seen {
+            self.seen = Arc::new(seen);
+        }
+        let desired = match state.desired.desired(&self.seen) {
+            Ok(desired) => desired,
+            Err(missing) => {
+                warn!(error = %missing, "the leader's published state is ahead of the store; waiting");
+                return;
+            }
+        };
+        self.issued = by_fleet(tokens);
+        self.removed = removed;
+        let newest: Vec<IssuedToken> = newest_tokens(&self.issued, &self.removed)
+            .into_iter()
+            .filter(|token| {
+                self.texts.get(&token.fleet).is_none_or(|text| !text.expose().starts_with(&format!("{}.", token.id)))
+            })
+            .collect();
+        if !newest.is_empty() {
+            let (dir, key) = (self.data_dir.clone(), self.key.clone());
+            let texts = tokio::task::spawn_blocking(move || read_token_texts(&dir, &newest, key.as_deref()))
+                .await
+                .expect("reading token texts does not panic");
+            self.write_unsealed(&texts);
+            self.texts.extend(texts.0);
+        }
+        self.texts.retain(|fleet, _| self.issued.contains_key(fleet));
+        self.last_good = Arc::new(desired.last_good.clone());
+        let now = crate::time::now_unix();
+        let tokens = self.token_view(&desired, now);
+        let changed = self.view.borrow().desired.as_ref().is_none_or(|old| old.commit != desired.commit);
+        if changed {
+            info!(commit = %desired::short(&desired.commit), leader = %state.replica, "following the leader's desired state");
+        }
+        self.view.send_modify(|view| {
+            let view = Arc::make_mut(view);
+            tokens.publish(view);
+            view.desired = Some(Arc::new(desired));
+            view.reconciled_at = state.reconciled_at;
+            view.reconcile_micros = state.reconcile_micros;
+            view.store_problem = None;
+            view.task_problems.insert(ProblemSource::Leader, state.problems);
+            view.leader = Some(state.replica);
+        });
+    }
+
+    /// This replica takes over: what the store remembers becomes its memory, and the
+    /// snapshots its watcher reads are reconciled from now on.
+    async fn lead(&mut self) {
+        match Memory::read(&self.store, &self.data_dir, self.key.as_ref()).await {
+            Ok(memory) => {
+                self.seen = Arc::new(memory.seen);
+                self.last_good = Arc::new(memory.last_good);
+                self.issued = memory.issued;
+                self.removed = memory.removed;
+                self.write_unsealed(&(memory.texts.clone(), memory.unsealed));
+                self.texts = memory.texts;
+            }
+            // What the follower read last stands in; the next reconcile writes what it must.
+            Err(store_error) => warn!(error = %store_error, "cannot read the store as the new leader"),
+        }
+        self.leading = true;
+        self.view.send_modify(|view| {
+            let view = Arc::make_mut(view);
+            view.task_problems.remove(&ProblemSource::Leader);
+            view.leading = true;
+            view.leader = Some(self.replica.clone());
+        });
+        info!(replica = %self.replica, "leading: reconciling the repository");
+    }
+
+    /// Writes this host's token files of texts that came from the store.
+    fn write_unsealed(&self, (texts, unsealed): &(BTreeMap<String, Arc<TokenText>>, Vec<String>)) {
+        let batch: Vec<_> =
+            unsealed.iter().filter_map(|fleet| Some((fleet.clone(), Arc::clone(texts.get(fleet)?)))).collect();
+        if !batch.is_empty() {
+            let _ = self.token_files.send(batch);
+        }
     }
 
     async fn reconcile(&mut self, snapshot: RepoSnapshot) {
@@ -440,8 +679,9 @@ impl Reconciler {
                 false => token::needs_token(tokens, policy),
             };
             let Some(reason) = reason else { continue };
-            let (text, issued) = token::issue(fleet.name(), now, policy.rotate)
+            let (text, mut issued) = token::issue(fleet.name(), now, policy.rotate)
                 .map_err(|error| Problem::general(Severity::Error, error.to_string()))?;
+            issued.sealed = self.key.as_ref().map(|key| key.seal(&issued.id, &text));
             issuing.push((reason, Arc::new(text), issued));
         }
         if issuing.is_empty() {
@@ -712,17 +952,29 @@ async fn write_token_files(
 }
 
 /// Reads back the token files of the newest tokens; a missing or foreign file yields nothing.
-fn read_token_texts(data_dir: &std::path::Path, newest: &[IssuedToken]) -> BTreeMap<String, Arc<TokenText>> {
-    newest
+/// Each token's text: from this host's token file, or else unsealed from the store (a token
+/// another replica issued). The second holds the fleets whose file is to be written.
+fn read_token_texts(
+    data_dir: &std::path::Path,
+    newest: &[IssuedToken],
+    key: Option<&SecretKey>,
+) -> (BTreeMap<String, Arc<TokenText>>, Vec<String>) {
+    let mut unsealed = Vec::new();
+    let texts = newest
         .iter()
         .filter_map(|token| {
-            let text = token::read_current(data_dir, token);
+            let text = token::read_current(data_dir, token).or_else(|| {
+                let text = key.zip(token.sealed.as_deref()).and_then(|(key, sealed)| key.open(token, sealed));
+                unsealed.extend(text.is_some().then(|| token.fleet.clone()));
+                text
+            });
             if text.is_none() {
                 warn!(fleet = %token.fleet, token = %token.id, "the token file is missing or does not hold the current token");
             }
             Some((token.fleet.clone(), Arc::new(text?)))
         })
-        .collect()
+        .collect();
+    (texts, unsealed)
 }
 
 #[cfg(test)]

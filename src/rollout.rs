@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 pub const MAX_STEPS: usize = 32;
 
 /// The `[rollout]` table.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutSpec {
     pub strategy: Strategy,
     /// How long a step stays settled (every instance in sync and healthy) before the next.
@@ -33,7 +33,7 @@ pub struct RolloutSpec {
     pub release: u32,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Strategy {
     /// Every instance gets a new version at once.
     #[default]

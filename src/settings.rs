@@ -42,6 +42,15 @@ pub struct ServeArgs {
     /// A file holding the PostgreSQL password and nothing else.
     #[arg(long, env = "GITFLEET_DATABASE_PASSWORD_FILE", requires = "database")]
     pub database_password_file: Option<PathBuf>,
+    /// With --database: a file with the key every replica shares (64 hex digits, from
+    /// `gitfleet secret-key`). Install token secrets are kept in the database sealed under
+    /// it, so that every replica can serve install files.
+    #[arg(long, env = "GITFLEET_SECRET_KEY_FILE", requires = "database")]
+    pub secret_key_file: Option<PathBuf>,
+    /// How this replica is named to the others, in logs, the API and metrics labels
+    /// (default: the host name and the collector port).
+    #[arg(long, env = "GITFLEET_REPLICA_NAME")]
+    pub replica_name: Option<String>,
     /// Address of the collector port: OpAMP at /v1/opamp (WebSocket and plain HTTP).
     #[arg(long, env = "GITFLEET_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: String,
@@ -198,6 +207,10 @@ pub struct Settings {
     pub removed_fleet_grace: Duration,
     pub new_instances: NewInstanceLimit,
     pub database: Database,
+    /// The key token secrets are sealed under in a shared database.
+    pub secret_key: Option<Arc<crate::install::seal::SecretKey>>,
+    /// This replica's name.
+    pub replica: String,
     /// The PEM text of `--install-ca-file`.
     pub install_ca: Option<Arc<str>>,
 }
@@ -250,6 +263,14 @@ pub enum SettingsError {
     DatabasePassword { path: String, message: String },
     #[error("--database {0}: give a postgres:// or postgresql:// URL")]
     BadDatabase(String),
+    #[error("--secret-key-file {0}")]
+    SecretKey(#[from] crate::install::seal::KeyError),
+    #[error(
+        "--database needs --secret-key-file: every replica must be able to serve install files (create the file once with `gitfleet secret-key > FILE` and give it to every replica)"
+    )]
+    NoSecretKey,
+    #[error("--replica-name `{0}`: use 1 to 64 letters, digits, `.`, `-`, `_` or `:`")]
+    BadReplicaName(String),
     #[error("--removed-fleet-grace: {0}")]
     BadRemovedFleetGrace(String),
     #[error("--new-instances-burst must be at least 1 (no collector could ever connect)")]
@@ -268,6 +289,8 @@ impl ServeArgs {
             data_dir,
             database: None,
             database_password_file: None,
+            secret_key_file: None,
+            replica_name: None,
             listen: DEFAULT_LISTEN.to_owned(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             web_listen: DEFAULT_WEB_LISTEN.to_owned(),
@@ -320,7 +343,7 @@ impl ServeArgs {
         if !valid_branch(&self.branch) {
             return Err(SettingsError::BadBranch(self.branch));
         }
-        let listen = self.listen.parse().map_err(|_| SettingsError::BadOpampListen(self.listen.clone()))?;
+        let listen: SocketAddr = self.listen.parse().map_err(|_| SettingsError::BadOpampListen(self.listen.clone()))?;
         if self.max_connections == 0 {
             return Err(SettingsError::NoConnections);
         }
@@ -407,12 +430,30 @@ impl ServeArgs {
             _ => None,
         };
         let database = database(self.database, self.database_password_file.as_deref())?;
+        let secret_key = match (&database, &self.secret_key_file) {
+            (_, Some(path)) => Some(Arc::new(crate::install::seal::SecretKey::read(path)?)),
+            (Database::Postgres { .. }, None) => return Err(SettingsError::NoSecretKey),
+            (Database::Sqlite, None) => None,
+        };
+        let replica = match self.replica_name {
+            Some(name) => {
+                let usable = (1..=64).contains(&name.len())
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || ".-_:".contains(c));
+                if !usable {
+                    return Err(SettingsError::BadReplicaName(name));
+                }
+                name
+            }
+            None => format!("{}:{}", crate::app::host_name(), listen.port()),
+        };
         check_data_dir(&self.data_dir)?;
         Ok(Settings {
             repo,
             branch: self.branch,
             data_dir: self.data_dir,
             database,
+            secret_key,
+            replica,
             listen,
             max_connections: self.max_connections,
             web_listen,

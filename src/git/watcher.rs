@@ -85,10 +85,9 @@ pub async fn run(
     mirror: Arc<Mirror>,
     mut triggers: mpsc::Receiver<Trigger>,
     events: mpsc::Sender<Event>,
-    fatal: tokio::sync::oneshot::Sender<String>,
+    fatal: mpsc::Sender<String>,
     cancel: CancellationToken,
 ) {
-    let mut fatal = Some(fatal);
     let reader = Arc::new(Mutex::new(SnapshotReader::new()));
     let rev = format!("refs/heads/{}", settings.branch);
     let mut failures: u32 = 0;
@@ -167,8 +166,8 @@ pub async fn run(
                     shown.join(", "),
                     if more > 0 { format!(" and {more} more") } else { String::new() },
                 );
-                if let Some(fatal) = fatal.take() {
-                    let _ = fatal.send(message);
+                {
+                    let _ = fatal.try_send(message);
                 }
                 break;
             }

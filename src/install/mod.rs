@@ -4,6 +4,7 @@ pub mod artifacts;
 pub mod bundle;
 pub mod export;
 pub mod files;
+pub mod seal;
 pub mod supervisor;
 pub mod token;
 pub mod writer;

@@ -26,6 +26,9 @@ pub struct IssuedToken {
     pub issued_at: i64,
     /// The fleet file's `token.rotate` it was issued for.
     pub rotation: u32,
+    /// The token's text sealed under the replicas' shared key (`install::seal`), when
+    /// there is one: how replicas other than the one that issued it serve its install files.
+    pub sealed: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for IssuedToken {
@@ -70,8 +73,14 @@ pub fn issue(fleet: &str, issued_at: i64, rotation: u32) -> Result<(TokenText, I
     getrandom::fill(&mut random).map_err(|error| RandomError(error.to_string()))?;
     let id = format!("tk_{}", hex::encode(&random[..4]));
     let secret = hex::encode(&random[4..]);
-    let token =
-        IssuedToken { id: id.clone(), fleet: fleet.to_owned(), secret_hash: hash_secret(&secret), issued_at, rotation };
+    let token = IssuedToken {
+        id: id.clone(),
+        fleet: fleet.to_owned(),
+        secret_hash: hash_secret(&secret),
+        issued_at,
+        rotation,
+        sealed: None,
+    };
     Ok((TokenText(format!("{id}.{secret}")), token))
 }
 

@@ -580,6 +580,18 @@ fn push_for(registry: &Registry, targets: &Targets, connection: &mut Connection)
     })
 }
 
+/// The rollouts in the store; `book` when they cannot be read.
+async fn read_rollouts(store: &Arc<dyn crate::store::Store>, book: RolloutBook) -> RolloutBook {
+    let reading = Arc::clone(store);
+    match tokio::task::spawn_blocking(move || RolloutBook::load(&*reading)).await.expect("the store does not panic") {
+        Ok(read) => read,
+        Err(store_error) => {
+            tracing::warn!(error = %store_error, "cannot read the rollouts the leader stored; keeping those read before");
+            book
+        }
+    }
+}
+
 /// Keeps `targets` in step with the desired state and each fleet's rollout, and the registry
 /// in step with both the targets and the clock (staleness), recording status changes in
 /// instance histories. It owns the rollouts: it starts them when the desired state changes,
@@ -594,7 +606,7 @@ pub async fn follow_targets(
     install_ca: Option<Arc<str>>,
     registry: Arc<Registry>,
     store: Arc<dyn crate::store::Store>,
-    mut rollouts: RolloutBook,
+    (mut rollouts, mut leading): (RolloutBook, watch::Receiver<bool>),
     cancel: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -603,6 +615,7 @@ pub async fn follow_targets(
     rollout_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_refusal = None;
     let (mut looked_at, mut view_changed) = (u64::MAX, true);
+    let mut role_settled = false;
     loop {
         // Which records to bring up to date once the arm below has run.
         let mut sync = Sync::All;
@@ -618,11 +631,16 @@ pub async fn follow_targets(
                     tokens.send_replace(index);
                 }
                 let current = Arc::clone(&view.borrow_and_update());
-                if let Some(desired) = &current.desired {
-                    rollouts.follow(desired, &registry, crate::time::now_ms());
+                if *leading.borrow() {
+                    if let Some(desired) = &current.desired {
+                        rollouts.follow(desired, &registry, crate::time::now_ms());
+                    }
+                    rollouts.save(&store).await;
+                } else {
+                    // The leader drives rollouts; a follower hands out what it stored.
+                    rollouts = read_rollouts(&store, rollouts).await;
                 }
                 view_changed = true;
-                rollouts.save(&store).await;
                 // Records follow the targets alone: a view change that leaves them as they
                 // were (a fetch counted, a problem) leaves the records to the clock's tick.
                 sync = if publish(&targets, &current, &rollouts, public_endpoint.as_deref(), install_ca.as_ref()) {
@@ -631,7 +649,18 @@ pub async fn follow_targets(
                     Sync::None
                 };
             }
-            _ = rollout_tick.tick(), if rollouts.any_active() => {
+            changed = leading.changed(), if !role_settled => {
+                if changed.is_err() {
+                    // The role no longer changes (the server is stopping).
+                    role_settled = true;
+                    continue;
+                }
+                // Leading now: the rollouts as the last leader stored them.
+                leading.borrow_and_update();
+                rollouts = read_rollouts(&store, rollouts).await;
+                sync = Sync::None;
+            }
+            _ = rollout_tick.tick(), if rollouts.any_active() && *leading.borrow() => {
                 // Only when an instance's status or health moved, a bake may be over, or
                 // the fleet file changed (a release): a quiet fleet costs nothing.
                 let current = Arc::clone(&view.borrow());

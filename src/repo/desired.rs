@@ -8,6 +8,8 @@
 //! Published versions are immutable: the first content seen for a tag (`SeenVersion`,
 //! remembered by the store) wins over whatever the tag points at later.
 
+pub mod published;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -109,7 +111,7 @@ impl Fleet {
 }
 
 /// What a fleet last resolved to without errors; persisted so that a restart keeps it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LastGoodFleet {
     /// The fleet file's text when it last parsed cleanly.
     pub source: String,
@@ -917,6 +919,40 @@ mod tests {
             ]
         );
         assert_eq!(desired.fleets["prod"].assignment.as_ref().map(|v| v.tag.as_str()), Some("gateway/v1"));
+    }
+
+    #[test]
+    fn a_follower_rebuilds_the_published_state_from_the_versions_in_the_store() {
+        let first = compile(&snapshot(&[], vec![tag("gateway/v1", "c1", GATEWAY_V1)]), Memory::default());
+        let seen: BTreeMap<String, SeenVersion> = first.newly_seen.into_iter().map(|v| (v.tag.clone(), v)).collect();
+        // A moved tag, a broken fleet kept at its last good state, a pinned and a `latest` one.
+        let snap = snapshot(
+            &[
+                ("configs/gateway.yaml", GATEWAY_V2),
+                ("fleets/prod.toml", "config = \"gateway\"\nversion = \"v1\"\n[token]\nrotate = 2\n"),
+                ("fleets/staging.toml", "config = \"gateway\"\nversion = \"latest\"\n"),
+                ("fleets/edge.toml", "description = \"watch only\"\n"),
+            ],
+            vec![tag("gateway/v1", "c9", GATEWAY_V1), tag("gateway/v2", "c2", GATEWAY_V2)],
+        );
+        let leader = compile(&snap, Memory { seen: Some(&seen), ..Default::default() });
+        let mut stored = seen.clone();
+        stored.extend(leader.newly_seen.iter().map(|v| (v.tag.clone(), v.clone())));
+
+        let published = published::Published::of(&leader.desired);
+        let text = serde_json::to_string(&published).expect("serializes");
+        assert!(!text.contains("exporters"), "versions go by tag, not content: {text}");
+        let read: published::Published = serde_json::from_str(&text).expect("reads back");
+        let follower = read.desired(&stored).expect("every version is in the store");
+        assert_eq!(follower.fleets, leader.desired.fleets);
+        assert_eq!(follower.configs, leader.desired.configs);
+        assert_eq!(follower.problems, leader.desired.problems);
+        assert_eq!(follower.last_good, leader.desired.last_good);
+        assert_eq!(follower.version("gateway/v1").and_then(|v| v.moved_to.as_deref()), Some("c9"));
+        assert_eq!(published::Published::of(&follower), published);
+
+        // A version not in the store yet is refused, not served empty.
+        assert_eq!(read.desired(&seen).map(|_| ()), Err(published::MissingVersion("gateway/v2".to_owned())));
     }
 
     #[test]

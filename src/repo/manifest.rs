@@ -19,7 +19,7 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(120);
 
 /// A fleet as its file declares it, before its version is resolved against the tags.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FleetSpec {
     pub name: String,
     pub file: String,
@@ -41,7 +41,7 @@ impl FleetSpec {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VersionSelector {
     /// A published version such as `v7`.
     Exact(String),
@@ -59,7 +59,7 @@ impl std::fmt::Display for VersionSelector {
 }
 
 /// The `[token]` table.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TokenPolicy {
     /// `None` means the token never expires.
     pub expires: Option<Duration>,
@@ -75,7 +75,7 @@ impl Default for TokenPolicy {
 }
 
 /// The `[install]` table.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct InstallSettings {
     pub endpoint: Option<String>,
     pub collector_version: Option<String>,
@@ -87,7 +87,7 @@ pub struct InstallSettings {
 /// What a collector must read on its host, for the hardened systemd unit to allow. The
 /// unit runs it as an unprivileged user that sees only its own processes; receivers that
 /// read logs or other processes need one of these.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Access {
     /// Supplementary groups: `systemd-journal` for the journal, `adm` for most of /var/log.
     pub groups: Vec<String>,
@@ -101,7 +101,7 @@ pub struct Access {
 }
 
 /// The `[health]` table.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HealthSettings {
     pub stale_after: Duration,
 }

@@ -119,6 +119,7 @@ fn tokens_come_back_oldest_first(open: Open<'_>) {
         secret_hash: [issued_at as u8; 32],
         issued_at,
         rotation: issued_at as u32,
+        sealed: (issued_at == 3).then(|| vec![0xa5; 60]),
     };
     let first = [token("tk_0000000a", "prod", 1), token("tk_0000000b", "edge", 2)];
     store.save_tokens(&first).expect("save");
@@ -127,6 +128,7 @@ fn tokens_come_back_oldest_first(open: Open<'_>) {
     assert_eq!(tokens.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["tk_0000000a", "tk_0000000b", "tk_0000000c"]);
     assert_eq!(tokens[2].secret_hash, [3; 32]);
     assert_eq!((tokens[2].issued_at, tokens[2].rotation), (3, 3));
+    assert_eq!((tokens[0].sealed.as_deref(), tokens[2].sealed.as_deref()), (None, Some(&[0xa5; 60][..])));
     let again = store.save_tokens(&[token("tk_0000000a", "prod", 9)]);
     assert!(matches!(again, Err(StoreError::Query { .. })), "an id is issued once: {again:?}");
 }

@@ -32,8 +32,8 @@ pub enum StoreError {
     Corrupt { what: &'static str, message: String },
     #[error("state database is version {found}, newer than this gitfleet understands ({supported}); upgrade gitfleet")]
     TooNew { found: usize, supported: usize },
-    #[error("another gitfleet is serving from the state database {path}; one server per database for now")]
-    InUse { path: String },
+    #[error("state database {operation} refused: another replica leads now")]
+    NotLeader { operation: &'static str },
 }
 
 /// One reconcile of a new commit (or of new problems at the same commit).
@@ -162,4 +162,32 @@ pub trait Store: Send + Sync + 'static {
     fn posted_statuses(&self, forge: &str) -> Result<Vec<PostedStatus>, StoreError>;
     /// Remembers a posted commit status (replacing the one before for its context).
     fn save_posted_status(&self, status: &PostedStatus) -> Result<(), StoreError>;
+
+    // Replicas. A store only one process uses (SQLite) makes it the leader, with no one to
+    // publish to.
+
+    /// Takes the leadership, or keeps it: true while this process leads. `replica` names
+    /// it to the others. Once it returns false after true, the leadership is lost, and
+    /// writes only the leader makes fail with `StoreError::NotLeader`.
+    fn lead(&self, _replica: &str) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+    /// Which replica leads, and since when (Unix seconds).
+    fn leader(&self) -> Result<Option<(String, i64)>, StoreError> {
+        Ok(None)
+    }
+    /// The leader's desired state for followers (`replica::Published`, JSON); tells them.
+    fn publish_state(&self, _body: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// What the leader last published.
+    fn published_state(&self) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+    /// Waits at most `timeout` for the leader to announce a change (a published state, a
+    /// rollout); true when it did, or when changes may have gone unheard.
+    fn wait_for_change(&self, timeout: std::time::Duration) -> Result<bool, StoreError> {
+        std::thread::sleep(timeout);
+        Ok(false)
+    }
 }

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Config, NoTls, Row, Transaction};
 
 use crate::install::token::IssuedToken;
@@ -111,13 +112,29 @@ const MIGRATIONS: &[&str] = &[
         until_at   BIGINT NOT NULL,
         tokens     TEXT NOT NULL
     );",
+    // 2: sealed token texts, the leader's term (for fencing) and the state it publishes.
+    "ALTER TABLE tokens ADD COLUMN sealed BYTEA;
+    CREATE TABLE leader (
+        id      INT PRIMARY KEY CHECK (id = 1),
+        term    BIGINT NOT NULL,
+        replica TEXT NOT NULL,
+        since   BIGINT NOT NULL
+    );
+    INSERT INTO leader (id, term, replica, since) VALUES (1, 0, '', 0);
+    CREATE TABLE published_state (
+        id           INT PRIMARY KEY CHECK (id = 1),
+        term         BIGINT NOT NULL,
+        body         TEXT NOT NULL,
+        published_at BIGINT NOT NULL
+    );",
 ];
 
 /// The advisory lock replicas take to migrate the schema one at a time ("gitfleet" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6769_7466_6c65_6574;
-/// The advisory lock a serving gitfleet holds for as long as it runs, until replicas share
-/// the work ("serving" in ASCII).
-const SERVING_LOCK: i64 = 0x0073_6572_7669_6e67;
+/// The advisory lock the leader holds for as long as it leads ("leader" in ASCII).
+const LEADER_LOCK: i64 = 0x0000_6c65_6164_6572;
+/// Where the leader tells followers that what it publishes changed.
+const CHANNEL: &str = "gitfleet";
 /// How many reconciles the history keeps.
 const HISTORY_KEPT: i64 = 1000;
 
@@ -126,8 +143,13 @@ pub struct PostgresStore {
     /// What the database is called in messages: its URL without the password.
     name: String,
     client: Mutex<Option<Client>>,
-    /// The connection that holds `SERVING_LOCK`, once `claim` took it.
-    serving: Mutex<Option<Client>>,
+    /// The connection that holds `LEADER_LOCK` while this process leads.
+    leading: Mutex<Option<Client>>,
+    /// The term this process took when it last became the leader. Writes only the leader
+    /// makes are refused once another has taken a later one (fencing).
+    term: Mutex<Option<i64>>,
+    /// The connection that listens on `CHANNEL`.
+    listening: Mutex<Option<Client>>,
 }
 
 impl PostgresStore {
@@ -141,7 +163,14 @@ impl PostgresStore {
             config.password(password);
         }
         config.application_name("gitfleet");
-        let store = Self { config, name: redact(url), client: Mutex::new(None), serving: Mutex::new(None) };
+        let store = Self {
+            config,
+            name: redact(url),
+            client: Mutex::new(None),
+            leading: Mutex::new(None),
+            term: Mutex::new(None),
+            listening: Mutex::new(None),
+        };
         {
             let mut client = store.client()?;
             migrate(client.as_mut().expect("just connected"))?;
@@ -149,24 +178,10 @@ impl PostgresStore {
         Ok(Arc::new(store))
     }
 
-    /// Takes the database for this process alone, for as long as it runs: two servers
-    /// writing one database would each issue tokens and reconcile. Refused while another
-    /// holds it. (The lock lives in its own connection; if PostgreSQL drops that
-    /// connection, another server could take the database over.)
-    pub fn claim(&self) -> Result<(), StoreError> {
-        let mut connection = self
-            .config
+    fn connect(&self) -> Result<Client, StoreError> {
+        self.config
             .connect(NoTls)
-            .map_err(|error| StoreError::Open { path: self.name.clone(), source: described(error) })?;
-        let taken: bool = connection
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVING_LOCK])
-            .map_err(query("taking the serving lock"))?
-            .get(0);
-        if !taken {
-            return Err(StoreError::InUse { path: self.name.clone() });
-        }
-        *self.serving.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(connection);
-        Ok(())
+            .map_err(|error| StoreError::Open { path: self.name.clone(), source: described(error) })
     }
 
     /// The connection, made (again) if there is none or it was lost.
@@ -174,13 +189,36 @@ impl PostgresStore {
         let mut client = self.client.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if client.as_ref().is_none_or(Client::is_closed) {
             *client = None;
-            let connected = self
-                .config
-                .connect(NoTls)
-                .map_err(|error| StoreError::Open { path: self.name.clone(), source: described(error) })?;
-            *client = Some(connected);
+            *client = Some(self.connect()?);
         }
         Ok(client)
+    }
+
+    /// Runs `work` in one transaction, if this process still leads: once it has led, a
+    /// write only the leader makes fails with `NotLeader` after another replica took over,
+    /// even before this one noticed it lost its lock.
+    fn leader_transaction<T>(
+        &self,
+        operation: &'static str,
+        work: impl FnOnce(&mut Transaction<'_>) -> Result<T, postgres::Error>,
+    ) -> Result<T, StoreError> {
+        let term = *self.term.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut guard = self.client()?;
+        let client = guard.as_mut().expect("connected by client()");
+        let mut transaction = client.transaction().map_err(query(operation))?;
+        if let Some(term) = term {
+            // The row lock keeps a new leader from taking its term until this commits.
+            let current: i64 = transaction
+                .query_one("SELECT term FROM leader WHERE id = 1 FOR SHARE", &[])
+                .map_err(query(operation))?
+                .get(0);
+            if current != term {
+                return Err(StoreError::NotLeader { operation });
+            }
+        }
+        let done = work(&mut transaction).map_err(query(operation))?;
+        transaction.commit().map_err(query(operation))?;
+        Ok(done)
     }
 
     /// Runs `work` in one transaction.
@@ -211,10 +249,8 @@ impl PostgresStore {
 
 impl Drop for PostgresStore {
     fn drop(&mut self) {
-        let clients = (
-            self.client.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()).take(),
-            self.serving.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()).take(),
-        );
+        let clients = [&mut self.client, &mut self.leading, &mut self.listening]
+            .map(|client| client.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()).take());
         // A `postgres::Client` closes its connection on its own runtime when dropped, which
         // panics on a thread that drives async tasks (where the last `Arc` may go).
         let _ = std::thread::spawn(move || drop(clients)).join();
@@ -329,7 +365,7 @@ impl Store for PostgresStore {
 
     fn remember_versions(&self, versions: &[SeenVersion]) -> Result<(), StoreError> {
         let now = crate::time::now_unix();
-        self.transaction("remembering versions", |transaction| {
+        self.leader_transaction("remembering versions", |transaction| {
             let insert = transaction.prepare(
                 "INSERT INTO versions_seen (tag, config, version, commit_id, tag_time, note, file, content_type,
                      config_hash, blob_id, body, first_seen_at)
@@ -369,7 +405,7 @@ impl Store for PostgresStore {
 
     fn save_last_good_fleets(&self, fleets: &BTreeMap<String, LastGoodFleet>) -> Result<(), StoreError> {
         let now = crate::time::now_unix();
-        self.transaction("saving last good fleets", |transaction| {
+        self.leader_transaction("saving last good fleets", |transaction| {
             transaction.execute("DELETE FROM fleets_last_good", &[])?;
             let insert = transaction.prepare(
                 "INSERT INTO fleets_last_good (fleet, source, tag, assigned_by, saved_at) VALUES ($1, $2, $3, $4, $5)",
@@ -384,7 +420,7 @@ impl Store for PostgresStore {
     fn record_reconcile(&self, record: &ReconcileRecord) -> Result<(), StoreError> {
         let problems = serde_json::to_string(&record.problems).expect("problems serialize to JSON");
         let duration = i64::try_from(record.duration_micros).unwrap_or(i64::MAX);
-        self.transaction("recording a reconcile", |transaction| {
+        self.leader_transaction("recording a reconcile", |transaction| {
             transaction.execute(
                 "INSERT INTO reconciles (commit_id, branch, reconciled_at, duration_us, problems) VALUES ($1, $2, $3, $4, $5)",
                 &[&record.commit, &record.branch, &record.reconciled_at, &duration, &problems],
@@ -403,7 +439,8 @@ impl Store for PostgresStore {
     }
 
     fn save_rollouts(&self, changed: &[(String, Option<StoredRollout>)]) -> Result<(), StoreError> {
-        self.transaction("saving rollouts", |transaction| {
+        self.leader_transaction("saving rollouts", |transaction| {
+            transaction.execute("SELECT pg_notify($1, '')", &[&CHANNEL])?;
             for (fleet, rollout) in changed {
                 match rollout {
                     Some(rollout) => transaction.execute(
@@ -438,7 +475,7 @@ impl Store for PostgresStore {
     }
 
     fn save_removed_fleets(&self, changed: &[(String, Option<RemovedFleet>)]) -> Result<(), StoreError> {
-        self.transaction("saving removed fleets", |transaction| {
+        self.leader_transaction("saving removed fleets", |transaction| {
             for (fleet, removed) in changed {
                 match removed {
                     Some(removed) => {
@@ -461,7 +498,7 @@ impl Store for PostgresStore {
     fn tokens(&self) -> Result<Vec<IssuedToken>, StoreError> {
         let rows = self.read(
             "reading tokens",
-            "SELECT id, fleet, secret_hash, issued_at, rotation FROM tokens ORDER BY issued_at, id",
+            "SELECT id, fleet, secret_hash, issued_at, rotation, sealed FROM tokens ORDER BY issued_at, id",
             &[],
         )?;
         rows.into_iter()
@@ -475,21 +512,28 @@ impl Store for PostgresStore {
                     what: "token",
                     message: format!("token {id} has a rotation out of range"),
                 })?;
-                Ok(IssuedToken { id, fleet: row.get(1), secret_hash, issued_at: row.get(3), rotation })
+                Ok(IssuedToken {
+                    id,
+                    fleet: row.get(1),
+                    secret_hash,
+                    issued_at: row.get(3),
+                    rotation,
+                    sealed: row.get(5),
+                })
             })
             .collect()
     }
 
     fn save_tokens(&self, tokens: &[IssuedToken]) -> Result<(), StoreError> {
-        self.transaction("saving tokens", |transaction| {
+        self.leader_transaction("saving tokens", |transaction| {
             let insert = transaction.prepare(
-                "INSERT INTO tokens (id, fleet, secret_hash, issued_at, rotation) VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO tokens (id, fleet, secret_hash, issued_at, rotation, sealed) VALUES ($1, $2, $3, $4, $5, $6)",
             )?;
             for token in tokens {
                 let rotation = i64::from(token.rotation);
                 transaction.execute(
                     &insert,
-                    &[&token.id, &token.fleet, &&token.secret_hash[..], &token.issued_at, &rotation],
+                    &[&token.id, &token.fleet, &&token.secret_hash[..], &token.issued_at, &rotation, &token.sealed],
                 )?;
             }
             Ok(())
@@ -711,9 +755,87 @@ impl Store for PostgresStore {
             .collect())
     }
 
+    fn lead(&self, replica: &str) -> Result<bool, StoreError> {
+        let mut leading = self.leading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(client) = leading.as_mut() {
+            // Still leading while the connection that holds the lock is alive.
+            if client.simple_query("SELECT 1").is_ok() {
+                return Ok(true);
+            }
+            *leading = None;
+            return Ok(false);
+        }
+        let mut client = self.connect()?;
+        let taken: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
+            .map_err(query("taking the leader lock"))?
+            .get(0);
+        if !taken {
+            return Ok(false);
+        }
+        let term: i64 = client
+            .query_one(
+                "UPDATE leader SET term = term + 1, replica = $1, since = $2 WHERE id = 1 RETURNING term",
+                &[&replica, &crate::time::now_unix()],
+            )
+            .map_err(query("taking the leader's term"))?
+            .get(0);
+        *self.term.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(term);
+        *leading = Some(client);
+        Ok(true)
+    }
+
+    fn leader(&self) -> Result<Option<(String, i64)>, StoreError> {
+        let rows =
+            self.read("reading the leader", "SELECT replica, since FROM leader WHERE id = 1 AND term > 0", &[])?;
+        Ok(rows.first().map(|row| (row.get(0), row.get(1))))
+    }
+
+    fn publish_state(&self, body: &str) -> Result<(), StoreError> {
+        let term = self.term.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).unwrap_or(0);
+        self.leader_transaction("publishing the desired state", |transaction| {
+            transaction.execute(
+                "INSERT INTO published_state (id, term, body, published_at) VALUES (1, $1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET term = excluded.term, body = excluded.body,
+                 published_at = excluded.published_at",
+                &[&term, &body, &crate::time::now_unix()],
+            )?;
+            transaction.execute("SELECT pg_notify($1, '')", &[&CHANNEL])?;
+            Ok(())
+        })
+    }
+
+    fn published_state(&self) -> Result<Option<String>, StoreError> {
+        let rows = self.read("reading the published state", "SELECT body FROM published_state WHERE id = 1", &[])?;
+        Ok(rows.first().map(|row| row.get(0)))
+    }
+
+    fn wait_for_change(&self, timeout: std::time::Duration) -> Result<bool, StoreError> {
+        let mut listening = self.listening.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if listening.as_ref().is_none_or(Client::is_closed) {
+            *listening = None;
+            let mut client = self.connect()?;
+            client.batch_execute(&format!("LISTEN {CHANNEL}")).map_err(query("listening for changes"))?;
+            *listening = Some(client);
+            // Anything may have changed while nobody listened.
+            return Ok(true);
+        }
+        let heard = {
+            let mut notifications = listening.as_mut().expect("listening").notifications();
+            let heard = notifications.timeout_iter(timeout).next().map(|heard| heard.is_some());
+            // One re-read covers every change announced so far.
+            while let Ok(Some(_)) = notifications.iter().next() {}
+            heard
+        };
+        if heard.is_err() {
+            *listening = None;
+        }
+        heard.map_err(query("listening for changes"))
+    }
+
     fn save_posted_status(&self, status: &PostedStatus) -> Result<(), StoreError> {
         let now = crate::time::now_unix();
-        self.transaction("remembering a posted commit status", |transaction| {
+        self.leader_transaction("remembering a posted commit status", |transaction| {
             transaction.execute(
                 "INSERT INTO commit_statuses (forge, context, commit_id, state, description, posted_at)
                  VALUES ($1, $2, $3, $4, $5, $6)

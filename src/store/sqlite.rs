@@ -119,6 +119,8 @@ const MIGRATIONS: &[&str] = &[
         until_at   INTEGER NOT NULL,
         tokens     TEXT NOT NULL
     );",
+    // 10: a token's text sealed under the replicas' shared key.
+    "ALTER TABLE tokens ADD COLUMN sealed BLOB;",
 ];
 
 /// How many reconciles the history keeps.
@@ -401,7 +403,7 @@ impl Store for SqliteStore {
     fn tokens(&self) -> Result<Vec<IssuedToken>, StoreError> {
         let connection = self.connection();
         let mut statement = connection
-            .prepare("SELECT id, fleet, secret_hash, issued_at, rotation FROM tokens ORDER BY issued_at, id")
+            .prepare("SELECT id, fleet, secret_hash, issued_at, rotation, sealed FROM tokens ORDER BY issued_at, id")
             .map_err(query("reading tokens"))?;
         let rows = statement
             .query_map([], |row| {
@@ -411,17 +413,18 @@ impl Store for SqliteStore {
                     row.get::<_, Vec<u8>>(2)?,
                     row.get::<_, i64>(3)?,
                     row.get::<_, u32>(4)?,
+                    row.get::<_, Option<Vec<u8>>>(5)?,
                 ))
             })
             .map_err(query("reading tokens"))?;
         let mut tokens = Vec::new();
         for row in rows {
-            let (id, fleet, hash, issued_at, rotation) = row.map_err(query("reading tokens"))?;
+            let (id, fleet, hash, issued_at, rotation, sealed) = row.map_err(query("reading tokens"))?;
             let secret_hash = hash.try_into().map_err(|_| StoreError::Corrupt {
                 what: "token",
                 message: format!("token {id} has a malformed hash"),
             })?;
-            tokens.push(IssuedToken { id, fleet, secret_hash, issued_at, rotation });
+            tokens.push(IssuedToken { id, fleet, secret_hash, issued_at, rotation, sealed });
         }
         Ok(tokens)
     }
@@ -432,12 +435,19 @@ impl Store for SqliteStore {
         {
             let mut insert = transaction
                 .prepare_cached(
-                    "INSERT INTO tokens (id, fleet, secret_hash, issued_at, rotation) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO tokens (id, fleet, secret_hash, issued_at, rotation, sealed) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )
                 .map_err(query("saving tokens"))?;
             for token in tokens {
                 insert
-                    .execute(params![token.id, token.fleet, &token.secret_hash[..], token.issued_at, token.rotation])
+                    .execute(params![
+                        token.id,
+                        token.fleet,
+                        &token.secret_hash[..],
+                        token.issued_at,
+                        token.rotation,
+                        token.sealed
+                    ])
                     .map_err(query("saving tokens"))?;
             }
         }

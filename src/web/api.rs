@@ -63,6 +63,7 @@ pub fn repo_json(view: &View) -> Value {
         "fetches": view.fetches,
         "last_fetched_at": view.last_fetched_at.map(rfc3339),
         "problems": view.problems(),
+        "replica": { "name": view.replica, "leading": view.leading, "leader": view.leader },
     })
 }
 

@@ -81,7 +81,7 @@ pub(crate) fn uid_text(uid: [u8; 16]) -> String {
     gitfleet::opamp::codec::InstanceUid(uid).to_string()
 }
 
-fn bump_prod_to_v2(repo: &GitRepo) {
+pub(crate) fn bump_prod_to_v2(repo: &GitRepo) {
     let text = std::fs::read_to_string(repo.path().join("configs/gateway.yaml")).expect("read");
     repo.write("configs/gateway.yaml", text.replace("send_batch_size: 8192", "send_batch_size: 4096"));
     repo.commit("Smaller batches");

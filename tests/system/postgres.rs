@@ -6,7 +6,13 @@ use std::sync::Arc;
 use gitfleet::store::postgres::PostgresStore;
 use gitfleet::store::{Store, StoreError};
 
+use std::path::Path;
+use std::time::Duration;
+
 use crate::common::postgres::{PASSWORD, Postgres};
+use crate::common::{GitRepo, Server};
+
+const WAIT: Duration = Duration::from_secs(20);
 
 #[test]
 fn the_postgres_store_keeps_the_store_contract() {
@@ -29,7 +35,7 @@ fn replicas_that_start_together_migrate_the_schema_once() {
     let mut client = postgres::Client::connect(&postgres.url("together"), postgres::NoTls).expect("connect");
     let versions: Vec<i32> =
         client.query("SELECT version FROM gitfleet_schema", &[]).expect("read").iter().map(|row| row.get(0)).collect();
-    assert_eq!(versions, [1]);
+    assert_eq!(versions, [2]);
 }
 
 #[test]
@@ -59,22 +65,49 @@ fn a_wrong_password_is_a_clear_error_that_does_not_show_it() {
     assert!(!error.contains("donkey"), "{error}");
 }
 
+/// The flags of a replica on `database`: the password and the shared key in files under
+/// `dir` (written once).
+fn replica_flags(postgres: &Postgres, database: &str, dir: &Path) -> Vec<String> {
+    let (password_file, key_file) = (dir.join("db-password"), dir.join("secret-key"));
+    if !key_file.exists() {
+        std::fs::write(&password_file, format!("{PASSWORD}\n")).expect("write the password file");
+        let key = crate::common::gitfleet().arg("secret-key").output().expect("gitfleet secret-key runs");
+        assert!(key.status.success());
+        std::fs::write(&key_file, &key.stdout).expect("write the key file");
+    }
+    let mut flags: Vec<String> =
+        ["--poll-interval", "1h", "--database", &postgres.database(database)].map(str::to_owned).into();
+    flags.extend(["--database-password-file".into(), password_file.display().to_string()]);
+    flags.extend(["--secret-key-file".into(), key_file.display().to_string()]);
+    flags
+}
+
+fn start_replica(repo: &GitRepo, data_dir: &Path, flags: &[String], name: &str) -> Server {
+    let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    args.extend(["--replica-name", name]);
+    Server::start(&repo.path().display().to_string(), data_dir, &args)
+}
+
 #[test]
-fn serve_keeps_its_state_in_postgres_and_a_second_server_on_it_is_refused() {
+fn serve_keeps_its_state_in_postgres_across_a_restart() {
     let postgres = Postgres::start();
-    let url = postgres.database("serving");
     let data = tempfile::tempdir().expect("temp dir");
-    let password_file = data.path().join("db-password");
-    std::fs::write(&password_file, format!("{PASSWORD}\n")).expect("write the password file");
-    let password_file = password_file.display().to_string();
+    let flags = replica_flags(&postgres, "serving", data.path());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let repo = crate::common::example();
     let server_data = data.path().join("server");
-    let flags = ["--poll-interval", "1h", "--database", &url, "--database-password-file", &password_file];
-    let server = crate::common::Server::start(&repo.path().display().to_string(), &server_data, &flags);
+    let server = Server::start(&repo.path().display().to_string(), &server_data, &flags);
     let token = server.token("prod-gateway");
     let uid = [0x91; 16];
     drop(crate::opamp::converge(&server, &token, uid, "gw-pg", None));
     assert!(!server_data.join("state.db").exists(), "no SQLite beside PostgreSQL");
+    let sealed: Vec<Vec<u8>> = {
+        let mut client = postgres::Client::connect(&postgres.url("serving"), postgres::NoTls).expect("connect");
+        client.query("SELECT sealed FROM tokens", &[]).expect("read").iter().map(|row| row.get(0)).collect()
+    };
+    let secret = token.split_once('.').expect("id.secret").1;
+    assert!(!sealed.is_empty() && sealed.iter().all(|bytes| bytes.len() > 60), "every token sealed");
+    assert!(sealed.iter().all(|bytes| !String::from_utf8_lossy(bytes).contains(secret)), "never in clear");
 
     // The install files, written on the server host from the state in PostgreSQL.
     let out = data.path().join("exported");
@@ -83,36 +116,100 @@ fn serve_keeps_its_state_in_postgres_and_a_second_server_on_it_is_refused() {
         .arg(&out)
         .arg("--data-dir")
         .arg(&server_data)
-        .args(["--database", &url, "--database-password-file", &password_file])
+        .args(&flags[2..6])
         .output()
         .expect("gitfleet install-files runs");
     assert!(output.status.success(), "install-files: {}", String::from_utf8_lossy(&output.stderr));
     let supervisor = std::fs::read_to_string(out.join("supervisor.yaml")).expect("supervisor.yaml");
     assert!(supervisor.contains(&token), "the fleet's current token");
 
-    // A second server on the same database stops with one line, before it writes anything.
+    // Without the shared key, a server on PostgreSQL stops with one line, before it writes.
     let output = crate::common::gitfleet()
         .args(["serve", "--repo", &repo.url(), "--listen", "127.0.0.1:0", "--web-listen", "127.0.0.1:0"])
-        .args(["--database", &url, "--database-password-file", &password_file, "--data-dir"])
-        .arg(data.path().join("second"))
+        .args(&flags[..6])
+        .arg("--data-dir")
+        .arg(data.path().join("keyless"))
         .output()
         .expect("gitfleet runs");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
-    let last = stderr.lines().last().unwrap_or_default();
-    assert!(last.contains("another gitfleet is serving from the state database"), "{stderr}");
-    assert!(!stderr.contains("horse"), "the password stays out of the output: {stderr}");
+    assert!(stderr.trim_end().ends_with("`gitfleet secret-key > FILE` and give it to every replica)"), "{stderr}");
+    assert!(!data.path().join("keyless").exists(), "nothing written");
 
     // After a restart, the instance, its history and the token come back from PostgreSQL.
     let (opamp, web) = (server.opamp.to_string(), server.web.to_string());
     let logs_before = server.logs();
     assert_eq!(server.stop(), Some(0), "{logs_before}");
-    let server =
-        crate::common::Server::start_on(&opamp, &web, &repo.path().display().to_string(), &server_data, &flags);
+    let server = Server::start_on(&opamp, &web, &repo.path().display().to_string(), &server_data, &flags);
     assert_eq!(server.token("prod-gateway"), token);
     let instance = server.json(&format!("/api/v1/instances/{}", crate::opamp::uid_text(uid)));
     assert_eq!(instance["host"], "gw-pg", "{instance}");
     assert!(instance["events"].as_array().is_some_and(|events| events.len() >= 4), "{instance}");
     assert!(!server.logs().contains("horse"), "the password stays out of the logs");
     server.stop();
+}
+
+#[test]
+fn a_follower_serves_what_the_leader_publishes_and_takes_over_when_it_dies() {
+    let postgres = Postgres::start();
+    let data = tempfile::tempdir().expect("temp dir");
+    let flags = replica_flags(&postgres, "replicas", data.path());
+    let repo = crate::common::example();
+    let leader = start_replica(&repo, &data.path().join("a"), &flags, "replica-a");
+    let token = leader.token("prod-gateway");
+    let follower = start_replica(&repo, &data.path().join("b"), &flags, "replica-b");
+    let repo_status = follower.wait_for("/api/v1/repo", WAIT, "the follower following", |r| r["commit"].is_string());
+    let role = &repo_status["replica"];
+    assert_eq!(*role, serde_json::json!({ "name": "replica-b", "leading": false, "leader": "replica-a" }));
+    // The same token, read from the store and unsealed with the shared key, and the same
+    // config: a collector connected to the follower gets what the leader assigns.
+    assert_eq!(follower.token("prod-gateway"), token);
+    let leader_fleet = leader.json("/api/v1/fleets/prod-gateway");
+    let uid = [0x92; 16];
+    let mut agent = crate::opamp::converge(&follower, &token, uid, "gw-follower", None);
+    let fleet = follower.wait_for("/api/v1/fleets/prod-gateway", WAIT, "the follower's collector in sync", |f| {
+        f["counts"]["in_sync"] == 1
+    });
+    assert_eq!(fleet["tag"], leader_fleet["tag"]);
+    assert_eq!(fleet["config_hash"], leader_fleet["config_hash"]);
+
+    // A push: the leader reconciles it, the follower hears of it and pushes to its collector.
+    crate::opamp::bump_prod_to_v2(&repo);
+    let head = repo.head();
+    follower.wait_for("/api/v1/repo", WAIT, "the follower at the new commit", |r| r["commit"] == head);
+    let pushed = agent.recv().remote_config.expect("the new version pushed by the follower");
+    assert_ne!(pushed.config_hash, hex::decode(fleet["config_hash"].as_str().expect("hash")).expect("hex"));
+    agent.send(&crate::opamp::report(uid, 2, &pushed.config_hash, 1, ""));
+    agent.recv();
+    follower.wait_for("/api/v1/fleets/prod-gateway", WAIT, "in sync on v2", |f| {
+        f["tag"] == "gateway/v2" && f["counts"]["in_sync"] == 1
+    });
+
+    // kill -9 of the leader: the follower takes over, and a push reaches it.
+    drop(leader);
+    follower.wait_for("/api/v1/repo", WAIT, "the follower leading", |r| r["replica"]["leading"] == true);
+    repo.write(
+        "fleets/prod-gateway.toml",
+        std::fs::read_to_string(repo.path().join("fleets/prod-gateway.toml"))
+            .expect("read")
+            .replace("version = \"v2\"", "version = \"v1\""),
+    );
+    let back = repo.commit("Back to v1");
+    follower.wait_for("/api/v1/repo", WAIT, "the new leader reconciling", |r| r["commit"] == back);
+    let pushed = agent.recv().remote_config.expect("v1 again, pushed by the new leader");
+    assert_eq!(hex::encode(pushed.config_hash), fleet["config_hash"].as_str().expect("hash"));
+    // Nothing issued twice: one token per fleet, the one the first leader issued.
+    assert_eq!(follower.token("prod-gateway"), token);
+    let mut client = postgres::Client::connect(&postgres.url("replicas"), postgres::NoTls).expect("connect");
+    let per_fleet: Vec<i64> = client
+        .query("SELECT count(*) FROM tokens GROUP BY fleet", &[])
+        .expect("read")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(!per_fleet.is_empty() && per_fleet.iter().all(|count| *count == 1), "{per_fleet:?}");
+    let (replica, term): (String, i64) =
+        client.query_one("SELECT replica, term FROM leader", &[]).map(|row| (row.get(0), row.get(1))).expect("read");
+    assert_eq!((replica.as_str(), term), ("replica-b", 2));
+    follower.stop();
 }
