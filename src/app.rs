@@ -154,12 +154,13 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
 
     let metrics = Arc::new(Metrics::default());
     let registry = Registry::limiting_new_instances(settings.new_instances);
-    let restored = crate::opamp::persist::restore(&registry, Arc::clone(&store)).await?;
+    let restored = crate::opamp::persist::restore(&registry, Arc::clone(&store), &settings.replica).await?;
     info!(instances = restored, "restored instances");
     tracker.spawn(
         crate::opamp::persist::run(
             Arc::clone(&registry),
             Arc::clone(&store),
+            Arc::from(settings.replica.as_str()),
             settings.forget_after,
             Arc::clone(&metrics),
             events_tx.clone(),

@@ -24,8 +24,9 @@ pub const EVENTS_KEPT: usize = 200;
 /// History entries loaded per instance at startup.
 const EVENTS_LOADED: usize = 50;
 
-/// Loads every remembered instance into the registry; they are `stale` until heard from.
-pub async fn restore(registry: &Registry, store: Arc<dyn Store>) -> Result<usize, StoreError> {
+/// Loads every remembered instance into the registry; they are `stale` until heard from,
+/// but for those another replica wrote last, which it may hold live (`Registry::merge`).
+pub async fn restore(registry: &Registry, store: Arc<dyn Store>, replica: &str) -> Result<usize, StoreError> {
     let (lists, loaded) = tokio::task::spawn_blocking(move || {
         store.prune_events(EVENTS_KEPT)?;
         Ok::<_, StoreError>((store.available_components()?, store.load_instances(EVENTS_LOADED)?))
@@ -37,18 +38,22 @@ pub async fn restore(registry: &Registry, store: Arc<dyn Store>) -> Result<usize
         Some(AvailableComponents { hash, ..list })
     }));
     let count = loaded.len();
-    registry.restore(loaded.into_iter().map(|(instance, events)| {
+    let (others, own): (Vec<_>, Vec<_>) =
+        loaded.into_iter().partition(|(instance, _)| !instance.holder.is_empty() && instance.holder != replica);
+    registry.restore(own.into_iter().map(|(instance, events)| {
         let components = instance.components_hash.as_deref().and_then(|hash| registry.components(hash));
         let mut record = InstanceRecord::from_stored(instance, events);
         record.components = components;
         record
     }));
+    registry.merge(others);
     Ok(count)
 }
 
 pub async fn run(
     registry: Arc<Registry>,
     store: Arc<dyn Store>,
+    replica: Arc<str>,
     forget_after: Option<Duration>,
     metrics: Arc<Metrics>,
     events: tokio::sync::mpsc::Sender<Event>,
@@ -65,10 +70,17 @@ pub async fn run(
     // most a minute late.
     let forget_every = forget_after.map_or(FORGET_CHECK_MAX, |after| (after / 4).clamp(FLUSH_EVERY, FORGET_CHECK_MAX));
     let mut forget_tick = tokio::time::interval_at(tokio::time::Instant::now() + forget_every, forget_every);
+    let mut merge_tick = tokio::time::interval(MERGE_EVERY);
+    merge_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut others = Others::default();
     loop {
         let stopping = tokio::select! {
             () = cancel.cancelled() => true,
             _ = flush_tick.tick() => false,
+            _ = merge_tick.tick() => {
+                others.take_in(&registry, &store, &replica).await;
+                continue;
+            }
             _ = forget_tick.tick(), if forget_after.is_some() => {
                 let after = forget_after.expect("checked by the branch guard");
                 forget(&registry, &store, after, &metrics).await;
@@ -83,7 +95,7 @@ pub async fn run(
                 false
             }
         };
-        let written = flush(&registry, &store).await;
+        let written = flush(&registry, &store, &replica).await;
         if written.is_err() {
             Metrics::count(&metrics.store_write_errors);
         }
@@ -137,7 +149,7 @@ async fn forget(registry: &Registry, store: &Arc<dyn Store>, after: Duration, me
 }
 
 /// Writes what changed; the error of the first write that failed, if one did.
-async fn flush(registry: &Arc<Registry>, store: &Arc<dyn Store>) -> Result<(), String> {
+async fn flush(registry: &Arc<Registry>, store: &Arc<dyn Store>, replica: &str) -> Result<(), String> {
     // Component lists first: the instances written next point at them.
     let lists = registry.take_unsaved_components();
     if !lists.is_empty() {
@@ -164,7 +176,8 @@ async fn flush(registry: &Arc<Registry>, store: &Arc<dyn Store>) -> Result<(), S
     while !unsaved.is_empty() {
         let chunk: Vec<Unsaved> = unsaved.drain(..unsaved.len().min(SAVE_CHUNK)).collect();
         let (mut instances, mut events, mut receipts) = (Vec::new(), Vec::new(), Vec::new());
-        for Unsaved { instance, events: new, receipt } in chunk {
+        for Unsaved { mut instance, events: new, receipt } in chunk {
+            instance.holder = replica.to_owned();
             instances.push(instance);
             receipts.push((receipt, new.len()));
             events.extend(new);
@@ -184,6 +197,57 @@ async fn flush(registry: &Arc<Registry>, store: &Arc<dyn Store>) -> Result<(), S
         }
     }
     Ok(())
+}
+
+/// How often a replica takes in what the others wrote.
+const MERGE_EVERY: Duration = Duration::from_secs(1);
+/// How far behind the highest change number a replica reads again: a write takes its number
+/// before it commits, so a write committed late has a number below ones already read.
+const MERGE_LAG: Duration = Duration::from_secs(5);
+
+/// Where a replica stands in what the others wrote: the highest change number read, as of
+/// when, for the last `MERGE_LAG`.
+#[derive(Default)]
+struct Others {
+    read: std::collections::VecDeque<(tokio::time::Instant, i64)>,
+    failing: bool,
+}
+
+impl Others {
+    /// Reads what other replicas wrote since a little before the last read, into the
+    /// registry.
+    async fn take_in(&mut self, registry: &Arc<Registry>, store: &Arc<dyn Store>, replica: &Arc<str>) {
+        let now = tokio::time::Instant::now();
+        while self.read.len() > 1 && self.read[1].0 + MERGE_LAG <= now {
+            self.read.pop_front();
+        }
+        let after = self.read.front().map_or(0, |(_, highest)| *highest);
+        let (reading, name) = (Arc::clone(store), Arc::clone(replica));
+        let changed = tokio::task::spawn_blocking(move || reading.instances_changed(after, &name, EVENTS_LOADED))
+            .await
+            .expect("reading does not panic");
+        match changed {
+            Ok(changed) => {
+                if self.failing {
+                    info!("reading what other replicas wrote again");
+                    self.failing = false;
+                }
+                let highest = changed.iter().map(|(_, _, number)| *number).max().unwrap_or(after);
+                let highest = highest.max(self.read.back().map_or(0, |(_, last)| *last));
+                let merged = registry.merge(changed.into_iter().map(|(instance, events, _)| (instance, events)));
+                if merged > 0 {
+                    debug!(instances = merged, "took in instances other replicas wrote");
+                }
+                self.read.push_back((now, highest));
+            }
+            Err(error) => {
+                if !self.failing {
+                    warn!(%error, "cannot read what other replicas wrote; trying again");
+                    self.failing = true;
+                }
+            }
+        }
+    }
 }
 
 /// Instances written per transaction.

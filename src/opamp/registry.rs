@@ -266,6 +266,11 @@ pub struct InstanceRecord {
     pub transport: Option<Transport>,
     /// The live WebSocket session, if any.
     pub session: Option<u64>,
+    /// The replica that wrote the record last, when another one did (replicas on a shared
+    /// store): this replica shows it, but neither syncs nor writes it until the instance
+    /// speaks to it. Whether that replica had a live WebSocket session with it.
+    pub held_by: Option<Arc<str>>,
+    pub remote_connected: bool,
     /// Takeovers of this id by a newer connection since `takeovers_since_ms`.
     pub takeovers: u32,
     pub takeovers_since_ms: i64,
@@ -297,6 +302,8 @@ impl InstanceRecord {
             first_seen_ms: now_ms,
             transport: None,
             session: None,
+            held_by: None,
+            remote_connected: false,
             takeovers: 0,
             takeovers_since_ms: 0,
             history: VecDeque::new(),
@@ -445,7 +452,7 @@ impl InstanceRecord {
                 Transport::WebSocket => "websocket",
                 Transport::Http => "http",
             }),
-            connected: self.session.is_some(),
+            connected: self.session.is_some() || self.remote_connected,
             token_id: self.token_id.to_string(),
             token_current: target.and_then(|t| t.current_token.as_deref()) == Some(&*self.token_id),
             drifted: self.drifted_from(assignment),
@@ -476,6 +483,9 @@ impl InstanceRecord {
             health: self.health.as_deref().map(to_json),
             effective_config: self.effective_config.as_deref().map(to_json),
             components_hash: self.components.as_ref().map(|c| c.hash.clone()),
+            // The writer names itself (`persist`).
+            holder: String::new(),
+            connected: self.session.is_some(),
         }
     }
 
@@ -734,14 +744,18 @@ impl Registry {
 
     /// Brings every record up to date with the targets (see `InstanceRecord::sync`).
     pub fn sync_all(&self, targets: &Targets, now_ms: i64) {
-        self.for_each(|record| record.sync(targets.get(&*record.fleet), now_ms));
+        self.for_each(|record| {
+            if record.held_by.is_none() {
+                record.sync(targets.get(&*record.fleet), now_ms);
+            }
+        });
     }
 
     /// `sync_all` for the records without a live WebSocket session: after new targets are
     /// published, each session syncs its own record as it pushes.
     pub fn sync_unattended(&self, targets: &Targets, now_ms: i64) {
         self.for_each(|record| {
-            if record.session.is_none() {
+            if record.session.is_none() && record.held_by.is_none() {
                 record.sync(targets.get(&*record.fleet), now_ms);
             }
         });
@@ -881,7 +895,9 @@ impl Registry {
         let mut unsaved = Vec::new();
         self.for_each(|record| {
             let last_seen_due = record.config.last_seen_ms - record.last_seen_saved_ms >= LAST_SEEN_WRITE_EVERY_MS;
-            if !record.is_dirty() && !last_seen_due && record.unsaved_events == 0 {
+            let unchanged = !record.is_dirty() && !last_seen_due && record.unsaved_events == 0;
+            // Another replica's to write.
+            if unchanged || record.held_by.is_some() {
                 return;
             }
             let skip = record.history.len().saturating_sub(record.unsaved_events);
@@ -927,6 +943,8 @@ impl Registry {
             && record.session == Some(session)
         {
             record.session = None;
+            // Other replicas see it disconnected once this is written.
+            record.touch();
         }
     }
 
@@ -943,6 +961,38 @@ impl Registry {
             }
         });
         (websocket, http)
+    }
+
+    /// Takes in what other replicas wrote (`Store::instances_changed`): each record replaces
+    /// this replica's copy, unless this replica holds the instance (a live session) or has
+    /// changes of it not written yet. Returns how many were taken.
+    pub fn merge(
+        &self,
+        written: impl IntoIterator<Item = (crate::store::StoredInstance, Vec<crate::store::StoredEvent>)>,
+    ) -> usize {
+        let mut merged = 0;
+        for (stored, events) in written {
+            let holder = self.name(&stored.holder);
+            let connected = stored.connected;
+            let components = stored.components_hash.as_deref().and_then(|hash| self.components(hash));
+            let mut record = InstanceRecord::from_stored(stored, events);
+            record.fleet = self.name(&record.fleet);
+            record.token_id = self.name(&record.token_id);
+            record.components = components;
+            record.config.awaiting_contact = false;
+            record.held_by = Some(holder);
+            record.remote_connected = connected;
+            let mut shard = self.shard(&record.uid);
+            let ours = shard.get(&record.uid).is_some_and(|local| {
+                local.held_by.is_none() && (local.session.is_some() || local.is_dirty() || local.unsaved_events > 0)
+            });
+            if !ours {
+                note_outcome_change();
+                shard.insert(record.uid, record);
+                merged += 1;
+            }
+        }
+        merged
     }
 
     /// Puts restored records in place (at startup).

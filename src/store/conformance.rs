@@ -151,6 +151,8 @@ pub fn instance(uid: u8) -> StoredInstance {
         health: Some("{\"healthy\":true}".into()),
         effective_config: Some("{\"body\":\"receivers: {}\"}".into()),
         components_hash: None,
+        holder: String::new(),
+        connected: false,
     }
 }
 

@@ -72,6 +72,10 @@ pub struct StoredInstance {
     pub effective_config: Option<String>,
     /// The hash of its build's component list (`Store::available_components`).
     pub components_hash: Option<Vec<u8>>,
+    /// The replica that wrote it last, and whether it had a live WebSocket session with it
+    /// then. A store only one process uses keeps neither: `""` and false.
+    pub holder: String,
+    pub connected: bool,
 }
 
 /// A fleet's rollout as stored: JSON (`rollout::Rollout`), and the instances it moved
@@ -171,6 +175,18 @@ pub trait Store: Send + Sync + 'static {
     /// writes only the leader makes fail with `StoreError::NotLeader`.
     fn lead(&self, _replica: &str) -> Result<bool, StoreError> {
         Ok(true)
+    }
+    /// Instances replicas other than `replica` wrote since the change `after`, each
+    /// with its newest `events_per_instance` history entries and its change number. The
+    /// numbers grow with each write; a write's number is taken before it commits, so a
+    /// reader asks again a little behind the highest number it saw.
+    fn instances_changed(
+        &self,
+        _after: i64,
+        _replica: &str,
+        _events_per_instance: usize,
+    ) -> Result<Vec<(StoredInstance, Vec<StoredEvent>, i64)>, StoreError> {
+        Ok(Vec::new())
     }
     /// Which replica leads, and since when (Unix seconds).
     fn leader(&self) -> Result<Option<(String, i64)>, StoreError> {

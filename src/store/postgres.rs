@@ -127,7 +127,16 @@ const MIGRATIONS: &[&str] = &[
         body         TEXT NOT NULL,
         published_at BIGINT NOT NULL
     );",
+    // 3: which replica wrote each instance last, and a change number replicas read from.
+    "ALTER TABLE instances ADD COLUMN holder TEXT NOT NULL DEFAULT '',
+        ADD COLUMN connected BOOLEAN NOT NULL DEFAULT false,
+        ADD COLUMN changed BIGINT NOT NULL DEFAULT 0;
+    CREATE SEQUENCE instance_changes;
+    CREATE INDEX instances_by_change ON instances (changed);",
 ];
+
+/// The schema version this gitfleet migrates to.
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
 
 /// The advisory lock replicas take to migrate the schema one at a time ("gitfleet" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6769_7466_6c65_6574;
@@ -244,6 +253,86 @@ impl PostgresStore {
     ) -> Result<Vec<Row>, StoreError> {
         let mut guard = self.client()?;
         guard.as_mut().expect("connected by client()").query(sql, params).map_err(query(operation))
+    }
+}
+
+impl PostgresStore {
+    /// The instances `filter` (SQL over `instances`, with `params` as $2, $3, …) selects,
+    /// each with its newest `events_per_instance` history entries and its change number.
+    fn read_instances(
+        &self,
+        operation: &'static str,
+        filter: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+        events_per_instance: usize,
+        effective_config: bool,
+    ) -> Result<Vec<(StoredInstance, Vec<StoredEvent>, i64)>, StoreError> {
+        let limit = i64::try_from(events_per_instance).unwrap_or(i64::MAX);
+        let mut all: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![&limit];
+        all.extend_from_slice(params);
+        let mut events: std::collections::HashMap<[u8; 16], Vec<StoredEvent>> = std::collections::HashMap::new();
+        let rows = self.read(
+            operation,
+            &format!(
+                "SELECT uid, at_ms, event FROM (
+                     SELECT uid, at_ms, event, id, ROW_NUMBER() OVER (PARTITION BY uid ORDER BY id DESC) AS newest
+                     FROM instance_events WHERE uid IN (SELECT uid FROM instances WHERE {filter})) AS numbered
+                 WHERE newest <= $1 ORDER BY id"
+            ),
+            &all,
+        )?;
+        for row in rows {
+            let Ok(uid) = <[u8; 16]>::try_from(row.get::<_, Vec<u8>>(0)) else { continue };
+            events.entry(uid).or_default().push(StoredEvent { uid, at_ms: row.get(1), event: row.get(2) });
+        }
+        let config = if effective_config { "effective_config" } else { "NULL::TEXT" };
+        let rows = self.read(
+            operation,
+            &format!(
+                "SELECT uid, fleet, token_id, capabilities, served_hash, reported_hash, reported_status, reported_error,
+                        failed_hash, failed_error, first_seen_ms, last_seen_ms, status, transport, description, health,
+                        {config}, assigned_hash, assigned_tag, components_hash, holder, connected, changed
+                 FROM instances WHERE $1::BIGINT IS NOT NULL AND ({filter}) ORDER BY changed"
+            ),
+            &all,
+        )?;
+        let mut instances = Vec::with_capacity(rows.len());
+        for row in rows {
+            let uid = uid16(row.get(0))?;
+            let reported = match (row.get::<_, Option<Vec<u8>>>(5), row.get::<_, Option<String>>(6)) {
+                (Some(hash), Some(status)) => Some((hash, status, row.get::<_, Option<String>>(7).unwrap_or_default())),
+                _ => None,
+            };
+            let failed = row
+                .get::<_, Option<Vec<u8>>>(8)
+                .map(|hash| (hash, row.get::<_, Option<String>>(9).unwrap_or_default()));
+            let instance = StoredInstance {
+                uid,
+                fleet: row.get(1),
+                token_id: row.get(2),
+                capabilities: row.get::<_, i64>(3) as u64,
+                assigned: match (row.get::<_, Option<Vec<u8>>>(17), row.get::<_, Option<String>>(18)) {
+                    (Some(hash), Some(tag)) => Some((hash, tag)),
+                    _ => None,
+                },
+                served_hash: row.get(4),
+                reported,
+                failed,
+                first_seen_ms: row.get(10),
+                last_seen_ms: row.get(11),
+                status: row.get(12),
+                transport: row.get(13),
+                description: row.get(14),
+                health: row.get(15),
+                effective_config: row.get(16),
+                components_hash: row.get(19),
+                holder: row.get(20),
+                connected: row.get(21),
+            };
+            let history = events.remove(&uid).unwrap_or_default();
+            instances.push((instance, history, row.get(22)));
+        }
+        Ok(instances)
     }
 }
 
@@ -545,8 +634,10 @@ impl Store for PostgresStore {
             let upsert = transaction.prepare(
                 "INSERT INTO instances (uid, fleet, token_id, capabilities, served_hash, reported_hash, reported_status,
                      reported_error, failed_hash, failed_error, first_seen_ms, last_seen_ms, status, transport,
-                     description, health, effective_config, assigned_hash, assigned_tag, components_hash)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)
+                     description, health, effective_config, assigned_hash, assigned_tag, components_hash,
+                     holder, connected, changed)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
+                     $21, $22, nextval('instance_changes'))
                  ON CONFLICT (uid) DO UPDATE SET fleet = excluded.fleet, token_id = excluded.token_id,
                      capabilities = excluded.capabilities, served_hash = excluded.served_hash,
                      assigned_hash = excluded.assigned_hash, assigned_tag = excluded.assigned_tag,
@@ -556,7 +647,8 @@ impl Store for PostgresStore {
                      status = excluded.status, transport = excluded.transport,
                      description = excluded.description, health = excluded.health,
                      effective_config = COALESCE(excluded.effective_config, instances.effective_config),
-                     components_hash = excluded.components_hash",
+                     components_hash = excluded.components_hash, holder = excluded.holder,
+                     connected = excluded.connected, changed = excluded.changed",
             )?;
             for i in instances {
                 let (reported_hash, reported_status, reported_error) = match &i.reported {
@@ -591,6 +683,8 @@ impl Store for PostgresStore {
                         &i.assigned.as_ref().map(|(hash, _)| hash.as_slice()),
                         &i.assigned.as_ref().map(|(_, tag)| tag.as_str()),
                         &i.components_hash,
+                        &i.holder,
+                        &i.connected,
                     ],
                 )?;
             }
@@ -606,63 +700,8 @@ impl Store for PostgresStore {
         &self,
         events_per_instance: usize,
     ) -> Result<Vec<(StoredInstance, Vec<StoredEvent>)>, StoreError> {
-        let limit = i64::try_from(events_per_instance).unwrap_or(i64::MAX);
-        let mut events: std::collections::HashMap<[u8; 16], Vec<StoredEvent>> = std::collections::HashMap::new();
-        let rows = self.read(
-            "loading instance events",
-            "SELECT uid, at_ms, event FROM (
-                 SELECT uid, at_ms, event, id, ROW_NUMBER() OVER (PARTITION BY uid ORDER BY id DESC) AS newest
-                 FROM instance_events) AS numbered
-             WHERE newest <= $1 ORDER BY id",
-            &[&limit],
-        )?;
-        for row in rows {
-            let Ok(uid) = <[u8; 16]>::try_from(row.get::<_, Vec<u8>>(0)) else { continue };
-            events.entry(uid).or_default().push(StoredEvent { uid, at_ms: row.get(1), event: row.get(2) });
-        }
-        let rows = self.read(
-            "loading instances",
-            "SELECT uid, fleet, token_id, capabilities, served_hash, reported_hash, reported_status, reported_error,
-                    failed_hash, failed_error, first_seen_ms, last_seen_ms, status, transport, description, health,
-                    effective_config, assigned_hash, assigned_tag, components_hash
-             FROM instances",
-            &[],
-        )?;
-        let mut instances = Vec::with_capacity(rows.len());
-        for row in rows {
-            let uid = uid16(row.get(0))?;
-            let reported = match (row.get::<_, Option<Vec<u8>>>(5), row.get::<_, Option<String>>(6)) {
-                (Some(hash), Some(status)) => Some((hash, status, row.get::<_, Option<String>>(7).unwrap_or_default())),
-                _ => None,
-            };
-            let failed = row
-                .get::<_, Option<Vec<u8>>>(8)
-                .map(|hash| (hash, row.get::<_, Option<String>>(9).unwrap_or_default()));
-            let instance = StoredInstance {
-                uid,
-                fleet: row.get(1),
-                token_id: row.get(2),
-                capabilities: row.get::<_, i64>(3) as u64,
-                assigned: match (row.get::<_, Option<Vec<u8>>>(17), row.get::<_, Option<String>>(18)) {
-                    (Some(hash), Some(tag)) => Some((hash, tag)),
-                    _ => None,
-                },
-                served_hash: row.get(4),
-                reported,
-                failed,
-                first_seen_ms: row.get(10),
-                last_seen_ms: row.get(11),
-                status: row.get(12),
-                transport: row.get(13),
-                description: row.get(14),
-                health: row.get(15),
-                effective_config: row.get(16),
-                components_hash: row.get(19),
-            };
-            let history = events.remove(&uid).unwrap_or_default();
-            instances.push((instance, history));
-        }
-        Ok(instances)
+        let loaded = self.read_instances("loading instances", "true", &[], events_per_instance, true)?;
+        Ok(loaded.into_iter().map(|(instance, events, _)| (instance, events)).collect())
     }
 
     fn save_available_components(&self, lists: &[(Vec<u8>, String)]) -> Result<(), StoreError> {
@@ -753,6 +792,16 @@ impl Store for PostgresStore {
                 description: row.get(3),
             })
             .collect())
+    }
+
+    fn instances_changed(
+        &self,
+        after: i64,
+        replica: &str,
+        events_per_instance: usize,
+    ) -> Result<Vec<(StoredInstance, Vec<StoredEvent>, i64)>, StoreError> {
+        let filter = "changed > $2 AND holder <> $3";
+        self.read_instances("reading changed instances", filter, &[&after, &replica], events_per_instance, false)
     }
 
     fn lead(&self, replica: &str) -> Result<bool, StoreError> {

@@ -587,6 +587,8 @@ impl Store for SqliteStore {
                         health: row.get(15)?,
                         effective_config: row.get(16)?,
                         components_hash: row.get(19)?,
+                        holder: String::new(),
+                        connected: false,
                     },
                     row.get::<_, Option<String>>(9)?,
                 ))

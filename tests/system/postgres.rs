@@ -35,7 +35,7 @@ fn replicas_that_start_together_migrate_the_schema_once() {
     let mut client = postgres::Client::connect(&postgres.url("together"), postgres::NoTls).expect("connect");
     let versions: Vec<i32> =
         client.query("SELECT version FROM gitfleet_schema", &[]).expect("read").iter().map(|row| row.get(0)).collect();
-    assert_eq!(versions, [2]);
+    assert_eq!(versions, [gitfleet::store::postgres::SCHEMA_VERSION as i32]);
 }
 
 #[test]
@@ -212,4 +212,70 @@ fn a_follower_serves_what_the_leader_publishes_and_takes_over_when_it_dies() {
         client.query_one("SELECT replica, term FROM leader", &[]).map(|row| (row.get(0), row.get(1))).expect("read");
     assert_eq!((replica.as_str(), term), ("replica-b", 2));
     follower.stop();
+}
+
+#[test]
+fn a_fleet_is_whole_on_every_replica_and_a_rollout_moves_collectors_on_both() {
+    use crate::rollout::{APPLIED, Agent, prod_fleet, publish_v2};
+    let postgres = Postgres::start();
+    let data = tempfile::tempdir().expect("temp dir");
+    let flags = replica_flags(&postgres, "whole", data.path());
+    let repo = crate::common::example();
+    prod_fleet(&repo, "v1", "\n[rollout]\n[rollout.batches]\ninitial = 1\nfactor = 2\n");
+    repo.commit("Roll out prod in batches");
+    let leader = start_replica(&repo, &data.path().join("a"), &flags, "replica-a");
+    let follower = start_replica(&repo, &data.path().join("b"), &flags, "replica-b");
+    follower.wait_for("/api/v1/repo", WAIT, "the follower following", |r| r["commit"].is_string());
+    // Two collectors on each replica; each replica shows all four.
+    let mut agents: Vec<Agent> = (1..=4)
+        .map(|n| Agent::connect_to(if n <= 2 { &leader } else { &follower }, "prod-gateway", n, &format!("gw-{n}")).0)
+        .collect();
+    for replica in [&leader, &follower] {
+        replica.wait_for("/api/v1/fleets/prod-gateway", WAIT, "4 in sync on every replica", |f| {
+            f["counts"]["in_sync"] == 4
+        });
+    }
+    let on_follower = crate::opamp::uid_text([3; 16]);
+    let seen_by_leader = leader.json(&format!("/api/v1/instances/{on_follower}"));
+    assert_eq!((&seen_by_leader["host"], &seen_by_leader["connected"]), (&"gw-3".into(), &true.into()));
+
+    // A rollout in batches of 1, then the rest: the leader moves collectors on both replicas.
+    publish_v2(&repo);
+    let fleet = std::fs::read_to_string(repo.path().join("fleets/prod-gateway.toml")).expect("read");
+    repo.write("fleets/prod-gateway.toml", fleet.replace("version = \"v1\"", "version = \"v2\""));
+    repo.commit("Roll out gateway v2 to prod");
+    leader.wait_for("/api/v1/fleets/prod-gateway", WAIT, "running", |f| f["rollout"]["state"] == "running");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pushed: Vec<_> = agents
+        .drain(..)
+        .map(|mut agent| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let hash = agent.take_push(APPLIED, "");
+                let _ = tx.send(hash);
+                agent
+            })
+        })
+        .collect();
+    let v2 = rx.recv_timeout(WAIT).expect("a first push");
+    for _ in 1..4 {
+        assert_eq!(rx.recv_timeout(WAIT).expect("every collector gets v2"), v2);
+    }
+    let agents: Vec<Agent> = pushed.into_iter().map(|thread| thread.join().expect("no panic")).collect();
+    for replica in [&leader, &follower] {
+        replica.wait_for("/api/v1/fleets/prod-gateway", WAIT, "complete, 4 in sync on v2", |f| {
+            f["rollout"]["state"] == "complete" && f["tag"] == "gateway/v2" && f["counts"]["in_sync"] == 4
+        });
+    }
+
+    // A collector moves from the follower to the leader: its history comes along.
+    let events_before = follower.json(&format!("/api/v1/instances/{on_follower}"))["events"].as_array().map(Vec::len);
+    drop(agents);
+    let (_moved, hash) = Agent::connect_to(&leader, "prod-gateway", 3, "gw-3");
+    assert_eq!(hash, v2);
+    let moved = leader.json(&format!("/api/v1/instances/{on_follower}"));
+    assert!(moved["events"].as_array().map(Vec::len) >= events_before, "{moved:#}");
+    assert_eq!(moved["first_seen"], seen_by_leader["first_seen"]);
+    follower.stop();
+    leader.stop();
 }

@@ -14,7 +14,7 @@ pub(crate) const APPLIED: i32 = 1;
 const FAILED: i32 = 3;
 
 /// The prod fleet file with `rollout` appended, at `version`.
-fn prod_fleet(repo: &GitRepo, version: &str, rollout: &str) {
+pub(crate) fn prod_fleet(repo: &GitRepo, version: &str, rollout: &str) {
     let fleet = std::fs::read_to_string(repo.path().join("fleets/prod-gateway.toml")).expect("read");
     let fleet = fleet.split("\n[rollout]").next().expect("text").to_owned();
     let fleet = fleet
@@ -26,7 +26,7 @@ fn prod_fleet(repo: &GitRepo, version: &str, rollout: &str) {
 }
 
 /// Publishes gateway/v2 (a smaller batch size).
-fn publish_v2(repo: &GitRepo) {
+pub(crate) fn publish_v2(repo: &GitRepo) {
     publish_smaller_batches(repo, "gateway/v2", 8192);
 }
 
