@@ -111,7 +111,7 @@ pub async fn start(settings: Settings) -> Result<Running, AppError> {
 
 /// Starts the server on sockets already bound: creates the data directory, opens the
 /// store and the mirror, and starts every task.
-pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Running, AppError> {
+pub async fn start_on(mut settings: Settings, listeners: Listeners) -> Result<Running, AppError> {
     crate::settings::create_data_dir(&settings.data_dir)?;
     let store: Arc<dyn Store> = match settings.database.clone() {
         Database::Sqlite => {
@@ -146,6 +146,10 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
     let opamp_addr =
         opamp_listener.local_addr().map_err(|source| AppError::Listen { address: settings.listen, source })?;
 
+    let replica: Arc<str> = match settings.replica.take() {
+        Some(name) => name.into(),
+        None => format!("{}:{}", host_name(), opamp_addr.port()).into(),
+    };
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let (view_tx, view_rx) = watch::channel(Arc::new(View::default()));
@@ -154,13 +158,13 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
 
     let metrics = Arc::new(Metrics::default());
     let registry = Registry::limiting_new_instances(settings.new_instances);
-    let restored = crate::opamp::persist::restore(&registry, Arc::clone(&store), &settings.replica).await?;
+    let restored = crate::opamp::persist::restore(&registry, Arc::clone(&store), &replica).await?;
     info!(instances = restored, "restored instances");
     tracker.spawn(
         crate::opamp::persist::run(
             Arc::clone(&registry),
             Arc::clone(&store),
-            Arc::from(settings.replica.as_str()),
+            Arc::clone(&replica),
             settings.forget_after,
             Arc::clone(&metrics),
             events_tx.clone(),
@@ -174,16 +178,16 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
             .await
             .expect("reading rollouts does not panic")?
     };
-    let leading = crate::replica::try_lead(&store, &settings.replica).await;
+    let leading = crate::replica::try_lead(&store, &replica).await;
     let (role_tx, role_rx) = watch::channel(leading);
     if !leading {
-        info!(replica = %settings.replica, "following: another replica leads");
+        info!(replica = %replica, "following: another replica leads");
     }
     let reconciler_settings = ReconcilerSettings {
         removal_grace: settings.removed_fleet_grace,
         key: settings.secret_key.clone(),
         leading,
-        replica: settings.replica.clone(),
+        replica: replica.to_string(),
     };
     let reconciler =
         Reconciler::load(Arc::clone(&store), settings.data_dir.clone(), reconciler_settings, view_tx).await?;
@@ -229,6 +233,7 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
     );
     let leader = {
         let (settings, store, metrics) = (settings.clone(), Arc::clone(&store), Arc::clone(&metrics));
+        let replica = Arc::clone(&replica);
         let (statuses_rx, view_rx, targets_rx) = (statuses_rx.clone(), view_rx.clone(), targets_rx.clone());
         let (registry, events_tx, fatal_tx) = (Arc::clone(&registry), events_tx.clone(), fatal_tx.clone());
         // What only the leader does, started when this replica leads.
@@ -241,7 +246,7 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
                 crate::replica::publish_for_followers(
                     Arc::clone(&store),
                     view_rx.clone(),
-                    settings.replica.clone(),
+                    replica.to_string(),
                     cancel.clone(),
                 )
                 .instrument(info_span!("publish")),
@@ -290,7 +295,7 @@ pub async fn start_on(settings: Settings, listeners: Listeners) -> Result<Runnin
     tracker.spawn(
         take_turns(
             Arc::clone(&store),
-            settings.replica.clone(),
+            replica.to_string(),
             (leading, role_tx),
             leader,
             events_tx.clone(),

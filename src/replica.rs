@@ -23,16 +23,21 @@ const LISTEN_WAIT: Duration = Duration::from_secs(1);
 /// A follower reads the published state at least this often, announced or not.
 const REREAD: Duration = Duration::from_secs(10);
 
-/// Asks the store whether this replica leads; a store error counts as "not now".
-pub async fn try_lead(store: &Arc<dyn Store>, replica: &str) -> bool {
+/// Asks the store whether this replica leads: `None` when it cannot say (out of reach).
+async fn lead(store: &Arc<dyn Store>, replica: &str) -> Option<bool> {
     let (store, replica) = (Arc::clone(store), replica.to_owned());
     match tokio::task::spawn_blocking(move || store.lead(&replica)).await.expect("the store does not panic") {
-        Ok(leading) => leading,
+        Ok(leading) => Some(leading),
         Err(store_error) => {
-            warn!(error = %store_error, "cannot reach the store to settle the leader");
-            false
+            warn!(error = %store_error, "cannot reach the store to settle which replica leads");
+            None
         }
     }
+}
+
+/// Whether this replica leads now; not when the store is out of reach.
+pub async fn try_lead(store: &Arc<dyn Store>, replica: &str) -> bool {
+    lead(store, replica).await == Some(true)
 }
 
 /// Until this replica leads: tries to take the lead every `LEAD_CHECK`, while
@@ -49,18 +54,17 @@ pub async fn wait_to_lead(store: &Arc<dyn Store>, replica: &str, cancel: &Cancel
     }
 }
 
-/// While this replica leads: checks every `LEAD_CHECK` that it still does. Returns when
-/// it no longer does (the store lost its lock: another replica may lead now), or when
-/// cancelled.
+/// While this replica leads: checks every `LEAD_CHECK` that it still does. Returns false
+/// when another replica took the lead, true when cancelled. While the store is out of
+/// reach no one can take it, and this replica goes on (its writes fail meanwhile); the
+/// lock's connection lost with the database is taken again under a new term.
 pub async fn keep_leading(store: Arc<dyn Store>, replica: String, cancel: CancellationToken) -> bool {
     loop {
         tokio::select! {
             () = cancel.cancelled() => return true,
             () = tokio::time::sleep(LEAD_CHECK) => {}
         }
-        // One retry: the lock's connection may have dropped with no one else taking it
-        // (a PostgreSQL restart); then this replica leads on under a new term.
-        if !try_lead(&store, &replica).await && !try_lead(&store, &replica).await {
+        if lead(&store, &replica).await == Some(false) {
             error!(replica = %replica, "lost the lead to another replica");
             return false;
         }

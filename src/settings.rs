@@ -209,8 +209,8 @@ pub struct Settings {
     pub database: Database,
     /// The key token secrets are sealed under in a shared database.
     pub secret_key: Option<Arc<crate::install::seal::SecretKey>>,
-    /// This replica's name.
-    pub replica: String,
+    /// This replica's name; `None`: the host name and the collector port.
+    pub replica: Option<String>,
     /// The PEM text of `--install-ca-file`.
     pub install_ca: Option<Arc<str>>,
 }
@@ -343,7 +343,7 @@ impl ServeArgs {
         if !valid_branch(&self.branch) {
             return Err(SettingsError::BadBranch(self.branch));
         }
-        let listen: SocketAddr = self.listen.parse().map_err(|_| SettingsError::BadOpampListen(self.listen.clone()))?;
+        let listen = self.listen.parse().map_err(|_| SettingsError::BadOpampListen(self.listen.clone()))?;
         if self.max_connections == 0 {
             return Err(SettingsError::NoConnections);
         }
@@ -442,9 +442,9 @@ impl ServeArgs {
                 if !usable {
                     return Err(SettingsError::BadReplicaName(name));
                 }
-                name
+                Some(name)
             }
-            None => format!("{}:{}", crate::app::host_name(), listen.port()),
+            None => None,
         };
         check_data_dir(&self.data_dir)?;
         Ok(Settings {

@@ -171,8 +171,9 @@ pub trait Store: Send + Sync + 'static {
     // publish to.
 
     /// Takes the leadership, or keeps it: true while this process leads. `replica` names
-    /// it to the others. Once it returns false after true, the leadership is lost, and
-    /// writes only the leader makes fail with `StoreError::NotLeader`.
+    /// it to the others. False after true: another replica took it, and writes only the
+    /// leader makes fail with `StoreError::NotLeader`. An error says nothing either way (the
+    /// database is out of reach, and no one can take the lead meanwhile).
     fn lead(&self, _replica: &str) -> Result<bool, StoreError> {
         Ok(true)
     }

@@ -807,12 +807,12 @@ impl Store for PostgresStore {
     fn lead(&self, replica: &str) -> Result<bool, StoreError> {
         let mut leading = self.leading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(client) = leading.as_mut() {
-            // Still leading while the connection that holds the lock is alive.
+            // Still leading while the connection that holds the lock is alive. Lost (the
+            // database restarted), the lock is free until someone takes it: try again now.
             if client.simple_query("SELECT 1").is_ok() {
                 return Ok(true);
             }
             *leading = None;
-            return Ok(false);
         }
         let mut client = self.connect()?;
         let taken: bool = client

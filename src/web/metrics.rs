@@ -80,31 +80,34 @@ pub async fn metrics(State(state): State<WebState>) -> Response {
             family.sample(&[("fleet", fleet)], rollout.steps.len());
         }
     }
-    Family::new(&mut out, "gitfleet_instances_connected", "gauge", "Instances connected, by transport.")
-        .sample(&[("transport", "websocket")], websocket)
-        .sample(&[("transport", "http")], http);
+    // What this replica alone does is labelled with its name; the fleet figures above are
+    // the same on every replica (each sees every instance).
+    let replica = view.replica.as_str();
+    Family::new(
+        &mut out,
+        "gitfleet_instances_connected",
+        "gauge",
+        "Instances connected to this replica, by transport.",
+    )
+    .sample(&[("replica", replica), ("transport", "websocket")], websocket)
+    .sample(&[("replica", replica), ("transport", "http")], http);
+    Family::new(&mut out, "gitfleet_leader", "gauge", "1 while this replica leads.")
+        .sample(&[("replica", replica)], usize::from(view.leading));
     let counter = |out: &mut String, name: &'static str, help: &str, value: u64| {
         Family::new(out, name, "counter", help).sample(&[], value);
     };
     let m = &state.metrics;
-    counter(
-        &mut out,
-        "gitfleet_opamp_messages_received_total",
-        "OpAMP messages received from agents.",
-        Metrics::read(&m.opamp_messages_in),
-    );
-    counter(
-        &mut out,
-        "gitfleet_opamp_messages_sent_total",
-        "OpAMP messages sent to agents.",
-        Metrics::read(&m.opamp_messages_out),
-    );
-    counter(
-        &mut out,
-        "gitfleet_opamp_remote_configs_sent_total",
-        "OpAMP messages sent to agents that carried a remote config.",
-        Metrics::read(&m.remote_configs_out),
-    );
+    for (name, help, value) in [
+        ("gitfleet_opamp_messages_received_total", "OpAMP messages this replica received.", &m.opamp_messages_in),
+        ("gitfleet_opamp_messages_sent_total", "OpAMP messages this replica sent.", &m.opamp_messages_out),
+        (
+            "gitfleet_opamp_remote_configs_sent_total",
+            "OpAMP messages this replica sent that carried a remote config.",
+            &m.remote_configs_out,
+        ),
+    ] {
+        Family::new(&mut out, name, "counter", help).sample(&[("replica", replica)], Metrics::read(value));
+    }
     counter(&mut out, "gitfleet_reconciles_total", "Reconciles of the repository.", view.reconciles);
     counter(
         &mut out,

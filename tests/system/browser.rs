@@ -334,7 +334,6 @@ fn pages_are_read_only_and_agent_text_is_escaped_in_the_html() {
     assert_eq!(metrics.header("content-type").as_deref(), Some("text/plain; version=0.0.4; charset=utf-8"));
     for expected in [
         "gitfleet_instances{fleet=\"prod-gateway\",status=\"in_sync\"} 1\n",
-        "gitfleet_instances_connected{transport=\"websocket\"} 1\n",
         "# TYPE gitfleet_opamp_messages_received_total counter\n",
         "gitfleet_reconciles_total 1\n",
         "gitfleet_git_fetch_errors_total 0\n",
@@ -343,10 +342,19 @@ fn pages_are_read_only_and_agent_text_is_escaped_in_the_html() {
     ] {
         assert!(metrics.body.contains(expected), "{expected:?} in\n{}", metrics.body);
     }
+    // What this replica alone does is labelled with its name: the host name and port.
+    let replica = server.json("/api/v1/repo")["replica"]["name"].as_str().expect("a name").to_owned();
+    assert!(replica.ends_with(&format!(":{}", server.opamp.port())), "{replica}");
+    for expected in [
+        format!("gitfleet_leader{{replica=\"{replica}\"}} 1\n"),
+        format!("gitfleet_instances_connected{{replica=\"{replica}\",transport=\"websocket\"}} 1\n"),
+    ] {
+        assert!(metrics.body.contains(&expected), "{expected:?} in\n{}", metrics.body);
+    }
     let received = metrics
         .body
         .lines()
-        .find_map(|line| line.strip_prefix("gitfleet_opamp_messages_received_total "))
+        .find_map(|line| line.strip_prefix("gitfleet_opamp_messages_received_total{")?.split_once("} ").map(|(_, v)| v))
         .and_then(|value| value.parse::<u64>().ok());
     assert_eq!(received, Some(2), "the agent's hello and its report");
     server.stop();

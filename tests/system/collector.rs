@@ -466,7 +466,11 @@ fn metric(server: &Server, name: &str) -> u64 {
     let metrics = server.get("/metrics").body;
     metrics
         .lines()
-        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            // Labels (`{replica="…"}`), if the metric has them.
+            rest.strip_prefix(' ').or_else(|| Some(rest.strip_prefix('{')?.split_once("} ")?.1))
+        })
         .and_then(|value| value.trim().parse().ok())
         .unwrap_or_else(|| panic!("no metric {name}"))
 }
