@@ -231,75 +231,27 @@ pub async fn start_on(mut settings: Settings, listeners: Listeners) -> Result<Ru
         )
         .instrument(info_span!("statuses")),
     );
-    let leader = {
-        let (settings, store, metrics) = (settings.clone(), Arc::clone(&store), Arc::clone(&metrics));
-        let replica = Arc::clone(&replica);
-        let (statuses_rx, view_rx, targets_rx) = (statuses_rx.clone(), view_rx.clone(), targets_rx.clone());
-        let (registry, events_tx, fatal_tx) = (Arc::clone(&registry), events_tx.clone(), fatal_tx.clone());
-        // What only the leader does, started when this replica leads.
-        move |tracker: &TaskTracker, cancel: &CancellationToken| {
-            tracker.spawn(
-                watcher::run(watcher_settings, mirror, triggers_rx, events_tx.clone(), fatal_tx, cancel.clone())
-                    .instrument(info_span!("watcher")),
-            );
-            tracker.spawn(
-                crate::replica::publish_for_followers(
-                    Arc::clone(&store),
-                    view_rx.clone(),
-                    replica.to_string(),
-                    cancel.clone(),
-                )
-                .instrument(info_span!("publish")),
-            );
-            if let Some(branch) = &settings.status_branch {
-                let status_settings = reporting::StatusBranchSettings {
-                    data_dir: settings.data_dir.clone(),
-                    remote: settings.repo.clone(),
-                    branch: branch.clone(),
-                    interval: settings.status_interval,
-                    status_page_url: settings.status_page_url.clone(),
-                };
-                let sources = reporting::Sources {
-                    statuses: statuses_rx.clone(),
-                    view: view_rx.clone(),
-                    targets: targets_rx.clone(),
-                    registry: Arc::clone(&registry),
-                };
-                tracker.spawn(
-                    reporting::keep_status_branch(
-                        status_settings,
-                        sources,
-                        Arc::clone(&metrics),
-                        events_tx.clone(),
-                        cancel.clone(),
-                    )
-                    .instrument(info_span!("status_branch")),
-                );
-            }
-            if let Some(forge) = &settings.forge {
-                tracker.spawn(
-                    crate::forge::post_commit_statuses(
-                        forge.clone(),
-                        settings.status_interval,
-                        statuses_rx.clone(),
-                        Arc::clone(&store),
-                        Arc::clone(&metrics),
-                        events_tx.clone(),
-                        cancel.clone(),
-                    )
-                    .instrument(info_span!("forge")),
-                );
-            }
-        }
+    let leader = LeaderTasks {
+        settings: settings.clone(),
+        watcher: watcher_settings,
+        mirror,
+        store: Arc::clone(&store),
+        metrics: Arc::clone(&metrics),
+        registry: Arc::clone(&registry),
+        statuses: statuses_rx.clone(),
+        view: view_rx.clone(),
+        targets: targets_rx.clone(),
+        events: events_tx.clone(),
+        triggers: triggers_tx.clone(),
+        fatal: fatal_tx.clone(),
+        replica: Arc::clone(&replica),
     };
     tracker.spawn(
         take_turns(
             Arc::clone(&store),
-            replica.to_string(),
             (leading, role_tx),
-            leader,
+            (leader, triggers_rx),
             events_tx.clone(),
-            fatal_tx,
             (tracker.clone(), cancel.clone()),
         )
         .instrument(info_span!("replica")),
@@ -390,41 +342,151 @@ pub async fn start_on(mut settings: Settings, listeners: Listeners) -> Result<Ru
     Ok(Running { web_addr, opamp_addr, registry, view: view_rx, cancel, tracker, fatal: fatal_rx, _fs_watch: fs_watch })
 }
 
-/// Leads or follows: a follower reads what the leader publishes and tries to take the lead
-/// every second; once it leads, it starts the `leader` tasks and checks every second that it
-/// still leads. A leader that lost the lead to another replica stops the process (through
-/// `fatal`): its tasks might otherwise do what the new leader does.
+/// What only the leader runs: the watcher, the status branch, commit statuses, and for
+/// replicas the publisher and the relay of webhooks. Started each time this replica leads.
+struct LeaderTasks {
+    settings: Settings,
+    watcher: WatcherSettings,
+    mirror: Arc<Mirror>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+    statuses: watch::Receiver<Arc<Statuses>>,
+    view: watch::Receiver<Arc<View>>,
+    targets: watch::Receiver<Arc<crate::opamp::registry::Targets>>,
+    events: mpsc::Sender<Event>,
+    triggers: mpsc::Sender<crate::git::watcher::Trigger>,
+    fatal: mpsc::Sender<String>,
+    replica: Arc<str>,
+}
+
+impl LeaderTasks {
+    /// Starts them until `cancel`; the watcher hands `triggers` back when it stops.
+    fn start(
+        &self,
+        triggers: mpsc::Receiver<crate::git::watcher::Trigger>,
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+    ) -> tokio::task::JoinHandle<mpsc::Receiver<crate::git::watcher::Trigger>> {
+        let (settings, store, metrics) = (&self.settings, &self.store, &self.metrics);
+        let (statuses_rx, view_rx, targets_rx) = (&self.statuses, &self.view, &self.targets);
+        let watcher = tracker.spawn(
+            watcher::run(
+                self.watcher.clone(),
+                Arc::clone(&self.mirror),
+                triggers,
+                self.events.clone(),
+                self.fatal.clone(),
+                cancel.clone(),
+            )
+            .instrument(info_span!("watcher")),
+        );
+        // Followers hear of what the leader publishes, and it of webhooks they got.
+        if store.shared() {
+            tracker.spawn(
+                crate::replica::hear_fetch_requests(Arc::clone(store), self.triggers.clone(), cancel.clone())
+                    .instrument(info_span!("relay")),
+            );
+            tracker.spawn(
+                crate::replica::publish_for_followers(
+                    Arc::clone(store),
+                    view_rx.clone(),
+                    self.replica.to_string(),
+                    cancel.clone(),
+                )
+                .instrument(info_span!("publish")),
+            );
+        }
+        if let Some(branch) = &settings.status_branch {
+            let status_settings = reporting::StatusBranchSettings {
+                data_dir: settings.data_dir.clone(),
+                remote: settings.repo.clone(),
+                branch: branch.clone(),
+                interval: settings.status_interval,
+                status_page_url: settings.status_page_url.clone(),
+            };
+            let sources = reporting::Sources {
+                statuses: statuses_rx.clone(),
+                view: view_rx.clone(),
+                targets: targets_rx.clone(),
+                registry: Arc::clone(&self.registry),
+            };
+            tracker.spawn(
+                reporting::keep_status_branch(
+                    status_settings,
+                    sources,
+                    Arc::clone(metrics),
+                    self.events.clone(),
+                    cancel.clone(),
+                )
+                .instrument(info_span!("status_branch")),
+            );
+        }
+        if let Some(forge) = &settings.forge {
+            tracker.spawn(
+                crate::forge::post_commit_statuses(
+                    forge.clone(),
+                    settings.status_interval,
+                    statuses_rx.clone(),
+                    Arc::clone(store),
+                    Arc::clone(metrics),
+                    self.events.clone(),
+                    cancel.clone(),
+                )
+                .instrument(info_span!("forge")),
+            );
+        }
+        watcher
+    }
+}
+
+/// Leads or follows, in turns: a follower reads what the leader publishes and tries to take
+/// the lead every second; once it leads, it starts the `LeaderTasks` and checks every
+/// second that it still leads. When another replica took the lead, it stops them and
+/// follows again.
 async fn take_turns(
     store: Arc<dyn Store>,
-    replica: String,
-    (leading, role): (bool, watch::Sender<bool>),
-    leader: impl FnOnce(&TaskTracker, &CancellationToken),
+    (mut leading, role): (bool, watch::Sender<bool>),
+    (leader, mut triggers): (LeaderTasks, mpsc::Receiver<crate::git::watcher::Trigger>),
     events: mpsc::Sender<Event>,
-    fatal: mpsc::Sender<String>,
     (tracker, cancel): (TaskTracker, CancellationToken),
 ) {
-    if !leading {
-        let following = cancel.child_token();
-        tracker.spawn(
-            crate::replica::follow_leader(Arc::clone(&store), events.clone(), following.clone())
-                .instrument(info_span!("follow")),
-        );
-        let took_over = crate::replica::wait_to_lead(&store, &replica, &cancel).await;
-        following.cancel();
-        if !took_over {
+    let replica = leader.replica.to_string();
+    loop {
+        if !leading {
+            let following = cancel.child_token();
+            tracker.spawn(
+                crate::replica::follow_leader(Arc::clone(&store), events.clone(), following.clone())
+                    .instrument(info_span!("follow")),
+            );
+            let took_over = crate::replica::wait_to_lead(&store, &replica, &cancel).await;
+            following.cancel();
+            if !took_over {
+                return;
+            }
+            // Before the watcher's first snapshot, through the same channel.
+            if events.send(Event::Lead).await.is_err() {
+                return;
+            }
+            role.send_replace(true);
+        }
+        let term = cancel.child_token();
+        let watcher = leader.start(triggers, &tracker, &term);
+        let cancelled = crate::replica::keep_leading(Arc::clone(&store), replica.clone(), cancel.clone()).await;
+        term.cancel();
+        triggers = match watcher.await {
+            Ok(triggers) => triggers,
+            Err(_) => return,
+        };
+        if cancelled {
             return;
         }
-        // Before the watcher's first snapshot, through the same channel.
-        if events.send(Event::Lead).await.is_err() {
+        // Another replica leads: this one follows from now on.
+        if events.send(Event::Deposed).await.is_err() {
             return;
         }
-        role.send_replace(true);
-    }
-    leader(&tracker, &cancel);
-    if !crate::replica::keep_leading(store, replica, cancel.clone()).await {
-        let _ = fatal
-            .send("this replica lost the lead to another replica; start it again and it follows the new leader".into())
-            .await;
+        role.send_replace(false);
+        leading = false;
     }
 }
 

@@ -34,6 +34,8 @@ pub enum Event {
     Followed,
     /// This replica became the leader.
     Lead,
+    /// Another replica took the lead: this one follows it from now on.
+    Deposed,
 }
 
 /// The tasks that report problems of their own through the reconciler.
@@ -431,6 +433,15 @@ impl Reconciler {
                 Event::RepoReachable => self.view.send_modify(|view| Arc::make_mut(view).fetch_problem = None),
                 Event::Followed => self.follow().await,
                 Event::Lead => self.lead().await,
+                Event::Deposed => {
+                    self.leading = false;
+                    self.view.send_modify(|view| {
+                        let view = Arc::make_mut(view);
+                        view.leading = false;
+                        view.leader = None;
+                    });
+                    warn!(replica = %self.replica, "another replica leads now; following it");
+                }
                 Event::Problems { source, problems } => {
                     self.view.send_if_modified(|view| {
                         if view.task_problems.get(&source).map_or(problems.is_empty(), |p| *p == problems) {

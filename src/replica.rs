@@ -87,7 +87,7 @@ pub async fn follow_leader(store: Arc<dyn Store>, events: mpsc::Sender<Event>, c
                     info!("hearing the leader's announcements again");
                     failing = false;
                 }
-                heard
+                heard.iter().any(|what| what == "state")
             }
             Err(store_error) => {
                 if !failing {
@@ -107,6 +107,28 @@ pub async fn follow_leader(store: Arc<dyn Store>, events: mpsc::Sender<Event>, c
             if events.send(Event::Followed).await.is_err() {
                 break;
             }
+        }
+    }
+}
+
+/// The leader's loop: fetches when a follower relays a webhook (`Store::request_fetch`).
+pub async fn hear_fetch_requests(
+    store: Arc<dyn Store>,
+    triggers: mpsc::Sender<crate::git::watcher::Trigger>,
+    cancel: CancellationToken,
+) {
+    while !cancel.is_cancelled() {
+        let waiting = Arc::clone(&store);
+        match tokio::task::spawn_blocking(move || waiting.wait_for_change(LISTEN_WAIT)).await.expect("no panic") {
+            Ok(heard) if heard.iter().any(|what| what == "fetch") => {
+                let _ = triggers.try_send(crate::git::watcher::Trigger::Webhook);
+            }
+            Ok(_) => {}
+            // Polling still finds the change; try again in a moment.
+            Err(_) => tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(LISTEN_WAIT) => {}
+            },
         }
     }
 }

@@ -35,6 +35,12 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     missing="$missing postgresql"
 fi
 
+# The replica tests put Debian's HAProxy in front of three servers (deploy/haproxy.cfg);
+# it lives in /usr/sbin, off a user's PATH.
+if ! [ -x /usr/sbin/haproxy ] && ! command -v haproxy >/dev/null 2>&1; then
+    missing="$missing haproxy"
+fi
+
 if [ -n "$missing" ]; then
     # shellcheck disable=SC2086 # one word per package
     set -- $missing

@@ -31,6 +31,7 @@ const DEBOUNCE: Duration = Duration::from_millis(20);
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(300);
 
+#[derive(Clone)]
 pub struct WatcherSettings {
     pub branch: String,
     pub poll_interval: Duration,
@@ -87,7 +88,7 @@ pub async fn run(
     events: mpsc::Sender<Event>,
     fatal: mpsc::Sender<String>,
     cancel: CancellationToken,
-) {
+) -> mpsc::Receiver<Trigger> {
     let reader = Arc::new(Mutex::new(SnapshotReader::new()));
     let rev = format!("refs/heads/{}", settings.branch);
     let mut failures: u32 = 0;
@@ -197,6 +198,8 @@ pub async fn run(
             + if succeeded { settings.poll_interval } else { retry_delay(failures, settings.poll_interval) };
     }
     info!("watcher stopped");
+    // For the next watcher, if this replica leads again.
+    triggers
 }
 
 /// 1 s, 2 s, 4 s, … capped at the poll interval and at five minutes.

@@ -170,6 +170,10 @@ pub trait Store: Send + Sync + 'static {
     // Replicas. A store only one process uses (SQLite) makes it the leader, with no one to
     // publish to.
 
+    /// Whether other processes may share this store (replicas).
+    fn shared(&self) -> bool {
+        false
+    }
     /// Takes the leadership, or keeps it: true while this process leads. `replica` names
     /// it to the others. False after true: another replica took it, and writes only the
     /// leader makes fail with `StoreError::NotLeader`. An error says nothing either way (the
@@ -201,10 +205,15 @@ pub trait Store: Send + Sync + 'static {
     fn published_state(&self) -> Result<Option<String>, StoreError> {
         Ok(None)
     }
-    /// Waits at most `timeout` for the leader to announce a change (a published state, a
-    /// rollout); true when it did, or when changes may have gone unheard.
-    fn wait_for_change(&self, timeout: std::time::Duration) -> Result<bool, StoreError> {
+    /// Waits at most `timeout` for announcements between replicas: `state` (the leader
+    /// published a state or a rollout; also said when announcements may have gone unheard)
+    /// and `fetch` (`request_fetch`). Empty when none came.
+    fn wait_for_change(&self, timeout: std::time::Duration) -> Result<Vec<String>, StoreError> {
         std::thread::sleep(timeout);
-        Ok(false)
+        Ok(Vec::new())
+    }
+    /// Asks the leader to fetch the repository now (a webhook reached a follower).
+    fn request_fetch(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 }

@@ -152,8 +152,8 @@ pub struct PostgresStore {
     /// What the database is called in messages: its URL without the password.
     name: String,
     client: Mutex<Option<Client>>,
-    /// The connection that holds `LEADER_LOCK` while this process leads.
-    leading: Mutex<Option<Client>>,
+    /// The connection that tries to take `LEADER_LOCK`, and whether it holds it.
+    leading: Mutex<Option<(Client, bool)>>,
     /// The term this process took when it last became the leader. Writes only the leader
     /// makes are refused once another has taken a later one (fencing).
     term: Mutex<Option<i64>>,
@@ -338,8 +338,10 @@ impl PostgresStore {
 
 impl Drop for PostgresStore {
     fn drop(&mut self) {
-        let clients = [&mut self.client, &mut self.leading, &mut self.listening]
+        let leading = self.leading.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        let clients = [&mut self.client, &mut self.listening]
             .map(|client| client.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()).take());
+        let clients = (clients, leading);
         // A `postgres::Client` closes its connection on its own runtime when dropped, which
         // panics on a thread that drives async tasks (where the last `Arc` may go).
         let _ = std::thread::spawn(move || drop(clients)).join();
@@ -529,7 +531,7 @@ impl Store for PostgresStore {
 
     fn save_rollouts(&self, changed: &[(String, Option<StoredRollout>)]) -> Result<(), StoreError> {
         self.leader_transaction("saving rollouts", |transaction| {
-            transaction.execute("SELECT pg_notify($1, '')", &[&CHANNEL])?;
+            transaction.execute("SELECT pg_notify($1, 'state')", &[&CHANNEL])?;
             for (fleet, rollout) in changed {
                 match rollout {
                     Some(rollout) => transaction.execute(
@@ -804,21 +806,35 @@ impl Store for PostgresStore {
         self.read_instances("reading changed instances", filter, &[&after, &replica], events_per_instance, false)
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn lead(&self, replica: &str) -> Result<bool, StoreError> {
         let mut leading = self.leading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(client) = leading.as_mut() {
-            // Still leading while the connection that holds the lock is alive. Lost (the
-            // database restarted), the lock is free until someone takes it: try again now.
+        // Lost (the database restarted), the lock went with the connection: take it again.
+        if leading.as_ref().is_some_and(|(client, _)| client.is_closed()) {
+            *leading = None;
+        }
+        if let Some((client, true)) = leading.as_mut() {
+            // Still leading while the connection that holds the lock is alive.
             if client.simple_query("SELECT 1").is_ok() {
                 return Ok(true);
             }
             *leading = None;
         }
-        let mut client = self.connect()?;
-        let taken: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
-            .map_err(query("taking the leader lock"))?
-            .get(0);
+        // One connection per candidate, kept between tries.
+        let (client, holding) = match leading.as_mut() {
+            Some(slot) => slot,
+            None => leading.insert((self.connect()?, false)),
+        };
+        let taken: bool = match client.query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK]) {
+            Ok(row) => row.get(0),
+            Err(error) => {
+                *leading = None;
+                return Err(query("taking the leader lock")(error));
+            }
+        };
         if !taken {
             return Ok(false);
         }
@@ -830,7 +846,7 @@ impl Store for PostgresStore {
             .map_err(query("taking the leader's term"))?
             .get(0);
         *self.term.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(term);
-        *leading = Some(client);
+        *holding = true;
         Ok(true)
     }
 
@@ -849,7 +865,7 @@ impl Store for PostgresStore {
                  published_at = excluded.published_at",
                 &[&term, &body, &crate::time::now_unix()],
             )?;
-            transaction.execute("SELECT pg_notify($1, '')", &[&CHANNEL])?;
+            transaction.execute("SELECT pg_notify($1, 'state')", &[&CHANNEL])?;
             Ok(())
         })
     }
@@ -859,7 +875,7 @@ impl Store for PostgresStore {
         Ok(rows.first().map(|row| row.get(0)))
     }
 
-    fn wait_for_change(&self, timeout: std::time::Duration) -> Result<bool, StoreError> {
+    fn wait_for_change(&self, timeout: std::time::Duration) -> Result<Vec<String>, StoreError> {
         let mut listening = self.listening.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if listening.as_ref().is_none_or(Client::is_closed) {
             *listening = None;
@@ -867,19 +883,31 @@ impl Store for PostgresStore {
             client.batch_execute(&format!("LISTEN {CHANNEL}")).map_err(query("listening for changes"))?;
             *listening = Some(client);
             // Anything may have changed while nobody listened.
-            return Ok(true);
+            return Ok(vec!["state".to_owned()]);
         }
         let heard = {
             let mut notifications = listening.as_mut().expect("listening").notifications();
-            let heard = notifications.timeout_iter(timeout).next().map(|heard| heard.is_some());
-            // One re-read covers every change announced so far.
-            while let Ok(Some(_)) = notifications.iter().next() {}
-            heard
+            let first = notifications.timeout_iter(timeout).next();
+            first.map(|first| {
+                let mut heard: Vec<String> = first.into_iter().map(|n| n.payload().to_owned()).collect();
+                // Whatever else arrived meanwhile, at once.
+                while let Ok(Some(more)) = notifications.iter().next() {
+                    heard.push(more.payload().to_owned());
+                }
+                heard
+            })
         };
         if heard.is_err() {
             *listening = None;
         }
         heard.map_err(query("listening for changes"))
+    }
+
+    fn request_fetch(&self) -> Result<(), StoreError> {
+        self.transaction("asking the leader to fetch", |transaction| {
+            transaction.execute("SELECT pg_notify($1, 'fetch')", &[&CHANNEL])?;
+            Ok(())
+        })
     }
 
     fn save_posted_status(&self, status: &PostedStatus) -> Result<(), StoreError> {

@@ -93,7 +93,19 @@ async fn git_hook(State(state): State<WebState>, headers: HeaderMap, body: Bytes
             }
         }
     }
-    // A full queue already holds a trigger, so this one is not needed.
-    let _ = state.triggers.try_send(Trigger::Webhook);
+    if state.view.borrow().leading {
+        // A full queue already holds a trigger, so this one is not needed.
+        let _ = state.triggers.try_send(Trigger::Webhook);
+    } else {
+        // Another replica fetches: ask it through the store.
+        let store = Arc::clone(&state.store);
+        let relayed =
+            tokio::task::spawn_blocking(move || store.request_fetch()).await.expect("the store does not panic");
+        if let Err(error) = relayed {
+            warn!(%error, "cannot pass the webhook on to the leader");
+            let message = format!("this replica does not lead and cannot reach the leader: {error}");
+            return api::error(StatusCode::SERVICE_UNAVAILABLE, &message);
+        }
+    }
     (StatusCode::ACCEPTED, axum::Json(serde_json::json!({ "status": "fetch scheduled" }))).into_response()
 }

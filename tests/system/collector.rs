@@ -454,12 +454,7 @@ fn in_sync_at(server: &Server, uid: &str, host: &Host, tag: &str) -> Value {
 
 /// `gitfleet_opamp_remote_configs_sent_total` of `server`.
 fn configs_sent(server: &Server) -> u64 {
-    let metrics = server.get("/metrics").body;
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("gitfleet_opamp_remote_configs_sent_total "))
-        .and_then(|value| value.trim().parse().ok())
-        .expect("the remote configs counter")
+    metric(server, "gitfleet_opamp_remote_configs_sent_total")
 }
 
 fn metric(server: &Server, name: &str) -> u64 {

@@ -3,6 +3,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod balancer;
 mod browser;
 mod check;
 mod collector;

@@ -67,7 +67,7 @@ fn a_wrong_password_is_a_clear_error_that_does_not_show_it() {
 
 /// The flags of a replica on `database`: the password and the shared key in files under
 /// `dir` (written once).
-fn replica_flags(postgres: &Postgres, database: &str, dir: &Path) -> Vec<String> {
+pub(crate) fn replica_flags(postgres: &Postgres, database: &str, dir: &Path) -> Vec<String> {
     let (password_file, key_file) = (dir.join("db-password"), dir.join("secret-key"));
     if !key_file.exists() {
         std::fs::write(&password_file, format!("{PASSWORD}\n")).expect("write the password file");
