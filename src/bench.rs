@@ -45,6 +45,10 @@ pub enum Bench {
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
     },
+    /// Replicas on one PostgreSQL, each with its own simulated collectors: whole-fleet
+    /// publish + bump, database writes per second, memory per collector per replica, and a
+    /// leader killed under load.
+    Replicas(replicas::ReplicasArgs),
     /// Reconcile a generated repository: cold, after a one-file push, and push-to-reconciled
     /// through a running server watching a local repository.
     Reconcile {
@@ -80,11 +84,14 @@ pub enum BenchError {
     Failed(String),
 }
 
+mod replicas;
+
 pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
     match &args.bench {
         Bench::Reconcile { fleets, tags, configs, rounds, dir } => {
             reconcile(*fleets, *tags, *configs, *rounds, dir.as_deref())
         }
+        Bench::Replicas(args) => replicas::run(args),
         Bench::Opamp { agents, processes, sample_seconds, dir, tls_cert, tls_key } => {
             let tls = tls_cert.as_deref().zip(tls_key.as_deref());
             opamp(*agents, *processes, *sample_seconds, dir.as_deref(), tls)
@@ -680,6 +687,20 @@ fn start_loadgens(
     ca_file: Option<&Path>,
     stdout: fn() -> Stdio,
 ) -> Result<Vec<ChildGuard>, BenchError> {
+    start_loadgens_from(opamp, token, (0, agents), (0, processes), heartbeat, ca_file, stdout)
+}
+
+/// `start_loadgens` for agents `first_agent..first_agent + agents` in processes numbered
+/// from `first_process` (each process has source addresses of its own).
+fn start_loadgens_from(
+    opamp: std::net::SocketAddr,
+    token: &str,
+    (first_agent, agents): (usize, usize),
+    (first_process, processes): (usize, usize),
+    heartbeat: &str,
+    ca_file: Option<&Path>,
+    stdout: fn() -> Stdio,
+) -> Result<Vec<ChildGuard>, BenchError> {
     let exe = std::env::current_exe().map_err(io("cannot find the gitfleet binary"))?;
     let per_process = agents.div_ceil(processes.max(1));
     let mut children = Vec::new();
@@ -689,8 +710,9 @@ fn start_loadgens(
         if count == 0 {
             break;
         }
+        let first = first_agent + first;
         // 100 source addresses per process: 127.0.<process + 1>.1-100.
-        let sources = format!("127.0.{n}.1-127.0.{n}.100", n = process + 1);
+        let sources = format!("127.0.{n}.1-127.0.{n}.100", n = first_process + process + 1);
         let mut command = Command::new(&exe);
         match ca_file {
             None => command.args(["loadgen", "--url", &format!("ws://{opamp}/v1/opamp")]),

@@ -374,8 +374,17 @@ impl InstanceRecord {
     }
 
     fn status_with(&self, target: Option<&FleetTarget>, assigned: Option<&Assignment>, now_ms: i64) -> Status {
-        let stale_after = target.map_or(i64::MAX, |t| t.stale_after_ms);
+        let stale_after = self.stale_after(target.map_or(i64::MAX, |t| t.stale_after_ms));
         self.config.status_if_assigned(assigned, now_ms, stale_after)
+    }
+
+    /// When silence makes it stale: for a record another replica wrote, later by as much
+    /// as that replica may wait to write `last_seen` alone.
+    fn stale_after(&self, stale_after_ms: i64) -> i64 {
+        match self.held_by {
+            Some(_) => stale_after_ms.saturating_add(LAST_SEEN_WRITE_EVERY_MS),
+            None => stale_after_ms,
+        }
     }
 
     /// Whether the config last delivered is not the one `assigned`.
@@ -401,6 +410,7 @@ impl InstanceRecord {
         now_ms: i64,
         stale_after_ms: i64,
     ) -> crate::rollout::Fact {
+        let stale_after_ms = self.stale_after(stale_after_ms);
         crate::rollout::Fact {
             uid: self.uid.0,
             live: self.config.status(now_ms, stale_after_ms) != Status::Stale,
@@ -956,7 +966,12 @@ impl Registry {
             let stale_after = targets.get(&*record.fleet).map_or(i64::MAX, |t| t.stale_after_ms);
             match record.transport {
                 Some(Transport::WebSocket) if record.session.is_some() => websocket += 1,
-                Some(Transport::Http) if now_ms - record.config.last_seen_ms <= stale_after => http += 1,
+                // Polling this replica, not another.
+                Some(Transport::Http)
+                    if record.held_by.is_none() && now_ms - record.config.last_seen_ms <= stale_after =>
+                {
+                    http += 1
+                }
                 _ => {}
             }
         });
@@ -1169,5 +1184,45 @@ mod tests {
         registry.saved([(taken.receipt, taken.events.len())]);
         assert!(registry.unsaved().is_empty(), "clean");
         assert!(registry.get(&uid).unwrap().effective_config.is_none(), "the store has it now");
+    }
+
+    #[test]
+    fn another_replicas_instances_are_shown_but_neither_synced_nor_written_here() {
+        let registry = Registry::default();
+        let targets = Targets::from([("prod".to_owned(), target(2))]);
+        let now = crate::time::now_ms();
+        // Another replica's collector, in sync at v1 and connected there.
+        let mut theirs = InstanceRecord::new(InstanceUid([4; 16]), Arc::from("prod"), Arc::from("tk"), 0x3847, now);
+        theirs.sync(Some(&target(1)), now);
+        let _ = theirs.config.served(vec![1; 32], now, 60_000);
+        let report = Some((vec![1; 32], crate::instance::Reported::Applied, String::new()));
+        let _ = theirs.config.heard(0x3847, report, now, 60_000);
+        let mut stored = theirs.to_stored();
+        (stored.holder, stored.connected) = ("r2".to_owned(), true);
+        // This replica's own collector, with a live session: not replaced by a write of it
+        // another replica made before the collector moved here.
+        let mut ours = InstanceRecord::new(InstanceUid([5; 16]), Arc::from("prod"), Arc::from("tk"), 0x3847, now);
+        ours.session = Some(1);
+        registry.restore([ours]);
+        let mut stale_copy =
+            InstanceRecord::new(InstanceUid([5; 16]), Arc::from("prod"), Arc::from("tk"), 0, now).to_stored();
+        stale_copy.holder = "r2".to_owned();
+        assert_eq!(registry.merge([(stored, Vec::new()), (stale_copy, Vec::new())]), 1);
+
+        let merged = registry.get(&InstanceUid([4; 16])).expect("merged");
+        assert_eq!(merged.held_by.as_deref(), Some("r2"));
+        assert!(merged.row(&targets, now).connected, "connected, to r2");
+        // Counted against this replica's target (v2): pending, not stale.
+        assert_eq!(merged.status_for(targets.get("prod"), now), Status::Pending);
+        // Not synced here (its assignment stays as r2 wrote it) and not written here.
+        registry.sync_all(&targets, now);
+        let merged = registry.get(&InstanceUid([4; 16])).expect("merged");
+        assert_eq!(merged.config.assigned.as_ref().map(|a| a.hash[0]), Some(1));
+        assert!(registry.unsaved().iter().all(|u| u.instance.uid != [4; 16]));
+        assert_eq!(registry.get(&InstanceUid([5; 16])).expect("ours").session, Some(1), "ours kept");
+        // Silent longer than the fleet's stale_after, but within the time r2 may wait to
+        // write `last_seen` alone: still live.
+        assert_eq!(merged.status_for(targets.get("prod"), now + 60_000 + 30_000), Status::Pending);
+        assert_eq!(merged.status_for(targets.get("prod"), now + 60_000 + LAST_SEEN_WRITE_EVERY_MS + 1), Status::Stale);
     }
 }
