@@ -120,14 +120,14 @@ pub async fn start_on(mut settings: Settings, listeners: Listeners) -> Result<Ru
                 .await
                 .expect("opening the store does not panic")?
         }
-        Database::Postgres { url, password } => {
+        Database::Postgres { url, password, ca_file } => {
             let credentials = url.split_once("://").and_then(|(_, rest)| rest.split_once('@')).map(|(user, _)| user);
             if credentials.is_some_and(|user| user.contains(':')) {
                 warn!(
                     "--database carries a password, which anyone on this host can read in `ps`; use --database-password-file"
                 );
             }
-            tokio::task::spawn_blocking(move || PostgresStore::open(&url, password.as_deref()))
+            tokio::task::spawn_blocking(move || PostgresStore::open_with(&url, password.as_deref(), ca_file.as_deref()))
                 .await
                 .expect("opening the store does not panic")?
         }

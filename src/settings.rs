@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// A file holding the PostgreSQL password and nothing else.
     #[arg(long, env = "GITFLEET_DATABASE_PASSWORD_FILE", requires = "database")]
     pub database_password_file: Option<PathBuf>,
+    /// With --database …?sslmode=require: the CA certificates (PEM) that signed the
+    /// database server's certificate, instead of the system's trust store.
+    #[arg(long, env = "GITFLEET_DATABASE_CA_FILE", requires = "database")]
+    pub database_ca_file: Option<PathBuf>,
     /// With --database: a file with the key every replica shares (64 hex digits, from
     /// `gitfleet secret-key`). Install token secrets are kept in the database sealed under
     /// it, so that every replica can serve install files.
@@ -142,6 +146,9 @@ pub enum Database {
     Postgres {
         url: String,
         password: Option<String>,
+        /// With `sslmode=require`: the CA certificates to verify the server with, instead
+        /// of the system's trust store.
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -156,7 +163,11 @@ impl std::fmt::Debug for Database {
 }
 
 /// The store `--database` and `--database-password-file` name: SQLite without them.
-pub fn database(url: Option<String>, password_file: Option<&Path>) -> Result<Database, SettingsError> {
+pub fn database(
+    url: Option<String>,
+    password_file: Option<&Path>,
+    ca_file: Option<&Path>,
+) -> Result<Database, SettingsError> {
     let Some(url) = url else { return Ok(Database::Sqlite) };
     let url = url.trim().to_owned();
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
@@ -175,7 +186,7 @@ pub fn database(url: Option<String>, password_file: Option<&Path>) -> Result<Dat
             Some(password.to_owned())
         }
     };
-    Ok(Database::Postgres { url, password })
+    Ok(Database::Postgres { url, password, ca_file: ca_file.map(Path::to_path_buf) })
 }
 
 /// Validated settings.
@@ -289,6 +300,7 @@ impl ServeArgs {
             data_dir,
             database: None,
             database_password_file: None,
+            database_ca_file: None,
             secret_key_file: None,
             replica_name: None,
             listen: DEFAULT_LISTEN.to_owned(),
@@ -429,7 +441,8 @@ impl ServeArgs {
             (Some(cert), Some(key)) => Some(crate::tls::Tls::new(crate::tls::TlsFiles { cert, key })?),
             _ => None,
         };
-        let database = database(self.database, self.database_password_file.as_deref())?;
+        let database =
+            database(self.database, self.database_password_file.as_deref(), self.database_ca_file.as_deref())?;
         let secret_key = match (&database, &self.secret_key_file) {
             (_, Some(path)) => Some(Arc::new(crate::install::seal::SecretKey::read(path)?)),
             (Database::Postgres { .. }, None) => return Err(SettingsError::NoSecretKey),

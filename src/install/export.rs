@@ -27,6 +27,9 @@ pub struct InstallFilesArgs {
     /// A file holding the PostgreSQL password and nothing else.
     #[arg(long, env = "GITFLEET_DATABASE_PASSWORD_FILE", requires = "database")]
     pub database_password_file: Option<PathBuf>,
+    /// The CA certificates of the database server, as given to `gitfleet serve`.
+    #[arg(long, env = "GITFLEET_DATABASE_CA_FILE", requires = "database")]
+    pub database_ca_file: Option<PathBuf>,
     /// The URL collectors reach the collector port at, for a fleet without
     /// `[install].endpoint`. By default, the endpoint the server wrote the fleet's files with.
     #[arg(long, env = "GITFLEET_PUBLIC_URL")]
@@ -73,18 +76,23 @@ pub fn run(args: &InstallFilesArgs) -> Result<Vec<PathBuf>, ExportError> {
         Some(path) => Some(crate::tls::read_ca_bundle(path).map_err(crate::settings::SettingsError::InstallCa)?),
         None => None,
     };
-    let store: std::sync::Arc<dyn Store> =
-        match crate::settings::database(args.database.clone(), args.database_password_file.as_deref())? {
-            Database::Sqlite => {
-                let database = args.data_dir.join("state.db");
-                if !database.is_file() {
-                    return Err(ExportError::NoState(args.data_dir.display().to_string()));
-                }
-                SqliteStore::open(&database)?
+    let store: std::sync::Arc<dyn Store> = match crate::settings::database(
+        args.database.clone(),
+        args.database_password_file.as_deref(),
+        args.database_ca_file.as_deref(),
+    )? {
+        Database::Sqlite => {
+            let database = args.data_dir.join("state.db");
+            if !database.is_file() {
+                return Err(ExportError::NoState(args.data_dir.display().to_string()));
             }
-            // Read only, beside the server that serves from it.
-            Database::Postgres { url, password } => PostgresStore::open(&url, password.as_deref())?,
-        };
+            SqliteStore::open(&database)?
+        }
+        // Read only, beside the server that serves from it.
+        Database::Postgres { url, password, ca_file } => {
+            PostgresStore::open_with(&url, password.as_deref(), ca_file.as_deref())?
+        }
+    };
     let last_good = store.last_good_fleets()?;
     let source = last_good.get(&args.fleet).ok_or_else(|| ExportError::UnknownFleet(args.fleet.clone()))?;
     let file = format!("fleets/{}.toml", args.fleet);

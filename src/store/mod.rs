@@ -6,6 +6,7 @@
 
 #[doc(hidden)]
 pub mod conformance;
+mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
 

@@ -7,6 +7,7 @@
 //!   the call that found it lost fails, and its caller tries again as for any write error.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use postgres::fallible_iterator::FallibleIterator;
@@ -149,6 +150,8 @@ const HISTORY_KEPT: i64 = 1000;
 
 pub struct PostgresStore {
     config: Config,
+    /// TLS, when the URL asks for it (`sslmode=require`).
+    tls: Option<super::pg_tls::Tls>,
     /// What the database is called in messages: its URL without the password.
     name: String,
     client: Mutex<Option<Client>>,
@@ -165,6 +168,12 @@ impl PostgresStore {
     /// Connects to `url` (`postgres://user@host:port/db`, or key=value pairs), with
     /// `password` when it is kept apart from the URL, and migrates the schema.
     pub fn open(url: &str, password: Option<&str>) -> Result<Arc<Self>, StoreError> {
+        Self::open_with(url, password, None)
+    }
+
+    /// `open`, with TLS when the URL says `sslmode=require`: verified against the CA
+    /// certificates in `ca_file`, or the system's trust store.
+    pub fn open_with(url: &str, password: Option<&str>, ca_file: Option<&Path>) -> Result<Arc<Self>, StoreError> {
         let mut config: Config = url
             .parse()
             .map_err(|error: postgres::Error| StoreError::Open { path: redact(url), source: described(error) })?;
@@ -172,8 +181,16 @@ impl PostgresStore {
             config.password(password);
         }
         config.application_name("gitfleet");
+        let tls = match config.get_ssl_mode() {
+            postgres::config::SslMode::Require => Some(
+                super::pg_tls::Tls::new(ca_file)
+                    .map_err(|message| StoreError::Open { path: redact(url), source: message.into() })?,
+            ),
+            _ => None,
+        };
         let store = Self {
             config,
+            tls,
             name: redact(url),
             client: Mutex::new(None),
             leading: Mutex::new(None),
@@ -188,9 +205,11 @@ impl PostgresStore {
     }
 
     fn connect(&self) -> Result<Client, StoreError> {
-        self.config
-            .connect(NoTls)
-            .map_err(|error| StoreError::Open { path: self.name.clone(), source: described(error) })
+        let connected = match &self.tls {
+            Some(tls) => self.config.connect(tls.clone()),
+            None => self.config.connect(NoTls),
+        };
+        connected.map_err(|error| StoreError::Open { path: self.name.clone(), source: described(error) })
     }
 
     /// The connection, made (again) if there is none or it was lost.

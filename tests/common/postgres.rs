@@ -85,12 +85,44 @@ impl Postgres {
         self.server = Some(server);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match postgres::Client::connect(&self.url("postgres"), postgres::NoTls) {
+            match self.admin() {
                 Ok(_) => return,
                 Err(error) => assert!(Instant::now() < deadline, "PostgreSQL did not start: {error}"),
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The tests' own connection, through the server's socket (whatever TCP requires).
+    fn admin(&self) -> Result<postgres::Client, postgres::Error> {
+        let mut config = postgres::Config::new();
+        config.host_path(self.dir.path().join("data")).port(self.port).user(USER).password(PASSWORD).dbname("postgres");
+        config.connect(postgres::NoTls)
+    }
+
+    /// Restarts the server with TLS (`cert` and `key`, PEM) required on TCP: a connection
+    /// without TLS is refused.
+    pub fn require_tls(&mut self, cert: &Path, key: &Path) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let data = self.dir.path().join("data");
+        for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+            let target = data.join(to);
+            std::fs::copy(from, &target).expect("copy into the data directory");
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            if super::running_as_root() {
+                std::os::unix::fs::chown(&target, Some(65534), Some(65534)).expect("chown to nobody");
+            }
+        }
+        let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).expect("conf");
+        std::io::Write::write_all(&mut conf, b"ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
+            .expect("write conf");
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all scram-sha-256\nhostssl all all 127.0.0.1/32 scram-sha-256\nhostnossl all all 127.0.0.1/32 reject\n",
+        )
+        .expect("write pg_hba.conf");
+        self.stop();
+        self.run();
     }
 
     /// Stops the server (a fast shutdown, as a restart by an operator does).
@@ -114,7 +146,7 @@ impl Postgres {
 
     /// A new, empty database.
     pub fn database(&self, name: &str) -> String {
-        let mut client = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).expect("connect");
+        let mut client = self.admin().expect("connect");
         client.batch_execute(&format!("CREATE DATABASE {name}")).expect("create database");
         self.url_without_password(name)
     }

@@ -57,6 +57,43 @@ fn a_restarted_database_is_connected_to_again() {
 }
 
 #[test]
+fn a_database_that_requires_tls_is_reached_over_tls_verified_against_its_ca() {
+    let mut postgres = Postgres::start();
+    let url = postgres.database("encrypted");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = crate::common::SelfSigned::new(dir.path(), "database");
+    postgres.require_tls(&server.cert, &server.key);
+
+    // Plain TCP is refused now, so a store that works went over TLS.
+    let plain = PostgresStore::open(&url, Some(PASSWORD)).map(drop).expect_err("refused without TLS").to_string();
+    assert!(plain.contains("no encryption"), "{plain}");
+    let tls_url = format!("{url}?sslmode=require");
+    let store = PostgresStore::open_with(&tls_url, Some(PASSWORD), Some(&server.cert)).expect("TLS, verified");
+    store.save_instances(&[gitfleet::store::conformance::instance(1)], &[]).expect("write over TLS");
+    assert_eq!(store.load_instances(1).expect("read over TLS").len(), 1);
+
+    // A certificate no trusted CA signed is refused, from the system's trust store too.
+    let other = crate::common::SelfSigned::new(dir.path(), "other");
+    let untrusted =
+        PostgresStore::open_with(&tls_url, Some(PASSWORD), Some(&other.cert)).map(drop).expect_err("untrusted");
+    assert!(untrusted.to_string().contains("certificate"), "{untrusted}");
+    let system =
+        PostgresStore::open_with(&tls_url, Some(PASSWORD), None).map(drop).expect_err("not in the system store");
+    assert!(system.to_string().contains("certificate"), "{system}");
+
+    // `serve` takes --database-ca-file.
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut flags = replica_flags(&postgres, "served_encrypted", data.path());
+    flags[3].push_str("?sslmode=require");
+    flags.extend(["--database-ca-file".to_owned(), server.cert.display().to_string()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let repo = crate::common::example();
+    let serving = Server::start(&repo.path().display().to_string(), &data.path().join("server"), &flags);
+    assert!(serving.token("prod-gateway").starts_with("tk_"));
+    serving.stop();
+}
+
+#[test]
 fn a_wrong_password_is_a_clear_error_that_does_not_show_it() {
     let postgres = Postgres::start();
     let url = postgres.url("postgres").replace("horse", "donkey");
