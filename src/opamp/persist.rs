@@ -23,6 +23,9 @@ const FORGET_CHECK_MAX: Duration = Duration::from_secs(60);
 pub const EVENTS_KEPT: usize = 200;
 /// History entries loaded per instance at startup.
 const EVENTS_LOADED: usize = 50;
+/// History entries taken in with an instance another replica wrote: the page and the API
+/// show these; the store keeps `EVENTS_KEPT`.
+const EVENTS_MERGED: usize = 10;
 
 /// Loads every remembered instance into the registry; they are `stale` until heard from,
 /// but for those another replica wrote last, which it may hold live (`Registry::merge`).
@@ -206,12 +209,17 @@ const MERGE_EVERY: Duration = Duration::from_secs(1);
 const MERGE_LAG: Duration = Duration::from_secs(5);
 
 /// Where a replica stands in what the others wrote: the highest change number read, as of
-/// when, for the last `MERGE_LAG`.
+/// when, for the last `MERGE_LAG`; and which change of each instance it took in within that
+/// window, so reading behind costs a list of ids, not the instances again.
 #[derive(Default)]
 struct Others {
     read: std::collections::VecDeque<(tokio::time::Instant, i64)>,
+    taken: std::collections::HashMap<[u8; 16], i64>,
     failing: bool,
 }
+
+/// Instances fetched per query while taking in what others wrote.
+const MERGE_CHUNK: usize = 2000;
 
 impl Others {
     /// Reads what other replicas wrote since a little before the last read, into the
@@ -222,19 +230,36 @@ impl Others {
             self.read.pop_front();
         }
         let after = self.read.front().map_or(0, |(_, highest)| *highest);
+        self.taken.retain(|_, number| *number > after);
+        let taken = self.taken.clone();
         let (reading, name) = (Arc::clone(store), Arc::clone(replica));
-        let changed = tokio::task::spawn_blocking(move || reading.instances_changed(after, &name, EVENTS_LOADED))
-            .await
-            .expect("reading does not panic");
-        match changed {
-            Ok(changed) => {
+        let read = tokio::task::spawn_blocking(move || {
+            let changes = reading.instance_changes(after, &name)?;
+            let highest = changes.iter().map(|(_, number)| *number).max();
+            let wanted: Vec<[u8; 16]> = changes
+                .into_iter()
+                .filter(|(uid, number)| taken.get(uid).is_none_or(|seen| seen < number))
+                .map(|(uid, _)| uid)
+                .collect();
+            let mut rows = Vec::with_capacity(wanted.len());
+            for chunk in wanted.chunks(MERGE_CHUNK) {
+                rows.extend(reading.instances_by_uid(chunk, EVENTS_MERGED)?);
+            }
+            Ok::<_, StoreError>((highest, rows))
+        })
+        .await
+        .expect("reading does not panic");
+        match read {
+            Ok((highest, rows)) => {
                 if self.failing {
                     info!("reading what other replicas wrote again");
                     self.failing = false;
                 }
-                let highest = changed.iter().map(|(_, _, number)| *number).max().unwrap_or(after);
-                let highest = highest.max(self.read.back().map_or(0, |(_, last)| *last));
-                let merged = registry.merge(changed.into_iter().map(|(instance, events, _)| (instance, events)));
+                let highest = highest.unwrap_or(after).max(self.read.back().map_or(0, |(_, last)| *last));
+                for (instance, _, number) in &rows {
+                    self.taken.insert(instance.uid, *number);
+                }
+                let merged = registry.merge(rows.into_iter().map(|(instance, events, _)| (instance, events)));
                 if merged > 0 {
                     debug!(instances = merged, "took in instances other replicas wrote");
                 }

@@ -182,14 +182,18 @@ pub trait Store: Send + Sync + 'static {
     fn lead(&self, _replica: &str) -> Result<bool, StoreError> {
         Ok(true)
     }
-    /// Instances replicas other than `replica` wrote since the change `after`, each
-    /// with its newest `events_per_instance` history entries and its change number. The
-    /// numbers grow with each write; a write's number is taken before it commits, so a
-    /// reader asks again a little behind the highest number it saw.
-    fn instances_changed(
+    /// The instances replicas other than `replica` wrote since the change `after`: each
+    /// id with its change number. The numbers grow with each write; a write's number is
+    /// taken before it commits, so a reader asks again a little behind the highest number
+    /// it saw (and fetches only what it has not taken in yet, `instances_by_uid`).
+    fn instance_changes(&self, _after: i64, _replica: &str) -> Result<Vec<([u8; 16], i64)>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// The instances `uids`, each with its newest `events_per_instance` history entries
+    /// and its change number.
+    fn instances_by_uid(
         &self,
-        _after: i64,
-        _replica: &str,
+        _uids: &[[u8; 16]],
         _events_per_instance: usize,
     ) -> Result<Vec<(StoredInstance, Vec<StoredEvent>, i64)>, StoreError> {
         Ok(Vec::new())

@@ -815,14 +815,22 @@ impl Store for PostgresStore {
             .collect())
     }
 
-    fn instances_changed(
+    fn instance_changes(&self, after: i64, replica: &str) -> Result<Vec<([u8; 16], i64)>, StoreError> {
+        let rows = self.read(
+            "reading instance changes",
+            "SELECT uid, changed FROM instances WHERE changed > $1 AND holder <> $2",
+            &[&after, &replica],
+        )?;
+        rows.into_iter().map(|row| Ok((uid16(row.get(0))?, row.get(1)))).collect()
+    }
+
+    fn instances_by_uid(
         &self,
-        after: i64,
-        replica: &str,
+        uids: &[[u8; 16]],
         events_per_instance: usize,
     ) -> Result<Vec<(StoredInstance, Vec<StoredEvent>, i64)>, StoreError> {
-        let filter = "changed > $2 AND holder <> $3";
-        self.read_instances("reading changed instances", filter, &[&after, &replica], events_per_instance, false)
+        let uids: Vec<&[u8]> = uids.iter().map(|uid| &uid[..]).collect();
+        self.read_instances("reading instances", "uid = ANY($2)", &[&uids], events_per_instance, false)
     }
 
     fn shared(&self) -> bool {
