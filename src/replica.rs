@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::reconciler::{Event, LeaderState, View};
 use crate::store::{Store, StoreError};
@@ -28,8 +28,9 @@ async fn lead(store: &Arc<dyn Store>, replica: &str) -> Option<bool> {
     let (store, replica) = (Arc::clone(store), replica.to_owned());
     match tokio::task::spawn_blocking(move || store.lead(&replica)).await.expect("the store does not panic") {
         Ok(leading) => Some(leading),
+        // Said every second while it lasts: the writes and reads that fail say it once.
         Err(store_error) => {
-            warn!(error = %store_error, "cannot reach the store to settle which replica leads");
+            debug!(error = %store_error, "cannot reach the store to settle which replica leads");
             None
         }
     }

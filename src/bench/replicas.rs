@@ -22,8 +22,9 @@ pub struct ReplicasArgs {
     database: String,
     #[arg(long)]
     database_password_file: Option<PathBuf>,
-    /// Seconds to count database writes for.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds to count database writes for: at least 60 covers a whole minute of
+    /// `last_seen` writes.
+    #[arg(long, default_value_t = 60)]
     sample_seconds: u64,
     /// Where to put the repository and the replicas' data (a temporary directory by default).
     #[arg(long)]
