@@ -53,8 +53,13 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo's own lines are what a first-time user reads: its server logs only
-    // warnings unless RUST_LOG asks for more.
-    init_logging(if matches!(cli.command, Command::Demo(_)) { "warn,gix=warn" } else { "info,gix=warn" });
+    // warnings unless RUST_LOG asks for more. A bench prints figures: the server it runs in
+    // process would bury them under a thousand fleets' lines.
+    init_logging(match cli.command {
+        Command::Demo(_) => "warn,gix=warn",
+        Command::Bench(_) => "error",
+        _ => "info,gix=warn",
+    });
     match cli.command {
         Command::Check(args) => match check::run(&args) {
             Ok(plan) => {

@@ -870,7 +870,9 @@ impl Reconciler {
             return Ok(());
         }
         let store = Arc::clone(&self.store);
-        let to_save = last_good.clone();
+        // Only the fleets that changed: a push changes one fleet file of a thousand.
+        let good_changes =
+            last_good.as_ref().map(|fleets| changed_entries(&self.last_good, fleets)).unwrap_or_default();
         let saving = newly_seen.clone();
         let removing = removals.to_vec();
         tokio::task::spawn_blocking(move || {
@@ -880,8 +882,8 @@ impl Reconciler {
             if !removing.is_empty() {
                 store.save_removed_fleets(&removing)?;
             }
-            if let Some(fleets) = &to_save {
-                store.save_last_good_fleets(fleets)?;
+            if !good_changes.is_empty() {
+                store.save_last_good_fleets(&good_changes)?;
             }
             Ok::<_, StoreError>(())
         })
@@ -913,6 +915,20 @@ impl Reconciler {
         }
         Ok(())
     }
+}
+
+/// What differs from `before` to `after`: each changed or new entry, and `None` for each
+/// one gone.
+fn changed_entries<V: Clone + PartialEq>(
+    before: &BTreeMap<String, V>,
+    after: &BTreeMap<String, V>,
+) -> Vec<(String, Option<V>)> {
+    let gone = before.keys().filter(|key| !after.contains_key(*key)).map(|key| (key.clone(), None));
+    let changed = after
+        .iter()
+        .filter(|(key, value)| before.get(*key) != Some(*value))
+        .map(|(key, value)| (key.clone(), Some(value.clone())));
+    gone.chain(changed).collect()
 }
 
 /// Writes the operator's token files, batch after batch in the order the tokens were
@@ -1006,5 +1022,16 @@ mod tests {
         let texts = BTreeMap::from([("edge".to_owned(), ())]);
         assert_eq!(next_removal_end(&removed, &texts), Some(200));
         assert_eq!(next_removal_end(&removed, &BTreeMap::<String, ()>::new()), None);
+    }
+
+    #[test]
+    fn only_what_changed_is_written() {
+        let before = BTreeMap::from([("a".to_owned(), 1), ("b".to_owned(), 2), ("c".to_owned(), 3)]);
+        let after = BTreeMap::from([("a".to_owned(), 1), ("b".to_owned(), 20), ("d".to_owned(), 4)]);
+        assert_eq!(
+            changed_entries(&before, &after),
+            vec![("c".to_owned(), None), ("b".to_owned(), Some(20)), ("d".to_owned(), Some(4))]
+        );
+        assert_eq!(changed_entries(&after, &after), vec![]);
     }
 }

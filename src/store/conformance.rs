@@ -19,7 +19,7 @@ pub type Open<'a> = &'a dyn Fn() -> Arc<dyn Store>;
 /// Every check, in turn.
 pub fn run(open: Open<'_>) {
     versions_first_content_wins(open);
-    last_good_fleets_are_replaced_whole(open);
+    last_good_fleets_change_one_by_one(open);
     reconcile_history_is_newest_first(open);
     rollouts_and_removed_fleets_are_written_and_forgotten(open);
     tokens_come_back_oldest_first(open);
@@ -54,21 +54,30 @@ fn versions_first_content_wins(open: Open<'_>) {
     assert_eq!(seen["gateway/v1"], version("gateway/v1", "a: 1\n"), "the first content seen stays");
 }
 
-fn last_good_fleets_are_replaced_whole(open: Open<'_>) {
+fn last_good_fleets_change_one_by_one(open: Open<'_>) {
     let store = open();
     let fleet = |tag: &str| LastGoodFleet {
         source: format!("config = \"gateway\"\n# {tag}"),
         tag: Some(tag.into()),
         assigned_by: Some("c0ffee".into()),
     };
-    let first = BTreeMap::from([("prod".to_owned(), fleet("gateway/v1")), ("edge".to_owned(), fleet("gateway/v1"))]);
-    store.save_last_good_fleets(&first).expect("save");
-    let second = BTreeMap::from([
-        ("prod".to_owned(), fleet("gateway/v2")),
-        ("core".to_owned(), LastGoodFleet { source: "observe_only = true".into(), tag: None, assigned_by: None }),
-    ]);
-    store.save_last_good_fleets(&second).expect("replace");
-    assert_eq!(open().last_good_fleets().expect("read"), second);
+    let observed = LastGoodFleet { source: "observe_only = true".into(), tag: None, assigned_by: None };
+    store
+        .save_last_good_fleets(&[
+            ("prod".into(), Some(fleet("gateway/v1"))),
+            ("edge".into(), Some(fleet("gateway/v1"))),
+        ])
+        .expect("save");
+    store
+        .save_last_good_fleets(&[
+            ("prod".into(), Some(fleet("gateway/v2"))),
+            ("edge".into(), None),
+            ("core".into(), Some(observed.clone())),
+        ])
+        .expect("change, forget and add");
+    store.save_last_good_fleets(&[("gone".into(), None)]).expect("forgetting one never saved is no error");
+    let expected = BTreeMap::from([("prod".to_owned(), fleet("gateway/v2")), ("core".to_owned(), observed)]);
+    assert_eq!(open().last_good_fleets().expect("read"), expected);
 }
 
 fn reconcile_history_is_newest_first(open: Open<'_>) {

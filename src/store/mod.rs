@@ -131,8 +131,9 @@ pub trait Store: Send + Sync + 'static {
     /// Remembers versions seen for the first time. A tag already remembered is left alone.
     fn remember_versions(&self, versions: &[SeenVersion]) -> Result<(), StoreError>;
     fn last_good_fleets(&self) -> Result<BTreeMap<String, LastGoodFleet>, StoreError>;
-    /// Replaces the remembered last good fleets with `fleets`.
-    fn save_last_good_fleets(&self, fleets: &BTreeMap<String, LastGoodFleet>) -> Result<(), StoreError>;
+    /// Writes the fleets whose last good state changed in one transaction; `None` forgets
+    /// the fleet's (it left the repository).
+    fn save_last_good_fleets(&self, changed: &[(String, Option<LastGoodFleet>)]) -> Result<(), StoreError>;
     fn record_reconcile(&self, record: &ReconcileRecord) -> Result<(), StoreError>;
     /// Each fleet's rollout.
     fn rollouts(&self) -> Result<BTreeMap<String, StoredRollout>, StoreError>;

@@ -513,15 +513,20 @@ impl Store for PostgresStore {
             .collect())
     }
 
-    fn save_last_good_fleets(&self, fleets: &BTreeMap<String, LastGoodFleet>) -> Result<(), StoreError> {
+    fn save_last_good_fleets(&self, changed: &[(String, Option<LastGoodFleet>)]) -> Result<(), StoreError> {
         let now = crate::time::now_unix();
         self.leader_transaction("saving last good fleets", |transaction| {
-            transaction.execute("DELETE FROM fleets_last_good", &[])?;
-            let insert = transaction.prepare(
-                "INSERT INTO fleets_last_good (fleet, source, tag, assigned_by, saved_at) VALUES ($1, $2, $3, $4, $5)",
-            )?;
-            for (fleet, good) in fleets {
-                transaction.execute(&insert, &[fleet, &good.source, &good.tag, &good.assigned_by, &now])?;
+            for (fleet, good) in changed {
+                match good {
+                    Some(good) => transaction.execute(
+                        "INSERT INTO fleets_last_good (fleet, source, tag, assigned_by, saved_at)
+                         VALUES ($1, $2, $3, $4, $5)
+                         ON CONFLICT (fleet) DO UPDATE SET source = excluded.source, tag = excluded.tag,
+                             assigned_by = excluded.assigned_by, saved_at = excluded.saved_at",
+                        &[fleet, &good.source, &good.tag, &good.assigned_by, &now],
+                    )?,
+                    None => transaction.execute("DELETE FROM fleets_last_good WHERE fleet = $1", &[fleet])?,
+                };
             }
             Ok(())
         })

@@ -258,20 +258,20 @@ impl Store for SqliteStore {
         rows.collect::<Result<_, _>>().map_err(query("reading last good fleets"))
     }
 
-    fn save_last_good_fleets(&self, fleets: &BTreeMap<String, LastGoodFleet>) -> Result<(), StoreError> {
+    fn save_last_good_fleets(&self, changed: &[(String, Option<LastGoodFleet>)]) -> Result<(), StoreError> {
         let mut connection = self.connection();
         let transaction = connection.transaction().map_err(query("saving last good fleets"))?;
-        transaction.execute("DELETE FROM fleets_last_good", []).map_err(query("saving last good fleets"))?;
-        {
-            let mut insert = transaction
-                .prepare("INSERT INTO fleets_last_good (fleet, source, tag, assigned_by, saved_at) VALUES (?1, ?2, ?3, ?4, ?5)")
-                .map_err(query("saving last good fleets"))?;
-            let now = crate::time::now_unix();
-            for (fleet, good) in fleets {
-                insert
-                    .execute(params![fleet, good.source, good.tag, good.assigned_by, now])
-                    .map_err(query("saving last good fleets"))?;
+        let now = crate::time::now_unix();
+        for (fleet, good) in changed {
+            match good {
+                Some(good) => transaction.execute(
+                    "INSERT OR REPLACE INTO fleets_last_good (fleet, source, tag, assigned_by, saved_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![fleet, good.source, good.tag, good.assigned_by, now],
+                ),
+                None => transaction.execute("DELETE FROM fleets_last_good WHERE fleet = ?1", params![fleet]),
             }
+            .map_err(query("saving last good fleets"))?;
         }
         transaction.commit().map_err(query("saving last good fleets"))
     }
