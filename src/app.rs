@@ -515,21 +515,17 @@ async fn serve(
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
-    use crate::net::Limited;
-    let shutdown = cancel.clone().cancelled_owned();
-    let served = match tls {
+    use crate::net::{Limited, serve_http1};
+    match tls {
         // Every write is a whole message (an OpAMP frame, a response): send it at once.
         None => {
             let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| nodelay(tcp));
-            axum::serve(Limited::new(listener, limit, timeouts), router).with_graceful_shutdown(shutdown).await
+            serve_http1(Limited::new(listener, limit, timeouts), router, cancel).await
         }
         Some(tls) => {
-            let listener = Limited::new(tls.listen(listener, local, metrics, cancel), limit, timeouts);
-            axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+            let listener = Limited::new(tls.listen(listener, local, metrics, cancel.clone()), limit, timeouts);
+            serve_http1(listener, router, cancel).await
         }
-    };
-    if let Err(error) = served {
-        warn!(%error, "the server stopped with an error");
     }
 }
 

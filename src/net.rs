@@ -168,6 +168,49 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Socket<Io> {
     }
 }
 
+/// How long the head of a request may take to arrive, from when the connection starts
+/// waiting for it: a client that sends its headers a byte at a time is closed after it. It
+/// is also how long a kept-alive connection may wait idle for its next request.
+pub const HEAD_WITHIN: Duration = Duration::from_secs(10);
+
+/// Serves `router` over HTTP/1.1 (with upgrades) on every connection `listener` accepts,
+/// until `cancel`; then lets the requests under way finish. axum's own `serve` gives hyper
+/// no timer, so a request head could take forever.
+pub async fn serve_http1<L: axum::serve::Listener>(
+    mut listener: L,
+    router: axum::Router,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let (io, _) = tokio::select! {
+            () = cancel.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let cancel = cancel.clone();
+        connections.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(HEAD_WITHIN);
+            let connection = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+            tokio::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                () = cancel.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = served {
+                tracing::trace!(%error, "connection ended with an error");
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -229,6 +229,42 @@ fn idle_sockets_count_against_the_limit_and_are_closed_when_they_say_nothing() {
     drop(converge(&server, &token, [0x55; 16], "gw-after", None));
 }
 
+#[test]
+fn a_request_head_sent_a_byte_at_a_time_is_cut_off_on_both_ports() {
+    use std::io::{Read, Write};
+    let repo = example();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&repo.path().display().to_string(), data.path(), &["--poll-interval", "1h"]);
+    let head = b"POST /v1/opamp HTTP/1.1\r\nHost: gitfleet\r\nX-Slow: ";
+    let mut slow: Vec<std::net::TcpStream> = [server.opamp, server.web]
+        .into_iter()
+        .map(|address| {
+            let socket = std::net::TcpStream::connect(address).expect("connects");
+            socket.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+            socket
+        })
+        .collect();
+    // A byte a second keeps every socket far from silent, yet the head never ends: each is
+    // closed when its head is due (10 s), long before the 30 s this waits.
+    let mut open = vec![true; slow.len()];
+    for second in 0..30 {
+        for (socket, open) in slow.iter_mut().zip(open.iter_mut()).filter(|(_, open)| **open) {
+            let byte = head.get(second).copied().unwrap_or(b'a');
+            let mut buffer = [0u8; 512];
+            let closed = socket.write_all(&[byte]).is_err()
+                || matches!(socket.read(&mut buffer), Ok(0))
+                || matches!(socket.read(&mut buffer), Err(error) if error.kind() != std::io::ErrorKind::WouldBlock && error.kind() != std::io::ErrorKind::TimedOut);
+            *open = !closed;
+        }
+        if open.iter().all(|open| !open) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(950));
+    }
+    assert_eq!(open, vec![false, false], "the OpAMP port's and the web port's slow heads are closed");
+    assert_eq!(server.get("/healthz").status, 200);
+}
+
 /// A loadgen process, killed when dropped.
 struct Loadgen(std::process::Child);
 
