@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::opamp::agent::{self, Connection};
 use crate::opamp::codec;
 use crate::opamp::registry::{InstanceRecord, Registry, Targets, Transport};
-use crate::opamp::ws::{Assembler, Head, Incoming};
+use crate::opamp::ws::{Assembler, FRAGMENT_COST, Head, Incoming};
 use crate::problem::Severity;
 
 /// What a target runs on one input.
@@ -40,7 +40,8 @@ pub fn ws_frames(data: &[u8]) {
         let Ok(holds) = frames.admit(&head) else { return };
         let control = head.opcode >= 0x8;
         assert!(!control || (head.fin && head.length <= 125), "an admitted control frame is whole and short");
-        assert_eq!(holds, if control { 0 } else { head.length as usize }, "a data frame holds its payload");
+        let payload_cost = head.length as usize + FRAGMENT_COST;
+        assert_eq!(holds, if control { 0 } else { payload_cost }, "a data frame holds its payload and its cost");
         let Some((payload, after)) = after.split_at_checked(head.length as usize) else { return };
         match frames.accept(&head, payload.to_vec()) {
             Ok(Some(Incoming::Binary(message))) => {

@@ -129,11 +129,19 @@ impl Head {
     }
 }
 
+/// What a data frame costs beyond its payload while its message arrives: the `Vec` that
+/// holds it, and what the allocator rounds up. A message sent a byte a frame costs that
+/// much per byte, so the budget counts it.
+pub const FRAGMENT_COST: usize = 64;
+
 /// Assembles messages from frames, with no I/O: the part of reading a connection that a
-/// fuzzer can drive. Holds the partial message while a fragmented one is arriving.
+/// fuzzer can drive. Holds the partial message while a fragmented one is arriving, as its
+/// fragments (one `Vec` that grew with each would hold up to twice its size), joined once
+/// it is whole.
 #[derive(Debug)]
 pub struct Assembler {
-    partial: Option<Vec<u8>>,
+    /// The fragments of the message under way, and their length in all.
+    partial: Option<(Vec<Vec<u8>>, usize)>,
     max_message: usize,
 }
 
@@ -147,17 +155,18 @@ impl Assembler {
         self.partial.is_some()
     }
 
-    /// Checks a frame before its payload is read, and says how many payload bytes it holds
-    /// while the message arrives (control frames hold none).
+    /// Checks a frame before its payload is read, and says how many bytes of memory it
+    /// holds while the message arrives (control frames hold none).
     pub fn admit(&self, head: &Head) -> Result<usize, WsError> {
         if head.is_control() {
             return Ok(0);
         }
-        let so_far = self.partial.as_ref().map_or(0, Vec::len) as u64;
+        let so_far = self.partial.as_ref().map_or(0, |(_, length)| *length) as u64;
         if so_far.saturating_add(head.length) > self.max_message as u64 {
             return Err(WsError::TooBig(self.max_message));
         }
-        usize::try_from(head.length).map_err(|_| WsError::TooBig(self.max_message))
+        let length = usize::try_from(head.length).map_err(|_| WsError::TooBig(self.max_message))?;
+        Ok(length + FRAGMENT_COST)
     }
 
     /// Takes an admitted frame's payload, still masked; returns a message once one is whole.
@@ -173,17 +182,23 @@ impl Assembler {
                 if head.fin {
                     return Ok(Some(Incoming::Binary(payload)));
                 }
-                self.partial = Some(payload);
+                let length = payload.len();
+                self.partial = Some((vec![payload], length));
             }
             CONTINUATION => {
-                let Some(mut partial) = self.partial.take() else {
+                let Some((mut fragments, length)) = self.partial.take() else {
                     return Err(WsError::Protocol("continuation without a message"));
                 };
-                partial.extend_from_slice(&payload);
+                let length = length + payload.len();
+                fragments.push(payload);
                 if head.fin {
-                    return Ok(Some(Incoming::Binary(partial)));
+                    let mut whole = Vec::with_capacity(length);
+                    for fragment in fragments {
+                        whole.extend_from_slice(&fragment);
+                    }
+                    return Ok(Some(Incoming::Binary(whole)));
                 }
-                self.partial = Some(partial);
+                self.partial = Some((fragments, length));
             }
             TEXT => return Ok(Some(Incoming::Text)),
             CLOSE => {
@@ -402,13 +417,13 @@ mod tests {
         first_client.write_all(&client_frame(false, BINARY, &[1; 600])).await.expect("write");
         first_client.write_all(&client_frame(true, PING, b"")).await.expect("write");
         assert_eq!(first.read_message().await.expect("the ping"), Incoming::Ping(Vec::new()));
-        assert_eq!(budget.used(), 600, "the partial message holds its bytes");
+        assert_eq!(budget.used(), 600 + FRAGMENT_COST, "the partial message holds its bytes");
 
         // The second cannot take 600 more.
         second_client.write_all(&client_frame(true, BINARY, &[2; 600])).await.expect("write");
         assert!(matches!(second.read_message().await, Err(WsError::Busy)));
         drop(second);
-        assert_eq!(budget.used(), 600);
+        assert_eq!(budget.used(), 600 + FRAGMENT_COST);
 
         first_client.write_all(&client_frame(true, CONTINUATION, &[1; 100])).await.expect("write");
         assert_eq!(first.read_message().await.expect("the whole message"), Incoming::Binary(vec![1; 700]));
@@ -418,8 +433,22 @@ mod tests {
         first_client.write_all(&client_frame(false, BINARY, &[1; 300])).await.expect("write");
         first_client.write_all(&client_frame(true, PING, b"")).await.expect("write");
         first.read_message().await.expect("the ping");
-        assert_eq!(budget.used(), 300);
+        assert_eq!(budget.used(), 300 + FRAGMENT_COST);
         drop(first);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_message_a_byte_a_frame_pays_for_each_frame() {
+        let budget = Budget::new(1000);
+        let mut bytes = client_frame(false, BINARY, b"a");
+        for _ in 0..100 {
+            bytes.extend(client_frame(false, CONTINUATION, b"b"));
+        }
+        let mut reader = FrameReader::new(bytes.as_slice(), 1000, budget.clone(), Duration::from_secs(5));
+        assert!(matches!(reader.read_message().await, Err(WsError::Busy)), "101 bytes, but 101 frames");
+        assert_eq!(budget.used(), (1000 / (1 + FRAGMENT_COST)) * (1 + FRAGMENT_COST));
+        drop(reader);
         assert_eq!(budget.used(), 0);
     }
 
