@@ -49,6 +49,9 @@ pub enum Bench {
     /// publish + bump, database writes per second, memory per collector per replica, and a
     /// leader killed under load.
     Replicas(replicas::ReplicasArgs),
+    /// What hostile clients cost a running server: slow requests, idle sockets up to the
+    /// descriptor limit, unfinished fragmented messages, megabyte reports, made-up ids.
+    Hostile(hostile::HostileArgs),
     /// Reconcile a generated repository: cold, after a one-file push, and push-to-reconciled
     /// through a running server watching a local repository.
     Reconcile {
@@ -84,6 +87,7 @@ pub enum BenchError {
     Failed(String),
 }
 
+mod hostile;
 mod replicas;
 
 pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
@@ -92,6 +96,7 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
             reconcile(*fleets, *tags, *configs, *rounds, dir.as_deref())
         }
         Bench::Replicas(args) => replicas::run(args),
+        Bench::Hostile(args) => hostile::run(args),
         Bench::Opamp { agents, processes, sample_seconds, dir, tls_cert, tls_key } => {
             let tls = tls_cert.as_deref().zip(tls_key.as_deref());
             opamp(*agents, *processes, *sample_seconds, dir.as_deref(), tls)

@@ -463,6 +463,11 @@ fn offered_token(reply: &ServerToAgent) -> Option<String> {
     Some(token.to_owned()).filter(|token| !token.is_empty())
 }
 
+/// The first message loadgen agent `index` sends: a full state report.
+pub(crate) fn full_state_of(index: usize) -> AgentToServer {
+    Agent::new(index, 0.0).full_state()
+}
+
 fn effective_config(body: Vec<u8>) -> EffectiveConfig {
     let file = AgentConfigFile { body, content_type: String::new() };
     EffectiveConfig { config_map: Some(AgentConfigMap { config_map: [(String::new(), file)].into_iter().collect() }) }
