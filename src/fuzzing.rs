@@ -125,7 +125,14 @@ pub fn http_body(data: &[u8]) {
     let _ = codec::decode_http_body(data, true);
     if let Ok(plain) = codec::decode_http_body(data, false) {
         let gzipped = codec::decode_http_body(&codec::gzip(data), true).expect("the same body, gzipped");
-        assert_eq!(plain, gzipped);
+        #[allow(clippy::eq_op, reason = "a message holding a NaN is the one not equal to itself")]
+        let comparable = plain == plain;
+        if comparable {
+            assert_eq!(plain, gzipped);
+        } else {
+            // Its maps encode in no fixed order, so bytes cannot be compared either: lengths can.
+            assert_eq!(prost::Message::encoded_len(&plain), prost::Message::encoded_len(&gzipped));
+        }
     }
 }
 
