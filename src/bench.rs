@@ -104,6 +104,19 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
     }
 }
 
+/// Waits for the server on `web` (with `data` as its data directory) to reconcile the demo
+/// repository, and returns the install token of `prod-gateway`, the fleet the benches load.
+fn reconciled_token(client: &Client, web: std::net::SocketAddr, data: &Path) -> Result<String, BenchError> {
+    wait_until("the server to reconcile", Duration::from_secs(60), || {
+        Ok(client.api(web, "/api/v1/fleets/prod-gateway").is_ok_and(|f| f["token"]["id"].is_string()))
+    })?;
+    let token = crate::install::token::read_token_file(data, "prod-gateway", Duration::from_secs(10))
+        .map_err(io("cannot read the token of prod-gateway"))?;
+    // Its token files and first writes settle before anything is measured.
+    std::thread::sleep(Duration::from_secs(1));
+    Ok(token)
+}
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
     let what = what.into();
     move |source| BenchError::Io { what, source }
@@ -794,12 +807,7 @@ fn opamp(
     };
     let server = start_server()?;
     let pid = server.0.id();
-    wait_until("the server to reconcile", Duration::from_secs(30), || {
-        Ok(client.api(web, "/api/v1/fleets/prod-gateway").is_ok_and(|f| f["token"]["id"].is_string()))
-    })?;
-    let token = crate::install::token::read_token_file(&data, "prod-gateway", Duration::from_secs(10))
-        .map_err(io("cannot read the token of prod-gateway"))?;
-    std::thread::sleep(Duration::from_secs(1));
+    let token = reconciled_token(&client, web, &data)?;
     let baseline_kib = proc_rss_kib(pid)?;
 
     // Phase 1: connect everyone with the default 30 s heartbeat.

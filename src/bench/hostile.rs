@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use prost::Message as _;
 
-use super::{BenchError, ChildGuard, Client, io, proc_rss_kib, wait_until};
+use super::{BenchError, ChildGuard, Client, io, proc_rss_kib, reconciled_token};
 use crate::opamp::proto::{AgentToServer, any_value};
+use crate::opamp::ws::masked_frame;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct HostileArgs {
@@ -121,12 +122,7 @@ fn start(exe: &std::path::Path, root: &std::path::Path) -> Result<Target, BenchE
         .map_err(io("cannot start the server"))?;
     let process = ChildGuard(process);
     let client = Client { tls: None };
-    wait_until("the server to reconcile", Duration::from_secs(60), || {
-        Ok(client.api(web, "/api/v1/fleets/prod-gateway").is_ok_and(|f| f["token"]["id"].is_string()))
-    })?;
-    let token = crate::install::token::read_token_file(&data, "prod-gateway", Duration::from_secs(10))
-        .map_err(io("cannot read the token of prod-gateway"))?;
-    std::thread::sleep(Duration::from_secs(1));
+    let token = reconciled_token(&client, web, &data)?;
     Ok(Target { process, web, opamp, data, token, client })
 }
 
@@ -298,25 +294,6 @@ fn idle_sockets(target: &Target, count: usize) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// A masked client frame (RFC 6455 §5.2) with the zero mask, so the payload goes as is.
-fn frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
-    let mut bytes = vec![opcode | if fin { 0x80 } else { 0 }];
-    match payload.len() {
-        length @ 0..=125 => bytes.push(0x80 | length as u8),
-        length @ 126..=0xffff => {
-            bytes.push(0x80 | 126);
-            bytes.extend_from_slice(&(length as u16).to_be_bytes());
-        }
-        length => {
-            bytes.push(0x80 | 127);
-            bytes.extend_from_slice(&(length as u64).to_be_bytes());
-        }
-    }
-    bytes.extend_from_slice(&[0, 0, 0, 0]);
-    bytes.extend_from_slice(payload);
-    bytes
-}
-
 fn fragments(target: &Target, count: usize, mib: usize) -> Result<(), BenchError> {
     const PIECE: usize = 64 * 1024;
     let before = target.rss_mib()?;
@@ -332,7 +309,7 @@ fn fragments(target: &Target, count: usize, mib: usize) -> Result<(), BenchError
         let mut sent = 0;
         let mut opcode = 0x2;
         while sent < mib * 1024 * 1024 {
-            if stream.write_all(&frame(opcode, false, &piece)).is_err() {
+            if stream.write_all(&masked_frame(false, opcode, [0; 4], &piece)).is_err() {
                 cut_off += 1;
                 break;
             }

@@ -192,11 +192,7 @@ impl Assembler {
                 let length = length + payload.len();
                 fragments.push(payload);
                 if head.fin {
-                    let mut whole = Vec::with_capacity(length);
-                    for fragment in fragments {
-                        whole.extend_from_slice(&fragment);
-                    }
-                    return Ok(Some(Incoming::Binary(whole)));
+                    return Ok(Some(Incoming::Binary(fragments.concat())));
                 }
                 self.partial = Some((fragments, length));
             }
@@ -319,28 +315,33 @@ pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
     payload
 }
 
+/// A frame as a client sends it (RFC 6455 §5.2: masked with `mask`), for the tests and
+/// the benches that play clients.
+pub fn masked_frame(fin: bool, opcode: u8, mask: [u8; 4], payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
+    match payload.len() {
+        short @ 0..=125 => frame.push(0x80 | short as u8),
+        medium @ 126..=0xFFFF => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(medium as u16).to_be_bytes());
+        }
+        long => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(long as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, byte)| byte ^ mask[i % 4]));
+    frame
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// A masked client frame, as a browser or opamp-go would send it.
     fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x12, 0x34, 0x56, 0x78];
-        let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
-        match payload.len() {
-            short @ 0..=125 => frame.push(0x80 | short as u8),
-            medium @ 126..=0xFFFF => {
-                frame.push(0x80 | 126);
-                frame.extend_from_slice(&(medium as u16).to_be_bytes());
-            }
-            long => {
-                frame.push(0x80 | 127);
-                frame.extend_from_slice(&(long as u64).to_be_bytes());
-            }
-        }
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        frame
+        masked_frame(fin, opcode, [0x12, 0x34, 0x56, 0x78], payload)
     }
 
     async fn read_all(bytes: Vec<u8>, max: usize) -> Vec<Result<Incoming, String>> {
