@@ -222,6 +222,17 @@ pub async fn start_on(mut settings: Settings, listeners: Listeners) -> Result<Ru
     let (targets_tx, targets_rx) = watch::channel(Arc::new(crate::opamp::registry::Targets::new()));
     let (statuses_tx, statuses_rx) = watch::channel(Arc::new(Statuses::default()));
     tracker.spawn(
+        crate::opamp::persist::Replicas::new(
+            Arc::clone(&registry),
+            Arc::clone(&store),
+            Arc::clone(&replica),
+            targets_rx.clone(),
+            role_rx.clone(),
+        )
+        .run(cancel.clone())
+        .instrument(info_span!("replicas")),
+    );
+    tracker.spawn(
         reporting::publish_statuses(
             view_rx.clone(),
             targets_rx.clone(),
@@ -283,6 +294,7 @@ pub async fn start_on(mut settings: Settings, listeners: Listeners) -> Result<Ru
         tls: settings.tls.is_some(),
         metrics: Arc::clone(&metrics),
         assembling: crate::opamp::ws::Budget::new(opamp_server::ASSEMBLING_BUDGET),
+        adopter: crate::opamp::persist::Adopter::start(Arc::clone(&registry), Arc::clone(&store), cancel.clone()),
         cancel: cancel.clone(),
     });
     let tls = settings.tls.clone();
@@ -410,6 +422,8 @@ impl LeaderTasks {
                 view: view_rx.clone(),
                 targets: targets_rx.clone(),
                 registry: Arc::clone(&self.registry),
+                store: Arc::clone(&self.store),
+                replica: Arc::clone(&self.replica),
             };
             tracker.spawn(
                 reporting::keep_status_branch(

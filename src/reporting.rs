@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use crate::git::status_branch::{self, Pushed, StatusBranch};
 use crate::metrics::Metrics;
+use crate::opamp::codec::InstanceUid;
 use crate::opamp::registry::{Registry, Targets};
 use crate::problem::{Problem, Severity};
 use crate::reconciler::{Event, ProblemSource, View};
@@ -88,6 +89,9 @@ pub struct Sources {
     pub view: watch::Receiver<Arc<View>>,
     pub targets: watch::Receiver<Arc<Targets>>,
     pub registry: Arc<Registry>,
+    /// Where the other replicas' instances are (a shared store), and this one's name.
+    pub store: Arc<dyn crate::store::Store>,
+    pub replica: Arc<str>,
 }
 
 /// Settings of the status branch writer.
@@ -126,7 +130,7 @@ pub async fn keep_status_branch(
             return;
         }
     };
-    let Sources { mut statuses, view, targets, registry } = sources;
+    let Sources { mut statuses, view, targets, registry, store, replica } = sources;
     let branch = Arc::new(branch);
     let mut problem = start_problem;
     report(&events, &problem).await;
@@ -169,6 +173,7 @@ pub async fn keep_status_branch(
             let Some(message) = crate::status::commit_message(&recorded, &current) else { continue };
             let job_targets = Arc::clone(&targets.borrow());
             let (job_branch, job_registry, job_current) = (Arc::clone(&branch), Arc::clone(&registry), current.clone());
+            let (job_store, job_replica) = (Arc::clone(&store), Arc::clone(&replica));
             let job_message = message.clone();
             let status_page = settings.status_page_url.clone();
             // Every instance goes into the fleet files: megabytes at 20,000 instances, so the
@@ -187,8 +192,28 @@ pub async fn keep_status_branch(
                         status_page.as_deref(),
                         &mut |status, out| {
                             let fleet_uids = uids.get(status.fleet.as_str()).map(Vec::as_slice).unwrap_or_default();
-                            let mut rows =
-                                fleet_uids.iter().filter_map(|uid| job_registry.row_of(uid, &job_targets, now_ms));
+                            // The other replicas' instances of the fleet, one fleet at a time.
+                            let elsewhere = match job_store.shared() {
+                                true => job_store
+                                    .instances_held_elsewhere(&job_replica, Some(&status.fleet))
+                                    .map_err(std::io::Error::other)?,
+                                false => Vec::new(),
+                            };
+                            let mut elsewhere = elsewhere
+                                .into_iter()
+                                .filter(|instance| !job_registry.knows(&InstanceUid(instance.uid)))
+                                .map(|instance| job_registry.elsewhere(instance, Vec::new()).row(&job_targets, now_ms))
+                                .peekable();
+                            let mut own = fleet_uids
+                                .iter()
+                                .filter_map(|uid| job_registry.row_of(uid, &job_targets, now_ms))
+                                .peekable();
+                            // Both in `instance_uid` order: merged, so is the file.
+                            let mut rows = std::iter::from_fn(|| match (own.peek(), elsewhere.peek()) {
+                                (Some(a), Some(b)) if b.instance_uid < a.instance_uid => elsewhere.next(),
+                                (Some(_), _) => own.next(),
+                                (None, _) => elsewhere.next(),
+                            });
                             crate::status::write_fleet_file(out, status, &mut rows)
                         },
                     )

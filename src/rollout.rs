@@ -366,7 +366,7 @@ pub enum Outcome {
 }
 
 /// Counts of one step, for people.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepCounts {
     /// Instances the step moved to the new version (skipped ones not included).
     pub instances: usize,
@@ -375,6 +375,16 @@ pub struct StepCounts {
     pub unhealthy: usize,
     /// Stale when the step started, or since.
     pub skipped: usize,
+}
+
+impl std::ops::AddAssign for StepCounts {
+    fn add_assign(&mut self, other: Self) {
+        self.instances += other.instances;
+        self.in_sync += other.in_sync;
+        self.failed += other.failed;
+        self.unhealthy += other.unhealthy;
+        self.skipped += other.skipped;
+    }
 }
 
 /// What a rollout start needs to know about the fleet's change.

@@ -99,6 +99,17 @@ impl Counts {
     }
 }
 
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, other: Self) {
+        self.in_sync += other.in_sync;
+        self.pending += other.pending;
+        self.applying += other.applying;
+        self.failed += other.failed;
+        self.stale += other.stale;
+        self.observed += other.observed;
+    }
+}
+
 /// An instance that failed to apply the fleet's configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {

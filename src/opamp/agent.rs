@@ -129,11 +129,6 @@ pub fn handle(
             now_ms,
         )
     });
-    if record.held_by.take().is_some() {
-        // Another replica held it: this one does from now on, and writes it so.
-        record.remote_connected = false;
-        record.touch();
-    }
     if record.fleet != connection.fleet || record.token_id != connection.token_id {
         // The collector now uses another token, possibly another fleet's: it moved.
         record.fleet = Arc::clone(&connection.fleet);

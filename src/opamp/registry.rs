@@ -266,9 +266,9 @@ pub struct InstanceRecord {
     pub transport: Option<Transport>,
     /// The live WebSocket session, if any.
     pub session: Option<u64>,
-    /// The replica that wrote the record last, when another one did (replicas on a shared
-    /// store): this replica shows it, but neither syncs nor writes it until the instance
-    /// speaks to it. Whether that replica had a live WebSocket session with it.
+    /// On a record of an instance another replica holds, read from the store to show
+    /// (`Registry::elsewhere`), never kept in the registry: that replica, and whether it
+    /// had a live WebSocket session with it.
     pub held_by: Option<Arc<str>>,
     pub remote_connected: bool,
     /// Takeovers of this id by a newer connection since `takeovers_since_ms`.
@@ -574,6 +574,58 @@ pub struct FleetSummary {
     pub steps: Vec<crate::rollout::StepCounts>,
 }
 
+/// What one replica's instances of a fleet add up to: what replicas tell each other
+/// (`ReplicaCounts`) in place of the instances themselves.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetCounts {
+    /// The config hash (hex) the instances were counted against; empty for none.
+    pub target: String,
+    pub instances: usize,
+    pub counts: Counts,
+    pub drift: usize,
+    pub by_token: BTreeMap<String, usize>,
+    /// Per step of the fleet's rollout, while it is deciding.
+    pub steps: Vec<crate::rollout::StepCounts>,
+    /// In no particular order.
+    pub failures: Vec<Failure>,
+}
+
+impl FleetCounts {
+    /// Adds another replica's counts. Counted against another version than `target` (one
+    /// of the two has not followed the newest desired state yet), its instances are
+    /// pending: not in sync with what this replica serves.
+    fn add(&mut self, other: &FleetCounts, target: &str) {
+        self.instances += other.instances;
+        for (token, count) in &other.by_token {
+            *self.by_token.entry(token.clone()).or_default() += count;
+        }
+        if other.target != target {
+            self.counts.pending += other.instances;
+            return;
+        }
+        self.counts += other.counts;
+        self.drift += other.drift;
+        self.failures.extend(other.failures.iter().cloned());
+        if self.steps.len() < other.steps.len() {
+            self.steps.resize(other.steps.len(), Default::default());
+        }
+        for (mine, theirs) in self.steps.iter_mut().zip(&other.steps) {
+            *mine += *theirs;
+        }
+    }
+}
+
+/// What one replica's instances add up to, fleet by fleet.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaCounts {
+    pub fleets: BTreeMap<String, FleetCounts>,
+}
+
+/// The config hash (hex) instances are counted against: their fleet's version.
+fn counted_against(target: Option<&FleetTarget>) -> String {
+    target.and_then(|t| t.version.as_ref()).map(|v| hex::encode(&v.assignment.hash)).unwrap_or_default()
+}
+
 pub struct Registry {
     shards: Box<[Mutex<HashMap<InstanceUid, InstanceRecord>>]>,
     next_session: AtomicU64,
@@ -589,6 +641,9 @@ pub struct Registry {
     /// How many instances each token may still create. Locked after a shard, or alone.
     allowances: Mutex<HashMap<Arc<str>, Allowance>>,
     new_instances: NewInstanceLimit,
+    /// What the other replicas' instances add up to, by replica (replicas on a shared
+    /// store; empty otherwise).
+    others: Mutex<Vec<(String, ReplicaCounts)>>,
 }
 
 /// How many new instances (ids gitfleet does not know) one token may create: `burst` at
@@ -618,6 +673,7 @@ impl Default for Registry {
             allowances: Mutex::default(),
             // No limit but the counter's size: `serve` sets its own (`limiting_new_instances`).
             new_instances: NewInstanceLimit { burst: u32::MAX, per_minute: 0 },
+            others: Mutex::default(),
         }
     }
 }
@@ -755,9 +811,7 @@ impl Registry {
     /// Brings every record up to date with the targets (see `InstanceRecord::sync`).
     pub fn sync_all(&self, targets: &Targets, now_ms: i64) {
         self.for_each(|record| {
-            if record.held_by.is_none() {
-                record.sync(targets.get(&*record.fleet), now_ms);
-            }
+            record.sync(targets.get(&*record.fleet), now_ms);
         });
     }
 
@@ -765,61 +819,105 @@ impl Registry {
     /// published, each session syncs its own record as it pushes.
     pub fn sync_unattended(&self, targets: &Targets, now_ms: i64) {
         self.for_each(|record| {
-            if record.session.is_none() && record.held_by.is_none() {
+            if record.session.is_none() {
                 record.sync(targets.get(&*record.fleet), now_ms);
             }
         });
     }
 
-    /// Counts and drift of every fleet that has instances.
-    pub fn summaries(&self, targets: &Targets, now_ms: i64) -> HashMap<Arc<str>, FleetSummary> {
-        let mut fleets: PerFleet<(FleetSummary, TokenCounts)> = PerFleet::new(targets);
+    /// What this replica's instances add up to, per fleet that has any: one pass over
+    /// the records, for the page, the API and the other replicas (`persist`).
+    pub fn counts(&self, targets: &Targets, now_ms: i64) -> HashMap<Arc<str>, FleetCounts> {
+        let mut fleets: PerFleet<(FleetCounts, TokenCounts)> = PerFleet::new(targets);
         self.for_each(|record| {
-            let (target, (summary, tokens)) = fleets.of(&record.fleet);
+            let (target, (counts, tokens)) = fleets.of(&record.fleet);
             let (status, drifted) = record.status_and_drift(target, now_ms);
-            summary.instances += 1;
-            summary.counts.add(status);
-            summary.drift += usize::from(drifted);
+            counts.instances += 1;
+            counts.counts.add(status);
+            counts.drift += usize::from(drifted);
+            if status == Status::Failed {
+                counts.failures.push(Failure {
+                    instance_uid: record.uid.to_string(),
+                    host: record.description.as_ref().and_then(|d| d.host.clone()),
+                    error: record.config.error().unwrap_or_default().to_owned(),
+                });
+            }
             match tokens.iter_mut().find(|(token, _)| Arc::ptr_eq(token, &record.token_id) || *token == record.token_id)
             {
                 Some((_, count)) => *count += 1,
                 None => tokens.push((Arc::clone(&record.token_id), 1)),
             }
             if let Some(target) = target {
-                target.count_step(record, &mut summary.steps, now_ms);
+                target.count_step(record, &mut counts.steps, now_ms);
             }
         });
         fleets
             .into_entries()
-            .map(|(fleet, (mut summary, tokens))| {
+            .map(|(fleet, (mut counts, tokens))| {
+                counts.target = counted_against(targets.get(&*fleet));
                 for (token, count) in tokens {
-                    *summary.by_token.entry(token).or_default() += count;
+                    *counts.by_token.entry(token.to_string()).or_default() += count;
                 }
+                (fleet, counts)
+            })
+            .collect()
+    }
+
+    /// What the other replicas' instances add up to, as they last wrote it (`persist`).
+    pub fn set_others(&self, others: Vec<(String, ReplicaCounts)>) {
+        let mut kept = self.others.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if *kept != others {
+            // The leader's rollouts look again when any instance's outcome moved.
+            note_outcome_change();
+            *kept = others;
+        }
+    }
+
+    /// This replica's counts and the other replicas', per fleet: the whole fleet.
+    fn whole_counts(&self, targets: &Targets, now_ms: i64) -> HashMap<Arc<str>, FleetCounts> {
+        let mut whole = self.counts(targets, now_ms);
+        let others = self.others.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (_, replica) in others.iter() {
+            for (fleet, theirs) in &replica.fleets {
+                let fleet = self.name(fleet);
+                let counted = whole.entry(Arc::clone(&fleet)).or_default();
+                counted.add(theirs, &counted_against(targets.get(&*fleet)));
+            }
+        }
+        whole
+    }
+
+    /// Counts and drift of every fleet that has instances, on every replica.
+    pub fn summaries(&self, targets: &Targets, now_ms: i64) -> HashMap<Arc<str>, FleetSummary> {
+        self.whole_counts(targets, now_ms)
+            .into_iter()
+            .map(|(fleet, counts)| {
+                let summary = FleetSummary {
+                    instances: counts.instances,
+                    counts: counts.counts,
+                    drift: counts.drift,
+                    by_token: counts.by_token.into_iter().map(|(token, count)| (self.name(&token), count)).collect(),
+                    steps: counts.steps,
+                };
                 (fleet, summary)
             })
             .collect()
     }
 
-    /// What each fleet's instances add up to: cheaper than rows, for once a second.
+    /// What each fleet's instances add up to, on every replica, with its failures and its
+    /// rollout's progress.
     pub fn tallies(&self, targets: &Targets, now_ms: i64) -> HashMap<Arc<str>, Tally> {
-        let mut fleets: PerFleet<(Tally, Vec<crate::rollout::StepCounts>)> = PerFleet::new(targets);
-        self.for_each(|record| {
-            let (target, (tally, steps)) = fleets.of(&record.fleet);
-            let (status, drifted) = record.status_and_drift(target, now_ms);
-            tally.add(status, drifted, || Failure {
-                instance_uid: record.uid.to_string(),
-                host: record.description.as_ref().and_then(|d| d.host.clone()),
-                error: record.config.error().unwrap_or_default().to_owned(),
-            });
-            if let Some(target) = target.filter(|t| t.deciding().is_some()) {
-                target.count_step(record, steps, now_ms);
-            }
-        });
-        let (mut tallies, mut steps) = (HashMap::new(), HashMap::new());
-        for (fleet, (tally, counts)) in fleets.into_entries() {
-            steps.insert(Arc::clone(&fleet), counts);
-            tallies.insert(fleet, tally);
-        }
+        let mut steps = HashMap::new();
+        let mut tallies: HashMap<Arc<str>, Tally> = self
+            .whole_counts(targets, now_ms)
+            .into_iter()
+            .map(|(fleet, counts)| {
+                steps.insert(Arc::clone(&fleet), counts.steps);
+                let tally =
+                    Tally { counts: counts.counts, drift: counts.drift, failures: counts.failures, rollout: None };
+                (fleet, tally)
+            })
+            .collect();
         for (fleet, target) in targets {
             let Some(rollout) = target.rollout.as_deref() else { continue };
             let counts = steps.get(fleet.as_str()).map(Vec::as_slice).unwrap_or_default();
@@ -869,18 +967,6 @@ impl Registry {
         self.shard(uid).get(uid).map(|record| record.row(targets, now_ms))
     }
 
-    /// One fleet's instances as rows, in `instance_uid` order.
-    pub fn fleet_rows(&self, fleet: &str, targets: &Targets, now_ms: i64) -> Vec<InstanceRow> {
-        let mut rows = Vec::new();
-        self.for_each(|record| {
-            if *record.fleet == *fleet {
-                rows.push(record.row(targets, now_ms));
-            }
-        });
-        rows.sort_by(|a, b| a.instance_uid.cmp(&b.instance_uid));
-        rows
-    }
-
     /// Copies of the records of one fleet, or of all fleets.
     pub fn records(&self, fleet: Option<&str>) -> Vec<InstanceRecord> {
         let mut records = Vec::new();
@@ -906,8 +992,7 @@ impl Registry {
         self.for_each(|record| {
             let last_seen_due = record.config.last_seen_ms - record.last_seen_saved_ms >= LAST_SEEN_WRITE_EVERY_MS;
             let unchanged = !record.is_dirty() && !last_seen_due && record.unsaved_events == 0;
-            // Another replica's to write.
-            if unchanged || record.held_by.is_some() {
+            if unchanged {
                 return;
             }
             let skip = record.history.len().saturating_sub(record.unsaved_events);
@@ -967,47 +1052,83 @@ impl Registry {
             match record.transport {
                 Some(Transport::WebSocket) if record.session.is_some() => websocket += 1,
                 // Polling this replica, not another.
-                Some(Transport::Http)
-                    if record.held_by.is_none() && now_ms - record.config.last_seen_ms <= stale_after =>
-                {
-                    http += 1
-                }
+                Some(Transport::Http) if now_ms - record.config.last_seen_ms <= stale_after => http += 1,
                 _ => {}
             }
         });
         (websocket, http)
     }
 
-    /// Takes in what other replicas wrote (`Store::instances_changed`): each record replaces
-    /// this replica's copy, unless this replica holds the instance (a live session) or has
-    /// changes of it not written yet. Returns how many were taken.
-    pub fn merge(
+    /// Takes an instance another replica held, read from the store: the agent spoke to this
+    /// replica (`claim`: written as this replica's from now on), or its replica is gone and
+    /// this one took over its instances (the store says so already). An instance this
+    /// replica has already is left as it is. Returns whether it was taken.
+    pub fn adopt(
         &self,
-        written: impl IntoIterator<Item = (crate::store::StoredInstance, Vec<crate::store::StoredEvent>)>,
-    ) -> usize {
-        let mut merged = 0;
-        for (stored, events) in written {
-            let holder = self.name(&stored.holder);
-            let connected = stored.connected;
-            let components = stored.components_hash.as_deref().and_then(|hash| self.components(hash));
-            let mut record = InstanceRecord::from_stored(stored, events);
-            record.fleet = self.name(&record.fleet);
-            record.token_id = self.name(&record.token_id);
-            record.components = components;
-            record.config.awaiting_contact = false;
-            record.held_by = Some(holder);
-            record.remote_connected = connected;
-            let mut shard = self.shard(&record.uid);
-            let ours = shard.get(&record.uid).is_some_and(|local| {
-                local.held_by.is_none() && (local.session.is_some() || local.is_dirty() || local.unsaved_events > 0)
-            });
+        stored: crate::store::StoredInstance,
+        events: Vec<crate::store::StoredEvent>,
+        claim: bool,
+    ) -> bool {
+        let components = stored.components_hash.as_deref().and_then(|hash| self.components(hash));
+        let mut record = InstanceRecord::from_stored(stored, events);
+        record.fleet = self.name(&record.fleet);
+        record.token_id = self.name(&record.token_id);
+        record.components = components;
+        if claim {
+            record.touch();
+        }
+        let mut shard = self.shard(&record.uid);
+        if shard.contains_key(&record.uid) {
+            return false;
+        }
+        note_outcome_change();
+        shard.insert(record.uid, record);
+        true
+    }
+
+    /// Lets go of instances another replica took (`Store::instances_moved_away`), unless
+    /// this one holds them again (a live session) or has changes of them not written yet:
+    /// its next write takes them back. Returns how many it let go.
+    pub fn let_go(&self, uids: impl IntoIterator<Item = [u8; 16]>) -> usize {
+        let mut gone = 0;
+        for uid in uids {
+            let uid = InstanceUid(uid);
+            let mut shard = self.shard(&uid);
+            let ours = shard
+                .get(&uid)
+                .is_none_or(|record| record.session.is_some() || record.is_dirty() || record.unsaved_events > 0);
             if !ours {
+                shard.remove(&uid);
                 note_outcome_change();
-                shard.insert(record.uid, record);
-                merged += 1;
+                gone += 1;
             }
         }
-        merged
+        gone
+    }
+
+    /// A record of an instance another replica holds, as read from the store: to show, never
+    /// kept here.
+    pub fn elsewhere(
+        &self,
+        stored: crate::store::StoredInstance,
+        events: Vec<crate::store::StoredEvent>,
+    ) -> InstanceRecord {
+        let holder = self.name(&stored.holder);
+        let connected = stored.connected;
+        let components = stored.components_hash.as_deref().and_then(|hash| self.components(hash));
+        let mut record = InstanceRecord::from_stored(stored, events);
+        record.fleet = self.name(&record.fleet);
+        record.token_id = self.name(&record.token_id);
+        record.components = components;
+        record.config.awaiting_contact = false;
+        record.held_by = Some(holder);
+        record.remote_connected = connected;
+        record
+    }
+
+    /// Whether this replica has a record of `uid`.
+    pub fn knows(&self, uid: &InstanceUid) -> bool {
+        self.shard(uid).contains_key(uid)
     }
 
     /// Puts restored records in place (at startup).
@@ -1187,7 +1308,7 @@ mod tests {
     }
 
     #[test]
-    fn another_replicas_instances_are_shown_but_neither_synced_nor_written_here() {
+    fn another_replicas_instance_read_from_the_store_shows_where_it_is_connected() {
         let registry = Registry::default();
         let targets = Targets::from([("prod".to_owned(), target(2))]);
         let now = crate::time::now_ms();
@@ -1199,30 +1320,72 @@ mod tests {
         let _ = theirs.config.heard(0x3847, report, now, 60_000);
         let mut stored = theirs.to_stored();
         (stored.holder, stored.connected) = ("r2".to_owned(), true);
-        // This replica's own collector, with a live session: not replaced by a write of it
-        // another replica made before the collector moved here.
-        let mut ours = InstanceRecord::new(InstanceUid([5; 16]), Arc::from("prod"), Arc::from("tk"), 0x3847, now);
-        ours.session = Some(1);
-        registry.restore([ours]);
-        let mut stale_copy =
-            InstanceRecord::new(InstanceUid([5; 16]), Arc::from("prod"), Arc::from("tk"), 0, now).to_stored();
-        stale_copy.holder = "r2".to_owned();
-        assert_eq!(registry.merge([(stored, Vec::new()), (stale_copy, Vec::new())]), 1);
 
-        let merged = registry.get(&InstanceUid([4; 16])).expect("merged");
-        assert_eq!(merged.held_by.as_deref(), Some("r2"));
-        assert!(merged.row(&targets, now).connected, "connected, to r2");
+        let shown = registry.elsewhere(stored, Vec::new());
+        assert_eq!(shown.held_by.as_deref(), Some("r2"));
+        assert!(shown.row(&targets, now).connected, "connected, to r2");
+        assert!(!registry.knows(&InstanceUid([4; 16])), "shown, not kept");
         // Counted against this replica's target (v2): pending, not stale.
-        assert_eq!(merged.status_for(targets.get("prod"), now), Status::Pending);
-        // Not synced here (its assignment stays as r2 wrote it) and not written here.
-        registry.sync_all(&targets, now);
-        let merged = registry.get(&InstanceUid([4; 16])).expect("merged");
-        assert_eq!(merged.config.assigned.as_ref().map(|a| a.hash[0]), Some(1));
-        assert!(registry.unsaved().iter().all(|u| u.instance.uid != [4; 16]));
-        assert_eq!(registry.get(&InstanceUid([5; 16])).expect("ours").session, Some(1), "ours kept");
+        assert_eq!(shown.status_for(targets.get("prod"), now), Status::Pending);
         // Silent longer than the fleet's stale_after, but within the time r2 may wait to
         // write `last_seen` alone: still live.
-        assert_eq!(merged.status_for(targets.get("prod"), now + 60_000 + 30_000), Status::Pending);
-        assert_eq!(merged.status_for(targets.get("prod"), now + 60_000 + LAST_SEEN_WRITE_EVERY_MS + 1), Status::Stale);
+        assert_eq!(shown.status_for(targets.get("prod"), now + 60_000 + 30_000), Status::Pending);
+        assert_eq!(shown.status_for(targets.get("prod"), now + 60_000 + LAST_SEEN_WRITE_EVERY_MS + 1), Status::Stale);
+    }
+
+    #[test]
+    fn the_whole_fleet_counts_are_this_replicas_plus_the_others_counted_against_the_same_version() {
+        let registry = Registry::default();
+        let targets = Targets::from([("prod".to_owned(), target(2))]);
+        let now = crate::time::now_ms();
+        registry.restore([InstanceRecord::new(InstanceUid([1; 16]), Arc::from("prod"), Arc::from("tk"), 0x3847, now)]);
+        let counted = |target: u8, in_sync: usize| FleetCounts {
+            target: hex::encode([target; 32]),
+            instances: in_sync,
+            counts: Counts { in_sync, ..Counts::default() },
+            by_token: BTreeMap::from([("tk".to_owned(), in_sync)]),
+            ..FleetCounts::default()
+        };
+        let replica = |counts: FleetCounts| ReplicaCounts { fleets: BTreeMap::from([("prod".to_owned(), counts)]) };
+        // r2 follows the same version; r3 still counts against v1.
+        registry.set_others(vec![("r2".to_owned(), replica(counted(2, 3))), ("r3".to_owned(), replica(counted(1, 4)))]);
+        let summary = registry.summaries(&targets, now).remove("prod").expect("prod");
+        assert_eq!(summary.instances, 1 + 3 + 4);
+        assert_eq!(summary.counts.in_sync, 3, "r2's; r3's are not in sync with v2 yet");
+        assert_eq!(summary.counts.pending, 1 + 4, "this replica's new instance, and r3's");
+        assert_eq!(summary.by_token.get("tk"), Some(&8));
+        let mine = registry.counts(&targets, now).remove("prod").expect("prod");
+        assert_eq!((mine.instances, mine.target.as_str()), (1, hex::encode([2; 32]).as_str()), "own counts alone");
+    }
+
+    #[test]
+    fn an_instance_another_replica_took_is_let_go_unless_it_is_held_here_again() {
+        let registry = Registry::default();
+        let now = crate::time::now_ms();
+        let record = |uid: u8| InstanceRecord::new(InstanceUid([uid; 16]), Arc::from("prod"), Arc::from("tk"), 0, now);
+        let mut live = record(2);
+        live.session = Some(7);
+        registry.restore([record(1), live]);
+        // Restored records count as written: only the one with a session is held here.
+        registry.saved(registry.unsaved().into_iter().map(|u| (u.receipt, u.events.len())));
+        assert_eq!(registry.let_go([[1; 16], [2; 16], [3; 16]]), 1);
+        assert!(!registry.knows(&InstanceUid([1; 16])));
+        assert!(registry.knows(&InstanceUid([2; 16])), "a live session keeps it");
+
+        // An agent that moved here: taken from the store, with its history, and written as
+        // this replica's; one already here is left as it is.
+        let mut moved = record(5).to_stored();
+        moved.holder = "r2".to_owned();
+        let event = crate::store::StoredEvent {
+            uid: [5; 16],
+            at_ms: now,
+            event: "{\"kind\":\"status\",\"from\":\"pending\",\"to\":\"in_sync\"}".into(),
+        };
+        assert!(registry.adopt(moved, vec![event], true));
+        let adopted = registry.get(&InstanceUid([5; 16])).expect("adopted");
+        assert_eq!((adopted.held_by, adopted.history.len()), (None, 1), "its own now, with its history");
+        assert!(registry.unsaved().iter().any(|u| u.instance.uid == [5; 16]), "written as this replica's");
+        assert!(!registry.adopt(record(2).to_stored(), Vec::new(), true), "already here");
+        assert_eq!(registry.get(&InstanceUid([2; 16])).expect("kept").session, Some(7));
     }
 }

@@ -3,12 +3,12 @@
 //! which fleets' rollouts changed, storing them, and handing out only what is stored, so that
 //! a restart (or a kill) never finds an instance on a version its rollout does not know of.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::opamp::registry::Registry;
+use crate::opamp::registry::{InstanceRecord, Registry};
 use crate::repo::desired::{DesiredState, Fleet};
 use crate::rollout::{Rollout, State, Strategy, VersionChange, VersionRef};
 use crate::store::{Store, StoreError, StoredRollout};
@@ -52,6 +52,25 @@ impl RolloutBook {
         &self.stored
     }
 
+    /// The fleets whose instances `follow` or `advance` look at now: those moving to a new
+    /// version, and those whose rollout is running, held or halted.
+    pub fn wanting_facts(&self, desired: &DesiredState) -> Vec<String> {
+        desired
+            .fleets
+            .values()
+            .filter(|fleet| {
+                let Some(version) = fleet.assignment.as_deref() else { return false };
+                self.working.get(fleet.name()).is_some_and(|rollout| {
+                    let moving = rollout.to.tag != version.tag || rollout.to.hash != hex::encode(version.config_hash);
+                    // Strategy `all` takes a new version at once, without looking.
+                    matches!(rollout.state, State::Running | State::Held | State::Halted)
+                        || (moving && fleet.spec.rollout.strategy != Strategy::All)
+                })
+            })
+            .map(|fleet| fleet.name().to_owned())
+            .collect()
+    }
+
     pub fn any_active(&self) -> bool {
         self.working.values().any(|rollout| matches!(rollout.state, State::Running | State::Held))
     }
@@ -70,7 +89,7 @@ impl RolloutBook {
     /// Follows the desired state: a fleet on a new version starts a rollout (or takes it at
     /// once: strategy `all`, a first version, an earlier version), a halted rollout looks at
     /// its budget again, removed fleets are forgotten.
-    pub fn follow(&mut self, desired: &DesiredState, registry: &Registry, now_ms: i64) {
+    pub fn follow(&mut self, desired: &DesiredState, instances: &Instances<'_>, now_ms: i64) {
         let gone: Vec<String> = self.working.keys().filter(|f| !desired.fleets.contains_key(*f)).cloned().collect();
         for fleet in gone {
             self.working.remove(&fleet);
@@ -92,14 +111,14 @@ impl RolloutBook {
                     if current.state != State::Halted {
                         continue;
                     }
-                    let facts = facts(registry, fleet, current, now_ms);
+                    let facts = facts(instances, fleet, current, now_ms);
                     if current.reconsider(&fleet.spec.rollout, &facts, now_ms) {
                         info!(fleet = fleet.name(), "halted rollout runs on: its failures fit the budget now");
                         self.unsaved.insert(fleet.name().to_owned());
                     }
                     None
                 }
-                Some(current) => Some(changed(current, to, fleet, desired, registry, now_ms)),
+                Some(current) => Some(changed(current, to, fleet, desired, instances, now_ms)),
             };
             if let Some(next) = next {
                 info!(fleet = fleet.name(), to = %next.to.tag, state = next.state.as_str(), reason = next.reason.as_deref().unwrap_or(""), "rollout");
@@ -110,13 +129,13 @@ impl RolloutBook {
     }
 
     /// Moves running and held rollouts on from what their instances report.
-    pub fn advance(&mut self, desired: &DesiredState, registry: &Registry, now_ms: i64) {
+    pub fn advance(&mut self, desired: &DesiredState, instances: &Instances<'_>, now_ms: i64) {
         for (name, rollout) in &mut self.working {
             if !matches!(rollout.state, State::Running | State::Held) {
                 continue;
             }
             let Some(fleet) = desired.fleets.get(name) else { continue };
-            let facts = facts(registry, fleet, rollout, now_ms);
+            let facts = facts(instances, fleet, rollout, now_ms);
             let state = rollout.state;
             let step = rollout.step;
             if rollout.advance(&fleet.spec.rollout, &facts, now_ms) {
@@ -174,7 +193,7 @@ fn changed(
     to: VersionRef,
     fleet: &Fleet,
     desired: &DesiredState,
-    registry: &Registry,
+    instances: &Instances<'_>,
     now_ms: i64,
 ) -> Rollout {
     let active = current.state.is_active();
@@ -205,10 +224,10 @@ fn changed(
     let change = VersionChange { from, to, spec, replacing: active.then_some(current), now_ms };
     let live = {
         let stale_after = stale_after_ms(fleet);
-        registry.rollout_facts(fleet.name(), &[], &[], stale_after, now_ms).iter().filter(|f| f.live).count()
+        instances.facts(fleet.name(), &[], &[], stale_after, now_ms).iter().filter(|f| f.live).count()
     };
     let mut rollout = Rollout::plan(change, live).expect("a strategy other than all has steps");
-    let facts = facts(registry, fleet, &rollout, now_ms);
+    let facts = facts(instances, fleet, &rollout, now_ms);
     rollout.begin(spec, &facts, now_ms);
     rollout
 }
@@ -224,11 +243,38 @@ fn stale_after_ms(fleet: &Fleet) -> i64 {
     i64::try_from(fleet.spec.health.stale_after.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn facts(registry: &Registry, fleet: &Fleet, rollout: &Rollout, now_ms: i64) -> Vec<crate::rollout::Fact> {
+fn facts(instances: &Instances<'_>, fleet: &Fleet, rollout: &Rollout, now_ms: i64) -> Vec<crate::rollout::Fact> {
     let mut to = [0u8; 32];
     let to = match hex::decode_to_slice(&rollout.to.hash, &mut to) {
         Ok(()) => to.to_vec(),
         Err(_) => Vec::new(),
     };
-    registry.rollout_facts(fleet.name(), &rollout.steps, &to, stale_after_ms(fleet), now_ms)
+    instances.facts(fleet.name(), &rollout.steps, &to, stale_after_ms(fleet), now_ms)
+}
+
+/// The instances rollouts look at: this replica's records and, on a shared store, the
+/// other replicas' instances of the fleets that need them, read just before
+/// (`RolloutBook::wanting_facts`).
+pub struct Instances<'a> {
+    pub registry: &'a Registry,
+    pub elsewhere: &'a HashMap<String, Vec<InstanceRecord>>,
+}
+
+impl Instances<'_> {
+    /// `Registry::rollout_facts` over every replica's instances of `fleet`.
+    fn facts(
+        &self,
+        fleet: &str,
+        steps: &[crate::rollout::Step],
+        to: &[u8],
+        stale_after_ms: i64,
+        now_ms: i64,
+    ) -> Vec<crate::rollout::Fact> {
+        let mut facts = self.registry.rollout_facts(fleet, steps, to, stale_after_ms, now_ms);
+        if let Some(records) = self.elsewhere.get(fleet) {
+            facts.extend(records.iter().map(|record| record.rollout_fact(steps, to, now_ms, stale_after_ms)));
+            facts.sort_unstable_by_key(|fact| fact.uid);
+        }
+        facts
+    }
 }

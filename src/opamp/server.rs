@@ -22,7 +22,9 @@ use tracing::{debug, info, warn};
 use crate::install::token::TokenIndex;
 use crate::metrics::Metrics;
 use crate::opamp::agent::{self, Connection};
+use crate::opamp::codec::InstanceUid;
 use crate::opamp::codec::{self, DecodeError, MAX_MESSAGE_BYTES};
+use crate::opamp::proto::AgentToServer;
 use crate::opamp::proto::ServerToAgent;
 use crate::opamp::registry::{Registry, ServedVersion, Targets, Transport};
 use crate::opamp::rollouts::{self, RolloutBook};
@@ -56,6 +58,8 @@ pub struct OpampState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// What messages still arriving may hold, over every connection.
     pub assembling: ws::Budget,
+    /// Reads instances that moved here from another replica (a shared store only).
+    pub adopter: Option<crate::opamp::persist::Adopter>,
     pub cancel: CancellationToken,
 }
 
@@ -322,6 +326,11 @@ async fn plain_http(state: &OpampState, mut connection: Connection, request: Req
         Err(error) => return plain(StatusCode::BAD_REQUEST, &error.to_string()),
     };
     Metrics::count(&state.metrics.opamp_messages_in);
+    if let Some(adopter) = &state.adopter
+        && let Ok(uid) = InstanceUid::from_wire(&message.instance_uid)
+    {
+        adopter.adopt(&state.registry, uid.0).await;
+    }
     let targets = Arc::clone(&state.targets.borrow());
     let outcome = agent::handle(&state.registry, &targets, &mut connection, message, crate::time::now_ms());
     if outcome.too_many_new {
@@ -414,6 +423,23 @@ where
         };
         let step = match event {
             Event::ShuttingDown => Step::Close(Some((1001, "gitfleet is shutting down"))),
+            Event::Received(Ok(Incoming::Binary(payload))) => match decode_step(&payload) {
+                Ok(message) => {
+                    drop(payload);
+                    if let Some(adopter) = &state.adopter {
+                        // Boxed: held across this await, it would otherwise be part of every
+                        // session's future.
+                        let message = Box::new(message);
+                        if let Ok(uid) = InstanceUid::from_wire(&message.instance_uid) {
+                            adopter.adopt(&state.registry, uid.0).await;
+                        }
+                        message_step(&state, &mut connection, *message)
+                    } else {
+                        message_step(&state, &mut connection, message)
+                    }
+                }
+                Err(step) => step,
+            },
             Event::Received(received) => received_step(&state, &mut connection, received),
             Event::Targets => {
                 let current = Arc::clone(&targets.borrow_and_update());
@@ -507,34 +533,43 @@ impl Frame {
 }
 
 /// Handles what the agent sent: the reply to write, or how to close.
+/// The message in a binary frame, or how to close.
+fn decode_step(payload: &[u8]) -> Result<AgentToServer, Step> {
+    codec::decode_ws_message(payload).map_err(|error| match error {
+        DecodeError::TooLarge { .. } => Step::Close(Some((1009, "message too big"))),
+        error => {
+            debug!(%error, "malformed OpAMP message");
+            Step::Close(Some((1007, "malformed OpAMP message")))
+        }
+    })
+}
+
+/// Handles a message the agent sent: the reply to write, or how to close.
+fn message_step(state: &OpampState, connection: &mut Connection, message: AgentToServer) -> Step {
+    Metrics::count(&state.metrics.opamp_messages_in);
+    let current = Arc::clone(&state.targets.borrow());
+    let outcome = agent::handle(&state.registry, &current, connection, message, crate::time::now_ms());
+    if outcome.replaced {
+        return Step::Close(Some((1008, "a newer connection took over this instance_uid")));
+    }
+    if outcome.too_many_new {
+        Metrics::count(&state.metrics.new_instances_refused);
+        return Step::Close(Some((1013, TOO_MANY_NEW)));
+    }
+    let reply = Frame::message(&outcome.reply);
+    if outcome.disconnect {
+        return Step::SendThenClose(reply, (1000, "goodbye"));
+    }
+    Step::Send(reply)
+}
+
+/// Handles what else the agent sent: the reply to write, or how to close.
 fn received_step(state: &OpampState, connection: &mut Connection, received: Result<Incoming, WsError>) -> Step {
     match received {
-        Ok(Incoming::Binary(payload)) => {
-            let message = match codec::decode_ws_message(&payload) {
-                Ok(message) => message,
-                Err(DecodeError::TooLarge { .. }) => return Step::Close(Some((1009, "message too big"))),
-                Err(error) => {
-                    debug!(%error, "malformed OpAMP message");
-                    return Step::Close(Some((1007, "malformed OpAMP message")));
-                }
-            };
-            drop(payload);
-            Metrics::count(&state.metrics.opamp_messages_in);
-            let current = Arc::clone(&state.targets.borrow());
-            let outcome = agent::handle(&state.registry, &current, connection, message, crate::time::now_ms());
-            if outcome.replaced {
-                return Step::Close(Some((1008, "a newer connection took over this instance_uid")));
-            }
-            if outcome.too_many_new {
-                Metrics::count(&state.metrics.new_instances_refused);
-                return Step::Close(Some((1013, TOO_MANY_NEW)));
-            }
-            let reply = Frame::message(&outcome.reply);
-            if outcome.disconnect {
-                return Step::SendThenClose(reply, (1000, "goodbye"));
-            }
-            Step::Send(reply)
-        }
+        Ok(Incoming::Binary(payload)) => match decode_step(&payload) {
+            Ok(message) => message_step(state, connection, message),
+            Err(step) => step,
+        },
         Ok(Incoming::Ping(payload)) => Step::Send(Frame { opcode: ws::PONG, payload, message: None }),
         Ok(Incoming::Text) => Step::Close(Some((1003, "OpAMP uses binary messages"))),
         Ok(Incoming::Close(_)) => Step::Close(Some((1000, ""))),
@@ -578,6 +613,39 @@ fn push_for(registry: &Registry, targets: &Targets, connection: &mut Connection)
         connection_settings,
         ..Default::default()
     })
+}
+
+/// The other replicas' instances of `fleets`, for the rollouts to look at; none on a store
+/// only this process uses. `None`, with a warning, when the store cannot be read.
+async fn read_elsewhere(
+    registry: &Arc<Registry>,
+    store: &Arc<dyn crate::store::Store>,
+    replica: &str,
+    fleets: Vec<String>,
+) -> Option<std::collections::HashMap<String, Vec<crate::opamp::registry::InstanceRecord>>> {
+    if fleets.is_empty() || !store.shared() {
+        return Some(Default::default());
+    }
+    let (registry, store, replica) = (Arc::clone(registry), Arc::clone(store), replica.to_owned());
+    let read = tokio::task::spawn_blocking(move || {
+        let mut elsewhere = std::collections::HashMap::new();
+        for fleet in fleets {
+            let records: Vec<_> = store
+                .instances_held_elsewhere(&replica, Some(&fleet))?
+                .into_iter()
+                .filter(|instance| !registry.knows(&InstanceUid(instance.uid)))
+                .map(|instance| registry.elsewhere(instance, Vec::new()))
+                .collect();
+            elsewhere.insert(fleet, records);
+        }
+        Ok::<_, crate::store::StoreError>(elsewhere)
+    })
+    .await
+    .expect("reading does not panic");
+    read.map_err(
+        |store_error| warn!(error = %store_error, "cannot read the other replicas' instances for the rollouts"),
+    )
+    .ok()
 }
 
 /// The rollouts in the store; `book` when they cannot be read.
@@ -633,7 +701,14 @@ pub async fn follow_targets(
                 let current = Arc::clone(&view.borrow_and_update());
                 if *leading.borrow() {
                     if let Some(desired) = &current.desired {
-                        rollouts.follow(desired, &registry, crate::time::now_ms());
+                        let wanted = rollouts.wanting_facts(desired);
+                        // Without the other replicas' instances a new rollout would size its
+                        // steps by this replica's alone: it starts once the store answers.
+                        let elsewhere = read_elsewhere(&registry, &store, &current.replica, wanted).await;
+                        if let Some(elsewhere) = &elsewhere {
+                            let instances = rollouts::Instances { registry: &registry, elsewhere };
+                            rollouts.follow(desired, &instances, crate::time::now_ms());
+                        }
                     }
                     rollouts.save(&store).await;
                 } else {
@@ -670,7 +745,14 @@ pub async fn follow_targets(
                     continue;
                 }
                 (looked_at, view_changed) = (changes, false);
-                rollouts.advance(desired, &registry, crate::time::now_ms());
+                let wanted = rollouts.wanting_facts(desired);
+                // Judged on part of the fleet, a step could look settled when it is not.
+                // Looked at again on the next change.
+                let Some(elsewhere) = read_elsewhere(&registry, &store, &current.replica, wanted).await else {
+                    continue;
+                };
+                let instances = rollouts::Instances { registry: &registry, elsewhere: &elsewhere };
+                rollouts.advance(desired, &instances, crate::time::now_ms());
                 // Only a stored change is handed out: then every instance it moves syncs.
                 let published = rollouts.save(&store).await
                     && publish(&targets, &current, &rollouts, public_endpoint.as_deref(), install_ca.as_ref());

@@ -183,20 +183,56 @@ pub trait Store: Send + Sync + 'static {
     fn lead(&self, _replica: &str) -> Result<bool, StoreError> {
         Ok(true)
     }
-    /// The instances replicas other than `replica` wrote since the change `after`: each
-    /// id with its change number. The numbers grow with each write; a write's number is
-    /// taken before it commits, so a reader asks again a little behind the highest number
-    /// it saw (and fetches only what it has not taken in yet, `instances_by_uid`).
-    fn instance_changes(&self, _after: i64, _replica: &str) -> Result<Vec<([u8; 16], i64)>, StoreError> {
+    /// The instances `replica` holds, or that no replica wrote, each with its newest
+    /// `events_per_instance` history entries: what a replica restores at startup. A store
+    /// only one process uses holds them all.
+    fn held_instances(
+        &self,
+        _replica: &str,
+        events_per_instance: usize,
+    ) -> Result<Vec<(StoredInstance, Vec<StoredEvent>)>, StoreError> {
+        self.load_instances(events_per_instance)
+    }
+    /// The instances replicas other than `replica` hold, of `fleet` or of every fleet,
+    /// without history or effective config, in `uid` order.
+    fn instances_held_elsewhere(
+        &self,
+        _replica: &str,
+        _fleet: Option<&str>,
+    ) -> Result<Vec<StoredInstance>, StoreError> {
         Ok(Vec::new())
     }
-    /// The instances `uids`, each with its newest `events_per_instance` history entries
-    /// and its change number.
+    /// The instances `uids`, each with its newest `events_per_instance` history entries.
     fn instances_by_uid(
         &self,
         _uids: &[[u8; 16]],
         _events_per_instance: usize,
-    ) -> Result<Vec<(StoredInstance, Vec<StoredEvent>, i64)>, StoreError> {
+    ) -> Result<Vec<(StoredInstance, Vec<StoredEvent>)>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// The instances `replica` held that another replica wrote since the change `after`,
+    /// each with its change number. The numbers grow with each write; a write's number is
+    /// taken before it commits, so a reader asks again a little behind the highest it saw.
+    fn instances_moved_away(&self, _replica: &str, _after: i64) -> Result<Vec<([u8; 16], i64)>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Replicas other than `replica` that hold instances but have not written their counts
+    /// (`save_counts`) for `silent_ms`, by the database's clock: gone.
+    fn gone_replicas(&self, _replica: &str, _silent_ms: i64) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// The leader makes itself (`to`) the holder of every instance the gone replica `from`
+    /// holds, and forgets its counts; returns their ids.
+    fn take_over_instances(&self, _from: &str, _to: &str) -> Result<Vec<[u8; 16]>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Writes what `replica`'s instances add up to (JSON, `replica::Counts`).
+    fn save_counts(&self, _replica: &str, _body: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Every replica's counts: its name, the JSON, and how long ago it was written by the
+    /// database's clock (milliseconds), so that replicas' clocks need not agree.
+    fn replica_counts(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
         Ok(Vec::new())
     }
     /// Which replica leads, and since when (Unix seconds).

@@ -134,7 +134,21 @@ const MIGRATIONS: &[&str] = &[
         ADD COLUMN changed BIGINT NOT NULL DEFAULT 0;
     CREATE SEQUENCE instance_changes;
     CREATE INDEX instances_by_change ON instances (changed);",
+    // 4: replicas read what the others' instances add up to, not the instances: each
+    // writes its counts, and learns of an instance it held that another took (`moved_from`).
+    "ALTER TABLE instances ADD COLUMN moved_from TEXT;
+    DROP INDEX instances_by_change;
+    CREATE INDEX instances_moved ON instances (moved_from, changed) WHERE moved_from IS NOT NULL;
+    CREATE INDEX instances_by_holder ON instances (holder, fleet);
+    CREATE TABLE replica_counts (
+        replica    TEXT PRIMARY KEY,
+        body       TEXT NOT NULL,
+        written_ms BIGINT NOT NULL
+    );",
 ];
+
+/// Now in Unix milliseconds by the database's clock, which every replica shares.
+const DATABASE_NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
 
 /// The schema version this gitfleet migrates to.
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -290,16 +304,20 @@ impl PostgresStore {
         let mut all: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![&limit];
         all.extend_from_slice(params);
         let mut events: std::collections::HashMap<[u8; 16], Vec<StoredEvent>> = std::collections::HashMap::new();
-        let rows = self.read(
-            operation,
-            &format!(
-                "SELECT uid, at_ms, event FROM (
+        let rows = if events_per_instance == 0 {
+            Vec::new()
+        } else {
+            self.read(
+                operation,
+                &format!(
+                    "SELECT uid, at_ms, event FROM (
                      SELECT uid, at_ms, event, id, ROW_NUMBER() OVER (PARTITION BY uid ORDER BY id DESC) AS newest
                      FROM instance_events WHERE uid IN (SELECT uid FROM instances WHERE {filter})) AS numbered
                  WHERE newest <= $1 ORDER BY id"
-            ),
-            &all,
-        )?;
+                ),
+                &all,
+            )?
+        };
         for row in rows {
             let Ok(uid) = <[u8; 16]>::try_from(row.get::<_, Vec<u8>>(0)) else { continue };
             events.entry(uid).or_default().push(StoredEvent { uid, at_ms: row.get(1), event: row.get(2) });
@@ -311,7 +329,7 @@ impl PostgresStore {
                 "SELECT uid, fleet, token_id, capabilities, served_hash, reported_hash, reported_status, reported_error,
                         failed_hash, failed_error, first_seen_ms, last_seen_ms, status, transport, description, health,
                         {config}, assigned_hash, assigned_tag, components_hash, holder, connected, changed
-                 FROM instances WHERE $1::BIGINT IS NOT NULL AND ({filter}) ORDER BY changed"
+                 FROM instances WHERE $1::BIGINT IS NOT NULL AND ({filter}) ORDER BY uid"
             ),
             &all,
         )?;
@@ -674,6 +692,8 @@ impl Store for PostgresStore {
                      description = excluded.description, health = excluded.health,
                      effective_config = COALESCE(excluded.effective_config, instances.effective_config),
                      components_hash = excluded.components_hash, holder = excluded.holder,
+                     moved_from = CASE WHEN instances.holder <> excluded.holder THEN instances.holder
+                         ELSE instances.moved_from END,
                      connected = excluded.connected, changed = excluded.changed",
             )?;
             for i in instances {
@@ -820,22 +840,88 @@ impl Store for PostgresStore {
             .collect())
     }
 
-    fn instance_changes(&self, after: i64, replica: &str) -> Result<Vec<([u8; 16], i64)>, StoreError> {
-        let rows = self.read(
-            "reading instance changes",
-            "SELECT uid, changed FROM instances WHERE changed > $1 AND holder <> $2",
-            &[&after, &replica],
-        )?;
-        rows.into_iter().map(|row| Ok((uid16(row.get(0))?, row.get(1)))).collect()
+    fn held_instances(
+        &self,
+        replica: &str,
+        events_per_instance: usize,
+    ) -> Result<Vec<(StoredInstance, Vec<StoredEvent>)>, StoreError> {
+        let filter = "holder = $2 OR holder = ''";
+        let loaded = self.read_instances("loading instances", filter, &[&replica], events_per_instance, true)?;
+        Ok(loaded.into_iter().map(|(instance, events, _)| (instance, events)).collect())
+    }
+
+    fn instances_held_elsewhere(&self, replica: &str, fleet: Option<&str>) -> Result<Vec<StoredInstance>, StoreError> {
+        let filter = "holder <> $2 AND holder <> '' AND ($3::TEXT IS NULL OR fleet = $3)";
+        let read = self.read_instances("reading other replicas' instances", filter, &[&replica, &fleet], 0, false)?;
+        Ok(read.into_iter().map(|(instance, _, _)| instance).collect())
     }
 
     fn instances_by_uid(
         &self,
         uids: &[[u8; 16]],
         events_per_instance: usize,
-    ) -> Result<Vec<(StoredInstance, Vec<StoredEvent>, i64)>, StoreError> {
+    ) -> Result<Vec<(StoredInstance, Vec<StoredEvent>)>, StoreError> {
         let uids: Vec<&[u8]> = uids.iter().map(|uid| &uid[..]).collect();
-        self.read_instances("reading instances", "uid = ANY($2)", &[&uids], events_per_instance, false)
+        let read = self.read_instances("reading instances", "uid = ANY($2)", &[&uids], events_per_instance, false)?;
+        Ok(read.into_iter().map(|(instance, events, _)| (instance, events)).collect())
+    }
+
+    fn instances_moved_away(&self, replica: &str, after: i64) -> Result<Vec<([u8; 16], i64)>, StoreError> {
+        let rows = self.read(
+            "reading instances other replicas took",
+            "SELECT uid, changed FROM instances WHERE moved_from = $1 AND holder <> $1 AND changed > $2",
+            &[&replica, &after],
+        )?;
+        rows.into_iter().map(|row| Ok((uid16(row.get(0))?, row.get(1)))).collect()
+    }
+
+    fn gone_replicas(&self, replica: &str, silent_ms: i64) -> Result<Vec<String>, StoreError> {
+        let rows = self.read(
+            "looking for gone replicas",
+            &format!(
+                "SELECT held.holder FROM (SELECT DISTINCT holder FROM instances) AS held
+                 LEFT JOIN replica_counts AS counts ON counts.replica = held.holder
+                 WHERE held.holder <> $1 AND held.holder <> ''
+                     AND (counts.written_ms IS NULL OR counts.written_ms < {DATABASE_NOW_MS} - $2)"
+            ),
+            &[&replica, &silent_ms],
+        )?;
+        Ok(rows.into_iter().map(|row| row.get(0)).collect())
+    }
+
+    fn take_over_instances(&self, from: &str, to: &str) -> Result<Vec<[u8; 16]>, StoreError> {
+        let rows = self.leader_transaction("taking over a gone replica's instances", |transaction| {
+            transaction.execute("DELETE FROM replica_counts WHERE replica = $1", &[&from])?;
+            transaction.query(
+                "UPDATE instances SET holder = $2, moved_from = $1, connected = false,
+                     changed = nextval('instance_changes')
+                 WHERE holder = $1 RETURNING uid",
+                &[&from, &to],
+            )
+        })?;
+        rows.into_iter().map(|row| uid16(row.get(0))).collect()
+    }
+
+    fn save_counts(&self, replica: &str, body: &str) -> Result<(), StoreError> {
+        self.transaction("saving this replica's counts", |transaction| {
+            transaction.execute(
+                &format!(
+                    "INSERT INTO replica_counts (replica, body, written_ms) VALUES ($1, $2, {DATABASE_NOW_MS})
+                     ON CONFLICT (replica) DO UPDATE SET body = excluded.body, written_ms = excluded.written_ms"
+                ),
+                &[&replica, &body],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn replica_counts(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let rows = self.read(
+            "reading the replicas' counts",
+            &format!("SELECT replica, body, {DATABASE_NOW_MS} - written_ms FROM replica_counts"),
+            &[],
+        )?;
+        Ok(rows.into_iter().map(|row| (row.get(0), row.get(1), row.get(2))).collect())
     }
 
     fn shared(&self) -> bool {

@@ -117,17 +117,17 @@ async fn fleet_instances(
     Path(name): Path<String>,
     Query(query): Query<InstanceQuery>,
 ) -> Response {
-    list_instances(&state, Some(name), query)
+    list_instances(&state, Some(name), query).await
 }
 
 async fn instances(State(state): State<WebState>, Query(query): Query<InstanceQuery>) -> Response {
     let fleet = query.fleet.clone();
-    list_instances(&state, fleet, query)
+    list_instances(&state, fleet, query).await
 }
 
 /// Instances in `instance_uid` order, filtered and paged; `next_cursor` is set when more
 /// follow.
-fn list_instances(state: &WebState, fleet: Option<String>, query: InstanceQuery) -> Response {
+async fn list_instances(state: &WebState, fleet: Option<String>, query: InstanceQuery) -> Response {
     let view = state.view.borrow().clone();
     if let Some(fleet) = &fleet {
         let Some(desired) = &view.desired else { return not_ready() };
@@ -156,7 +156,10 @@ fn list_instances(state: &WebState, fleet: Option<String>, query: InstanceQuery)
     };
     let targets = Arc::clone(&state.targets.borrow());
     let now = crate::time::now_ms();
-    let records = state.registry.records(fleet.as_deref());
+    let records = match crate::web::records_everywhere(state, fleet.as_deref()).await {
+        Ok(records) => records,
+        Err(store_error) => return error(StatusCode::SERVICE_UNAVAILABLE, &store_error.to_string()),
+    };
     let mut rows = records
         .iter()
         .filter(|record| after.is_none_or(|after| record.uid > after))
@@ -196,8 +199,10 @@ async fn instance(State(state): State<WebState>, Path(uid): Path<String>) -> Res
             "instance ids are canonical UUIDs, like f81d4fae-7dec-11d0-a765-00a0c91e6bf6",
         );
     };
-    let Some(record) = state.registry.get(&parsed) else {
-        return not_found(&format!("no instance {parsed}"));
+    let record = match crate::web::record_anywhere(&state, parsed).await {
+        Ok(Some(record)) => record,
+        Ok(None) => return not_found(&format!("no instance {parsed}")),
+        Err(store_error) => return error(StatusCode::SERVICE_UNAVAILABLE, &store_error.to_string()),
     };
     let targets = Arc::clone(&state.targets.borrow());
     let mut value = instance_json(&record, &targets, crate::time::now_ms());

@@ -68,6 +68,28 @@ pub async fn effective_config(
     Ok(stored.and_then(|text| serde_json::from_str(&text).ok()))
 }
 
+/// Every instance of `fleet` (or of every fleet), whichever replica holds it.
+pub async fn records_everywhere(
+    state: &WebState,
+    fleet: Option<&str>,
+) -> Result<Vec<crate::opamp::registry::InstanceRecord>, crate::store::StoreError> {
+    let replica = state.view.borrow().replica.clone();
+    let (registry, store, fleet) = (Arc::clone(&state.registry), Arc::clone(&state.store), fleet.map(str::to_owned));
+    tokio::task::spawn_blocking(move || {
+        crate::opamp::persist::records_everywhere(&registry, &*store, &replica, fleet.as_deref())
+    })
+    .await
+    .expect("reading does not panic")
+}
+
+/// One instance, whichever replica holds it.
+pub async fn record_anywhere(
+    state: &WebState,
+    uid: crate::opamp::codec::InstanceUid,
+) -> Result<Option<crate::opamp::registry::InstanceRecord>, crate::store::StoreError> {
+    crate::opamp::persist::record_anywhere(&state.registry, &state.store, uid).await
+}
+
 /// Ready once the first reconcile has produced a desired state.
 async fn readyz(State(state): State<WebState>) -> Response {
     if state.view.borrow().desired.is_some() {

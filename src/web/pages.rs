@@ -59,6 +59,15 @@ fn not_ready() -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, html::page("Starting", Nav::Fleets, body)).into_response()
 }
 
+/// The state database could not be read: the page says why, and can be loaded again.
+fn unavailable(why: &str) -> Response {
+    let body = format!(
+        "<h1>Cannot show this now</h1><p class=\"sub\">The other replicas' instances are in the state database, which cannot be read now: {}</p>",
+        Text(why)
+    );
+    (StatusCode::SERVICE_UNAVAILABLE, html::page("Unavailable", Nav::Fleets, &body)).into_response()
+}
+
 /// Server-sent events: `change` whenever a fleet's status or the desired state changes.
 async fn events(State(state): State<WebState>) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let mut statuses = state.statuses.clone();
@@ -269,7 +278,13 @@ fn fleet_page(state: &WebState, name: String, query: &TableQuery) -> Response {
     let targets = Arc::clone(&state.targets.borrow());
     let now_ms = crate::time::now_ms();
     let now = now_ms / 1000;
-    let mut rows = state.registry.fleet_rows(&name, &targets, now_ms);
+    let replica = view.replica.clone();
+    let records = match crate::opamp::persist::records_everywhere(&state.registry, &*state.store, &replica, Some(&name))
+    {
+        Ok(records) => records,
+        Err(store_error) => return unavailable(&store_error.to_string()),
+    };
+    let mut rows: Vec<_> = records.iter().map(|record| record.row(&targets, now_ms)).collect();
     let status = FleetStatus::of(fleet, &desired, &rows);
 
     let mut out = String::with_capacity(16384 + rows.len().min(ROWS_PER_PAGE) * 900);
@@ -301,7 +316,10 @@ fn fleet_page(state: &WebState, name: String, query: &TableQuery) -> Response {
     let rollout = target.and_then(|t| t.rollout.as_deref()).filter(|r| !r.steps.is_empty());
     let step_counts = match target.and_then(|t| t.deciding().map(|deciding| (t, deciding))) {
         Some((target, (rollout, to))) => {
-            let facts = state.registry.rollout_facts(&name, &rollout.steps, to, target.stale_after_ms, now_ms);
+            let facts: Vec<_> = records
+                .iter()
+                .map(|record| record.rollout_fact(&rollout.steps, to, now_ms, target.stale_after_ms))
+                .collect();
             rollout.counts(&facts)
         }
         None => Vec::new(),
@@ -546,8 +564,10 @@ async fn instance(State(state): State<WebState>, Path(uid): Path<String>) -> Res
     let Some(parsed) = InstanceUid::parse(&uid) else {
         return not_found("Instance ids are canonical UUIDs, like f81d4fae-7dec-11d0-a765-00a0c91e6bf6.");
     };
-    let Some(record) = state.registry.get(&parsed) else {
-        return not_found(&format!("There is no instance {parsed}."));
+    let record = match crate::web::record_anywhere(&state, parsed).await {
+        Ok(Some(record)) => record,
+        Ok(None) => return not_found(&format!("There is no instance {parsed}.")),
+        Err(store_error) => return unavailable(&store_error.to_string()),
     };
     let targets = Arc::clone(&state.targets.borrow());
     let now_ms = crate::time::now_ms();

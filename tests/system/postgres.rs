@@ -316,3 +316,53 @@ fn a_fleet_is_whole_on_every_replica_and_a_rollout_moves_collectors_on_both() {
     follower.stop();
     leader.stop();
 }
+
+#[test]
+fn replicas_learn_which_instances_moved_and_the_leader_takes_over_a_gone_replicas() {
+    use gitfleet::store::StoredInstance;
+    let postgres = Postgres::start();
+    let url = postgres.database("moves");
+    let store = PostgresStore::open(&url, Some(PASSWORD)).expect("open");
+    let held = |uid: u8, holder: &str| StoredInstance {
+        holder: holder.into(),
+        connected: true,
+        ..gitfleet::store::conformance::instance(uid)
+    };
+    let uids = |instances: Vec<StoredInstance>| instances.iter().map(|i| i.uid[0]).collect::<Vec<_>>();
+    store.save_instances(&[held(1, "a"), held(2, "a"), held(3, "b")], &[]).expect("save");
+    store.save_counts("a", "{\"fleets\":{}}").expect("counts");
+    store.save_counts("b", "{\"fleets\":{}}").expect("counts");
+    assert_eq!(uids(store.instances_held_elsewhere("a", Some("prod")).expect("read")), [3]);
+    assert_eq!(uids(store.instances_held_elsewhere("a", Some("other")).expect("read")), [] as [u8; 0]);
+    let restored = store.held_instances("a", 0).expect("read").into_iter().map(|(i, _)| i).collect();
+    assert_eq!(uids(restored), [1, 2], "a restores its own");
+
+    // b takes instance 2: a learns of it once, and not of what b wrote of its own.
+    assert!(store.instances_moved_away("a", 0).expect("read").is_empty());
+    store.save_instances(&[held(2, "b"), held(3, "b")], &[]).expect("save");
+    let moved = store.instances_moved_away("a", 0).expect("read");
+    assert_eq!(moved.iter().map(|(uid, _)| uid[0]).collect::<Vec<_>>(), [2]);
+    assert!(store.instances_moved_away("a", moved[0].1).expect("read").is_empty(), "read past it");
+    assert!(store.instances_moved_away("b", 0).expect("read").is_empty());
+
+    let counts = store.replica_counts().expect("read");
+    assert_eq!(counts.iter().map(|(name, _, _)| name.as_str()).collect::<Vec<_>>().len(), 2);
+    assert!(counts.iter().all(|(_, body, age)| body == "{\"fleets\":{}}" && (0..10_000).contains(age)), "{counts:?}");
+
+    // c holds an instance and never wrote its counts: gone. a and b are not, until they
+    // fall silent.
+    store.save_instances(&[held(4, "c")], &[]).expect("save");
+    assert_eq!(store.gone_replicas("b", 60_000).expect("read"), ["c"]);
+    std::thread::sleep(Duration::from_millis(20));
+    let mut silent = store.gone_replicas("b", 10).expect("read");
+    silent.sort();
+    assert_eq!(silent, ["a", "c"]);
+
+    assert!(store.lead("b").expect("lead"));
+    assert_eq!(store.take_over_instances("c", "b").expect("take over"), [[4; 16]]);
+    assert!(store.gone_replicas("b", 60_000).expect("read").is_empty());
+    let taken = store.instances_by_uid(&[[4; 16]], 0).expect("read");
+    assert_eq!((taken[0].0.holder.as_str(), taken[0].0.connected), ("b", false));
+    let restored = store.held_instances("b", 0).expect("read").into_iter().map(|(i, _)| i).collect();
+    assert_eq!(uids(restored), [2, 3, 4]);
+}
