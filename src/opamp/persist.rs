@@ -221,6 +221,10 @@ pub struct Replicas {
     /// The highest change number read, as of when, for the last `MOVED_LAG`.
     read: std::collections::VecDeque<(tokio::time::Instant, i64)>,
     gone_checked: Option<tokio::time::Instant>,
+    /// Since when exchanges have succeeded without a break. After the database was out of
+    /// reach every replica's counts are old until it writes again: none is taken for gone
+    /// until `GONE_AFTER` of exchanges in a row.
+    reaching_since: tokio::time::Instant,
     failing: bool,
 }
 
@@ -241,6 +245,7 @@ impl Replicas {
             written: None,
             read: std::collections::VecDeque::new(),
             gone_checked: None,
+            reaching_since: tokio::time::Instant::now(),
             failing: false,
         }
     }
@@ -259,6 +264,9 @@ impl Replicas {
             }
             let done = self.exchange().await;
             let failed = done.is_err();
+            if failed || self.failing {
+                self.reaching_since = tokio::time::Instant::now();
+            }
             match (done, self.failing) {
                 (Ok(()), true) => info!("exchanging counts with the other replicas again"),
                 (Err(error), false) => warn!(%error, "cannot exchange counts with the other replicas; trying again"),

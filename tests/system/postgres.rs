@@ -313,7 +313,34 @@ fn a_fleet_is_whole_on_every_replica_and_a_rollout_moves_collectors_on_both() {
     let moved = leader.json(&format!("/api/v1/instances/{on_follower}"));
     assert!(moved["events"].as_array().map(Vec::len) >= events_before, "{moved:#}");
     assert_eq!(moved["first_seen"], seen_by_leader["first_seen"]);
-    follower.stop();
+    // The follower lets go of it: counted once, on either replica.
+    for replica in [&leader, &follower] {
+        replica.wait_for("/api/v1/fleets/prod-gateway", WAIT, "4 instances, not 5", |f| f["instances"] == 4);
+    }
+    let holder = |uid: u8| {
+        let mut client = postgres::Client::connect(&postgres.url("whole"), postgres::NoTls).expect("connect");
+        let row = client.query_one("SELECT holder FROM instances WHERE uid = $1", &[&&[uid; 16][..]]).expect("read");
+        row.get::<_, String>(0)
+    };
+    assert_eq!(holder(3), "replica-a");
+    assert_eq!(holder(4), "replica-b");
+
+    // kill -9 of the follower: once it has been silent for 15 s, the leader takes over the
+    // collector it held, and the fleet still counts 4.
+    drop(follower);
+    let deadline = std::time::Instant::now() + Duration::from_secs(45);
+    while holder(4) != "replica-a" {
+        assert!(std::time::Instant::now() < deadline, "the leader took over: {}", leader.logs());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let fleet = leader.wait_for("/api/v1/fleets/prod-gateway", WAIT, "4 instances", |f| f["instances"] == 4);
+    assert_eq!(
+        fleet["counts"]["in_sync"].as_u64().unwrap_or(0) + fleet["counts"]["stale"].as_u64().unwrap_or(0),
+        4,
+        "{fleet}"
+    );
+    let taken = leader.json(&format!("/api/v1/instances/{}", crate::opamp::uid_text([4; 16])));
+    assert_eq!(taken["host"], "gw-4", "{taken}");
     leader.stop();
 }
 
