@@ -1,7 +1,9 @@
 //! Writes instance changes to the store in batches, one transaction every `FLUSH_EVERY`:
 //! never a write per heartbeat (`last_seen` alone is written once a minute at most), and a
 //! last flush on shutdown. Instances silent for `--forget-after` are forgotten, in memory
-//! and in the store.
+//! and in the store. With replicas on a shared store: what each tells the others
+//! (`Replicas`), instances read when their collectors move here (`Adopter`), and the
+//! other replicas' instances read on demand (`records_everywhere`).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -426,21 +426,17 @@ where
             Event::Received(Ok(Incoming::Binary(payload))) => match decode_step(&payload) {
                 Ok(message) => {
                     drop(payload);
-                    if let Some(adopter) = &state.adopter {
-                        // Boxed: held across this await, it would otherwise be part of every
-                        // session's future.
-                        let message = Box::new(message);
-                        if let Ok(uid) = InstanceUid::from_wire(&message.instance_uid) {
-                            adopter.adopt(&state.registry, uid.0).await;
-                        }
-                        message_step(&state, &mut connection, *message)
-                    } else {
-                        message_step(&state, &mut connection, message)
+                    // Boxed: held across the await, it would otherwise be part of every
+                    // session's future.
+                    let message = Box::new(message);
+                    if let (Some(adopter), Ok(uid)) = (&state.adopter, InstanceUid::from_wire(&message.instance_uid)) {
+                        adopter.adopt(&state.registry, uid.0).await;
                     }
+                    message_step(&state, &mut connection, *message)
                 }
                 Err(step) => step,
             },
-            Event::Received(received) => received_step(&state, &mut connection, received),
+            Event::Received(received) => received_step(received),
             Event::Targets => {
                 let current = Arc::clone(&targets.borrow_and_update());
                 // Another fleet's change: nothing for this instance.
@@ -532,7 +528,6 @@ impl Frame {
     }
 }
 
-/// Handles what the agent sent: the reply to write, or how to close.
 /// The message in a binary frame, or how to close.
 fn decode_step(payload: &[u8]) -> Result<AgentToServer, Step> {
     codec::decode_ws_message(payload).map_err(|error| match error {
@@ -563,13 +558,11 @@ fn message_step(state: &OpampState, connection: &mut Connection, message: AgentT
     Step::Send(reply)
 }
 
-/// Handles what else the agent sent: the reply to write, or how to close.
-fn received_step(state: &OpampState, connection: &mut Connection, received: Result<Incoming, WsError>) -> Step {
+/// Handles what else the agent sent (the session loop handles messages): the reply to
+/// write, or how to close.
+fn received_step(received: Result<Incoming, WsError>) -> Step {
     match received {
-        Ok(Incoming::Binary(payload)) => match decode_step(&payload) {
-            Ok(message) => message_step(state, connection, message),
-            Err(step) => step,
-        },
+        Ok(Incoming::Binary(_)) => unreachable!("the session loop handles messages"),
         Ok(Incoming::Ping(payload)) => Step::Send(Frame { opcode: ws::PONG, payload, message: None }),
         Ok(Incoming::Text) => Step::Close(Some((1003, "OpAMP uses binary messages"))),
         Ok(Incoming::Close(_)) => Step::Close(Some((1000, ""))),

@@ -226,7 +226,7 @@ pub trait Store: Send + Sync + 'static {
     fn take_over_instances(&self, _from: &str, _to: &str) -> Result<Vec<[u8; 16]>, StoreError> {
         Ok(Vec::new())
     }
-    /// Writes what `replica`'s instances add up to (JSON, `replica::Counts`).
+    /// Writes what `replica`'s instances add up to (JSON, `registry::ReplicaCounts`).
     fn save_counts(&self, _replica: &str, _body: &str) -> Result<(), StoreError> {
         Ok(())
     }
